@@ -1,0 +1,293 @@
+"""Family and layout of a checkpoint, told from key names and tensor shapes alone.
+
+Evidence, each part voting for a set of families (FORMATS.md §5.4):
+- single file: ``conditioner.embedders.1.model.`` (OpenCLIP-bigG) ⇒ SDXL, ``cond_stage_model.model.``
+  (OpenCLIP-H) ⇒ SD2, ``cond_stage_model.transformer.`` (CLIP-L) ⇒ SD1; U-Net ``label_emb`` ⇒ SDXL,
+  ``proj_in`` as a 1×1 conv ⇒ SD1, as a Linear ⇒ SD2 or SDXL;
+- diffusers folder: ``text_encoder_2`` or ``add_embedding`` ⇒ SDXL, a 23-layer text encoder ⇒ SD2,
+  a 12-layer one ⇒ SD1 or SDXL, and the same ``proj_in`` rule.
+Widths (channels, context and text widths, in-channels) are then read off the shapes, the family's
+rules are re-run at those widths and every shape is compared — so a tiny test model and a full-size
+one are recognised the same way, and an inpainting U-Net (9 input channels) is named as such.
+What weights cannot tell (epsilon vs v-prediction) is reported as unknown unless metadata or a
+marker tensor says it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+from ..errors import UnknownModelError
+from . import FAMILIES, keymap
+from .keymap import KeyMap
+from .spec import FamilySpec, Weight
+
+SINGLE_PREFIXES = ("model.diffusion_model.", "cond_stage_model.", "conditioner.", "first_stage_model.")
+DIFFUSERS_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.", "vae.")
+IN_CHANNEL_VARIANTS = {4: "base", 9: "inpainting", 8: "instruct-pix2pix"}
+
+
+@dataclass
+class Detection:
+    """What a checkpoint is, and how well its tensors fit that answer."""
+
+    family: FamilySpec  # with widths read from the file
+    layout: str  # "diffusers", "ldm" or "sgm"
+    component_counts: dict[str, int]
+    missing: list[str] = field(default_factory=list)  # expected keys not present
+    unknown: list[str] = field(default_factory=list)  # keys with no known home
+    shape_mismatches: list[str] = field(default_factory=list)
+    variant: str = "base"
+    prediction: str = "unknown"
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def keymap(self) -> KeyMap:
+        return keymap(self.family)
+
+    @property
+    def is_complete(self) -> bool:
+        return not self.missing and not self.shape_mismatches
+
+
+def layout_of(keys: list[str]) -> str:
+    """``single`` or ``diffusers`` from key prefixes."""
+    single = sum(k.startswith(SINGLE_PREFIXES) for k in keys)
+    folder = sum(k.startswith(DIFFUSERS_PREFIXES) for k in keys)
+    if not single and not folder:
+        sample = ", ".join(keys[:3])
+        raise UnknownModelError(
+            f"not a Stable Diffusion checkpoint: no U-Net, text-encoder or VAE keys (first keys: {sample})"
+        )
+    return "single" if single >= folder else "diffusers"
+
+
+def _layer_count(keys: list[str], prefix: str) -> int:
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    found = {int(m.group(1)) for k in keys if (m := pattern.match(k))}
+    return max(found) + 1 if found else 0
+
+
+def _proj_in_ndim(shapes: Mapping[str, tuple[int, ...]]) -> int | None:
+    for key, shape in shapes.items():
+        if key.startswith(("model.diffusion_model.", "unet.")) and key.endswith(".proj_in.weight"):
+            return len(shape)
+    return None
+
+
+def _candidates(layout: str, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, set[str]]:
+    """Per part of the model, the families it is consistent with."""
+    keys = list(shapes)
+    votes: dict[str, set[str]] = {}
+    ndim = _proj_in_ndim(shapes)
+    if layout == "single":
+        if any(k.startswith("conditioner.embedders.0.model.") for k in keys) and not any(
+            k.startswith("conditioner.embedders.1.") for k in keys
+        ):
+            raise UnknownModelError("SDXL refiner checkpoints are not supported (only SDXL base)")
+        if any(k.startswith("conditioner.embedders.1.model.") for k in keys):
+            votes["text encoders (OpenCLIP-bigG)"] = {"sdxl"}
+        elif any(k.startswith("cond_stage_model.model.") for k in keys):
+            votes["text encoder (OpenCLIP-H)"] = {"sd2"}
+        elif any(k.startswith("cond_stage_model.transformer.") for k in keys):
+            votes["text encoder (CLIP-L)"] = {"sd1"}
+        if "model.diffusion_model.label_emb.0.0.weight" in shapes:
+            votes["U-Net (label_emb)"] = {"sdxl"}
+    else:
+        if any(k.startswith("text_encoder_2.") for k in keys):
+            votes["text_encoder_2"] = {"sdxl"}
+        layers = _layer_count(keys, "text_encoder.text_model.encoder.layers.") or _layer_count(
+            keys, "text_encoder.encoder.layers."
+        )
+        if layers == 23:
+            votes["text encoder (23 layers)"] = {"sd2"}
+        elif layers == 12:
+            votes["text encoder (12 layers)"] = {"sd1", "sdxl"}
+        if "unet.add_embedding.linear_1.weight" in shapes:
+            votes["U-Net (add_embedding)"] = {"sdxl"}
+    if ndim == 4:
+        votes["U-Net (1×1 conv proj_in)"] = {"sd1"}
+    elif ndim == 2:
+        votes["U-Net (linear proj_in)"] = {"sd2", "sdxl"} - ({"sdxl"} if _lacks_sdxl_unet(layout, shapes) else set())
+    return votes
+
+
+def _lacks_sdxl_unet(layout: str, shapes: Mapping[str, tuple[int, ...]]) -> bool:
+    unet_keys = [k for k in shapes if k.startswith("model.diffusion_model." if layout == "single" else "unet.")]
+    marker = (
+        "model.diffusion_model.label_emb.0.0.weight" if layout == "single" else "unet.add_embedding.linear_1.weight"
+    )
+    return bool(unet_keys) and marker not in shapes
+
+
+def _canonical_shape(w: Weight, layout: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    if layout == "diffusers":
+        return shape
+    if w.single_part is not None:
+        shape = (shape[0] // w.single_part[1], *shape[1:])
+    if w.single_transposed:
+        shape = tuple(reversed(shape))
+    return shape[: len(w.shape)]
+
+
+def infer_widths(spec: FamilySpec, layout: str, shapes: Mapping[str, tuple[int, ...]]) -> FamilySpec:
+    """The family spec with channel widths, context and text widths read from the file's shapes."""
+    km = keymap(spec)
+
+    def shape(canonical: str) -> tuple[int, ...] | None:
+        w = km.by_canonical.get(canonical)
+        name = w.layout_name(layout) if w else None
+        if name is None:
+            return None
+        for key in (name, *(a for a, ws in km._index[layout].items() if ws and ws[0] is w and a != name)):
+            if key in shapes:
+                return _canonical_shape(w, layout, shapes[key])
+        return None
+
+    unet = spec.unet
+    conv_in = shape("unet.conv_in.weight")
+    if conv_in:
+        mc = conv_in[0]
+        mult = []
+        for level in range(len(unet.channel_mult)):
+            s = shape(f"unet.down_blocks.{level}.resnets.0.conv1.weight")
+            mult.append(s[0] // mc if s else unet.channel_mult[level])
+        out = shape("unet.conv_out.weight")
+        context = next(
+            (s[1] for w in km.weights if w.canonical.endswith("attn2.to_k.weight") and (s := shape(w.canonical))),
+            unet.context_dim,
+        )
+        adm = shape("unet.add_embedding.linear_1.weight")
+        unet = replace(
+            unet,
+            model_channels=mc,
+            channel_mult=tuple(mult),
+            in_channels=conv_in[1],
+            out_channels=out[0] if out else unet.out_channels,
+            context_dim=context,
+            adm_in_channels=adm[1] if adm else unet.adm_in_channels,
+        )
+    texts = []
+    for text in spec.texts:
+        c = text.component
+        token = shape(f"{c}.text_model.embeddings.token_embedding.weight")
+        if token:
+            pos = shape(f"{c}.text_model.embeddings.position_embedding.weight")
+            fc1 = shape(f"{c}.text_model.encoder.layers.0.mlp.fc1.weight")
+            proj = shape(f"{c}.text_projection.weight") if text.projection is not None else None
+            text = replace(
+                text,
+                vocab=token[0],
+                hidden=token[1],
+                positions=pos[0] if pos else text.positions,
+                intermediate=fc1[0] if fc1 else text.intermediate,
+                projection=proj[0] if proj else text.projection,
+            )
+        texts.append(text)
+    vae = spec.vae
+    if shape("vae.encoder.conv_in.weight"):
+        channels = []
+        for i in range(len(vae.channels)):
+            s = shape(f"vae.encoder.down_blocks.{i}.resnets.0.conv1.weight")
+            channels.append(s[0] if s else vae.channels[i])
+        latent = shape("vae.post_quant_conv.weight")
+        vae = replace(vae, channels=tuple(channels), latent_channels=latent[0] if latent else vae.latent_channels)
+    return replace(spec, unet=unet, texts=tuple(texts), vae=vae)
+
+
+def component_of_key(km: KeyMap, layout: str, key: str) -> str:
+    """unet / te1 / te2 / vae / scheduler / ema / other."""
+    weights = km.lookup(layout, key)
+    if weights:
+        return weights[0].component
+    if key.startswith("model_ema."):
+        return "ema"
+    if key in km.extras:
+        return "scheduler"
+    return "other"
+
+
+def _prediction(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str]) -> tuple[str, str | None]:
+    declared = metadata.get("modelspec.prediction_type")
+    if declared:
+        return declared, "modelspec.prediction_type"
+    if metadata.get("modelspec.architecture", "").endswith("768-v"):
+        return "v", "modelspec.architecture"
+    if "edm_vpred.sigma_max" in shapes:
+        return "v (EDM)", "marker tensor edm_vpred.*"
+    if "v_pred" in shapes:
+        return "v", "marker tensor v_pred"
+    return "unknown", None
+
+
+def detect(
+    shapes: Mapping[str, tuple[int, ...]],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    family: str | None = None,
+) -> Detection:
+    """Detect family and layout of a checkpoint from its key → shape table."""
+    metadata = metadata or {}
+    keys = list(shapes)
+    layout_kind = layout_of(keys)
+    votes = _candidates(layout_kind, shapes)
+    if family is not None:
+        chosen = FAMILIES[family]
+    else:
+        if not votes:
+            raise UnknownModelError("cannot tell the model family: no U-Net attention or text-encoder keys found")
+        possible = set(FAMILIES)
+        for part_votes in votes.values():
+            possible &= part_votes
+        if not possible:
+            described = "; ".join(f"{part} says {'/'.join(sorted(v))}" for part, v in votes.items())
+            raise UnknownModelError(f"mixed model families in one checkpoint: {described}")
+        if len(possible) > 1:
+            raise UnknownModelError(
+                f"cannot tell {' from '.join(sorted(possible))} from these keys alone", hint="pass --family"
+            )
+        chosen = FAMILIES[possible.pop()]
+    layout = chosen.single_layout if layout_kind == "single" else "diffusers"
+    spec = infer_widths(chosen, layout, shapes)
+    km = keymap(spec)
+
+    counts: Counter[str] = Counter()
+    unknown: list[str] = []
+    mismatches: list[str] = []
+    seen: set[str] = set()
+    for key, shape in shapes.items():
+        component = component_of_key(km, layout, key)
+        counts[component] += 1
+        weights = km.lookup(layout, key)
+        if weights:
+            seen.add(weights[0].layout_name(layout) or key)
+            expected = weights[0].layout_shape(layout)
+            if tuple(shape) != tuple(expected):
+                mismatches.append(f"{key}: {list(shape)}, expected {list(expected)}")
+        elif component == "other":
+            unknown.append(key)
+    present_components = {c for c in counts if c in ("unet", "te1", "te2", "vae")}
+    missing = [
+        w.layout_name(layout) or ""
+        for w in km.weights
+        if w.layout_name(layout) is not None
+        and w.layout_name(layout) not in seen
+        and not w.optional
+        and w.component in present_components
+    ]
+    missing = list(dict.fromkeys(missing))
+
+    variant = IN_CHANNEL_VARIANTS.get(spec.unet.in_channels, f"{spec.unet.in_channels} input channels")
+    prediction, source = _prediction(shapes, metadata)
+    notes = []
+    if prediction == "unknown":
+        notes.append("prediction type (epsilon or v) cannot be told from weights")
+    else:
+        notes.append(f"prediction type {prediction} (from {source})")
+    absent = [c for c in ("unet", *(t.component for t in spec.texts), "vae") if c not in present_components]
+    if absent:
+        notes.append("partial checkpoint: no " + ", ".join(absent))
+    return Detection(spec, layout, dict(counts), missing, unknown, mismatches, variant, prediction, notes)

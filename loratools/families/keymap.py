@@ -1,0 +1,202 @@
+"""The two-way translation between canonical names and a checkpoint layout's names.
+
+A :class:`KeyMap` is built once per family from its :class:`Weight` records. It answers "which
+canonical tensors live in this layout key" (several, for a fused ``in_proj``) and moves whole
+tensors between layouts: fused q/k/v are split by rows and re-joined with ``torch.cat`` in q, k, v
+order, transposed and 1×1-reshaped tensors are turned around. Splitting and joining are views and
+concatenations of the same bits, so a round trip is exact.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+from ..errors import InputError
+from .spec import DIFFUSERS_FOLDERS, FamilySpec, Weight
+from .text import text_weights
+from .unet import unet_weights
+from .vae import legacy_diffusers_name, vae_weights
+
+LAYOUTS = ("diffusers", "ldm", "sgm")
+
+
+def family_weights(spec: FamilySpec) -> list[Weight]:
+    """Every canonical tensor of a family, U-Net first, then text encoders, then VAE."""
+    weights = unet_weights(spec.unet)
+    for text in spec.texts:
+        weights += text_weights(text)
+    return weights + vae_weights(spec.vae)
+
+
+def _single_aliases(name: str) -> Iterable[str]:
+    # Old SD1 files omit "text_model." inside the CLIP prefix (A1111 sd_models.py
+    # checkpoint_dict_replacements rewrites them the same way).
+    marker = "cond_stage_model.transformer.text_model."
+    if name.startswith(marker):
+        yield "cond_stage_model.transformer." + name[len(marker) :]
+
+
+def _diffusers_aliases(name: str) -> Iterable[str]:
+    legacy = legacy_diffusers_name(name)
+    if legacy:
+        yield legacy
+    # transformers ≥ 5 saves CLIPTextModel built from a config without "text_model." (FORMATS §5.5).
+    for folder in ("text_encoder.", "text_encoder_2."):
+        if name.startswith(folder + "text_model."):
+            yield folder + name[len(folder) + len("text_model.") :]
+
+
+@dataclass
+class Translation:
+    """Result of moving a state dict between layouts: mapped tensors and what had no home."""
+
+    tensors: dict[str, torch.Tensor]
+    unmapped: dict[str, torch.Tensor]
+
+
+class KeyMap:
+    """Canonical ↔ layout names for one family (diffusers folder names are ``<subfolder>.<key>``)."""
+
+    def __init__(self, spec: FamilySpec) -> None:
+        self.spec = spec
+        self.weights = family_weights(spec)
+        self.by_canonical: dict[str, Weight] = {w.canonical: w for w in self.weights}
+        if len(self.by_canonical) != len(self.weights):
+            raise AssertionError(f"{spec.name}: duplicate canonical names in the family rules")
+
+    @property
+    def layouts(self) -> tuple[str, str]:
+        return ("diffusers", self.spec.single_layout)
+
+    def _check_layout(self, layout: str) -> str:
+        if layout == "single":
+            return self.spec.single_layout
+        if layout not in self.layouts:
+            raise InputError(f"{self.spec.title} has no {layout!r} layout (it has {', '.join(self.layouts)})")
+        return layout
+
+    @cached_property
+    def _index(self) -> dict[str, dict[str, list[Weight]]]:
+        index: dict[str, dict[str, list[Weight]]] = {}
+        for layout in self.layouts:
+            table: dict[str, list[Weight]] = defaultdict(list)
+            for w in self.weights:
+                name = w.layout_name(layout)
+                if name is not None:
+                    table[name].append(w)
+            for parts in table.values():
+                parts.sort(key=lambda w: w.single_part or (0, 1))
+            aliases = _diffusers_aliases if layout == "diffusers" else _single_aliases
+            for name in list(table):
+                for alias in aliases(name):
+                    table.setdefault(alias, table[name])
+            index[layout] = dict(table)
+        return index
+
+    @cached_property
+    def extras(self) -> dict[str, tuple[tuple[int, ...], str | None]]:
+        """Single-file tensors with no canonical home (schedule buffers, EMA bookkeeping)."""
+        return {name: (shape, dtype) for name, shape, dtype in self.spec.single_extras}
+
+    # -- names ------------------------------------------------------------------------------------
+    def layout_keys(self, layout: str, *, include_optional: bool = True) -> list[str]:
+        """Every key of a layout in canonical order (fused keys once), as the rules predict them."""
+        layout = self._check_layout(layout)
+        seen: dict[str, None] = {}
+        for w in self.weights:
+            name = w.layout_name(layout)
+            if name is not None and (include_optional or not w.optional):
+                seen.setdefault(name)
+        return list(seen)
+
+    def lookup(self, layout: str, key: str) -> list[Weight]:
+        """The canonical weights stored under a layout key (empty if the key is not mapped)."""
+        return self._index[self._check_layout(layout)].get(key, [])
+
+    def layout_key(self, canonical: str, layout: str) -> str | None:
+        """The name a canonical tensor has in a layout (None if the layout lacks it)."""
+        return self.by_canonical[canonical].layout_name(self._check_layout(layout))
+
+    def component_of(self, layout: str, key: str) -> str:
+        """unet / te1 / te2 / vae for a mapped key, else "other"."""
+        weights = self.lookup(layout, key)
+        return weights[0].component if weights else "other"
+
+    # -- tensors ----------------------------------------------------------------------------------
+    def split(self, layout: str, key: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Canonical tensors held by one layout tensor (views; several for a fused tensor)."""
+        weights = self.lookup(layout, key)
+        out: dict[str, torch.Tensor] = {}
+        single = self._check_layout(layout) != "diffusers"
+        for w in weights:
+            t = tensor
+            if single and w.single_part is not None:
+                index, count = w.single_part
+                if t.shape[0] % count:
+                    raise InputError(f"{key}: fused tensor of {t.shape[0]} rows does not split into {count}")
+                t = t.chunk(count, dim=0)[index]
+            if single and w.single_transposed:
+                t = t.t()
+            if single and w.single_shape is not None and len(w.single_shape) > len(w.shape):
+                t = t.reshape(t.shape[: len(w.shape)])  # 1×1 conv → Linear
+            out[w.canonical] = t
+        return out
+
+    def join(self, layout: str, key: str, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The layout tensor for ``key`` built from its canonical tensors (inverse of :meth:`split`)."""
+        weights = self.lookup(layout, key)
+        single = self._check_layout(layout) != "diffusers"
+        pieces = []
+        for w in weights:
+            if w.canonical not in parts:
+                raise InputError(f"cannot build {key}: {w.canonical} is missing")
+            t = parts[w.canonical]
+            if single and w.single_transposed:
+                t = t.t()
+            pieces.append(t)
+        joined = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+        first = weights[0]
+        if single and first.single_shape is not None and len(first.single_shape) > len(first.shape):
+            joined = joined.reshape(*joined.shape, *[1] * (len(first.single_shape) - len(first.shape)))
+        return joined
+
+    def to_canonical(self, layout: str, tensors: Mapping[str, torch.Tensor]) -> Translation:
+        """Split a layout state dict into canonical tensors; keys without a home are returned apart."""
+        mapped: dict[str, torch.Tensor] = {}
+        unmapped: dict[str, torch.Tensor] = {}
+        for key, tensor in tensors.items():
+            if self.lookup(layout, key):
+                mapped.update(self.split(layout, key, tensor))
+            else:
+                unmapped[key] = tensor
+        return Translation(mapped, unmapped)
+
+    def from_canonical(self, layout: str, tensors: Mapping[str, torch.Tensor]) -> Translation:
+        """Build a layout state dict from canonical tensors; fused keys need all of their parts."""
+        layout = self._check_layout(layout)
+        out: dict[str, torch.Tensor] = {}
+        unmapped: dict[str, torch.Tensor] = {}
+        for canonical, tensor in tensors.items():
+            w = self.by_canonical.get(canonical)
+            name = w.layout_name(layout) if w else None
+            if name is None:
+                unmapped[canonical] = tensor
+            elif name not in out:
+                out[name] = self.join(layout, name, tensors)
+        return Translation(out, unmapped)
+
+    def convert(self, source: str, target: str, tensors: Mapping[str, torch.Tensor]) -> Translation:
+        """Move a state dict from one layout to another through canonical names."""
+        canonical = self.to_canonical(source, tensors)
+        result = self.from_canonical(target, canonical.tensors)
+        return Translation(result.tensors, {**canonical.unmapped, **result.unmapped})
+
+
+def diffusers_folder_of(canonical: str) -> str:
+    """The diffusers subfolder a canonical component lives in."""
+    return DIFFUSERS_FOLDERS[canonical.split(".", 1)[0]]

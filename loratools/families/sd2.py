@@ -1,0 +1,47 @@
+"""SD 2.x (2.0, 2.1, 512-base and 768-v): the numbers, nothing else.
+
+Checked against v2-inference(-v).yaml and stabilityai/stable-diffusion-2-1's config.json files.
+The single file holds all 24 OpenCLIP-H blocks; diffusers' CLIPTextModel keeps 23 (SD2 conditions
+on the penultimate block) — kohya-ss/sd-scripts:library/model_util.py (convert_ldm_clip_checkpoint_v2).
+"""
+
+from __future__ import annotations
+
+from .sd1 import LDM_EXTRAS
+from .spec import FamilySpec, TextSpec, UNetSpec
+
+SD2 = FamilySpec(
+    name="sd2",
+    title="SD 2.x",
+    single_layout="ldm",
+    unet=UNetSpec(
+        model_channels=320,
+        channel_mult=(1, 2, 4, 4),
+        attention_levels=(True, True, True, False),
+        transformer_depth=(1, 1, 1, 0),
+        mid_transformer_depth=1,
+        context_dim=1024,
+        linear_projection=True,
+        attention_heads=(5, 10, 20, 20),  # head width 64
+        upcast_attention=True,
+    ),
+    texts=(
+        TextSpec(
+            component="te1",
+            single_prefix="cond_stage_model.model.",
+            openclip=True,
+            hidden=1024,
+            intermediate=4096,
+            layers=24,
+            diffusers_layers=23,
+            projection=1024,
+            diffusers_projection=False,
+            diffusers_position_ids=True,
+            single_position_ids=False,
+            heads=16,
+            hidden_act="gelu",
+        ),
+    ),
+    single_extras=LDM_EXTRAS,
+    metadata_versions=("sd_v2", "sd_v2_v"),
+)

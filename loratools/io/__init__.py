@@ -1,0 +1,1 @@
+"""Bytes ↔ tensors. Nothing in here knows about Stable Diffusion."""

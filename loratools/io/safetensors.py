@@ -1,0 +1,415 @@
+"""safetensors without ever holding a whole file: header parsing, per-tensor reads, streaming writes.
+
+The container is 8 bytes of little-endian header length N, N bytes of JSON (tensor table plus an
+optional ``__metadata__`` object of strings), then the raw tensor bytes. We parse and validate the
+header ourselves (we need the byte offsets to copy untouched tensors as raw bytes) and also let the
+safetensors library open the file, so that anything it would refuse we refuse too.
+
+Tensor bytes are read with ``pread`` into a fresh buffer rather than through an mmap: touched pages
+of a mapping count towards the process' resident set, and merging a 7 GB checkpoint must not look
+like it needs 7 GB.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import CorruptFileError, InputError
+from .atomic import AtomicFile, describe_os_error
+
+# safetensors dtype strings (safetensors/src/tensor.rs, Dtype) and their torch counterparts.
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+ITEMSIZE: dict[str, int] = {name: torch.empty((), dtype=dt).element_size() for name, dt in DTYPES.items()}
+
+# No real checkpoint header comes close to this (SDXL with metadata is ~250 KB); the safetensors
+# library itself refuses headers over 100 MB.
+MAX_HEADER_BYTES = 100_000_000
+_ALIGN = 8  # safetensors pads the header with spaces so tensor data starts 8-byte aligned
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors spelling of a torch dtype (``torch.float16`` → ``"F16"``)."""
+    try:
+        return DTYPE_NAMES[dtype]
+    except KeyError:
+        raise InputError(f"dtype {dtype} cannot be stored in safetensors") from None
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a header says about one tensor: dtype string, shape, byte span in the data section."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    start: int = 0
+    end: int = 0
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * ITEMSIZE[self.dtype]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+@dataclass(frozen=True)
+class Header:
+    """A validated safetensors header."""
+
+    tensors: dict[str, TensorInfo]  # in file (offset) order
+    metadata: dict[str, str]
+    data_start: int  # absolute file offset of the data section
+    file_size: int
+
+
+def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    seen: dict[str, object] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"duplicate key {key!r}")
+        seen[key] = value
+    return seen
+
+
+def parse_header(path: str | Path, raw: bytes, file_size: int) -> Header:
+    """Validate a header's JSON against the file size; every number is checked before use."""
+    name = Path(path).name
+    try:
+        table = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CorruptFileError(f"{name}: safetensors header is not valid JSON ({exc})") from None
+    if not isinstance(table, dict):
+        raise CorruptFileError(f"{name}: safetensors header is not a JSON object")
+    metadata_raw = table.pop("__metadata__", None) or {}
+    if not isinstance(metadata_raw, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata_raw.items()
+    ):
+        raise CorruptFileError(f"{name}: safetensors __metadata__ must map strings to strings")
+    data_start = 8 + len(raw)
+    data_size = file_size - data_start
+    tensors: dict[str, TensorInfo] = {}
+    for key, entry in table.items():
+        if not isinstance(entry, dict):
+            raise CorruptFileError(f"{name}: header entry {key!r} is not an object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in DTYPES:
+            raise CorruptFileError(f"{name}: tensor {key!r} has unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise CorruptFileError(f"{name}: tensor {key!r} has an invalid shape {shape!r}")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
+            raise CorruptFileError(f"{name}: tensor {key!r} has invalid data_offsets {offsets!r}")
+        info = TensorInfo(dtype, tuple(shape), offsets[0], offsets[1])
+        if info.end > data_size:
+            raise CorruptFileError(
+                f"{name}: tensor {key!r} ends at byte {info.end} of a {data_size}-byte data section"
+                " (file truncated or header offsets out of range)"
+            )
+        if info.end - info.start != info.nbytes:
+            raise CorruptFileError(
+                f"{name}: tensor {key!r} spans {info.end - info.start} bytes but {dtype}"
+                f"{list(shape)} needs {info.nbytes}"
+            )
+        tensors[key] = info
+    ordered = sorted(tensors.items(), key=lambda kv: (kv[1].start, kv[1].end))
+    previous_end, previous_key = 0, None
+    for key, info in ordered:
+        if info.start < previous_end and info.nbytes > 0:
+            raise CorruptFileError(f"{name}: tensors {previous_key!r} and {key!r} overlap")
+        if info.nbytes > 0:
+            previous_end, previous_key = info.end, key
+    return Header(dict(ordered), dict(metadata_raw), data_start, file_size)
+
+
+def read_header(path: str | Path) -> Header:
+    """Read and validate the header of a safetensors file (reads only the header bytes)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            file_size = os.fstat(fh.fileno()).st_size
+            prefix = fh.read(8)
+            if len(prefix) < 8:
+                raise CorruptFileError(f"{path.name}: {file_size}-byte file is too short for safetensors")
+            (length,) = struct.unpack("<Q", prefix)
+            if length > MAX_HEADER_BYTES:
+                raise CorruptFileError(
+                    f"{path.name}: safetensors header claims {length} bytes (limit {MAX_HEADER_BYTES})"
+                )
+            if 8 + length > file_size:
+                raise CorruptFileError(
+                    f"{path.name}: safetensors header claims {length} bytes but the file has {file_size}"
+                    " (truncated or not a safetensors file)"
+                )
+            raw = fh.read(length)
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a folder, expected a file") from None
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except PermissionError:
+        raise InputError(f"{path}: permission denied") from None
+    return parse_header(path, raw, file_size)
+
+
+def _validate_with_library(path: Path) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            handle.keys()
+    except Exception as exc:  # the library raises its own SafetensorError and others
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise CorruptFileError(f"{path.name}: safetensors refused the file ({reason})") from None
+
+
+class SafetensorsFile:
+    """An open safetensors file: header in memory, tensors read one at a time on request."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.header = read_header(self.path)
+        _validate_with_library(self.path)
+        self._fd: int | None = os.open(self.path, os.O_RDONLY)
+
+    # -- context management -------------------------------------------------------------------
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    # -- access ---------------------------------------------------------------------------------
+    @property
+    def fileno(self) -> int:
+        if self._fd is None:
+            raise ValueError(f"{self.path.name} is closed")
+        return self._fd
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.header.metadata
+
+    def keys(self) -> list[str]:
+        return list(self.header.tensors)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.header.tensors
+
+    def info(self, name: str) -> TensorInfo:
+        return self.header.tensors[name]
+
+    def span(self, name: str) -> tuple[int, int]:
+        """Absolute file offset and byte length of a tensor's data."""
+        info = self.header.tensors[name]
+        return self.header.data_start + info.start, info.nbytes
+
+    def read(self, name: str) -> torch.Tensor:
+        """Read one tensor into fresh memory (never an mmap view)."""
+        info = self.header.tensors[name]
+        offset, nbytes = self.span(name)
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        _pread_into(self.fileno, buffer, offset, self.path)
+        return buffer.view(info.torch_dtype).reshape(info.shape)
+
+    def iter_tensors(self, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.keys() if names is None else names:
+            yield name, self.read(name)
+
+
+def _pread_into(fd: int, buffer: torch.Tensor, offset: int, path: Path) -> None:
+    view = memoryview(buffer.numpy()).cast("B")
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise CorruptFileError(f"{path.name}: file ended while reading tensor data (truncated)")
+        done += got
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a tensor, as safetensors stores them."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def _header_bytes(
+    plan: Mapping[str, TensorInfo], metadata: Mapping[str, str] | None
+) -> tuple[bytes, dict[str, TensorInfo]]:
+    table: dict[str, object] = {}
+    if metadata:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise InputError("safetensors metadata must map strings to strings")
+        table["__metadata__"] = dict(metadata)
+    placed: dict[str, TensorInfo] = {}
+    offset = 0
+    for name, info in plan.items():
+        placed[name] = TensorInfo(info.dtype, tuple(info.shape), offset, offset + info.nbytes)
+        table[name] = {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": [offset, offset + info.nbytes]}
+        offset += info.nbytes
+    raw = json.dumps(table, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-(8 + len(raw)) % _ALIGN)
+    return struct.pack("<Q", len(raw)) + raw, placed
+
+
+class StreamingWriter:
+    """Write a safetensors file tensor by tensor: header first, then data in plan order.
+
+    The plan (name → dtype and shape) must be known up front; peak memory is the one tensor being
+    written. Untouched tensors are copied from a source file as raw bytes (``copy_file_range``), so
+    they are never decoded. The file appears at ``path`` only when complete (see :class:`AtomicFile`).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        plan: Mapping[str, TensorInfo],
+        metadata: Mapping[str, str] | None = None,
+        *,
+        overwrite: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        self._header, self._placed = _header_bytes(plan, metadata)
+        self._order = list(self._placed)
+        self._next = 0
+        self.total_bytes = len(self._header) + sum(i.nbytes for i in self._placed.values())
+        self._atomic = AtomicFile(self.path, overwrite=overwrite, size_hint=self.total_bytes)
+
+    def __enter__(self) -> StreamingWriter:
+        self._fd = self._atomic.open()
+        try:
+            _write_all(self._fd, memoryview(self._header), self.path)
+        except BaseException as exc:
+            self._atomic.abort()
+            if isinstance(exc, OSError):
+                raise describe_os_error(exc, self.path) from None
+            raise
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None and self._next != len(self._order):
+            missing = self._order[self._next]
+            self._atomic.abort()
+            raise RuntimeError(f"streaming writer closed before {missing!r} was written")
+        if exc_type is None:
+            self._atomic.commit()
+            return
+        self._atomic.abort()
+        if isinstance(exc, OSError):
+            raise describe_os_error(exc, self.path) from None
+
+    @property
+    def pending(self) -> str | None:
+        """Name of the next tensor the writer expects, or None when all are written."""
+        return self._order[self._next] if self._next < len(self._order) else None
+
+    def _expect(self, name: str) -> TensorInfo:
+        if self.pending != name:
+            raise RuntimeError(f"tensor {name!r} written out of plan order (expected {self.pending!r})")
+        self._next += 1
+        return self._placed[name]
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the next tensor of the plan; its dtype and shape must match the plan."""
+        info = self._expect(name)
+        if dtype_name(tensor.dtype) != info.dtype or tuple(tensor.shape) != info.shape:
+            raise RuntimeError(
+                f"tensor {name!r} is {dtype_name(tensor.dtype)}{list(tensor.shape)}, plan says {info.dtype}{list(info.shape)}"
+            )
+        _write_all(self._fd, tensor_bytes(tensor), self.path)
+
+    def copy_raw(self, name: str, source: SafetensorsFile, source_name: str | None = None) -> None:
+        """Copy the next tensor of the plan byte for byte from an open source file."""
+        info = self._expect(name)
+        offset, nbytes = source.span(source_name or name)
+        if nbytes != info.nbytes:
+            raise RuntimeError(f"raw copy of {name!r}: source has {nbytes} bytes, plan needs {info.nbytes}")
+        copy_range(source.fileno, offset, self._fd, nbytes, source.path, self.path)
+
+
+def _write_all(fd: int, data: memoryview, path: Path) -> None:
+    done = 0
+    while done < len(data):
+        done += os.write(fd, data[done:])
+
+
+_COPY_CHUNK = 1 << 30
+
+
+def copy_range(src_fd: int, src_offset: int, dst_fd: int, nbytes: int, src_path: Path, dst_path: Path) -> None:
+    """Append ``nbytes`` from ``src_fd`` at ``src_offset`` to ``dst_fd`` inside the kernel when possible."""
+    done = 0
+    use_kernel = hasattr(os, "copy_file_range")
+    while done < nbytes:
+        want = min(_COPY_CHUNK, nbytes - done)
+        got = 0
+        if use_kernel:
+            try:
+                got = os.copy_file_range(src_fd, dst_fd, want, src_offset + done)
+            except OSError as exc:
+                if exc.errno in (18, 22, 38, 95):  # EXDEV, EINVAL, ENOSYS, EOPNOTSUPP: fall back
+                    use_kernel = False
+                    continue
+                raise
+        else:
+            chunk = os.pread(src_fd, min(want, 64 << 20), src_offset + done)
+            if chunk:
+                _write_all(dst_fd, memoryview(chunk), dst_path)
+            got = len(chunk)
+        if got <= 0:
+            raise CorruptFileError(f"{src_path.name}: file ended while copying tensor data (truncated)")
+        done += got
+
+
+def save_tensors(
+    path: str | Path,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    overwrite: bool = False,
+) -> None:
+    """Write a dict of tensors atomically (the streaming writer over an in-memory dict)."""
+    plan = {n: TensorInfo(dtype_name(t.dtype), tuple(t.shape)) for n, t in tensors.items()}
+    with StreamingWriter(path, plan, metadata, overwrite=overwrite) as writer:
+        for name, tensor in tensors.items():
+            writer.write(name, tensor)

@@ -1,0 +1,253 @@
+"""Synthetic checkpoints with the real key sets: tiny ones for tests and the demo, full-size for bench.
+
+A synthetic checkpoint is a family spec (real block and layer counts; the widths of your choice)
+written out with seeded random weights, tensor by tensor through the streaming writer, so even a
+7 GB SDXL file never sits in memory. Every canonical tensor's values depend only on its canonical
+name and the seed: a single file and a diffusers folder made with the same seed hold the same model,
+which is what lets tests compare layouts tensor for tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Iterator, Mapping
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .families import FAMILIES, FamilySpec, keymap
+from .families.spec import DIFFUSERS_FOLDERS, Weight
+from .io.atomic import AtomicFolder
+from .io.checkpoint import WEIGHT_NAMES
+from .io.safetensors import DTYPES, StreamingWriter, TensorInfo, dtype_name
+
+
+def _tiny(spec: FamilySpec, text_widths: tuple[int, ...]) -> FamilySpec:
+    """Same counts as ``spec``, widths small enough for a test to build models in milliseconds."""
+    texts = []
+    for text, width in zip(spec.texts, text_widths, strict=True):
+        texts.append(
+            replace(
+                text,
+                hidden=width,
+                intermediate=2 * width,
+                vocab=1000,
+                heads=2,
+                projection=width if text.projection is not None else None,
+            )
+        )
+    context = sum(text_widths) if spec.name == "sdxl" else text_widths[0]
+    adm = None
+    if spec.unet.adm_in_channels is not None:
+        adm = text_widths[-1] + 6 * 8  # pooled text embedding + six size/crop embeddings of width 8
+    unet = replace(
+        spec.unet,
+        model_channels=8,
+        context_dim=context,
+        adm_in_channels=adm,
+        attention_heads=tuple(2 for _ in spec.unet.channel_mult),
+        norm_groups=8,
+    )
+    vae = replace(spec.vae, channels=(8, 16, 32, 32), norm_groups=8)
+    return replace(spec, unet=unet, texts=tuple(texts), vae=vae)
+
+
+# Widths differ between text encoders and from the U-Net so a swapped dimension cannot hide.
+TINY: dict[str, FamilySpec] = {
+    "sd1": _tiny(FAMILIES["sd1"], (12,)),
+    "sd2": _tiny(FAMILIES["sd2"], (16,)),
+    "sdxl": _tiny(FAMILIES["sdxl"], (12, 20)),
+}
+
+
+def _seed_for(name: str, seed: int) -> int:
+    return zlib.crc32(name.encode()) ^ (seed * 0x9E3779B1 & 0xFFFFFFFF)
+
+
+def canonical_tensor(weight: Weight, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The deterministic value of one canonical tensor of a synthetic model."""
+    if weight.dtype is not None:
+        fixed = DTYPES[weight.dtype]
+        if weight.canonical.endswith("position_ids"):
+            return torch.arange(weight.shape[-1], dtype=fixed).reshape(weight.shape)
+        return torch.zeros(weight.shape, dtype=fixed)
+    generator = torch.Generator().manual_seed(_seed_for(weight.canonical, seed))
+    values = torch.randn(weight.shape, generator=generator, dtype=torch.float32)
+    if (
+        len(weight.shape) == 1
+        and ("norm" in weight.canonical.rsplit(".", 2)[-2])
+        and weight.canonical.endswith("weight")
+    ):
+        values = 1.0 + 0.1 * values  # norm scales sit near one
+    else:
+        values = values * 0.05
+    return values.to(dtype)
+
+
+def _extra_tensor(name: str, shape: tuple[int, ...], fixed: str | None, dtype: torch.dtype) -> torch.Tensor:
+    if fixed is not None:
+        return torch.zeros(shape, dtype=DTYPES[fixed])
+    generator = torch.Generator().manual_seed(_seed_for(name, 0))
+    return torch.rand(shape, generator=generator).to(dtype)
+
+
+def single_file_plan(
+    spec: FamilySpec, dtype: torch.dtype = torch.float32, *, extras: bool = True
+) -> dict[str, TensorInfo]:
+    """Key → dtype/shape of a synthetic single file, sorted by name as real files are."""
+    km = keymap(spec)
+    layout = spec.single_layout
+    plan: dict[str, TensorInfo] = {}
+    for w in km.weights:
+        name = w.layout_name(layout)
+        if name is not None and name not in plan:
+            plan[name] = TensorInfo(w.dtype or dtype_name(dtype), w.layout_shape(layout))
+    if extras:
+        for name, (shape, fixed) in km.extras.items():
+            plan[name] = TensorInfo(fixed or dtype_name(dtype), shape)
+    return dict(sorted(plan.items()))
+
+
+def iter_single_file(
+    spec: FamilySpec, dtype: torch.dtype, seed: int, plan: Mapping[str, TensorInfo]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    km = keymap(spec)
+    layout = spec.single_layout
+    for name in plan:
+        weights = km.lookup(layout, name)
+        if not weights:
+            shape, fixed = km.extras[name]
+            yield name, _extra_tensor(name, shape, fixed, dtype)
+            continue
+        parts = {w.canonical: canonical_tensor(w, seed, dtype) for w in weights}
+        yield name, km.join(layout, name, parts).contiguous()
+
+
+def write_single_file(
+    spec: FamilySpec,
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    extras: bool = True,
+    metadata: Mapping[str, str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a synthetic single-file (LDM/SGM) checkpoint, streamed tensor by tensor."""
+    path = Path(path)
+    plan = single_file_plan(spec, dtype, extras=extras)
+    with StreamingWriter(path, plan, {"format": "pt", **(metadata or {})}, overwrite=overwrite) as writer:
+        for name, tensor in iter_single_file(spec, dtype, seed, plan):
+            writer.write(name, tensor)
+    return path
+
+
+def diffusers_configs(spec: FamilySpec) -> dict[str, dict[str, object]]:
+    """config.json contents per diffusers subfolder (and model_index.json) for a spec."""
+    u = spec.unet
+    attended = u.attention_levels
+    unet: dict[str, object] = {
+        "_class_name": "UNet2DConditionModel",
+        "sample_size": 64 if u.model_channels >= 320 else 16,
+        "in_channels": u.in_channels,
+        "out_channels": u.out_channels,
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attended],
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attended)],
+        "block_out_channels": [u.channels(i) for i in range(len(u.channel_mult))],
+        "layers_per_block": u.layers_per_block,
+        "cross_attention_dim": u.context_dim,
+        "attention_head_dim": list(u.attention_heads),
+        "transformer_layers_per_block": [max(d, 1) for d in u.transformer_depth],
+        "use_linear_projection": u.linear_projection,
+        "upcast_attention": u.upcast_attention,
+        "norm_num_groups": u.norm_groups,
+    }
+    if u.adm_in_channels is not None:
+        pooled = spec.texts[-1].projection or spec.texts[-1].hidden
+        unet.update(
+            addition_embed_type="text_time",
+            addition_time_embed_dim=(u.adm_in_channels - pooled) // 6,
+            projection_class_embeddings_input_dim=u.adm_in_channels,
+        )
+    configs: dict[str, dict[str, object]] = {"unet": unet}
+    for text in spec.texts:
+        eos = text.vocab - 1
+        configs[DIFFUSERS_FOLDERS[text.component]] = {
+            "architectures": ["CLIPTextModelWithProjection" if text.diffusers_projection else "CLIPTextModel"],
+            "model_type": "clip_text_model",
+            "vocab_size": text.vocab,
+            "hidden_size": text.hidden,
+            "intermediate_size": text.intermediate,
+            "projection_dim": text.projection or text.hidden,
+            "num_hidden_layers": text.diffusers_layers,
+            "num_attention_heads": text.heads,
+            "max_position_embeddings": text.positions,
+            "hidden_act": text.hidden_act,
+            "layer_norm_eps": 1e-5,
+            "pad_token_id": 1,
+            "bos_token_id": eos - 1,
+            "eos_token_id": eos,
+        }
+    v = spec.vae
+    configs["vae"] = {
+        "_class_name": "AutoencoderKL",
+        "in_channels": v.image_channels,
+        "out_channels": v.image_channels,
+        "down_block_types": ["DownEncoderBlock2D"] * len(v.channels),
+        "up_block_types": ["UpDecoderBlock2D"] * len(v.channels),
+        "block_out_channels": list(v.channels),
+        "layers_per_block": v.layers_per_block,
+        "latent_channels": v.latent_channels,
+        "norm_num_groups": v.norm_groups,
+        "scaling_factor": v.scaling_factor,
+    }
+    pipeline = "StableDiffusionXLPipeline" if spec.name == "sdxl" else "StableDiffusionPipeline"
+    index: dict[str, object] = {"_class_name": pipeline}
+    for folder in configs:
+        library = "diffusers" if folder in ("unet", "vae") else "transformers"
+        cls = configs[folder].get("_class_name") or configs[folder]["architectures"][0]  # type: ignore[index]
+        index[folder] = [library, cls]
+    configs["model_index"] = index
+    return configs
+
+
+def write_diffusers_folder(
+    spec: FamilySpec,
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> Path:
+    """Write a synthetic diffusers folder (configs + one safetensors file per component)."""
+    path = Path(path)
+    km = keymap(spec)
+    configs = diffusers_configs(spec)
+    with AtomicFolder(path, overwrite=overwrite) as tmp:
+        (tmp / "model_index.json").write_text(json.dumps(configs["model_index"], indent=2))
+        for component, folder in DIFFUSERS_FOLDERS.items():
+            weights = [w for w in km.weights if w.component == component and w.diffusers is not None]
+            if not weights:
+                continue
+            (tmp / folder).mkdir()
+            (tmp / folder / "config.json").write_text(json.dumps(configs[folder], indent=2))
+            stem = WEIGHT_NAMES[0] if component in ("unet", "vae") else WEIGHT_NAMES[1]
+            prefix = f"{folder}."
+            plan = {
+                w.diffusers[len(prefix) :]: TensorInfo(w.dtype or dtype_name(dtype), w.shape)
+                for w in weights
+                if w.diffusers
+            }
+            with StreamingWriter(tmp / folder / f"{stem}.safetensors", plan, {"format": "pt"}) as writer:
+                for w in weights:
+                    writer.write(w.diffusers[len(prefix) :], canonical_tensor(w, seed, dtype))  # type: ignore[index]
+    return path
+
+
+def write_checkpoint(spec: FamilySpec, path: str | Path, layout: str, **kwargs: object) -> Path:
+    """Write a synthetic checkpoint in ``layout`` ("single"/"ldm"/"sgm" or "diffusers")."""
+    if layout == "diffusers":
+        return write_diffusers_folder(spec, path, **kwargs)  # type: ignore[arg-type]
+    return write_single_file(spec, path, **kwargs)  # type: ignore[arg-type]
