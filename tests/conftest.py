@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny checkpoints with the real SD1/SD2/SDXL key sets, in both layouts.
+
+Generated once per test session from :mod:`loratools.synthetic` (real block and layer counts,
+small widths); the same seed gives the same model in the single-file and diffusers layouts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from loratools.synthetic import TINY, write_checkpoint
+
+FAMILY_NAMES = tuple(TINY)
+LAYOUTS = ("single", "diffusers")
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+KEYSETS = SHARED / "keysets"
+REAL_LORAS = SHARED / "real_loras"
+KEYSET_FILES = {
+    "sd1": ("sd15-ldm", "sd15-diffusers"),
+    "sd2": ("sd21-ldm", "sd21-diffusers"),
+    "sdxl": ("sdxl-sgm", "sdxl-diffusers"),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tiny_dir: Path) -> dict[tuple[str, str], Path]:
+    """(family, layout) → path of a tiny fp32 checkpoint, seed 0."""
+    paths = {}
+    for family, spec in TINY.items():
+        paths[(family, "single")] = write_checkpoint(spec, tiny_dir / f"{family}.safetensors", "single")
+        paths[(family, "diffusers")] = write_checkpoint(spec, tiny_dir / f"{family}-diffusers", "diffusers")
+    return paths
+
+
+@pytest.fixture(params=FAMILY_NAMES)
+def family(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(params=LAYOUTS)
+def layout(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def load_keyset(name: str) -> dict:
+    """A shared/keysets file as a dict (see its README for the schema)."""
+    return json.loads((KEYSETS / f"{name}.json").read_text())
+
+
+def keyset_shapes(name: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Flat key → (shape, dtype) of a real key set, diffusers keys prefixed with their subfolder."""
+    data = load_keyset(name)
+    folder = data["container"] == "diffusers"
+    out = {}
+    for component, keys in data["components"].items():
+        for key, (shape, dtype) in keys.items():
+            out[f"{component}.{key}" if folder else key] = (tuple(shape), dtype)
+    return out
