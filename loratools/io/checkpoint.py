@@ -56,6 +56,9 @@ class Checkpoint:
     def __contains__(self, name: object) -> bool:
         return name in self.slots
 
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.slots)
+
     def __len__(self) -> int:
         return len(self.slots)
 

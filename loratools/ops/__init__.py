@@ -1,0 +1,1 @@
+"""Operations on canonical objects: no file formats, no printing."""

@@ -1,0 +1,286 @@
+"""Move a whole checkpoint between layouts and dtypes, streamed tensor by tensor.
+
+Same layout and dtype: every tensor is copied as raw bytes (the file-copy floor). A dtype change
+decodes, casts and writes one tensor at a time. A layout change goes through canonical names: a
+fused OpenCLIP ``in_proj`` is built from (or split into) q, k and v, ``text_projection`` is turned
+around, and keys with no home in the target layout are listed in the report rather than dropped
+silently. Peak memory is the largest single tensor (three, for a fused q/k/v).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+from ..families import keymap
+from ..families.configs import diffusers_configs
+from ..families.detect import Detection, detect
+from ..families.keymap import KeyMap
+from ..families.spec import DIFFUSERS_FOLDERS
+from ..io.atomic import AtomicFolder
+from ..io.checkpoint import WEIGHT_NAMES, Checkpoint, open_checkpoint
+from ..io.safetensors import DTYPES, StreamingWriter, TensorInfo, dtype_name
+
+Progress = Callable[[int], None]  # called with bytes done since the last call
+
+
+@dataclass
+class ConvertReport:
+    """What a checkpoint conversion did."""
+
+    source: str
+    output: str
+    family: str
+    source_layout: str
+    output_layout: str
+    tensors_written: int = 0
+    bytes_written: int = 0
+    raw_copied: int = 0  # tensors copied byte for byte
+    dropped: list[str] = field(default_factory=list)  # source keys with no home in the output layout
+    missing: list[str] = field(default_factory=list)  # output keys the source could not supply
+
+
+def _float_dtype(info: TensorInfo, dtype: torch.dtype | None) -> str:
+    if dtype is None or not info.torch_dtype.is_floating_point:
+        return info.dtype
+    return dtype_name(dtype)
+
+
+class _Source:
+    """Reads canonical tensors of a checkpoint, keeping at most one fused tensor decoded."""
+
+    def __init__(self, ckpt: Checkpoint, km: KeyMap, layout: str) -> None:
+        self.ckpt, self.km, self.layout = ckpt, km, layout
+        self.home: dict[str, str] = {}  # canonical → source key
+        for key in ckpt:
+            for w in km.lookup(layout, key):
+                self.home[w.canonical] = key
+        self._cached: tuple[str, dict[str, torch.Tensor]] | None = None
+
+    def canonical(self, name: str) -> torch.Tensor:
+        key = self.home[name]
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, self.km.split(self.layout, key, self.ckpt.read(key)))
+        return self._cached[1][name]
+
+
+def _plan_layout(source: _Source, layout: str, keys: list[str]) -> tuple[dict[str, list[str]], list[str]]:
+    """Target key → canonical parts, for target keys whose every part the source has."""
+    plan: dict[str, list[str]] = {}
+    missing: list[str] = []
+    for key in keys:
+        parts = [w.canonical for w in source.km.lookup(layout, key)]
+        if all(p in source.home for p in parts):
+            plan[key] = parts
+        elif any(p in source.home for p in parts) or not all(source.km.by_canonical[p].optional for p in parts):
+            missing.append(key)
+    return plan, missing
+
+
+def _write_same_layout(
+    ckpt: Checkpoint,
+    out: Path,
+    dtype: torch.dtype | None,
+    report: ConvertReport,
+    progress: Progress | None,
+    overwrite: bool,
+) -> None:
+    names = ckpt.keys()
+    plan = {n: TensorInfo(_float_dtype(ckpt.info(n), dtype), ckpt.info(n).shape) for n in names}
+    with StreamingWriter(out, plan, ckpt.metadata or None, overwrite=overwrite) as writer:
+        for name in names:
+            info = plan[name]
+            raw = ckpt.raw(name)
+            if raw is not None and info.dtype == ckpt.info(name).dtype:
+                writer.copy_raw(name, raw[0], raw[1])
+                report.raw_copied += 1
+            else:
+                writer.write(name, ckpt.read(name).to(info.torch_dtype))
+            report.tensors_written += 1
+            report.bytes_written += info.nbytes
+            if progress:
+                progress(info.nbytes)
+
+
+def _canonical_shape_dtype(
+    source: _Source, parts: list[str], layout: str, key: str, dtype: torch.dtype | None
+) -> TensorInfo:
+    first = source.ckpt.info(source.home[parts[0]])
+    tensors = {
+        p: torch.empty(
+            source.km.split(
+                source.layout, source.home[p], torch.empty(source.ckpt.info(source.home[p]).shape, device="meta")
+            )[p].shape,
+            device="meta",
+        )
+        for p in parts
+    }
+    shape = tuple(source.km.join(layout, key, tensors).shape)
+    return TensorInfo(_float_dtype(first, dtype), shape)
+
+
+def _write_file(
+    source: _Source,
+    out: Path,
+    plan: dict[str, list[str]],
+    layout: str,
+    dtype: torch.dtype | None,
+    metadata: dict[str, str] | None,
+    report: ConvertReport,
+    progress: Progress | None,
+    overwrite: bool,
+) -> None:
+    infos = {key: _canonical_shape_dtype(source, parts, layout, key, dtype) for key, parts in plan.items()}
+    with StreamingWriter(out, infos, metadata, overwrite=overwrite) as writer:
+        for key, parts in plan.items():
+            tensor = source.km.join(layout, key, {p: source.canonical(p) for p in parts})
+            writer.write(key, tensor.to(infos[key].torch_dtype).contiguous())
+            report.tensors_written += 1
+            report.bytes_written += infos[key].nbytes
+            if progress:
+                progress(infos[key].nbytes)
+
+
+def convert_checkpoint(
+    source: str | Path,
+    output: str | Path,
+    *,
+    layout: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    family: str | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> ConvertReport:
+    """Copy a checkpoint to ``output``, optionally into another layout and/or float dtype.
+
+    ``layout``: ``"single"`` (LDM/SGM single file) or ``"diffusers"`` (folder); default: the
+    source's. ``dtype``: ``"fp16"``, ``"bf16"``, ``"fp32"`` or a torch dtype, applied to float
+    tensors only. Returns a :class:`ConvertReport`; nothing is left at ``output`` on failure.
+    """
+    source, output = Path(source), Path(output)
+    torch_dtype = parse_dtype(dtype)
+    with open_checkpoint(source) as ckpt:
+        found = detect(ckpt.shapes(), ckpt.metadata, family=family)
+        target = _target_layout(found, layout)
+        report = ConvertReport(str(source), str(output), found.family.name, found.layout, target)
+        if output.resolve() == source.resolve():
+            raise InputError(f"{output}: output is the input; write elsewhere")
+        if target == found.layout and ckpt.container == "single_file":
+            _write_same_layout(ckpt, output, torch_dtype, report, progress, overwrite)
+            return report
+        km = keymap(found.family)
+        src = _Source(ckpt, km, found.layout)
+        report.dropped = [k for k in ckpt if not any(w.layout_name(target) for w in km.lookup(found.layout, k))]
+        if target == "diffusers":
+            _write_folder(src, output, found, torch_dtype, report, progress, overwrite)
+        else:
+            plan, report.missing = _plan_layout(src, target, km.layout_keys(target))
+            _write_file(src, output, plan, target, torch_dtype, ckpt.metadata or None, report, progress, overwrite)
+        return report
+
+
+def _target_layout(found: Detection, layout: str | None) -> str:
+    if layout is None:
+        return found.layout
+    if layout in ("single", "ldm", "sgm"):
+        return found.family.single_layout
+    if layout == "diffusers":
+        return "diffusers"
+    raise InputError(f"unknown layout {layout!r} (use single or diffusers)")
+
+
+def _write_folder(
+    src: _Source,
+    output: Path,
+    found: Detection,
+    dtype: torch.dtype | None,
+    report: ConvertReport,
+    progress: Progress | None,
+    overwrite: bool,
+) -> None:
+    km = src.km
+    configs = diffusers_configs(found.family)
+    source_folder = src.ckpt.path if src.ckpt.container == "diffusers" else None
+    with AtomicFolder(output, overwrite=overwrite) as tmp:
+        if source_folder is not None:
+            for item in source_folder.iterdir():  # tokenizer, scheduler, configs: carried over as they are
+                if item.name not in DIFFUSERS_FOLDERS.values():
+                    (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        else:
+            (tmp / "model_index.json").write_text(json.dumps(configs["model_index"], indent=2))
+        all_keys = km.layout_keys("diffusers")
+        plan, report.missing = _plan_layout(src, "diffusers", all_keys)
+        for component, folder in DIFFUSERS_FOLDERS.items():
+            prefix = f"{folder}."
+            keys = {k: v for k, v in plan.items() if k.startswith(prefix)}
+            if not keys:
+                continue
+            (tmp / folder).mkdir(exist_ok=True)
+            config_src = source_folder / folder / "config.json" if source_folder else None
+            if config_src is not None and config_src.exists():
+                shutil.copy2(config_src, tmp / folder / "config.json")
+            else:
+                (tmp / folder / "config.json").write_text(json.dumps(configs[folder], indent=2))
+            stem = WEIGHT_NAMES[0] if component in ("unet", "vae") else WEIGHT_NAMES[1]
+            inner = {k[len(prefix) :]: v for k, v in keys.items()}
+            _write_component(src, tmp / folder / f"{stem}.safetensors", inner, prefix, dtype, report, progress)
+
+
+def _write_component(
+    src: _Source,
+    path: Path,
+    plan: dict[str, list[str]],
+    prefix: str,
+    dtype: torch.dtype | None,
+    report: ConvertReport,
+    progress: Progress | None,
+) -> None:
+    infos = {k: _canonical_shape_dtype(src, parts, "diffusers", prefix + k, dtype) for k, parts in plan.items()}
+    with StreamingWriter(path, infos, {"format": "pt"}) as writer:
+        for key, parts in plan.items():
+            source_key = src.home[parts[0]]
+            raw = src.ckpt.raw(source_key) if src.layout == "diffusers" and source_key == prefix + key else None
+            if raw is not None and src.ckpt.info(source_key).dtype == infos[key].dtype:
+                writer.copy_raw(key, raw[0], raw[1])
+                report.raw_copied += 1
+                report.tensors_written += 1
+                report.bytes_written += infos[key].nbytes
+                if progress:
+                    progress(infos[key].nbytes)
+                continue
+            tensor = src.km.join("diffusers", prefix + key, {p: src.canonical(p) for p in parts})
+            writer.write(key, tensor.to(infos[key].torch_dtype).contiguous())
+            report.tensors_written += 1
+            report.bytes_written += infos[key].nbytes
+            if progress:
+                progress(infos[key].nbytes)
+
+
+DTYPE_ALIASES = {
+    "fp16": "F16",
+    "float16": "F16",
+    "half": "F16",
+    "f16": "F16",
+    "bf16": "BF16",
+    "bfloat16": "BF16",
+    "fp32": "F32",
+    "float32": "F32",
+    "float": "F32",
+    "f32": "F32",
+}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``"fp16"``/``"bf16"``/``"fp32"`` (or a torch dtype) → torch dtype; None stays None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = DTYPE_ALIASES.get(dtype.lower(), dtype.upper())
+    if name not in ("F16", "BF16", "F32"):
+        raise InputError(f"unsupported dtype {dtype!r} (use fp16, bf16 or fp32)")
+    return DTYPES[name]
