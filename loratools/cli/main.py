@@ -1,0 +1,41 @@
+"""``loratools`` — the click group; one module per command."""
+
+from __future__ import annotations
+
+import click
+
+from .. import __version__
+from .convert_cmd import convert
+from .demo_cmd import demo
+from .inspect_cmd import inspect_command
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="loratools")
+def cli() -> None:
+    """LoRA weight surgery for Stable Diffusion (SD 1.x, 2.x, SDXL), directly on state dicts.
+
+    \b
+    Every command reads headers first and tensors one at a time; outputs are written to a
+    temporary file and renamed into place only when complete.
+
+    \b
+    Try:  loratools demo
+          loratools inspect model.safetensors
+          loratools convert model.safetensors model-diffusers --to diffusers
+    """
+
+
+cli.add_command(inspect_command)
+cli.add_command(convert)
+cli.add_command(demo)
+
+
+def main() -> None:
+    cli(prog_name="loratools")
+
+
+if __name__ == "__main__":
+    main()

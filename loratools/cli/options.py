@@ -1,0 +1,21 @@
+"""Options shared by several commands."""
+
+from __future__ import annotations
+
+import click
+
+from ..families import FAMILIES
+
+family_option = click.option(
+    "--family",
+    type=click.Choice(sorted(FAMILIES)),
+    default=None,
+    help="Model family, when it cannot be told from the tensors (normally detected).",
+)
+overwrite_option = click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (never an input).")
+dtype_option = click.option(
+    "--dtype",
+    type=click.Choice(["fp16", "bf16", "fp32"]),
+    default=None,
+    help="Float dtype of the output (default: keep each tensor's own).",
+)

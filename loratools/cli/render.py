@@ -1,0 +1,89 @@
+"""Human renderings (rich) and JSON of report data."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from ..report import CheckpointReport
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+def human_count(n: float) -> str:
+    for unit in ("", "K", "M", "B"):
+        if abs(n) < 1000 or unit == "B":
+            return f"{n:.0f}" if unit == "" else f"{n:.1f}{unit}"
+        n /= 1000
+    return f"{n:.1f}B"
+
+
+def print_json(console: Console, data: Any) -> None:
+    console.print_json(json.dumps(data), highlight=False)
+
+
+LAYOUT_TITLES = {"ldm": "single file (LDM)", "sgm": "single file (SGM)", "diffusers": "diffusers folder"}
+
+
+def render_checkpoint(console: Console, report: CheckpointReport) -> None:
+    head = Text()
+    head.append(report.path, style="bold")
+    head.append(f"  ·  {report.family_title}", style="bold cyan")
+    head.append(f"  ·  {LAYOUT_TITLES.get(report.layout, report.layout)}")
+    head.append(f"  ·  {report.file_format}  ·  {human_bytes(report.file_bytes)}")
+    console.print(head)
+
+    table = Table(show_edge=False, header_style="bold")
+    table.add_column("component")
+    table.add_column("tensors", justify="right")
+    table.add_column("parameters", justify="right")
+    table.add_column("size", justify="right")
+    table.add_column("dtypes")
+    for part in report.components:
+        dtypes = ", ".join(f"{d}×{n}" if len(part.dtypes) > 1 else d for d, n in sorted(part.dtypes.items()))
+        table.add_row(part.title, str(part.tensors), human_count(part.parameters), human_bytes(part.bytes), dtypes)
+    table.add_row(
+        "total",
+        str(report.tensors),
+        human_count(report.parameters),
+        human_bytes(sum(p.bytes for p in report.components)),
+        "",
+        style="bold",
+    )
+    console.print(table)
+
+    arch = report.architecture
+    texts = ", ".join(f"{t['component']} {t['hidden']}×{t['layers']}" for t in arch["text_encoders"])  # type: ignore[union-attr]
+    console.print(
+        f"U-Net: {arch['unet_model_channels']} channels × {arch['unet_channel_mult']}, "
+        f"{arch['unet_in_channels']} in-channels ({report.variant}), context {arch['cross_attention_dim']}"
+        + (f"; text encoders: {texts}" if texts else "")
+    )
+    for note in report.notes:
+        console.print(f"[dim]note:[/dim] {note}")
+    if report.missing_count:
+        console.print(
+            f"[yellow]warning:[/yellow] {report.missing_count} expected tensors missing, e.g. {', '.join(report.missing[:3])}"
+        )
+    if report.unknown_count:
+        console.print(
+            f"[yellow]warning:[/yellow] {report.unknown_count} tensors of no known module, e.g. {', '.join(report.unknown[:3])}"
+        )
+    for mismatch in report.shape_mismatches[:5]:
+        console.print(f"[yellow]warning:[/yellow] shape mismatch {mismatch}")
+    if report.dropped_non_tensors:
+        console.print(f"[dim]note:[/dim] non-tensor entries ignored: {', '.join(report.dropped_non_tensors[:5])}")
+    if report.metadata:
+        console.print(
+            f"metadata: {len(report.metadata)} entries ({', '.join(sorted(report.metadata)[:6])}{', …' if len(report.metadata) > 6 else ''})"
+        )

@@ -1,0 +1,128 @@
+"""Facts about files as plain data (dataclasses → dicts), rendered by the CLI or used by scripts.
+
+The ``to_dict`` output is the ``--json`` schema; its ``schema`` field names the version. Fields are
+only ever added within a version.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .families.detect import component_of_key, detect
+from .families.spec import COMPONENT_TITLES
+from .io.checkpoint import open_checkpoint
+
+CHECKPOINT_SCHEMA = "loratools.inspect.checkpoint/1"
+COMPONENT_ORDER = ("unet", "te1", "te2", "vae", "scheduler", "ema", "other")
+_TITLES = {**COMPONENT_TITLES, "scheduler": "schedule buffers", "ema": "EMA"}
+LIST_LIMIT = 20  # long key lists are cut to this many in reports (counts stay exact)
+
+
+@dataclass
+class ComponentFacts:
+    """Counts for one part of a checkpoint."""
+
+    name: str
+    title: str
+    tensors: int = 0
+    parameters: int = 0
+    bytes: int = 0
+    dtypes: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class CheckpointReport:
+    """Everything ``inspect`` says about a checkpoint."""
+
+    path: str
+    container: str  # "single_file" or "diffusers"
+    file_format: str  # "safetensors", "pickle" or "mixed"
+    file_bytes: int
+    files: list[str]
+    family: str
+    family_title: str
+    layout: str
+    variant: str
+    prediction: str
+    architecture: dict[str, object]
+    components: list[ComponentFacts]
+    tensors: int
+    parameters: int
+    dtypes: dict[str, int]
+    metadata: dict[str, str]
+    missing: list[str]
+    missing_count: int
+    unknown: list[str]
+    unknown_count: int
+    shape_mismatches: list[str]
+    notes: list[str]
+    dropped_non_tensors: list[str]
+
+    def to_dict(self) -> dict[str, object]:
+        return {"schema": CHECKPOINT_SCHEMA, "kind": "checkpoint", **asdict(self)}
+
+
+def _file_format(files: list[Path]) -> str:
+    kinds = {"safetensors" if f.suffix == ".safetensors" else "pickle" for f in files}
+    return kinds.pop() if len(kinds) == 1 else "mixed"
+
+
+def inspect_checkpoint(path: str | Path, *, family: str | None = None) -> CheckpointReport:
+    """Read a checkpoint's headers (never its tensor data) and describe it."""
+    with open_checkpoint(path) as ckpt:
+        found = detect(ckpt.shapes(), ckpt.metadata, family=family)
+        km = found.keymap
+        facts = {name: ComponentFacts(name, _TITLES[name]) for name in COMPONENT_ORDER}
+        for key in ckpt:
+            info = ckpt.info(key)
+            part = facts[component_of_key(km, found.layout, key)]
+            part.tensors += 1
+            part.parameters += info.numel
+            part.bytes += info.nbytes
+            part.dtypes[info.dtype] = part.dtypes.get(info.dtype, 0) + 1
+        components = [f for f in facts.values() if f.tensors]
+        dtypes: Counter[str] = Counter()
+        for f in components:
+            dtypes.update(f.dtypes)
+        spec = found.family
+        architecture: dict[str, object] = {
+            "unet_model_channels": spec.unet.model_channels,
+            "unet_channel_mult": list(spec.unet.channel_mult),
+            "unet_in_channels": spec.unet.in_channels,
+            "cross_attention_dim": spec.unet.context_dim,
+            "text_encoders": [
+                {
+                    "component": t.component,
+                    "hidden": t.hidden,
+                    "layers": t.layers if found.layout != "diffusers" else t.diffusers_layers,
+                }
+                for t in spec.texts
+            ],
+        }
+        return CheckpointReport(
+            path=str(path),
+            container=ckpt.container,
+            file_format=_file_format(ckpt.files),
+            file_bytes=ckpt.size_bytes,
+            files=[str(f) for f in ckpt.files],
+            family=spec.name,
+            family_title=spec.title,
+            layout=found.layout,
+            variant=found.variant,
+            prediction=found.prediction,
+            architecture=architecture,
+            components=components,
+            tensors=len(ckpt),
+            parameters=sum(f.parameters for f in components),
+            dtypes=dict(dtypes),
+            metadata=dict(ckpt.metadata),
+            missing=found.missing[:LIST_LIMIT],
+            missing_count=len(found.missing),
+            unknown=found.unknown[:LIST_LIMIT],
+            unknown_count=len(found.unknown),
+            shape_mismatches=found.shape_mismatches[:LIST_LIMIT],
+            notes=found.notes,
+            dropped_non_tensors=ckpt.dropped[:LIST_LIMIT],
+        )
