@@ -9,6 +9,7 @@ time: member names that escape the archive and members that inflate absurdly.
 from __future__ import annotations
 
 import pickle
+import pickletools
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,45 @@ def _check_zip(path: Path) -> None:
         raise CorruptFileError(f"{path.name}: damaged zip archive ({exc})") from None
 
 
+# Globals torch's weights-only unpickler accepts; anything else in a pickle is named in the error.
+_HARMLESS_PREFIXES = (
+    "torch.",
+    "collections.OrderedDict",
+    "builtins.set",
+    "builtins.frozenset",
+    "_codecs.encode",
+    "numpy.core.multiarray._reconstruct",
+    "numpy.dtype",
+    "numpy.ndarray",
+)
+
+
+def _pickle_bytes(path: Path) -> bytes:
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+            return archive.read(name)[: 64 << 20] if name else b""
+    with open(path, "rb") as fh:
+        return fh.read(64 << 20)
+
+
+def suspicious_globals(path: Path) -> list[str]:
+    """Callables a pickle would import, read from its opcodes without executing anything."""
+    found: list[str] = []
+    strings: list[str] = []
+    try:
+        for opcode, arg, _ in pickletools.genops(_pickle_bytes(path)):
+            if opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                strings.append(str(arg))
+            elif opcode.name == "GLOBAL":
+                found.append(str(arg).replace(" ", "."))
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+    except Exception:  # a damaged stream: report what was seen before the damage
+        pass
+    return [g for g in dict.fromkeys(found) if not g.startswith(_HARMLESS_PREFIXES)]
+
+
 def load_pickle(path: str | Path) -> Any:
     """Load a torch pickle with weights only; refuse anything that would need code to run.
 
@@ -62,11 +102,16 @@ def load_pickle(path: str | Path) -> Any:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()
-        detail = next((line for line in first if "GLOBAL" in line or "Unsupported" in line), first[0] if first else "")
+        wanted = suspicious_globals(path)
+        if wanted:
+            raise UnsafePickleError(
+                f"{path.name}: pickle would call {', '.join(wanted[:3])}; refused without running it",
+                hint="only plain tensor pickles are read",
+            ) from None
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = next((line for line in lines if "Unsupported" in line or "GLOBAL" in line), lines[-1] if lines else "")
         raise UnsafePickleError(
-            f"{path.name}: pickle needs code to load, refused without running it ({' '.join(detail.split())[:160]})",
-            hint="only plain tensor pickles are read; convert trusted files to safetensors elsewhere",
+            f"{path.name}: not a plain weights-only pickle ({detail[:120]}); refused without running it",
         ) from None
     except (EOFError, RuntimeError, ValueError, OSError, KeyError, IndexError, TypeError, AttributeError) as exc:
         reason = " ".join(str(exc).split())[:160] or type(exc).__name__

@@ -198,6 +198,8 @@ def _validate_with_library(path: Path) -> None:
 class SafetensorsFile:
     """An open safetensors file: header in memory, tensors read one at a time on request."""
 
+    _fd: int | None = None
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.header = read_header(self.path)
@@ -235,6 +237,9 @@ class SafetensorsFile:
 
     def __contains__(self, name: object) -> bool:
         return name in self.header.tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.header.tensors)
 
     def info(self, name: str) -> TensorInfo:
         return self.header.tensors[name]
