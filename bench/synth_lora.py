@@ -32,7 +32,9 @@ _UNET_TARGET = re.compile(
     r"\.attentions\.\d+\.(proj_in|proj_out"
     r"|transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.0\.proj|ff\.net\.2))$"
 )
-_TE_TARGET = re.compile(r"^text_model\.encoder\.layers\.(\d+)\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.fc[12])$")
+_TE_TARGET = re.compile(
+    r"^text_model\.encoder\.layers\.(\d+)\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.fc[12])$"
+)
 
 # ss_base_model_version values sd-scripts writes (FORMATS.md §1.4).
 _BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
