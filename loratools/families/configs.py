@@ -16,7 +16,7 @@ def diffusers_configs(spec: FamilySpec) -> dict[str, dict[str, object]]:
     attended = u.attention_levels
     unet: dict[str, object] = {
         "_class_name": "UNet2DConditionModel",
-        "sample_size": 64 if u.model_channels >= 320 else 16,
+        "sample_size": spec.image_size // 8,
         "in_channels": u.in_channels,
         "out_channels": u.out_channels,
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attended],
@@ -68,6 +68,7 @@ def diffusers_configs(spec: FamilySpec) -> dict[str, dict[str, object]]:
         "latent_channels": v.latent_channels,
         "norm_num_groups": v.norm_groups,
         "scaling_factor": v.scaling_factor,
+        "sample_size": spec.image_size,
     }
     pipeline = "StableDiffusionXLPipeline" if spec.name == "sdxl" else "StableDiffusionPipeline"
     index: dict[str, object] = {"_class_name": pipeline}

@@ -30,7 +30,7 @@ DIFFUSERS_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.", "vae.")
 IN_CHANNEL_VARIANTS = {4: "base", 9: "inpainting", 8: "instruct-pix2pix"}
 
 
-@dataclass
+@dataclass(repr=False)
 class Detection:
     """What a checkpoint is, and how well its tensors fit that answer."""
 
@@ -43,6 +43,12 @@ class Detection:
     variant: str = "base"
     prediction: str = "unknown"
     notes: list[str] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        return (
+            f"Detection({self.family.name}, {self.layout}, {self.variant}, missing={len(self.missing)}, "
+            f"unknown={len(self.unknown)}, mismatches={len(self.shape_mismatches)})"
+        )
 
     @property
     def keymap(self) -> KeyMap:

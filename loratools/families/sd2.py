@@ -43,5 +43,6 @@ SD2 = FamilySpec(
         ),
     ),
     single_extras=LDM_EXTRAS,
+    image_size=768,  # 2.1 768-v; 2.x-base is 512, which weights cannot tell
     metadata_versions=("sd_v2", "sd_v2_v"),
 )

@@ -49,5 +49,6 @@ SDXL = FamilySpec(
         ),
     ),
     vae=VaeSpec(scaling_factor=0.13025),
+    image_size=1024,
     metadata_versions=("sdxl_base_v1-0",),
 )

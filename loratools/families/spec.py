@@ -138,6 +138,7 @@ class FamilySpec:
     vae: VaeSpec = field(default_factory=VaeSpec)
     single_extras: tuple[tuple[str, tuple[int, ...], str | None], ...] = ()  # buffers without a canonical home
     metadata_versions: tuple[str, ...] = ()  # kohya ss_base_model_version values naming this family
+    image_size: int = 512  # native resolution: diffusers' sample sizes (U-Net = image / 8, VAE = image)
 
     def scaled(self, **changes: object) -> FamilySpec:
         """A copy with some numbers changed (tiny fixtures keep every count, shrink widths)."""

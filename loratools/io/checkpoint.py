@@ -17,14 +17,14 @@ from pathlib import Path
 import torch
 
 from ..errors import CorruptFileError, InputError
-from .pickle import PICKLE_SUFFIXES, load_pickle, split_tensors
+from .pickle import PICKLE_SUFFIXES, load_pickle_raw, split_tensors, unwrap_state_dict
 from .safetensors import SafetensorsFile, TensorInfo, dtype_name
 
 # The diffusers pipeline subfolders holding weights, in pipeline order
 # (huggingface/diffusers: pipelines' model_index.json for SD1/SD2/SDXL).
 DIFFUSERS_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
 # Weight file names, preferred first (diffusers utils/constants.py; transformers' model.safetensors).
-WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
+WEIGHT_NAMES = ("diffusion_pytorch_model", "model", "pytorch_model")
 SAFETENSORS_SUFFIX = ".safetensors"
 
 
@@ -37,7 +37,7 @@ class _Slot:
     info: TensorInfo
 
 
-@dataclass
+@dataclass(repr=False)
 class Checkpoint:
     """A lazy, read-only view of every tensor of a checkpoint."""
 
@@ -48,6 +48,9 @@ class Checkpoint:
     files: list[Path] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)  # non-tensor entries of pickles
     _handles: list[SafetensorsFile] = field(default_factory=list, repr=False)
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, {self.container}, {len(self.slots)} tensors)"
 
     # -- views ----------------------------------------------------------------------------------
     def keys(self) -> list[str]:
@@ -114,7 +117,8 @@ def _add_safetensors(ckpt: Checkpoint, path: Path, prefix: str) -> None:
 
 
 def _add_pickle(ckpt: Checkpoint, path: Path, prefix: str) -> None:
-    obj = load_pickle(path)
+    obj, wrapper = unwrap_state_dict(load_pickle_raw(path))
+    ckpt.dropped.extend(prefix + w for w in wrapper)
     if not isinstance(obj, dict):
         raise InputError(f"{path.name}: holds a {type(obj).__name__}, not a state dict of named tensors")
     tensors, others = split_tensors(obj)

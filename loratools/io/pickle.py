@@ -90,6 +90,11 @@ def load_pickle(path: str | Path) -> Any:
     Returns what the file holds (usually a dict of tensors; cloneofsimo files hold a list), with a
     nested ``state_dict`` unwrapped.
     """
+    return unwrap_state_dict(load_pickle_raw(path))[0]
+
+
+def load_pickle_raw(path: str | Path) -> Any:
+    """What a weights-only pickle holds, wrappers included (see :func:`load_pickle`)."""
     path = Path(path)
     if path.is_dir():
         raise InputError(f"{path}: is a folder, expected a file")
@@ -97,10 +102,12 @@ def load_pickle(path: str | Path) -> Any:
         raise InputError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise CorruptFileError(f"{path.name}: empty file")
-    if zipfile.is_zipfile(path):
+    zipped = zipfile.is_zipfile(path)
+    if zipped:
         _check_zip(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap keeps zip-format tensors on disk until touched (legacy pickles cannot be mapped)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except pickle.UnpicklingError as exc:
         wanted = suspicious_globals(path)
         if wanted:
@@ -116,17 +123,22 @@ def load_pickle(path: str | Path) -> Any:
     except (EOFError, RuntimeError, ValueError, OSError, KeyError, IndexError, TypeError, AttributeError) as exc:
         reason = " ".join(str(exc).split())[:160] or type(exc).__name__
         raise CorruptFileError(f"{path.name}: cannot read torch pickle ({reason})") from None
-    return unwrap_state_dict(obj)
-
-
-def unwrap_state_dict(obj: Any) -> Any:
-    """Descend into ``{"state_dict": {...}}``-style wrappers until tensors appear."""
-    while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        inner = next((obj[k] for k in NESTED_STATE_KEYS if isinstance(obj.get(k), dict)), None)
-        if inner is None:
-            break
-        obj = inner
     return obj
+
+
+def unwrap_state_dict(obj: Any) -> tuple[Any, list[str]]:
+    """Descend into ``{"state_dict": {...}}``-style wrappers until tensors appear.
+
+    Returns the inner object and the names of the wrapper entries left behind (``global_step``…).
+    """
+    left: list[str] = []
+    while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        key = next((k for k in NESTED_STATE_KEYS if isinstance(obj.get(k), dict)), None)
+        if key is None:
+            break
+        left += [str(k) for k in obj if k != key]
+        obj = obj[key]
+    return obj, left
 
 
 def split_tensors(obj: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[str]]:
