@@ -183,3 +183,65 @@ def write_checkpoint(spec: FamilySpec, path: str | Path, layout: str, **kwargs: 
     if layout == "diffusers":
         return write_diffusers_folder(spec, path, **kwargs)  # type: ignore[arg-type]
     return write_single_file(spec, path, **kwargs)  # type: ignore[arg-type]
+
+
+# --- LoRAs ----------------------------------------------------------------------------------------
+
+KOHYA_UNET_TARGETS = ("proj_in", "proj_out", "to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
+KOHYA_TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+
+def lora_modules(spec: FamilySpec, *, conv: bool = False, text: bool = True) -> list[str]:
+    """Canonical modules a kohya LoRA targets (``conv``: LoCon adds resnets and samplers)."""
+    from .formats.names import name_tables
+
+    out = []
+    for module in name_tables(spec).modules.values():
+        if module.component == "unet":
+            in_transformer = ".attentions." in module.name and module.name.endswith(KOHYA_UNET_TARGETS)
+            in_resnet = conv and (".resnets." in module.name or "samplers." in module.name)
+            if in_transformer or in_resnet:
+                out.append(module.name)
+        elif text and module.path.endswith(KOHYA_TEXT_TARGETS):
+            if module.component == "te1" and spec.texts[0].diffusers_layers < spec.texts[0].layers:
+                layer = int(module.path.split(".")[3])
+                if layer >= spec.texts[0].diffusers_layers:  # kohya's SD2 encoder has 23 layers
+                    continue
+            out.append(module.name)
+    return out
+
+
+def make_lora(
+    spec: FamilySpec,
+    *,
+    rank: int = 4,
+    alpha: float | None = None,
+    conv: bool = False,
+    text: bool = True,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    alphas: str = "uniform",
+):  # type: ignore[no-untyped-def]
+    """A random LoRA (LoCon with ``conv``) over a family's kohya targets, as a LoraFile.
+
+    ``alphas``: "uniform" (all ``alpha``, default rank/2) or "varied" (per-module 1…8, to test
+    per-module scales). 3×3 convs get the conv shape ``down (r, in, 3, 3)``, ``up (out, r, 1, 1)``.
+    """
+    from .formats.adapters import LoraFile, LowRank
+    from .formats.names import name_tables
+
+    tables = name_tables(spec)
+    generator = torch.Generator().manual_seed(seed)
+    adapters = {}
+    for i, module in enumerate(lora_modules(spec, conv=conv, text=text)):
+        shape = tables.modules[module].shape
+        out, inp = shape[0], shape[1]
+        if len(shape) == 4:
+            down = torch.randn(rank, inp, *shape[2:], generator=generator) * 0.1
+            up = torch.randn(out, rank, 1, 1, generator=generator) * 0.1
+        else:
+            down = torch.randn(rank, inp, generator=generator) * 0.1
+            up = torch.randn(out, rank, generator=generator) * 0.1
+        value = float(1 + i % 8) if alphas == "varied" else (alpha if alpha is not None else rank / 2)
+        adapters[module] = LowRank(up.to(dtype), down.to(dtype), value)
+    return LoraFile(adapters, spec, "synthetic")

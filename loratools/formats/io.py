@@ -1,0 +1,156 @@
+"""``load_lora`` / ``save_lora``: every dialect in, the chosen dialect out.
+
+The dialect is told from keys and shapes (never the file name or metadata alone); what a file
+holds besides LoRA modules (textual-inversion embeddings) is carried and reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+from ..families.spec import FamilySpec
+from ..io.atomic import AtomicFolder
+from ..io.pickle import PICKLE_SUFFIXES, load_pickle_raw, split_tensors, unwrap_state_dict
+from ..io.safetensors import SafetensorsFile, save_tensors
+from . import cloneofsimo, kohya, peft
+from .adapters import LoraFile
+
+FORMATS = ("kohya", "diffusers", "peft", "cloneofsimo")
+EMBEDDING_KEYS = ("string_to_param", "emb_params", "clip_l", "clip_g")
+
+
+def _read_tensors(path: Path) -> tuple[object, dict[str, str]]:
+    if path.suffix == ".safetensors" or (path.suffix not in PICKLE_SUFFIXES and _looks_safetensors(path)):
+        with SafetensorsFile(path) as handle:
+            return {k: handle.read(k) for k in handle}, dict(handle.metadata)
+    obj, _ = unwrap_state_dict(load_pickle_raw(path))
+    return obj, {}
+
+
+def _looks_safetensors(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def split_embeddings(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(LoRA tensors, textual-inversion embeddings): embeddings are 1-D/2-D tensors named like tokens."""
+    embeddings = {
+        k: v
+        for k, v in tensors.items()
+        if (k.startswith("<") and k.endswith(">")) or metadata.get(k) == "<embed>" or k in EMBEDDING_KEYS
+    }
+    return {k: v for k, v in tensors.items() if k not in embeddings}, embeddings
+
+
+def load_lora(path: str | os.PathLike[str], family: str | FamilySpec | None = None) -> LoraFile:
+    """Read a LoRA of any supported dialect into a :class:`LoraFile`.
+
+    ``path``: a .safetensors file, a weights-only pickle (.pt/.bin/.ckpt), a cloneofsimo ``.pt``
+    list (its ``.text_encoder.pt`` companion is read with it), or a peft adapter folder.
+    ``family``: "sd1"/"sd2"/"sdxl" or a FamilySpec, when names and shapes should not decide.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    if path.is_dir():
+        lora = peft.read_peft_folder(path, family)
+        lora.path = str(path)
+        return lora
+    if path.stat().st_size == 0:
+        raise InputError(f"{path.name}: empty file")
+    obj, metadata = _read_tensors(path)
+    if isinstance(obj, list):
+        lora = cloneofsimo.read_pt(path, obj, family)
+    elif isinstance(obj, dict):
+        tensors, dropped = split_tensors(obj)
+        lora = _read_dict(path, tensors, metadata, family)
+        if dropped:
+            lora.warnings.append(f"non-tensor entries ignored: {', '.join(dropped[:5])}")
+    else:
+        raise InputError(f"{path.name}: holds a {type(obj).__name__}, not LoRA tensors")
+    lora.path = str(path)
+    if lora.embeddings:
+        lora.warnings.append(
+            f"also holds {len(lora.embeddings)} textual-inversion embeddings: {', '.join(list(lora.embeddings)[:5])}"
+        )
+    return lora
+
+
+def _read_dict(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], family: str | FamilySpec | None
+) -> LoraFile:
+    lora_tensors, embeddings = split_embeddings(tensors, metadata)
+    if not lora_tensors:
+        if embeddings:
+            raise InputError(
+                f"{path.name}: a textual-inversion embedding ({', '.join(list(embeddings)[:3])}), not a LoRA",
+                hint="embeddings are loaded by the pipeline's textual-inversion loader, not merged",
+            )
+        raise InputError(f"{path.name}: holds no tensors")
+    keys = list(lora_tensors)
+    kohya_keys = [k for k in keys if kohya.KEY.match(k)]
+    if kohya_keys and len(kohya_keys) != len(keys):
+        others = [k for k in keys if not kohya.KEY.match(k)]
+        if peft.is_peft_like(others):
+            raise InputError(
+                f"{path.name}: mixes kohya and diffusers/peft keys (e.g. {kohya_keys[0]} and {others[0]}); "
+                "conflicting duplicates are not guessed at"
+            )
+        raise InputError(f"{path.name}: unknown keys beside kohya ones: {', '.join(others[:5])}")
+    if kohya_keys:
+        lora = kohya.read_kohya(lora_tensors, metadata, family)
+    elif cloneofsimo.is_safeloras(keys):
+        lora = cloneofsimo.read_safeloras(lora_tensors, metadata, family)
+    elif peft.is_peft_like(keys):
+        lora = peft.read_peft(lora_tensors, metadata, family)
+    else:
+        raise InputError(f"{path.name}: unknown LoRA key layout; first keys: {', '.join(keys[:5])}")
+    lora.embeddings.update(embeddings)
+    return lora
+
+
+def save_lora(
+    lora: LoraFile, path: str | os.PathLike[str], fmt: str, *, dtype: torch.dtype | None = None, overwrite: bool = False
+) -> Path:
+    """Write a LoRA in ``fmt`` (kohya, diffusers, peft, cloneofsimo); atomic, never half-written.
+
+    Raises :class:`InputError` when the format cannot hold the LoRA exactly (LoHa/LoKr/DoRA into
+    plain-LoRA formats, per-module alphas into cloneofsimo): use ``bake`` or ``to_lowrank`` first.
+    """
+    path = Path(path)
+    if fmt == "kohya":
+        tensors = kohya.kohya_state_dict(lora, dtype=dtype)
+        tensors.update({k: v for k, v in lora.embeddings.items()})
+        save_tensors(path, tensors, kohya.kohya_metadata(lora), overwrite=overwrite)
+    elif fmt == "diffusers":
+        tensors = peft.peft_state_dict(lora, dtype=dtype)
+        save_tensors(path, tensors, peft.diffusers_metadata(lora), overwrite=overwrite)
+    elif fmt == "peft":
+        _save_peft_folder(lora, path, dtype, overwrite)
+    elif fmt == "cloneofsimo":
+        tensors, metadata = cloneofsimo.safeloras_state_dict(lora, dtype=dtype)
+        save_tensors(path, tensors, metadata, overwrite=overwrite)
+    else:
+        raise InputError(f"unknown LoRA format {fmt!r} (choose from {', '.join(FORMATS)})")
+    return path
+
+
+def _save_peft_folder(lora: LoraFile, path: Path, dtype: torch.dtype | None, overwrite: bool) -> None:
+    configs = peft.peft_configs(lora)
+    tensors = peft.peft_state_dict(lora, dtype=dtype)
+    with AtomicFolder(path, overwrite=overwrite) as tmp:
+        for folder, config in configs.items():
+            (tmp / folder).mkdir()
+            prefix = f"{folder}."
+            local = {f"base_model.model.{k[len(prefix) :]}": v for k, v in tensors.items() if k.startswith(prefix)}
+            save_tensors(tmp / folder / peft.WEIGHTS_NAME, local, {"format": "pt"})
+            (tmp / folder / peft.CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))

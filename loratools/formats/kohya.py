@@ -1,0 +1,107 @@
+"""kohya sd-scripts LoRA / LoCon (and LyCORIS in kohya naming): ``lora_unet_…``, ``lora_te…``.
+
+Keys are ``<lora_name>.<param>`` where ``lora_name`` has no dots (FORMATS.md §1). Writers use each
+family's native U-Net spelling — diffusers names for SD1/SD2, SGM names for SDXL, which is what
+sd-scripts itself trains and loads (kohya-ss/sd-scripts:networks/lora.py) — and write an ``alpha``
+for every module.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Mapping
+
+import torch
+
+from ..errors import InputError
+from ..families.spec import FamilySpec
+from .adapters import LoraFile, LowRank
+from .lycoris import adapter_from_params, adapter_params
+from .names import kohya_text_prefixes, name_tables
+from .resolve import claimed_family, resolve
+
+KEY = re.compile(r"^(lora_(?:unet|te\d?)_[^.]+)\.(.+)$")
+FORMAT = "kohya"
+
+
+def is_kohya(keys: list[str]) -> bool:
+    return bool(keys) and all(KEY.match(k) for k in keys)
+
+
+def group(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = KEY.match(key)
+        if match is None:
+            raise InputError(f"not a kohya key: {key}")
+        groups.setdefault(match.group(1), {})[match.group(2)] = tensor
+    return groups
+
+
+def read_kohya(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], family: str | FamilySpec | None = None
+) -> LoraFile:
+    """Adapters of a kohya/LyCORIS state dict, matched to a family by names and shapes."""
+    groups = group(tensors)
+    found = resolve(groups, lambda t: t.kohya, metadata, family)
+    warnings = list(found.warnings)
+    adapters = {}
+    for name, canonical in found.matched.items():
+        if canonical in adapters:
+            raise InputError(f"{canonical} is given twice (as {name} and under another spelling)")
+        shape = found.tables.modules[canonical].shape
+        adapters[canonical] = adapter_from_params(name, groups[name], shape, warnings)
+    missing_alpha = [n for n in found.matched if "alpha" not in groups[n] and "diff" not in groups[n]]
+    if missing_alpha:
+        warnings.append(
+            f"{len(missing_alpha)} modules have no alpha (e.g. {missing_alpha[0]}); assumed alpha = rank, scale 1"
+        )
+    for name, reason in list(found.unmatched.items())[:20]:
+        warnings.append(f"{name}: not matched ({reason})")
+    if len(found.unmatched) > 20:
+        warnings.append(f"… and {len(found.unmatched) - 20} more modules not matched")
+    return LoraFile(adapters, found.family, FORMAT, dict(metadata), warnings=warnings, unmatched=dict(found.unmatched))
+
+
+def kohya_state_dict(lora: LoraFile, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The kohya keys and tensors of a LoRA (native spelling of its family)."""
+    tables = name_tables(lora.family)
+    prefixes = kohya_text_prefixes(lora.family)
+    sgm = lora.family.single_layout == "sgm"
+    out: dict[str, torch.Tensor] = {}
+    for module, adapter in lora.adapters.items():
+        name = tables.kohya_name(module, sgm_unet=sgm, text_prefixes=prefixes)
+        factor_dtype = dtype or _factor_dtype(adapter)
+        for param, tensor in adapter_params(adapter, factor_dtype).items():
+            out[f"{name}.{param}"] = (
+                tensor.to(factor_dtype) if dtype is not None and tensor.is_floating_point() else tensor
+            )
+    return dict(sorted(out.items()))
+
+
+def _factor_dtype(adapter: object) -> torch.dtype:
+    for value in vars(adapter).values():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.dtype
+    return torch.float32
+
+
+def kohya_metadata(lora: LoraFile) -> dict[str, str]:
+    """sd-scripts metadata, kept from the source and updated to what the file now holds."""
+    meta = {k: v for k, v in lora.metadata.items() if k.startswith(("ss_", "modelspec.")) or k in ("merged_from",)}
+    ranks = Counter(a.rank for a in lora.adapters.values() if isinstance(a, LowRank))
+    alphas = Counter(a.alpha for a in lora.adapters.values() if isinstance(a, LowRank))
+    if ranks:
+        meta["ss_network_dim"] = str(next(iter(ranks))) if len(ranks) == 1 else "Dynamic"
+        alpha = next(iter(alphas))
+        meta["ss_network_alpha"] = f"{alpha:g}" if len(alphas) == 1 else "Dynamic"
+    if claimed_family(meta)[0] != lora.family.name:  # missing or wrong: say what the shapes say
+        meta["ss_base_model_version"] = lora.family.metadata_versions[0]
+        meta["ss_v2"] = str(lora.family.name == "sd2")
+    meta.setdefault("ss_network_module", "networks.lora" if lora.only_plain_lora() else "lycoris.kohya")
+    return meta
+
+
+def family_native_names(spec: FamilySpec) -> str:
+    return "SGM (input_blocks_…)" if spec.single_layout == "sgm" else "diffusers (down_blocks_…)"

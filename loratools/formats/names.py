@@ -1,0 +1,101 @@
+"""What a LoRA can patch in a family, and every name each dialect gives those modules.
+
+Underscore names are not invertible by string rules (``to_q``, ``ff_net_0_proj``…), so, as
+sd-scripts and ComfyUI do, we enumerate the family's modules and build ``name → module`` tables
+(FORMATS.md §1.6). U-Net modules answer to both spellings — diffusers (``down_blocks_0_…``) and
+LDM/SGM (``input_blocks_1_1_…``) — for every family; writers use each ecosystem's native one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+from ..families import keymap
+from ..families.spec import DIFFUSERS_FOLDERS, FamilySpec
+from ..families.unet import SINGLE_PREFIX as UNET_SINGLE_PREFIX
+
+KOHYA_UNET = "lora_unet"
+
+
+@dataclass(frozen=True)
+class Module:
+    """A patchable module: canonical name, weight shape, and its names in other spellings."""
+
+    name: str  # canonical, e.g. "unet.down_blocks.0.attentions.0.proj_in"
+    shape: tuple[int, ...]
+    ldm_path: str | None  # U-Net only: "input_blocks.1.1.proj_in"
+
+    @property
+    def component(self) -> str:
+        return self.name.split(".", 1)[0]
+
+    @property
+    def path(self) -> str:
+        """The module path inside its component (diffusers / HF spelling)."""
+        return self.name.split(".", 1)[1]
+
+
+@dataclass(frozen=True)
+class NameTables:
+    """Lookup tables for one family."""
+
+    modules: dict[str, Module]
+    kohya: dict[str, str]  # kohya lora_name → canonical module
+    peft: dict[str, str]  # "<folder>.<module path>" (and the un-prefixed text spelling) → canonical
+
+    def kohya_name(self, module: str, *, sgm_unet: bool, text_prefixes: dict[str, str]) -> str:
+        """The kohya lora_name a writer gives a module."""
+        m = self.modules[module]
+        if m.component == "unet":
+            path = m.ldm_path if sgm_unet and m.ldm_path else m.path
+            return f"{KOHYA_UNET}_{path.replace('.', '_')}"
+        return f"{text_prefixes[m.component]}_{m.path.replace('.', '_')}"
+
+    def peft_name(self, module: str) -> str:
+        m = self.modules[module]
+        return f"{DIFFUSERS_FOLDERS[m.component]}.{m.path}"
+
+
+def kohya_text_prefixes(spec: FamilySpec) -> dict[str, str]:
+    """Writer prefixes: ``lora_te`` for a single text encoder, ``lora_te1``/``lora_te2`` for SDXL."""
+    if len(spec.texts) == 1:
+        return {"te1": "lora_te"}
+    return {"te1": "lora_te1", "te2": "lora_te2"}
+
+
+@cache
+def name_tables(spec: FamilySpec) -> NameTables:
+    """Every Linear/Conv weight of the U-Net and text encoders, with its dialect names."""
+    km = keymap(spec)
+    modules: dict[str, Module] = {}
+    for w in km.weights:
+        if (
+            w.component not in ("unet", "te1", "te2")
+            or not w.canonical.endswith(".weight")
+            or len(w.shape) not in (2, 4)
+        ):
+            continue
+        if "embeddings" in w.canonical:  # token/position tables are not Linear layers
+            continue
+        ldm = None
+        if w.component == "unet" and w.single:
+            ldm = w.single[len(UNET_SINGLE_PREFIX) : -len(".weight")]
+        modules[w.module] = Module(w.module, w.shape, ldm)
+
+    kohya: dict[str, str] = {}
+    peft: dict[str, str] = {}
+    text_aliases = {"te1": ["lora_te", "lora_te1"], "te2": ["lora_te2"]}
+    for m in modules.values():
+        if m.component == "unet":
+            kohya[f"{KOHYA_UNET}_{m.path.replace('.', '_')}"] = m.name
+            if m.ldm_path:
+                kohya.setdefault(f"{KOHYA_UNET}_{m.ldm_path.replace('.', '_')}", m.name)
+        else:
+            for prefix in text_aliases[m.component]:
+                kohya[f"{prefix}_{m.path.replace('.', '_')}"] = m.name
+        folder = DIFFUSERS_FOLDERS[m.component]
+        peft[f"{folder}.{m.path}"] = m.name
+        if m.path.startswith("text_model."):
+            peft.setdefault(f"{folder}.{m.path[len('text_model.') :]}", m.name)
+    return NameTables(modules, kohya, peft)

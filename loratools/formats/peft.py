@@ -1,0 +1,287 @@
+"""peft / diffusers LoRAs: current ``unet.….lora_A.weight`` files, peft adapter folders, and the
+old diffusers spellings (attention processors, ``.lora.down``, ``lora_linear_layer``).
+
+Scale: these files carry no alpha tensors. ``lora_adapter_metadata`` (diffusers ≥ 0.34) or
+``adapter_config.json`` (peft) give ``lora_alpha``/``r`` with per-module ``alpha_pattern``/
+``rank_pattern`` and ``use_rslora``; without either the scale is 1 (FORMATS.md §2). We turn every
+module's scale into the kohya convention ``alpha = scale · r``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import InputError
+from ..families.spec import DIFFUSERS_FOLDERS, FamilySpec
+from .adapters import LoraFile, LowRank
+from .resolve import resolve
+
+FORMAT = "diffusers"
+PEFT_FORMAT = "peft"
+METADATA_KEY = "lora_adapter_metadata"  # diffusers loaders/lora_base.py (LORA_ADAPTER_METADATA_KEY)
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FOLDER_OF = {v: k for k, v in DIFFUSERS_FOLDERS.items()}  # "text_encoder" → "te1"
+
+_PARAM = re.compile(r"^(.*)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_magnitude_vector)$")
+_ADAPTER_NAME = re.compile(r"\.(lora_A|lora_B|lora_magnitude_vector)\.(?!weight$|bias$)[^.]+(\.weight|\.bias)?$")
+_OLD_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+_OLD_TEXT = re.compile(r"\.self_attn\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+_OLD_LAYER = re.compile(r"\.(lora|lora_linear_layer)\.(down|up)\.weight$")
+_UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "time_embedding.", "add_embedding.")
+_TEXT_NAMES = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+_SIDE = {"down": "lora_A.weight", "up": "lora_B.weight"}
+
+
+def is_peft_like(keys: list[str]) -> bool:
+    return any(
+        ".lora_A." in k
+        or ".lora_B." in k
+        or "lora_magnitude_vector" in k
+        or "_lora.down." in k
+        or ".lora.down." in k
+        or ".lora_linear_layer." in k
+        for k in keys
+    )
+
+
+def normalize_key(key: str, default_component: str | None = None) -> tuple[str, str, str]:
+    """(folder-prefixed module path, param, spelling) of any peft/diffusers LoRA key."""
+    spelling = "peft"
+    key = key.removeprefix("base_model.model.")
+    key = _ADAPTER_NAME.sub(lambda m: f".{m.group(1)}{m.group(2) or ''}", key)
+    if (m := _OLD_PROCESSOR.search(key)) is not None:
+        target = "to_out.0" if m.group(1) == "to_out" else m.group(1)
+        key = key[: m.start()] + f".{target}.{_SIDE[m.group(2)]}"
+        spelling = "diffusers-attn-processor"
+    elif (m := _OLD_TEXT.search(key)) is not None:
+        key = key[: m.start()] + f".self_attn.{_TEXT_NAMES[m.group(1)]}.{_SIDE[m.group(2)]}"
+        spelling = "diffusers-old"
+    elif (m := _OLD_LAYER.search(key)) is not None:
+        key = key[: m.start()] + f".{_SIDE[m.group(2)]}"
+        spelling = "diffusers-old"
+    if key.startswith(_UNET_ROOTS):
+        key = "unet." + key
+    elif not key.startswith(tuple(f"{f}." for f in DIFFUSERS_FOLDERS.values())):
+        if default_component is None:
+            raise InputError(f"cannot tell which model {key!r} belongs to")
+        key = f"{DIFFUSERS_FOLDERS[default_component]}.{key}"
+    match = _PARAM.match(key)
+    if match is None:
+        raise InputError(f"not a LoRA key: {key!r}")
+    return match.group(1), match.group(2), spelling
+
+
+def _pattern_value(patterns: Mapping[str, Any], path: str) -> Any:
+    """peft's get_pattern_key: the first pattern matching the module path as a dotted suffix."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", path):
+            return value
+    return None
+
+
+def _component_config(configs: Mapping[str, Mapping[str, Any]], folder: str) -> Mapping[str, Any] | None:
+    return configs.get(folder)
+
+
+def configs_from_metadata(metadata: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """Per-folder LoraConfig fields from diffusers' ``lora_adapter_metadata``."""
+    raw = metadata.get(METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        flat = json.loads(raw)
+    except ValueError:
+        raise InputError(f"{METADATA_KEY} metadata is not valid JSON") from None
+    configs: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        folder, _, field_name = key.partition(".")
+        configs.setdefault(folder, {})[field_name] = value
+    return configs
+
+
+def read_peft(
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    family: str | FamilySpec | None = None,
+    *,
+    configs: Mapping[str, Mapping[str, Any]] | None = None,
+    default_component: str | None = None,
+    source_format: str = FORMAT,
+) -> LoraFile:
+    """Adapters of a peft/diffusers state dict (any spelling), with their scales from configs."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    spellings: Counter[str] = Counter()
+    for key, tensor in tensors.items():
+        module, param, spelling = normalize_key(key, default_component)
+        spellings[spelling] += 1
+        if param in groups.setdefault(module, {}):
+            raise InputError(f"{module}.{param} is given twice (in two spellings)")
+        groups[module][param] = tensor
+    kohya_style = {m: _as_kohya_params(m, p) for m, p in groups.items()}
+    found = resolve(kohya_style, lambda t: t.peft, metadata, family)
+    configs = configs if configs is not None else configs_from_metadata(metadata)
+    warnings = list(found.warnings)
+    adapters = {}
+    no_config = set()
+    for module, canonical in found.matched.items():
+        params = groups[module]
+        if "lora_A.weight" not in params or "lora_B.weight" not in params:
+            raise InputError(f"{module}: lora_A/lora_B pair incomplete ({sorted(params)})")
+        down, up = params["lora_A.weight"], params["lora_B.weight"]
+        rank = int(down.shape[0])
+        if int(up.shape[1]) != rank:
+            raise InputError(f"{module}: rank mismatch: lora_A {tuple(down.shape)}, lora_B {tuple(up.shape)}")
+        if "lora_B.bias" in params:
+            raise InputError(f"{module}: lora_B.bias (peft lora_bias=True) cannot be represented; not supported")
+        folder, path = module.split(".", 1)
+        config = _component_config(configs, folder)
+        alpha = float(rank)
+        if config is None:
+            no_config.add(folder)
+        else:
+            lora_alpha = _pattern_value(config.get("alpha_pattern") or {}, path)
+            lora_alpha = config.get("lora_alpha", rank) if lora_alpha is None else lora_alpha
+            scale = float(lora_alpha) / (math.sqrt(rank) if config.get("use_rslora") else rank)
+            alpha = scale * rank
+        adapter = LowRank(up, down, alpha)
+        magnitude = params.get("lora_magnitude_vector")
+        if magnitude is not None:
+            adapter.dora_scale, adapter.dora_axis = magnitude, "out"
+        adapters[canonical] = adapter
+    if no_config:
+        warnings.append(
+            f"no lora_alpha stored for {', '.join(sorted(no_config))}: assumed scale 1 (alpha = rank), "
+            "as diffusers does"
+        )
+    for name, reason in list(found.unmatched.items())[:20]:
+        warnings.append(f"{name}: not matched ({reason})")
+    fmt = source_format if spellings.most_common(1)[0][0] == "peft" else spellings.most_common(1)[0][0]
+    return LoraFile(adapters, found.family, fmt, dict(metadata), warnings=warnings, unmatched=dict(found.unmatched))
+
+
+def _as_kohya_params(module: str, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same tensors under kohya parameter names, so one resolver checks shapes for all dialects."""
+    out: dict[str, torch.Tensor] = {}
+    if "lora_A.weight" in params:
+        out["lora_down.weight"] = params["lora_A.weight"]
+    if "lora_B.weight" in params:
+        out["lora_up.weight"] = params["lora_B.weight"]
+    return out
+
+
+def read_peft_folder(folder: Path, family: str | FamilySpec | None = None) -> LoraFile:
+    """A peft ``save_pretrained`` folder, or a folder of them (``unet/``, ``text_encoder/``…)."""
+    from ..io.checkpoint import open_checkpoint  # local: formats sit above io only here
+
+    parts = (
+        [folder]
+        if (folder / CONFIG_NAME).exists()
+        else [p for p in sorted(folder.iterdir()) if (p / CONFIG_NAME).exists()]
+    )
+    if not parts:
+        raise InputError(f"{folder}: no {CONFIG_NAME} found")
+    tensors: dict[str, torch.Tensor] = {}
+    configs: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        try:
+            config = json.loads((part / CONFIG_NAME).read_text())
+        except ValueError:
+            raise InputError(f"{part / CONFIG_NAME}: not valid JSON") from None
+        weights = part / WEIGHTS_NAME
+        if not weights.exists():
+            weights = part / "adapter_model.bin"
+        with open_checkpoint(weights) as ckpt:
+            local = dict(ckpt.items())
+        folder_name = part.name if part.name in FOLDER_OF else _guess_folder(local)
+        configs[folder_name] = config
+        for key, tensor in local.items():
+            bare = key.removeprefix("base_model.model.")
+            tensors[bare if bare.startswith(f"{folder_name}.") else f"{folder_name}.{bare}"] = tensor
+    return read_peft(tensors, {}, family, configs=configs, source_format=PEFT_FORMAT)
+
+
+def _guess_folder(tensors: Mapping[str, torch.Tensor]) -> str:
+    sample = next(iter(tensors)).removeprefix("base_model.model.")
+    if sample.startswith(_UNET_ROOTS):
+        return "unet"
+    return "text_encoder"
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+
+def _text_free(path: str) -> str:
+    return path.removeprefix("text_model.")
+
+
+def peft_configs(lora: LoraFile) -> dict[str, dict[str, Any]]:
+    """LoraConfig fields per folder: the most common r/alpha, exceptions as patterns."""
+    from .names import name_tables
+
+    tables = name_tables(lora.family)
+    per_folder: dict[str, list[tuple[str, LowRank]]] = {}
+    for module, adapter in lora.adapters.items():
+        if not isinstance(adapter, LowRank):
+            raise InputError(f"{module}: a {adapter.kind} module has no peft form")
+        m = tables.modules[module]
+        per_folder.setdefault(DIFFUSERS_FOLDERS[m.component], []).append((_text_free(m.path), adapter))
+    configs: dict[str, dict[str, Any]] = {}
+    for folder, items in per_folder.items():
+        rank = Counter(a.rank for _, a in items).most_common(1)[0][0]
+        alpha = Counter(a.alpha for _, a in items).most_common(1)[0][0]
+        configs[folder] = {
+            "r": rank,
+            "lora_alpha": alpha,
+            "rank_pattern": {p: a.rank for p, a in items if a.rank != rank},
+            "alpha_pattern": {p: a.alpha for p, a in items if a.alpha != alpha},
+            "target_modules": sorted(p for p, _ in items),
+            "use_dora": any(a.dora_scale is not None for _, a in items),
+            "use_rslora": False,
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "init_lora_weights": True,
+            "peft_type": "LORA",
+        }
+    return configs
+
+
+def peft_state_dict(lora: LoraFile, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """``<folder>.<module path>.lora_A.weight`` … tensors (diffusers' current layout)."""
+    from .names import name_tables
+
+    tables = name_tables(lora.family)
+    out: dict[str, torch.Tensor] = {}
+    for module, adapter in lora.adapters.items():
+        if not isinstance(adapter, LowRank):
+            raise InputError(f"{module}: a {adapter.kind} module has no peft form")
+        if adapter.mid is not None:
+            raise InputError(f"{module}: a Tucker (lora_mid) module has no peft form")
+        if adapter.dora_scale is not None and adapter.dora_axis != "out":
+            raise InputError(f"{module}: input-axis DoRA (old LyCORIS) has no peft equivalent")
+        base = tables.peft_name(module)
+
+        def cast(t: torch.Tensor) -> torch.Tensor:
+            return t.to(dtype) if dtype is not None else t
+
+        out[f"{base}.lora_A.weight"] = cast(adapter.down)
+        out[f"{base}.lora_B.weight"] = cast(adapter.up)
+        if adapter.dora_scale is not None:
+            out[f"{base}.lora_magnitude_vector"] = cast(adapter.dora_scale.reshape(-1))
+    return out
+
+
+def diffusers_metadata(lora: LoraFile) -> dict[str, str]:
+    flat: dict[str, Any] = {}
+    for folder, config in peft_configs(lora).items():
+        for key, value in config.items():
+            flat[f"{folder}.{key}"] = value
+    return {"format": "pt", METADATA_KEY: json.dumps(flat, sort_keys=True)}

@@ -1,0 +1,116 @@
+"""Matching a LoRA's module names to a family: names first, then shapes, then what metadata claims.
+
+Each candidate family (the one given, or SD1/SD2/SDXL at full size) is scored by how many of the
+file's modules its name tables resolve and how many of those have the shapes of that family's
+weights. The shapes win over names (SD1 and SD2 share every U-Net name) and over metadata (which
+can lie): a metadata claim that disagrees becomes a warning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import InputError
+from ..families import FAMILIES, FamilySpec, get_family
+from .names import NameTables, name_tables
+
+# kohya ss_base_model_version / modelspec.architecture prefixes → family (FORMATS.md §1.4, §5.4)
+_CLAIMS = (
+    ("sdxl", "sdxl"),
+    ("sd_v1", "sd1"),
+    ("sd_v2", "sd2"),
+    ("stable-diffusion-xl", "sdxl"),
+    ("stable-diffusion-v1", "sd1"),
+    ("stable-diffusion-v2", "sd2"),
+)
+
+
+def claimed_family(metadata: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """The family a file's metadata claims, and which key claims it."""
+    for key in ("ss_base_model_version", "modelspec.architecture"):
+        value = metadata.get(key, "")
+        for prefix, family in _CLAIMS:
+            if value.startswith(prefix):
+                return family, key
+    if metadata.get("ss_v2") == "True":
+        return "sd2", "ss_v2"
+    return None, None
+
+
+def adapter_dims(params: Mapping[str, torch.Tensor]) -> tuple[int, int] | None:
+    """(out, in) of the ΔW a parameter group describes, when the factors alone tell it."""
+    if "lora_up.weight" in params and "lora_down.weight" in params:
+        return int(params["lora_up.weight"].shape[0]), int(params["lora_down.weight"].shape[1])
+    if "hada_w1_a" in params and "hada_t1" not in params:
+        return int(params["hada_w1_a"].shape[0]), -1  # in-dim folded with the kernel
+    if "diff" in params:
+        return int(params["diff"].shape[0]), int(params["diff"].shape[1]) if params["diff"].dim() > 1 else -1
+    return None
+
+
+def shape_fits(dims: tuple[int, int] | None, weight: tuple[int, ...]) -> bool:
+    if dims is None:
+        return True
+    out, inp = dims
+    return out == weight[0] and (inp == -1 or inp == weight[1])
+
+
+@dataclass
+class Resolution:
+    """Modules of a file matched to one family."""
+
+    family: FamilySpec
+    tables: NameTables
+    matched: dict[str, str]  # file module name → canonical module
+    unmatched: dict[str, str] = field(default_factory=dict)  # file module name → reason
+    warnings: list[str] = field(default_factory=list)
+
+
+def _candidates(family: str | FamilySpec | None) -> list[FamilySpec]:
+    if family is None:
+        return list(FAMILIES.values())
+    return [family if isinstance(family, FamilySpec) else get_family(family)]
+
+
+def resolve(
+    groups: Mapping[str, Mapping[str, torch.Tensor]],
+    table: Callable[[NameTables], Mapping[str, str]],
+    metadata: Mapping[str, str],
+    family: str | FamilySpec | None = None,
+) -> Resolution:
+    """Pick the family whose names and shapes fit the file's modules best, and match them."""
+    scored = []
+    for spec in _candidates(family):
+        tables = name_tables(spec)
+        names = table(tables)
+        hits = {n: names[n] for n in groups if n in names}
+        fits = sum(shape_fits(adapter_dims(groups[n]), tables.modules[c].shape) for n, c in hits.items())
+        scored.append((fits, len(hits), spec, tables, hits))
+    claim, claim_key = claimed_family(metadata)
+    scored.sort(key=lambda s: (s[0], s[1], s[2].name == claim), reverse=True)
+    fits, hits_count, spec, tables, hits = scored[0]
+    if not hits_count:
+        sample = ", ".join(list(groups)[:4])
+        raise InputError(f"no module of this file belongs to SD 1.x, SD 2.x or SDXL (first modules: {sample})")
+    warnings = []
+    if family is None and len(scored) > 1 and scored[1][:2] == (fits, hits_count):
+        tied = sorted({spec.name, scored[1][2].name})
+        warnings.append(
+            f"names and shapes fit {' and '.join(tied)} equally; chose {spec.title}"
+            + (f" (metadata {claim_key} says so)" if claim == spec.name else "; pass --family to choose")
+        )
+    if claim is not None and claim != spec.name and family is None:
+        warnings.append(
+            f"metadata {claim_key}={metadata.get(claim_key)!r} claims {FAMILIES[claim].title}, "
+            f"but the shapes say {spec.title}; using {spec.title}"
+        )
+    unmatched = {n: "no such module in " + spec.title for n in groups if n not in hits}
+    for name, canonical in list(hits.items()):
+        if not shape_fits(adapter_dims(groups[name]), tables.modules[canonical].shape):
+            dims = adapter_dims(groups[name])
+            unmatched[name] = f"shape {dims} does not fit {canonical} {tables.modules[canonical].shape}"
+            del hits[name]
+    return Resolution(spec, tables, hits, unmatched, warnings)
