@@ -126,3 +126,122 @@ def inspect_checkpoint(path: str | Path, *, family: str | None = None) -> Checkp
             notes=found.notes,
             dropped_non_tensors=ckpt.dropped[:LIST_LIMIT],
         )
+
+
+LORA_SCHEMA = "loratools.inspect.lora/1"
+
+
+@dataclass
+class ModuleFacts:
+    """One adapter as inspect shows it."""
+
+    module: str  # canonical name
+    kind: str  # lora, locon, loha, lokr, full, dora, tucker
+    rank: int | None
+    alpha: float | None
+    scale: float
+    shape: list[int]  # the ΔW shape
+    dtype: str
+
+
+@dataclass
+class LoraReport:
+    """Everything ``inspect`` says about a LoRA."""
+
+    path: str
+    format: str
+    family: str
+    family_title: str
+    metadata_claims: str | None
+    file_bytes: int
+    modules: int
+    components: dict[str, int]
+    kinds: dict[str, int]
+    ranks: dict[str, int]  # rank → module count
+    alphas: dict[str, int]
+    parameters: int
+    dtypes: dict[str, int]
+    embeddings: list[str]
+    metadata: dict[str, str]
+    warnings: list[str]
+    unmatched: dict[str, str]
+    module_facts: list[ModuleFacts]
+
+    def to_dict(self) -> dict[str, object]:
+        return {"schema": LORA_SCHEMA, "kind": "lora", **asdict(self)}
+
+
+def _kind(adapter: object) -> str:
+    from .formats.adapters import LowRank
+
+    if isinstance(adapter, LowRank):
+        if adapter.dora_scale is not None:
+            return "dora"
+        if adapter.mid is not None:
+            return "tucker"
+        return "locon" if adapter.down.dim() == 4 and adapter.down.shape[-1] > 1 else "lora"
+    return adapter.kind  # type: ignore[attr-defined,no-any-return]
+
+
+def _delta_shape(adapter: object) -> list[int]:
+    from .formats.adapters import LowRank
+
+    if isinstance(adapter, LowRank):
+        return list(adapter.delta_shape())
+    shape = getattr(adapter, "shape", None)
+    if shape:
+        return list(shape)
+    if hasattr(adapter, "diff"):
+        return list(adapter.diff.shape)  # type: ignore[attr-defined]
+    return list(adapter.delta().shape)  # type: ignore[attr-defined]
+
+
+def inspect_lora(path: str | Path, *, family: str | None = None) -> LoraReport:
+    """Read a LoRA and describe it: format, family from shapes vs metadata claims, ranks, alphas."""
+    from .formats.io import load_lora
+    from .formats.resolve import claimed_family
+
+    lora = load_lora(path, family)
+    facts = []
+    dtypes: Counter[str] = Counter()
+    for module, adapter in lora.adapters.items():
+        tensors = [v for v in vars(adapter).values() if hasattr(v, "dtype") and hasattr(v, "numel")]
+        for t in tensors:
+            dtypes[str(t.dtype).removeprefix("torch.")] += 1
+        facts.append(
+            ModuleFacts(
+                module,
+                _kind(adapter),
+                adapter.rank,
+                adapter.alpha if adapter.rank else None,
+                adapter.scale,
+                _delta_shape(adapter),
+                str(tensors[0].dtype).removeprefix("torch."),
+            )
+        )
+    claim, key = claimed_family(lora.metadata)
+    p = Path(path)
+    size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+    return LoraReport(
+        path=str(path),
+        format=lora.source_format,
+        family=lora.family.name,
+        family_title=lora.family.title,
+        metadata_claims=f"{claim} ({key}={lora.metadata.get(key or '', 'True')})" if claim else None,
+        file_bytes=size,
+        modules=len(lora.adapters),
+        components=lora.components(),
+        kinds=dict(Counter(f.kind for f in facts)),
+        ranks={
+            str(k): v
+            for k, v in sorted(Counter(f.rank for f in facts).items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
+        },
+        alphas={f"{k:g}" if k is not None else "none": v for k, v in Counter(f.alpha for f in facts).items()},
+        parameters=sum(a.parameters() for a in lora.adapters.values()),
+        dtypes=dict(dtypes),
+        embeddings=list(lora.embeddings),
+        metadata=dict(lora.metadata),
+        warnings=list(lora.warnings),
+        unmatched=dict(list(lora.unmatched.items())[:LIST_LIMIT]),
+        module_facts=facts,
+    )

@@ -117,7 +117,7 @@ def test_missing_and_folder_inputs(tmp_path: Path) -> None:
     code, _, err = run("inspect", str(tmp_path / "nope.safetensors"))
     assert code == 2 and "no such file" in err
     code, _, err = run("inspect", str(tmp_path))
-    assert code == 2 and "holds no diffusers weights" in err
+    assert code == 2 and "neither a diffusers model nor a peft adapter" in err
 
 
 def test_hostile_pickle_through_the_cli(tmp_path: Path) -> None:

@@ -1,15 +1,22 @@
-"""``loratools convert`` (checkpoints; LoRA formats join later)."""
+"""``loratools convert``: LoRAs between dialects, checkpoints between layouts."""
 
 from __future__ import annotations
 
 import click
 from rich.console import Console
 
+from ..classify import classify
+from ..errors import InputError
+from ..io.checkpoint import open_checkpoint
 from ..ops.checkpoint import convert_checkpoint
+from ..ops.convert import convert_lora
 from .errors import user_errors
 from .options import dtype_option, family_option, overwrite_option
 from .progress import byte_progress
 from .render import human_bytes, print_json
+
+LORA_TARGETS = ("kohya", "diffusers", "peft", "cloneofsimo")
+CHECKPOINT_TARGETS = ("single", "diffusers")
 
 
 @click.command()
@@ -17,34 +24,112 @@ from .render import human_bytes, print_json
 @click.argument("output", type=click.Path(path_type=str))
 @click.option(
     "--to",
-    "layout",
-    type=click.Choice(["single", "diffusers"]),
+    "target",
+    type=click.Choice(sorted(set(LORA_TARGETS + CHECKPOINT_TARGETS))),
     default=None,
-    help="Output layout: one LDM/SGM .safetensors file, or a diffusers folder (default: same as SOURCE).",
+    help="LoRA: kohya | diffusers | peft | cloneofsimo.  Checkpoint: single | diffusers (folder). "
+    "Default: kohya for LoRAs, the same layout for checkpoints.",
 )
 @dtype_option
 @family_option
+@click.option(
+    "--bake", is_flag=True, help="LoRA: fold each module's alpha/rank scale into its up factor (alpha = rank)."
+)
+@click.option(
+    "--to-lora",
+    is_flag=True,
+    help="LoRA: re-factorize LoHa/LoKr/Tucker/full modules into plain LoRA by SVD (needs --rank or --error).",
+)
+@click.option(
+    "--rank", type=click.IntRange(min=1), default=None, help="With --to-lora: keep this many singular values."
+)
+@click.option(
+    "--error",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=None,
+    help="With --to-lora: keep the fewest singular values with relative Frobenius error ≤ E.",
+)
 @overwrite_option
 @click.option("--json", "as_json", is_flag=True, help="Print the conversion report as JSON.")
 def convert(
-    source: str, output: str, layout: str | None, dtype: str | None, family: str | None, overwrite: bool, as_json: bool
+    source: str,
+    output: str,
+    target: str | None,
+    dtype: str | None,
+    family: str | None,
+    bake: bool,
+    to_lora: bool,
+    rank: int | None,
+    error: float | None,
+    overwrite: bool,
+    as_json: bool,
 ) -> None:
-    """Convert a checkpoint between single-file and diffusers layouts and/or dtypes.
+    """Convert a LoRA between formats, or a checkpoint between layouts.
 
-    Tensors are streamed one at a time: fused OpenCLIP q/k/v are split or joined exactly,
-    text_projection is transposed as diffusers does, and tensors that need no change are copied
-    as raw bytes.
+    \b
+    LoRAs: any readable dialect (kohya/LyCORIS, diffusers/peft old and new, cloneofsimo) in;
+    kohya, diffusers, peft (adapter folder) or cloneofsimo (safeloras) out. Conversions are
+    exact (factors bit for bit, alpha carried in metadata where the format has no alpha tensor);
+    what a format cannot hold exactly is refused with the way out: --bake, or --to-lora with
+    --rank/--error (an SVD computed in factor space, no dense matrices for LoHa/LoKr).
+
+    \b
+    Checkpoints: single file (LDM/SGM) ↔ diffusers folder, streamed tensor by tensor.
 
     \b
     Examples:
+      loratools convert my_lora.safetensors my_lora_diffusers.safetensors --to diffusers
+      loratools convert lokr.safetensors lora.safetensors --to kohya --to-lora --error 0.05
       loratools convert sd15.safetensors sd15-diffusers --to diffusers
-      loratools convert ./sdxl-diffusers sdxl.safetensors --to single --dtype fp16
     """
     console = Console(stderr=as_json)
     with user_errors():
-        with byte_progress(console, "converting", enabled=not as_json) as advance:
+        kind = classify(source)
+        if kind == "lora":
+            if target in (None, "single"):
+                if target == "single":
+                    raise InputError(
+                        f"{source} is a LoRA; --to single is for checkpoints (use kohya, diffusers, peft or cloneofsimo)"
+                    )
+                target = "kohya"
+            report = convert_lora(
+                source,
+                output,
+                target,
+                family=family,
+                dtype=dtype,
+                bake_scale=bake,
+                to_lora=to_lora,
+                rank=rank,
+                error=error,
+                overwrite=overwrite,
+            )
+            if as_json:
+                print_json(Console(), report.__dict__)
+                return
+            how = (
+                "exact"
+                if report.exact
+                else (
+                    f"{report.baked} baked, {report.refactorized} re-factorized (max error {report.max_relative_error:.2e})"
+                )
+            )
+            console.print(
+                f"wrote {output}: {report.modules} modules, {report.source_format} → {report.output_format} "
+                f"({report.family}), {how}"
+            )
+            for warning in report.warnings[:10]:
+                console.print(f"[yellow]warning:[/yellow] {warning}")
+            return
+        if target not in (None, *CHECKPOINT_TARGETS):
+            raise InputError(f"{source} is a checkpoint; --to {target} is for LoRAs (use single or diffusers)")
+        if bake or to_lora or rank or error:
+            raise InputError("--bake/--to-lora/--rank/--error apply to LoRAs, not checkpoints")
+        with open_checkpoint(source) as ckpt:
+            total = ckpt.nbytes
+        with byte_progress(console, "converting", enabled=not as_json, total=total) as advance:
             report = convert_checkpoint(
-                source, output, layout=layout, dtype=dtype, family=family, overwrite=overwrite, progress=advance
+                source, output, layout=target, dtype=dtype, family=family, overwrite=overwrite, progress=advance
             )
         if as_json:
             print_json(Console(), report.__dict__)

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ..report import CheckpointReport
+from ..report import CheckpointReport, LoraReport
 
 
 def human_bytes(n: float) -> str:
@@ -87,3 +87,49 @@ def render_checkpoint(console: Console, report: CheckpointReport) -> None:
         console.print(
             f"metadata: {len(report.metadata)} entries ({', '.join(sorted(report.metadata)[:6])}{', …' if len(report.metadata) > 6 else ''})"
         )
+
+
+FORMAT_TITLES = {
+    "kohya": "kohya (sd-scripts / LyCORIS)",
+    "diffusers": "diffusers (peft keys)",
+    "peft": "peft adapter folder",
+    "diffusers-attn-processor": "old diffusers (attention processors)",
+    "diffusers-old": "old diffusers",
+    "cloneofsimo": "cloneofsimo lora_diffusion",
+}
+
+
+def render_lora(console: Console, report: LoraReport) -> None:
+    head = Text()
+    head.append(report.path, style="bold")
+    head.append(f"  ·  LoRA for {report.family_title}", style="bold cyan")
+    head.append(f"  ·  {FORMAT_TITLES.get(report.format, report.format)}  ·  {human_bytes(report.file_bytes)}")
+    console.print(head)
+    if report.metadata_claims:
+        console.print(f"metadata claims: {report.metadata_claims}")
+    table = Table(show_edge=False, header_style="bold")
+    for column in ("component", "modules", "kinds", "ranks", "alphas"):
+        table.add_column(column)
+    for component, count in report.components.items():
+        facts = [f for f in report.module_facts if f.module.startswith(component + ".")]
+        kinds = sorted({f.kind for f in facts})
+        ranks = sorted({f.rank for f in facts if f.rank is not None})
+        alphas = sorted({f.alpha for f in facts if f.alpha is not None})
+        table.add_row(component, str(count), ", ".join(kinds), _span(ranks), _span(alphas))
+    console.print(table)
+    console.print(
+        f"{report.modules} modules, {human_count(report.parameters)} parameters, dtypes "
+        + ", ".join(f"{d}×{n}" for d, n in report.dtypes.items())
+    )
+    if report.embeddings:
+        console.print(f"textual-inversion embeddings: {', '.join(report.embeddings)}")
+    for warning in report.warnings[:10]:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+
+
+def _span(values: list) -> str:  # type: ignore[type-arg]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:g}"
+    return f"{values[0]:g}…{values[-1]:g} ({len(values)} values)"

@@ -22,13 +22,25 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32)
 
 
+def _shaped(delta: torch.Tensor, shape: tuple[int, ...] | None, what: str) -> torch.Tensor:
+    """``delta`` reshaped to the weight shape; a factor set that cannot fill it is an error, never ignored."""
+    if shape is None or tuple(delta.shape) == tuple(shape):
+        return delta
+    if delta.numel() != math.prod(shape):
+        raise ValueError(f"{what}: ΔW {tuple(delta.shape)} cannot be reshaped to the weight {tuple(shape)}")
+    return delta.reshape(shape)
+
+
 @dataclass
 class LowRank:
     """``ΔW = alpha/r · up @ down`` (Linear or conv; Tucker ``mid`` for k×k convs; optional DoRA).
 
     Shapes: ``up (out, r[, 1, 1])``, ``down (r, in[, kh, kw])``; with ``mid (r, r, kh, kw)`` the
-    down factor is ``(r, in, 1, 1)``. ``dora_scale`` is the magnitude vector as stored, with
-    ``dora_axis`` saying which axis it normalises ("out" rows or "in" columns).
+    down factor is ``(r, in, 1, 1)`` and ``ΔW[o,i] = Σ up[o,m]·mid[m,n]·down[n,i]``
+    (KohakuBlueleaf/LyCORIS:lycoris/functional/locon.py (diff_weight via general.rebuild_tucker);
+    comfyanonymous/ComfyUI:comfy/weight_adapter/base.py (tucker_weight_from_conv)).
+    ``dora_scale`` is the magnitude vector as stored, with ``dora_axis`` saying which axis it
+    normalises ("out" rows or "in" columns); see :func:`apply_dora`.
     """
 
     up: torch.Tensor
@@ -65,7 +77,7 @@ class LowRank:
             down = _f32(self.down).reshape(self.rank, -1)  # (r, in)
             mid = _f32(self.mid)  # (r, r, kh, kw)
             # ΔW[o,i,:,:] = Σ_{m,n} up[o,m] · mid[m,n,:,:] · down[n,i]  (LyCORIS rebuild_tucker)
-            delta = torch.einsum("om,mnhw,ni->oihw", up, mid, down)
+            delta = torch.einsum("om,mn...,ni->oi...", up, mid, down)
         else:
             delta = (up @ _f32(self.down).reshape(self.rank, -1)).reshape(self.delta_shape())
         return delta * self.scale
@@ -74,9 +86,20 @@ class LowRank:
         return sum(t.numel() for t in (self.up, self.down, self.mid, self.dora_scale) if t is not None)
 
 
+def _tucker(t: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``M[p,q,…] = Σ_{i,j} t[i,j,…] · a[i,p] · b[j,q]`` (LyCORIS functional.general.rebuild_tucker)."""
+    return torch.einsum("ij...,ip,jq->pq...", _f32(t), _f32(a), _f32(b))
+
+
 @dataclass
 class LoHa:
-    """``ΔW = (w1a @ w1b) ⊙ (w2a @ w2b) · alpha/r`` (LyCORIS HadaWeight; Tucker with t1/t2)."""
+    """``ΔW = (w1a @ w1b) ⊙ (w2a @ w2b) · alpha/r``, ``r = w1b.shape[0]`` (LyCORIS HadaWeight).
+
+    Plain: ``w1a, w2a (out, r)``, ``w1b, w2b (r, in·kh·kw)`` (the kernel folded into the columns;
+    ``shape`` restores it). Tucker (k×k conv): ``w1a, w2a (r, out)``, ``w1b, w2b (r, in)``,
+    ``t1, t2 (r, r, kh, kw)`` and each Hadamard half is ``rebuild_tucker(t, a, b)``
+    (LyCORIS HadaWeightTucker; ComfyUI comfy/weight_adapter/loha.py (calculate_weight)).
+    """
 
     w1a: torch.Tensor
     w1b: torch.Tensor
@@ -86,6 +109,8 @@ class LoHa:
     t1: torch.Tensor | None = None
     t2: torch.Tensor | None = None
     shape: tuple[int, ...] | None = None  # the weight shape, when the factors cannot tell it
+    dora_scale: torch.Tensor | None = None
+    dora_axis: str | None = None
     kind = "loha"
 
     @property
@@ -96,22 +121,43 @@ class LoHa:
     def scale(self) -> float:
         return self.alpha / self.rank
 
+    def natural_shape(self) -> tuple[int, ...]:
+        """The shape the factors give before any reshape to the weight."""
+        if self.t1 is not None:
+            return (int(self.w1a.shape[1]), int(self.w1b.shape[1]), *self.t1.shape[2:])
+        return (int(self.w1a.shape[0]), *self.w1b.shape[1:])
+
+    def delta_shape(self) -> tuple[int, ...]:
+        return tuple(self.shape) if self.shape is not None else self.natural_shape()
+
     def delta(self) -> torch.Tensor:
         if self.t1 is not None and self.t2 is not None:
-            # M[p,q,:,:] = Σ_{i,j} t[i,j,:,:] · a[i,p] · b[j,q]  (LyCORIS HadaWeightTucker)
-            m1 = torch.einsum("ijhw,ip,jq->pqhw", _f32(self.t1), _f32(self.w1a), _f32(self.w1b))
-            m2 = torch.einsum("ijhw,ip,jq->pqhw", _f32(self.t2), _f32(self.w2a), _f32(self.w2b))
-            return m1 * m2 * self.scale
-        delta = (_f32(self.w1a) @ _f32(self.w1b)) * (_f32(self.w2a) @ _f32(self.w2b)) * self.scale
-        return delta.reshape(self.shape) if self.shape is not None else delta
+            delta = _tucker(self.t1, self.w1a, self.w1b) * _tucker(self.t2, self.w2a, self.w2b)
+        else:
+            m1 = _f32(self.w1a).reshape(self.w1a.shape[0], -1) @ _f32(self.w1b).reshape(self.w1b.shape[0], -1)
+            m2 = _f32(self.w2a).reshape(self.w2a.shape[0], -1) @ _f32(self.w2b).reshape(self.w2b.shape[0], -1)
+            delta = (m1 * m2).reshape(self.natural_shape())
+        return _shaped(delta * self.scale, self.shape, "LoHa")
 
     def parameters(self) -> int:
-        return sum(t.numel() for t in (self.w1a, self.w1b, self.w2a, self.w2b, self.t1, self.t2) if t is not None)
+        tensors = (self.w1a, self.w1b, self.w2a, self.w2b, self.t1, self.t2, self.dora_scale)
+        return sum(t.numel() for t in tensors if t is not None)
 
 
 @dataclass
 class LoKr:
-    """``ΔW = kron(w1, w2) · alpha/r`` (LyCORIS make_kron); either factor full or low-rank."""
+    """``ΔW = kron(w1, w2) · scale`` (LyCORIS functional.lokr.make_kron); either factor full or low-rank.
+
+    ``w1 = lokr_w1 (a, c)`` or ``w1a (a, r) @ w1b (r, c)``; ``w2 = lokr_w2 (b, d[, kh, kw])``, or
+    ``w2a (b, r) @ w2b (r, d[·kh·kw])`` (a 4-D ``w2b (r, d, kh, kw)`` keeps its kernel axes), or,
+    Tucker, ``rebuild_tucker(t2 (r, r, kh, kw), w2a (r, b), w2b (r, d))``. For a 4-D ``w2`` the
+    2-D ``w1`` gets two trailing unit axes, so ``kron`` gives ``(a·b, c·d, kh, kw)``; in the old
+    2-D conv layout both factors are flat and the ``(a·b, c·d·kh·kw)`` product — or, in the oldest
+    files, a factorisation of ``in·kh·kw`` as a whole — is reshaped to the weight
+    (ComfyUI comfy/weight_adapter/lokr.py (calculate_weight): ``kron(w1, w2).reshape(weight.shape)``).
+    Scale ``alpha / r`` with ``r`` the inner width of ``w1b`` if present, else of ``w2b``; both
+    halves full ⇒ scale 1 (FORMATS.md §4.3, §4.8).
+    """
 
     alpha: float
     w1: torch.Tensor | None = None
@@ -122,6 +168,8 @@ class LoKr:
     w2b: torch.Tensor | None = None
     t2: torch.Tensor | None = None
     shape: tuple[int, ...] | None = None
+    dora_scale: torch.Tensor | None = None
+    dora_axis: str | None = None
     kind = "lokr"
 
     @property
@@ -138,6 +186,26 @@ class LoKr:
         # Both halves full: LyCORIS forces alpha = r, ComfyUI uses 1.0 (FORMATS.md §4.3, §4.8).
         return 1.0 if self.rank is None else self.alpha / self.rank
 
+    def _w1_shape(self) -> tuple[int, int]:
+        if self.w1 is not None:
+            return (int(self.w1.shape[0]), int(self.w1.shape[1]))
+        return (int(self.w1a.shape[0]), int(self.w1b.shape[1]))  # type: ignore[union-attr]
+
+    def _w2_shape(self) -> tuple[int, ...]:
+        if self.w2 is not None:
+            return tuple(self.w2.shape)
+        if self.t2 is not None:
+            return (int(self.w2a.shape[1]), int(self.w2b.shape[1]), *self.t2.shape[2:])  # type: ignore[union-attr]
+        return (int(self.w2a.shape[0]), *self.w2b.shape[1:])  # type: ignore[union-attr]
+
+    def natural_shape(self) -> tuple[int, ...]:
+        """The kron product's shape before any reshape to the weight."""
+        (a, c), w2 = self._w1_shape(), self._w2_shape()
+        return (a * w2[0], c * w2[1], *w2[2:])
+
+    def delta_shape(self) -> tuple[int, ...]:
+        return tuple(self.shape) if self.shape is not None else self.natural_shape()
+
     def _w1(self) -> torch.Tensor:
         if self.w1 is not None:
             return _f32(self.w1)
@@ -147,24 +215,27 @@ class LoKr:
         if self.w2 is not None:
             return _f32(self.w2)
         if self.t2 is not None:
-            return torch.einsum("ijhw,ip,jq->pqhw", _f32(self.t2), _f32(self.w2a), _f32(self.w2b))  # type: ignore[arg-type]
-        return _f32(self.w2a) @ _f32(self.w2b)  # type: ignore[arg-type]
+            return _tucker(self.t2, self.w2a, self.w2b)  # type: ignore[arg-type]
+        w2a, w2b = _f32(self.w2a), _f32(self.w2b)  # type: ignore[arg-type]
+        return (w2a @ w2b.reshape(w2b.shape[0], -1)).reshape(w2a.shape[0], *w2b.shape[1:])
 
     def delta(self) -> torch.Tensor:
-        w1, w2 = self._w1(), self._w2()
-        if w2.dim() == 4 and w1.dim() == 2:
-            w1 = w1[:, :, None, None]
-        delta = torch.kron(w1, w2) * self.scale
-        return delta.reshape(self.shape) if self.shape is not None and delta.numel() == math.prod(self.shape) else delta
+        w1, w2 = self._w1(), self._w2().contiguous()  # torch.kron fails on einsum's strided output
+        for _ in range(w2.dim() - w1.dim()):
+            w1 = w1.unsqueeze(-1)
+        return _shaped(torch.kron(w1.contiguous(), w2) * self.scale, self.shape, "LoKr")
 
     def parameters(self) -> int:
-        tensors = (self.w1, self.w1a, self.w1b, self.w2, self.w2a, self.w2b, self.t2)
+        tensors = (self.w1, self.w1a, self.w1b, self.w2, self.w2a, self.w2b, self.t2, self.dora_scale)
         return sum(t.numel() for t in tensors if t is not None)
 
 
 @dataclass
 class Full:
-    """A stored weight difference: ``W' = W + diff`` (and ``b' = b + diff_b``)."""
+    """A stored weight difference: ``W' = W + diff`` (and ``b' = b + diff_b``); no alpha, scale 1.
+
+    (KohakuBlueleaf/LyCORIS:lycoris/modules/full.py (custom_state_dict); ComfyUI "diff" patches.)
+    """
 
     diff: torch.Tensor
     diff_b: torch.Tensor | None = None
@@ -179,14 +250,74 @@ class Full:
     def scale(self) -> float:
         return 1.0
 
+    def delta_shape(self) -> tuple[int, ...]:
+        return tuple(self.diff.shape)
+
     def delta(self) -> torch.Tensor:
         return _f32(self.diff)
+
+    def delta_bias(self) -> torch.Tensor | None:
+        return None if self.diff_b is None else _f32(self.diff_b)
 
     def parameters(self) -> int:
         return self.diff.numel() + (self.diff_b.numel() if self.diff_b is not None else 0)
 
 
 Adapter = Union[LowRank, LoHa, LoKr, Full]  # noqa: UP007 (a runtime alias)
+
+DORA_EPS = torch.finfo(torch.float32).eps
+
+
+def dora_magnitude(adapter: Adapter, weight_shape: tuple[int, ...]) -> torch.Tensor:
+    """The stored DoRA magnitude as a float32 tensor that broadcasts against the weight.
+
+    ``dora_axis == "out"``: one value per output row, shaped ``(out, 1, …)``; ``"in"``: one per
+    input column, ``(1, in, 1, …)``. Reshaped explicitly — never left to broadcasting a 1-D vector,
+    the ComfyUI ``(N,)`` → ``(N, N)`` bug (FORMATS.md §4.8).
+    """
+    scale = getattr(adapter, "dora_scale", None)
+    axis = getattr(adapter, "dora_axis", None)
+    if scale is None:
+        raise ValueError(f"a {adapter.kind} module without dora_scale has no DoRA magnitude")
+    ones = [1] * (len(weight_shape) - 1)
+    if axis == "out":
+        shape = (weight_shape[0], *ones)
+    elif axis == "in":
+        shape = (1, weight_shape[1], *ones[1:])
+    else:
+        raise ValueError(f"unknown DoRA axis {axis!r}")
+    if scale.numel() != math.prod(shape):
+        raise ValueError(
+            f"dora_scale {tuple(scale.shape)} does not fit the {axis}-axis of a {tuple(weight_shape)} weight"
+        )
+    return _f32(scale).reshape(shape)
+
+
+def weight_norm(weight: torch.Tensor, axis: str) -> torch.Tensor:
+    """‖W‖ per output row (``axis="out"``, shape ``(out, 1, …)``) or per input column (``(1, in, 1, …)``)."""
+    dims = tuple(d for d in range(weight.dim()) if d != (0 if axis == "out" else 1))
+    return torch.linalg.vector_norm(weight, dim=dims, keepdim=True)
+
+
+def apply_dora(weight: torch.Tensor, adapter: Adapter, strength: float = 1.0) -> torch.Tensor:
+    """The DoRA-merged weight ``W' = m ⊙ (W + ΔW) / (‖W + ΔW‖ + eps)``, in float32.
+
+    ``m`` is the adapter's ``dora_scale``, the norm taken along its ``dora_axis``: per output row
+    (LyCORIS ≥ 3.2 ``wd_on_out=True``, peft) or per input column (LyCORIS 2.2–3.1). ``eps`` is
+    float32's machine epsilon added to the norm, as LyCORIS does
+    (KohakuBlueleaf/LyCORIS:lycoris/functional/general.py (weight_decompose): ``norm + finfo.eps``;
+    ComfyUI comfy/weight_adapter/base.py (weight_decompose) divides without it). ΔW is the
+    adapter's full, alpha-scaled delta — only ``strength == 1`` is defined here, the one point where
+    LyCORIS, ComfyUI and A1111 agree (FORMATS.md §4.7); other strengths raise ValueError.
+    """
+    if strength != 1.0:
+        raise ValueError(
+            f"DoRA at strength {strength:g} differs between LyCORIS and ComfyUI (FORMATS.md §4.7); only 1 is supported"
+        )
+    base = _f32(weight)
+    magnitude = dora_magnitude(adapter, tuple(base.shape))
+    merged = base + adapter.delta().reshape(base.shape)
+    return merged * (magnitude / (weight_norm(merged, adapter.dora_axis) + DORA_EPS))  # type: ignore[arg-type]
 
 
 @dataclass
@@ -212,7 +343,9 @@ class LoraFile:
     def kinds(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for adapter in self.adapters.values():
-            name = "dora" if isinstance(adapter, LowRank) and adapter.dora_scale is not None else adapter.kind
+            name = adapter.kind
+            if getattr(adapter, "dora_scale", None) is not None:
+                name = "dora" if isinstance(adapter, LowRank) else f"{adapter.kind}+dora"
             counts[name] = counts.get(name, 0) + 1
         return counts
 

@@ -8,6 +8,7 @@ can lie): a metadata claim that disagrees becomes a warning.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -40,14 +41,32 @@ def claimed_family(metadata: Mapping[str, str]) -> tuple[str | None, str | None]
     return None, None
 
 
+def _rows(params: Mapping[str, torch.Tensor], full: str, low: str) -> int | None:
+    if full in params:
+        return int(params[full].shape[0])
+    return int(params[low].shape[0]) if low in params else None
+
+
+def _cols(params: Mapping[str, torch.Tensor], full: str, low: str) -> int | None:
+    if full in params:
+        return math.prod(params[full].shape[1:])
+    return math.prod(params[low].shape[1:]) if low in params else None
+
+
 def adapter_dims(params: Mapping[str, torch.Tensor]) -> tuple[int, int] | None:
-    """(out, in) of the ΔW a parameter group describes, when the factors alone tell it."""
+    """(out, in) of the ΔW a parameter group describes; ``in`` may include the kernel (in·kh·kw)."""
     if "lora_up.weight" in params and "lora_down.weight" in params:
         return int(params["lora_up.weight"].shape[0]), int(params["lora_down.weight"].shape[1])
-    if "hada_w1_a" in params and "hada_t1" not in params:
-        return int(params["hada_w1_a"].shape[0]), -1  # in-dim folded with the kernel
+    if "hada_w1_a" in params and "hada_w1_b" in params and "hada_t1" not in params:
+        return int(params["hada_w1_a"].shape[0]), math.prod(params["hada_w1_b"].shape[1:])
     if "diff" in params:
-        return int(params["diff"].shape[0]), int(params["diff"].shape[1]) if params["diff"].dim() > 1 else -1
+        shape = params["diff"].shape
+        return int(shape[0]), (int(shape[1]) if len(shape) > 1 else -1)
+    if any(k.startswith("lokr_") for k in params) and "lokr_t2" not in params:
+        a, b = _rows(params, "lokr_w1", "lokr_w1_a"), _rows(params, "lokr_w2", "lokr_w2_a")
+        c, d = _cols(params, "lokr_w1", "lokr_w1_b"), _cols(params, "lokr_w2", "lokr_w2_b")
+        if None not in (a, b, c, d):
+            return a * b, c * d  # type: ignore[operator]
     return None
 
 
@@ -55,7 +74,7 @@ def shape_fits(dims: tuple[int, int] | None, weight: tuple[int, ...]) -> bool:
     if dims is None:
         return True
     out, inp = dims
-    return out == weight[0] and (inp == -1 or inp == weight[1])
+    return out == weight[0] and inp in (-1, weight[1], math.prod(weight[1:]))
 
 
 @dataclass

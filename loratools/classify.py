@@ -1,0 +1,47 @@
+"""Is a path a checkpoint or a LoRA? Told from headers (key names), never from the file name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import InputError
+from .families.detect import DIFFUSERS_PREFIXES, SINGLE_PREFIXES
+from .io.checkpoint import is_diffusers_folder
+from .io.safetensors import read_header
+
+
+def classify(path: str | Path) -> str:
+    """``"checkpoint"`` or ``"lora"``."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    if path.is_dir():
+        if (path / "adapter_config.json").exists() or any(
+            (p / "adapter_config.json").exists() for p in path.iterdir() if p.is_dir()
+        ):
+            return "lora"
+        if is_diffusers_folder(path):
+            return "checkpoint"
+        raise InputError(f"{path}: folder holds neither a diffusers model nor a peft adapter")
+    if path.suffix == ".safetensors" or _is_safetensors(path):
+        keys = list(read_header(path).tensors)
+        checkpoint_keys = sum(k.startswith(SINGLE_PREFIXES) for k in keys)
+        lora_markers = sum(
+            ("lora" in k or "hada_" in k or "lokr_" in k or ":" in k or k.endswith(".alpha")) for k in keys
+        )
+        return "checkpoint" if checkpoint_keys > lora_markers else "lora"
+    # pickles: a checkpoint is a dict with model keys; everything else is treated as a LoRA
+    from .io.pickle import load_pickle
+
+    obj = load_pickle(path)
+    if isinstance(obj, dict) and any(
+        isinstance(k, str) and k.startswith(SINGLE_PREFIXES + DIFFUSERS_PREFIXES) for k in obj
+    ):
+        return "checkpoint"
+    return "lora"
+
+
+def _is_safetensors(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
