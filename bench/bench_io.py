@@ -168,11 +168,16 @@ def run_once(row: Row, src: Path, dst: Path, method: Method, settle: float, veri
 
 
 def bench_file(label: str, src: Path, scratch: Path, methods: list[Method], runs: int, settle: float) -> list[Row]:
-    """All methods on one file, interleaved round-robin so slow drift hits every method alike."""
+    """All methods on one file, interleaved round-robin so slow drift hits every method alike.
+
+    Round i starts at method i (mod the number of methods), so no method always runs right after
+    the same neighbour (on the reference VM, what the previous run wrote and deleted matters).
+    """
     rows = [new_row(label, src, scratch, m) for m in methods]
     for i in range(runs):
         print(f"  {label} round {i + 1}/{runs}", flush=True)
-        for row, method in zip(rows, methods, strict=True):
+        shift = i % len(methods)
+        for row, method in [*zip(rows, methods, strict=True)][shift:] + [*zip(rows, methods, strict=True)][:shift]:
             if row.error is None:
                 run_once(row, src, _dst(label, scratch, method), method, settle, verify=i == runs - 1)
     return rows
@@ -277,15 +282,21 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[Row] = []
     started = time.strftime("%Y-%m-%d %H:%M:%S")
+    load_start = os.getloadavg()
     for label in labels:
         src = folder / FILES[label]
         print(f"{label}: {src} ({src.stat().st_size:,} bytes); cold read {warm(src):.2f} s", flush=True)
         rows += bench_file(label, src, scratch, methods, args.runs, args.settle)
     shutil.rmtree(scratch, ignore_errors=True)
 
+    load_end = os.getloadavg()
+    load = (
+        f"load average (1/5/15 min) at start {'/'.join(f'{x:.2f}' for x in load_start)}, "
+        f"at end {'/'.join(f'{x:.2f}' for x in load_end)} — other work on the machine inflates and spreads wall times"
+    )
     sizes = ", ".join(f"{label} {(folder / FILES[label]).stat().st_size:,} bytes" for label in labels)
     policy = (
-        f"warm page cache — methods interleaved round-robin; before every timed run: previous output deleted, "
+        f"warm page cache — methods interleaved round-robin, each round starting one method later; before every timed run: previous output deleted, "
         f"`sync`, {args.settle:g} s idle, one untimed full read "
         "of the source; outputs written beside the source (same file system). Wall = child spawn to exit "
         "(includes interpreter start and imports for Python rows; `in-process s` excludes them). "
@@ -303,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             f"machine: {machine()}",
             f"data: {folder} ({filesystem(folder)}); {sizes}",
             f"page cache: {policy}",
+            load,
             "",
             table(rows, args.runs),
             "",
@@ -328,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         "data": str(folder),
         "filesystem": filesystem(folder),
         "page_cache": policy,
+        "loadavg_start": load_start,
+        "loadavg_end": load_end,
         "runs": args.runs,
         "rows": [asdict(r) | {"wall_median_s": r.wall, "rss_max_mib": r.rss} for r in rows],
     }
