@@ -180,7 +180,8 @@ def _kind(adapter: object) -> str:
         if adapter.mid is not None:
             return "tucker"
         return "locon" if adapter.down.dim() == 4 and adapter.down.shape[-1] > 1 else "lora"
-    return adapter.kind  # type: ignore[attr-defined,no-any-return]
+    dora = "+dora" if getattr(adapter, "dora_scale", None) is not None else ""
+    return adapter.kind + dora  # type: ignore[attr-defined,no-any-return]
 
 
 def _delta_shape(adapter: object) -> list[int]:

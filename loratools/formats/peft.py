@@ -155,7 +155,9 @@ def read_peft(
         adapter = LowRank(up, down, alpha)
         magnitude = params.get("lora_magnitude_vector")
         if magnitude is not None:
-            adapter.dora_scale, adapter.dora_axis = magnitude, "out"
+            # peft stores (out,); LyCORIS' output-axis dora_scale is (out, 1[, 1, 1]) — keep that one form
+            ndim = len(found.tables.modules[canonical].shape)
+            adapter.dora_scale, adapter.dora_axis = magnitude.reshape(-1, *[1] * (ndim - 1)), "out"
         adapters[canonical] = adapter
     if no_config:
         warnings.append(

@@ -67,7 +67,9 @@ def _khatri_rao_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a[:, :, None] * b[:, None, :]).reshape(a.shape[0], -1)
 
 
-def _factor_svd(full: torch.Tensor | None, a: torch.Tensor | None, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _factor_svd(
+    full: torch.Tensor | None, a: torch.Tensor | None, b: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(U·S, Vh)`` of one Kronecker factor, keeping only its true rank when it is stored low-rank."""
     if full is not None:
         u, s, vh = torch.linalg.svd(full.to(torch.float32).reshape(full.shape[0], -1), full_matrices=False)
@@ -119,7 +121,7 @@ def to_lowrank(
     The result has ``alpha = k`` (scale 1, singular values in ``up``); conv modules get the
     LoCon shapes ``down (k, in, kh, kw)``, ``up (out, k, 1, 1)``.
     """
-    if isinstance(adapter, LowRank) and adapter.dora_scale is not None:
+    if getattr(adapter, "dora_scale", None) is not None:
         raise InputError("a DoRA module's ΔW depends on the base weight; merge it into a checkpoint instead")
     up, down, shape = factorize(adapter)
     if down is None:
