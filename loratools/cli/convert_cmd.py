@@ -9,7 +9,6 @@ from ..classify import classify
 from ..errors import InputError
 from ..io.checkpoint import open_checkpoint
 from ..ops.checkpoint import convert_checkpoint
-from ..ops.convert import convert_lora
 from .errors import user_errors
 from .options import dtype_option, family_option, overwrite_option
 from .progress import byte_progress
@@ -86,6 +85,8 @@ def convert(
     with user_errors():
         kind = classify(source)
         if kind == "lora":
+            from ..ops.convert import convert_lora  # torch is imported only where tensors are touched
+
             if target in (None, "single"):
                 if target == "single":
                     raise InputError(

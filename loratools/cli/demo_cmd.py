@@ -12,7 +12,6 @@ from rich.rule import Rule
 from ..io.checkpoint import open_checkpoint
 from ..ops.checkpoint import convert_checkpoint
 from ..report import inspect_checkpoint
-from ..synthetic import TINY, write_checkpoint
 from .errors import user_errors
 from .render import render_checkpoint
 
@@ -42,6 +41,8 @@ def demo(keep: Path | None) -> None:
 
 
 def _run(console: Console, folder: Path) -> None:
+    from ..synthetic import TINY, make_lora, write_checkpoint
+
     spec = TINY["sd1"]
     console.print(Rule("1. a sample SD1.5 checkpoint (real key set, tiny widths)"))
     single = write_checkpoint(spec, folder / "sample-sd15.safetensors", "single", overwrite=True)
@@ -63,6 +64,34 @@ def _run(console: Console, folder: Path) -> None:
     console.print(f"round trip: {same}/{len(b)} tensors {verdict}")
     if same != len(b):
         raise click.ClickException("round trip changed tensors")
+    console.print(Rule("3. a LoRA: kohya → diffusers → peft → kohya"))
+    from ..formats.io import load_lora, save_lora
+    from ..ops.convert import convert_lora
+    from ..report import inspect_lora
+    from .render import render_lora
+
+    lora = make_lora(spec, rank=4, alphas="varied", conv=True)
+    kohya = save_lora(lora, folder / "sample-lora.safetensors", "kohya", overwrite=True)
+    render_lora(console, inspect_lora(kohya, family=spec))  # type: ignore[arg-type]
+    diffusers = folder / "sample-lora-diffusers.safetensors"
+    convert_lora(kohya, diffusers, "diffusers", family=spec, overwrite=True)
+    peft_folder = folder / "sample-lora-peft"
+    convert_lora(diffusers, peft_folder, "peft", family=spec, overwrite=True)
+    back = folder / "sample-lora-roundtrip.safetensors"
+    convert_lora(peft_folder, back, "kohya", family=spec, overwrite=True)
+    first, second = load_lora(kohya, spec), load_lora(back, spec)
+    exact = all(
+        a.up.equal(second.adapters[m].up)  # type: ignore[union-attr]
+        and a.down.equal(second.adapters[m].down)  # type: ignore[union-attr]
+        and a.alpha == second.adapters[m].alpha
+        for m, a in first.adapters.items()
+    )
+    verdict = "[green]factors and alphas bit-exact[/green]" if exact else "[red]CHANGED[/red]"
+    console.print(
+        f"{len(first.adapters)} LoCon modules with per-module alphas, through diffusers and peft and back: {verdict}"
+    )
+    if not exact:
+        raise click.ClickException("LoRA round trip changed factors")
     console.print(Rule())
     console.print(
         f"done; sample files in {folder}" if folder.name and not folder.name.startswith("loratools-demo-") else "done"

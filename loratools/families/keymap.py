@@ -13,14 +13,16 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import InputError
 from .spec import DIFFUSERS_FOLDERS, FamilySpec, Weight
 from .text import text_weights
 from .unet import unet_weights
 from .vae import legacy_diffusers_name, vae_weights
+
+if TYPE_CHECKING:
+    import torch
 
 LAYOUTS = ("diffusers", "ldm", "sgm")
 
@@ -159,7 +161,12 @@ class KeyMap:
             if single and w.single_transposed:
                 t = t.t()
             pieces.append(t)
-        joined = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+        if len(pieces) == 1:
+            joined = pieces[0]
+        else:
+            import torch
+
+            joined = torch.cat(pieces, dim=0)
         first = weights[0]
         if single and first.single_shape is not None and len(first.single_shape) > len(first.shape):
             joined = joined.reshape(*joined.shape, *[1] * (len(first.single_shape) - len(first.shape)))

@@ -13,12 +13,14 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import CorruptFileError, InputError
 from .pickle import PICKLE_SUFFIXES, load_pickle_raw, split_tensors, unwrap_state_dict
 from .safetensors import SafetensorsFile, TensorInfo, dtype_name
+
+if TYPE_CHECKING:
+    import torch
 
 # The diffusers pipeline subfolders holding weights, in pipeline order
 # (huggingface/diffusers: pipelines' model_index.json for SD1/SD2/SDXL).

@@ -12,11 +12,12 @@ import pickle
 import pickletools
 import zipfile
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CorruptFileError, InputError, UnsafePickleError
+
+if TYPE_CHECKING:
+    import torch
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 # Keys under which training scripts nest the weights (Lightning, A1111 training, EMA dumps).
@@ -102,6 +103,8 @@ def load_pickle_raw(path: str | Path) -> Any:
         raise InputError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise CorruptFileError(f"{path.name}: empty file")
+    import torch
+
     zipped = zipfile.is_zipfile(path)
     if zipped:
         _check_zip(path)
@@ -131,6 +134,8 @@ def unwrap_state_dict(obj: Any) -> tuple[Any, list[str]]:
 
     Returns the inner object and the names of the wrapper entries left behind (``global_step``…).
     """
+    import torch
+
     left: list[str] = []
     while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
         key = next((k for k in NESTED_STATE_KEYS if isinstance(obj.get(k), dict)), None)
@@ -143,6 +148,8 @@ def unwrap_state_dict(obj: Any) -> tuple[Any, list[str]]:
 
 def split_tensors(obj: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Tensors of a loaded dict, and the names of the non-tensor entries that were left out."""
+    import torch
+
     tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     others = [str(k) for k in obj if k not in tensors]
     return tensors, others

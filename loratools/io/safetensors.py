@@ -19,32 +19,72 @@ import struct
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import CorruptFileError, InputError
 from .atomic import AtomicFile, describe_os_error
 
-# safetensors dtype strings (safetensors/src/tensor.rs, Dtype) and their torch counterparts.
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "U16": torch.uint16,
-    "U32": torch.uint32,
-    "U64": torch.uint64,
+if TYPE_CHECKING:
+    import torch
+
+# safetensors dtype strings (safetensors/src/tensor.rs, Dtype): byte sizes and torch names. Kept
+# free of torch so that header-only work (inspect, raw copies) never pays torch's import.
+ITEMSIZE: dict[str, int] = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
 }
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
-ITEMSIZE: dict[str, int] = {name: torch.empty((), dtype=dt).element_size() for name, dt in DTYPES.items()}
+_TORCH_NAMES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "U16": "uint16",
+    "U32": "uint32",
+    "U64": "uint64",
+}
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+
+
+class _TorchDtypes(Mapping[str, "torch.dtype"]):
+    """safetensors dtype string → torch dtype, importing torch only when first asked."""
+
+    def __getitem__(self, name: str) -> torch.dtype:
+        import torch
+
+        return getattr(torch, _TORCH_NAMES[name])  # type: ignore[no-any-return]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_TORCH_NAMES)
+
+    def __contains__(self, name: object) -> bool:
+        return name in _TORCH_NAMES
+
+    def __len__(self) -> int:
+        return len(_TORCH_NAMES)
+
+
+DTYPES: Mapping[str, torch.dtype] = _TorchDtypes()
 
 # No real checkpoint header comes close to this (SDXL with metadata is ~250 KB); the safetensors
 # library itself refuses headers over 100 MB.
@@ -55,8 +95,8 @@ _ALIGN = 8  # safetensors pads the header with spaces so tensor data starts 8-by
 def dtype_name(dtype: torch.dtype) -> str:
     """The safetensors spelling of a torch dtype (``torch.float16`` → ``"F16"``)."""
     try:
-        return DTYPE_NAMES[dtype]
-    except KeyError:
+        return next(name for name, torch_name in _TORCH_NAMES.items() if str(dtype) == f"torch.{torch_name}")
+    except StopIteration:
         raise InputError(f"dtype {dtype} cannot be stored in safetensors") from None
 
 
@@ -122,7 +162,7 @@ def parse_header(path: str | Path, raw: bytes, file_size: int) -> Header:
         if not isinstance(entry, dict):
             raise CorruptFileError(f"{name}: header entry {key!r} is not an object")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in DTYPES:
+        if dtype not in ITEMSIZE:
             raise CorruptFileError(f"{name}: tensor {key!r} has unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise CorruptFileError(f"{name}: tensor {key!r} has an invalid shape {shape!r}")
@@ -188,7 +228,7 @@ def _validate_with_library(path: Path) -> None:
     from safetensors import safe_open
 
     try:
-        with safe_open(str(path), framework="pt") as handle:
+        with safe_open(str(path), framework="numpy") as handle:  # numpy: no torch import for a header
             handle.keys()
     except Exception as exc:  # the library raises its own SafetensorError and others
         reason = " ".join(str(exc).split()) or type(exc).__name__
@@ -251,6 +291,8 @@ class SafetensorsFile:
 
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor into fresh memory (never an mmap view)."""
+        import torch
+
         info = self.header.tensors[name]
         offset, nbytes = self.span(name)
         buffer = torch.empty(nbytes, dtype=torch.uint8)
@@ -274,6 +316,8 @@ def _pread_into(fd: int, buffer: torch.Tensor, offset: int, path: Path) -> None:
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a tensor, as safetensors stores them."""
+    import torch
+
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 

@@ -14,8 +14,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import InputError
 from ..families import keymap
@@ -25,7 +24,10 @@ from ..families.keymap import KeyMap
 from ..families.spec import DIFFUSERS_FOLDERS
 from ..io.atomic import AtomicFolder
 from ..io.checkpoint import WEIGHT_NAMES, Checkpoint, open_checkpoint
-from ..io.safetensors import DTYPES, StreamingWriter, TensorInfo, dtype_name
+from ..io.safetensors import DTYPES, FLOAT_DTYPES, StreamingWriter, TensorInfo, dtype_name
+
+if TYPE_CHECKING:
+    import torch
 
 Progress = Callable[[int], None]  # called with bytes done since the last call
 
@@ -47,7 +49,7 @@ class ConvertReport:
 
 
 def _float_dtype(info: TensorInfo, dtype: torch.dtype | None) -> str:
-    if dtype is None or not info.torch_dtype.is_floating_point:
+    if dtype is None or info.dtype not in FLOAT_DTYPES:
         return info.dtype
     return dtype_name(dtype)
 
@@ -111,6 +113,8 @@ def _write_same_layout(
 def _canonical_shape_dtype(
     source: _Source, parts: list[str], layout: str, key: str, dtype: torch.dtype | None
 ) -> TensorInfo:
+    import torch
+
     first = source.ckpt.info(source.home[parts[0]])
     tensors = {
         p: torch.empty(
@@ -278,7 +282,7 @@ DTYPE_ALIASES = {
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     """``"fp16"``/``"bf16"``/``"fp32"`` (or a torch dtype) → torch dtype; None stays None."""
-    if dtype is None or isinstance(dtype, torch.dtype):
+    if dtype is None or not isinstance(dtype, str):
         return dtype
     name = DTYPE_ALIASES.get(dtype.lower(), dtype.upper())
     if name not in ("F16", "BF16", "F32"):
