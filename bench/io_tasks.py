@@ -16,9 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import safetensors.torch
-import torch
-
 import loratools
 from loratools.io.safetensors import SafetensorsFile, StreamingWriter
 
@@ -56,6 +53,8 @@ def convert(src: str, dst: str) -> dict[str, object]:
 
 
 def naive(src: str, dst: str) -> dict[str, object]:
+    import safetensors.torch  # the naive way needs torch; loratools' raw copy does not import it
+
     tensors = safetensors.torch.load_file(src)
     safetensors.torch.save_file(tensors, dst)
     return {"impl": f"safetensors {safetensors.__version__} load_file + save_file", "tensors": len(tensors)}
@@ -63,7 +62,7 @@ def naive(src: str, dst: str) -> dict[str, object]:
 
 def startup() -> dict[str, object]:
     return {
-        "impl": f"python {sys.version.split()[0]}, torch {torch.__version__}, loratools at {Path(loratools.__file__).parent}"
+        "impl": f"python {sys.version.split()[0]}, loratools at {Path(loratools.__file__).parent} (torch not imported)"
     }
 
 

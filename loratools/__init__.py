@@ -12,6 +12,26 @@ from .io.checkpoint import Checkpoint, open_checkpoint
 
 __version__ = "0.1.0"
 
+# Functions whose modules import torch are loaded on first use, so header-only work stays light.
+_LAZY = {
+    "load_lora": "loratools.formats.io",
+    "save_lora": "loratools.formats.io",
+    "LoraFile": "loratools.formats.adapters",
+    "convert_lora": "loratools.ops.convert",
+    "convert_checkpoint": "loratools.ops.checkpoint",
+    "inspect_checkpoint": "loratools.report",
+    "inspect_lora": "loratools.report",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'loratools' has no attribute {name!r}")
+
+
 __all__ = [
     "FAMILIES",
     "Checkpoint",
@@ -27,4 +47,5 @@ __all__ = [
     "get_family",
     "keymap",
     "open_checkpoint",
+    *_LAZY,
 ]
