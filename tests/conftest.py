@@ -7,7 +7,14 @@ small widths); the same seed gives the same model in the single-file and diffuse
 from __future__ import annotations
 
 import json
+import os
+import socket
 from pathlib import Path
+
+# No test may touch the network: hub libraries are told they are offline before anything imports them.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import pytest
 
@@ -65,3 +72,20 @@ def keyset_shapes(name: str) -> dict[str, tuple[tuple[int, ...], str]]:
         for key, (shape, dtype) in keys.items():
             out[f"{component}.{key}" if folder else key] = (tuple(shape), dtype)
     return out
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any connection attempt fails the test loudly instead of hanging on a closed network."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"a test tried to open a network connection: {args!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    try:
+        import huggingface_hub.constants
+
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True, raising=False)
+    except ImportError:
+        pass

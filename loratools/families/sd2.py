@@ -7,22 +7,21 @@ on the penultimate block) — kohya-ss/sd-scripts:library/model_util.py (convert
 
 from __future__ import annotations
 
-from .sd1 import LDM_EXTRAS
-from .spec import FamilySpec, TextSpec, UNetSpec
+from dataclasses import replace
+
+from .sd1 import LDM_EXTRAS, SD1
+from .spec import FamilySpec, TextSpec
 
 SD2 = FamilySpec(
     name="sd2",
     title="SD 2.x",
     single_layout="ldm",
-    unet=UNetSpec(
-        model_channels=320,
-        channel_mult=(1, 2, 4, 4),
-        attention_levels=(True, True, True, False),
-        transformer_depth=(1, 1, 1, 0),
-        mid_transformer_depth=1,
+    # The SD1 U-Net with a 1024-wide context, Linear proj_in/proj_out and 64-wide heads.
+    unet=replace(
+        SD1.unet,
         context_dim=1024,
         linear_projection=True,
-        attention_heads=(5, 10, 20, 20),  # head width 64
+        attention_heads=(5, 10, 20, 20),
         upcast_attention=True,
     ),
     texts=(
