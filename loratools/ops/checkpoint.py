@@ -129,8 +129,8 @@ def _canonical_shape_dtype(
     return TensorInfo(_float_dtype(first, dtype), shape)
 
 
-def _write_file(
-    source: _Source,
+def _write_planned(
+    src: _Source,
     out: Path,
     plan: dict[str, list[str]],
     layout: str,
@@ -138,13 +138,25 @@ def _write_file(
     metadata: dict[str, str] | None,
     report: ConvertReport,
     progress: Progress | None,
-    overwrite: bool,
+    *,
+    prefix: str = "",
+    overwrite: bool = False,
 ) -> None:
-    infos = {key: _canonical_shape_dtype(source, parts, layout, key, dtype) for key, parts in plan.items()}
+    """Write one file of ``layout`` keys (stored without ``prefix``), each built from its canonical parts.
+
+    A key whose source is the very same key of the same layout and dtype is copied as raw bytes.
+    """
+    infos = {k: _canonical_shape_dtype(src, parts, layout, prefix + k, dtype) for k, parts in plan.items()}
     with StreamingWriter(out, infos, metadata, overwrite=overwrite) as writer:
         for key, parts in plan.items():
-            tensor = source.km.join(layout, key, {p: source.canonical(p) for p in parts})
-            writer.write(key, tensor.to(infos[key].torch_dtype).contiguous())
+            source_key = src.home[parts[0]]
+            raw = src.ckpt.raw(source_key) if src.layout == layout and source_key == prefix + key else None
+            if raw is not None and src.ckpt.info(source_key).dtype == infos[key].dtype:
+                writer.copy_raw(key, raw[0], raw[1])
+                report.raw_copied += 1
+            else:
+                tensor = src.km.join(layout, prefix + key, {p: src.canonical(p) for p in parts})
+                writer.write(key, tensor.to(infos[key].torch_dtype).contiguous())
             report.tensors_written += 1
             report.bytes_written += infos[key].nbytes
             if progress:
@@ -185,7 +197,9 @@ def convert_checkpoint(
             _write_folder(src, output, found, torch_dtype, report, progress, overwrite)
         else:
             plan, report.missing = _plan_layout(src, target, km.layout_keys(target))
-            _write_file(src, output, plan, target, torch_dtype, ckpt.metadata or None, report, progress, overwrite)
+            _write_planned(
+                src, output, plan, target, torch_dtype, ckpt.metadata or None, report, progress, overwrite=overwrite
+            )
         return report
 
 
@@ -233,37 +247,17 @@ def _write_folder(
                 (tmp / folder / "config.json").write_text(json.dumps(configs[folder], indent=2))
             stem = WEIGHT_NAMES[0] if component in ("unet", "vae") else WEIGHT_NAMES[1]
             inner = {k[len(prefix) :]: v for k, v in keys.items()}
-            _write_component(src, tmp / folder / f"{stem}.safetensors", inner, prefix, dtype, report, progress)
-
-
-def _write_component(
-    src: _Source,
-    path: Path,
-    plan: dict[str, list[str]],
-    prefix: str,
-    dtype: torch.dtype | None,
-    report: ConvertReport,
-    progress: Progress | None,
-) -> None:
-    infos = {k: _canonical_shape_dtype(src, parts, "diffusers", prefix + k, dtype) for k, parts in plan.items()}
-    with StreamingWriter(path, infos, {"format": "pt"}) as writer:
-        for key, parts in plan.items():
-            source_key = src.home[parts[0]]
-            raw = src.ckpt.raw(source_key) if src.layout == "diffusers" and source_key == prefix + key else None
-            if raw is not None and src.ckpt.info(source_key).dtype == infos[key].dtype:
-                writer.copy_raw(key, raw[0], raw[1])
-                report.raw_copied += 1
-                report.tensors_written += 1
-                report.bytes_written += infos[key].nbytes
-                if progress:
-                    progress(infos[key].nbytes)
-                continue
-            tensor = src.km.join("diffusers", prefix + key, {p: src.canonical(p) for p in parts})
-            writer.write(key, tensor.to(infos[key].torch_dtype).contiguous())
-            report.tensors_written += 1
-            report.bytes_written += infos[key].nbytes
-            if progress:
-                progress(infos[key].nbytes)
+            _write_planned(
+                src,
+                tmp / folder / f"{stem}.safetensors",
+                inner,
+                "diffusers",
+                dtype,
+                {"format": "pt"},
+                report,
+                progress,
+                prefix=prefix,
+            )
 
 
 DTYPE_ALIASES = {
