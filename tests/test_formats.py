@@ -337,3 +337,15 @@ def test_full_size_family_is_told_from_shapes(tmp_path: Path, family_name: str) 
     tensors = kohya_state_dict(lora.with_adapters({m: lora.adapters[m] for m in keep}))
     save_file(tensors, tmp_path / "a.safetensors")
     assert load_lora(tmp_path / "a.safetensors").family.name == family_name
+
+
+def test_embeddings_are_never_dropped(tmp_path: Path) -> None:
+    """Textual-inversion tokens ride along in kohya/cloneofsimo files and beside diffusers/peft ones."""
+    source = REAL_LORAS / "cloneofsimo_lora" / "lora_disney.safetensors"
+    report = convert_lora(source, tmp_path / "k.safetensors", "kohya")
+    assert report.embeddings == 2
+    assert set(load_lora(tmp_path / "k.safetensors").embeddings) == {"<s1>", "<s2>"}
+    report = convert_lora(source, tmp_path / "d.safetensors", "diffusers")
+    sidecar = load_file(tmp_path / "d.embeddings.safetensors")
+    assert set(sidecar) == {"<s1>", "<s2>"} and any("d.embeddings.safetensors" in w for w in report.warnings)
+    assert not any(k.startswith("<") for k in load_file(tmp_path / "d.safetensors"))

@@ -134,6 +134,17 @@ def convert_lora(
     )
     prepared = prepare(lora, to, bake_scale=bake_scale, to_lora=to_lora, rank=rank, error=error, report=report)
     save_lora(prepared, output, to, dtype=parse_dtype(dtype), overwrite=overwrite)
+    if lora.embeddings and to in ("diffusers", "peft"):
+        # diffusers/peft LoRA files have no place for tokens: keep them beside, never drop them
+        from ..io.safetensors import save_tensors
+
+        out = Path(output)
+        sidecar = out.with_name(f"{out.name.split('.')[0]}.embeddings.safetensors")
+        save_tensors(sidecar, lora.embeddings, {"format": "pt"}, overwrite=overwrite)
+        report.warnings.append(
+            f"{len(lora.embeddings)} textual-inversion embeddings "
+            f"({', '.join(lora.embeddings)}) written to {sidecar.name}: {to} LoRA files cannot hold them"
+        )
     report.exact = not (report.baked or report.refactorized or dtype is not None)
     if not math.isfinite(report.max_relative_error):
         report.warnings.append("re-factorization error is not finite: the LoRA holds NaN/inf")
