@@ -28,7 +28,7 @@ EMBEDDING_KEYS = ("string_to_param", "emb_params", "clip_l", "clip_g")
 def _read_tensors(path: Path) -> tuple[object, dict[str, str]]:
     if path.suffix == ".safetensors" or (path.suffix not in PICKLE_SUFFIXES and _looks_safetensors(path)):
         with SafetensorsFile(path) as handle:
-            return {k: handle.read(k) for k in handle}, dict(handle.metadata)
+            return handle.read_all(), dict(handle.metadata)
     obj, _ = unwrap_state_dict(load_pickle_raw(path))
     return obj, {}
 

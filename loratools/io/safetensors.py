@@ -299,6 +299,22 @@ class SafetensorsFile:
         _pread_into(self.fileno, buffer, offset, self.path)
         return buffer.view(info.torch_dtype).reshape(info.shape)
 
+    def read_all(self) -> dict[str, torch.Tensor]:
+        """Every tensor, from one read of the data section (for small files such as LoRAs).
+
+        The tensors are views into one buffer of the data section's size; use :meth:`read` for
+        checkpoints, where one tensor at a time is the point.
+        """
+        import torch
+
+        size = self.header.file_size - self.header.data_start
+        buffer = torch.empty(size, dtype=torch.uint8)
+        _pread_into(self.fileno, buffer, self.header.data_start, self.path)
+        out = {}
+        for name, info in self.header.tensors.items():
+            out[name] = buffer[info.start : info.end].view(info.torch_dtype).reshape(info.shape)
+        return out
+
     def iter_tensors(self, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.keys() if names is None else names:
             yield name, self.read(name)
