@@ -215,3 +215,38 @@ def test_ruff_clean() -> None:
         text=True,
     )
     assert ruff.returncode == 0, ruff.stdout[-2000:]
+
+
+def test_lora_through_the_cli(tmp_path: Path) -> None:
+    from loratools.classify import classify
+    from loratools.families import FAMILIES
+    from loratools.formats.io import save_lora
+    from loratools.synthetic import make_lora
+
+    kohya = save_lora(make_lora(FAMILIES["sdxl"], rank=1, text=False), tmp_path / "k.safetensors", "kohya")
+    assert classify(kohya) == "lora"
+    code, out, err = run("convert", str(kohya), str(tmp_path / "d.safetensors"), "--to", "diffusers", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["exact"] and report["modules"] == 722 and report["output_format"] == "diffusers"
+    code, out, _ = run("inspect", "--json", str(tmp_path / "d.safetensors"))
+    assert code == 0 and json.loads(out)["family"] == "sdxl" and json.loads(out)["modules"] == 722
+    # a LoRA whose shapes fit no full-size model (here: a tiny test LoRA) is refused, not emptied
+    tiny = save_lora(make_lora(TINY["sd1"]), tmp_path / "tiny.safetensors", "kohya")
+    code, _, err = run("convert", str(tiny), str(tmp_path / "t.safetensors"), "--to", "diffusers")
+    assert code == 2 and "no module of this file fits" in err and not (tmp_path / "t.safetensors").exists()
+    code, _, err = run("convert", str(kohya), str(tmp_path / "c.safetensors"), "--to", "single")
+    assert code == 2 and "is a LoRA" in err
+    assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_lora_inspect_json_on_real_files() -> None:
+    from conftest import REAL_LORAS
+
+    code, out, err = run("inspect", "--json", str(REAL_LORAS / "lycoris_lokr" / "smart_falcon_16_lokr.safetensors"))
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["schema"] == "loratools.inspect.lora/1" and data["kind"] == "lora"
+    assert (data["format"], data["family"], data["modules"]) == ("kohya", "sd1", 350)
+    assert data["components"] == {"te1": 72, "unet": 278} and data["kinds"] == {"lokr": 350}
+    assert data["metadata_claims"] is None or data["metadata_claims"].startswith("sd1")

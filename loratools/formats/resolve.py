@@ -132,4 +132,10 @@ def resolve(
             dims = adapter_dims(groups[name])
             unmatched[name] = f"shape {dims} does not fit {canonical} {tables.modules[canonical].shape}"
             del hits[name]
+    if not hits:
+        name, reason = next(iter(unmatched.items()))
+        raise InputError(
+            f"no module of this file fits {spec.title}'s weights (e.g. {name}: {reason})",
+            hint="a LoRA for another model, or a damaged file",
+        )
     return Resolution(spec, tables, hits, unmatched, warnings)
