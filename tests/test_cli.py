@@ -196,7 +196,7 @@ def test_demo_runs() -> None:
 def test_help_teaches() -> None:
     for command in ("inspect", "convert", "demo"):
         code, out, _ = run(command, "--help")
-        assert (code == 0 and "Examples" in out) or command == "demo"
+        assert code == 0 and ("Examples" in out or command == "demo")
 
 
 def test_ci_runs_the_readme_test_command() -> None:

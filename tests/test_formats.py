@@ -153,7 +153,6 @@ def test_dora_round_trips_between_kohya_and_peft(tmp_path: Path) -> None:
     assert any(k.endswith("lora_magnitude_vector") for k in load_file(tmp_path / "d.safetensors"))
     back = load_lora(tmp_path / "d.safetensors", TINY["sd1"])
     save_lora(back, tmp_path / "k2.safetensors", "kohya")
-    assert (tmp_path / "k.safetensors").read_bytes() != b""
     first, second = load_file(tmp_path / "k.safetensors"), load_file(tmp_path / "k2.safetensors")
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 

@@ -16,7 +16,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING
 
 from ..errors import InputError
-from .spec import DIFFUSERS_FOLDERS, FamilySpec, Weight
+from .spec import FamilySpec, Weight
 from .text import text_weights
 from .unet import unet_weights
 from .vae import legacy_diffusers_name, vae_weights
@@ -202,8 +202,3 @@ class KeyMap:
         canonical = self.to_canonical(source, tensors)
         result = self.from_canonical(target, canonical.tensors)
         return Translation(result.tensors, {**canonical.unmapped, **result.unmapped})
-
-
-def diffusers_folder_of(canonical: str) -> str:
-    """The diffusers subfolder a canonical component lives in."""
-    return DIFFUSERS_FOLDERS[canonical.split(".", 1)[0]]

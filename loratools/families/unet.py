@@ -7,8 +7,6 @@ UNet2DConditionModel.__init__ (channel bookkeeping of the skip connections); see
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 from .spec import UNetSpec, Weight
 
 SINGLE_PREFIX = "model.diffusion_model."
@@ -154,13 +152,3 @@ def unet_weights(spec: UNetSpec) -> list[Weight]:
     e.norm("conv_norm_out", "out.0", c0)
     e.layer("conv_out", "out.2", (spec.out_channels, c0, 3, 3))
     return e.weights
-
-
-def iter_block_names(spec: UNetSpec) -> Iterator[str]:
-    """Canonical U-Net block prefixes in forward order (for per-block reports and weights)."""
-    levels = len(spec.channel_mult)
-    for level in range(levels):
-        yield f"unet.down_blocks.{level}"
-    yield "unet.mid_block"
-    for i in range(levels):
-        yield f"unet.up_blocks.{i}"

@@ -85,6 +85,17 @@ class LowRank:
     def parameters(self) -> int:
         return sum(t.numel() for t in (self.up, self.down, self.mid, self.dora_scale) if t is not None)
 
+    def baked(self) -> LowRank:
+        """The scale folded into the factors: ``alpha := r``, ``up := up·alpha/r`` (ΔW unchanged).
+
+        Computed in float32 and stored back in ``up``'s dtype; a negative scale flips ``up`` — no
+        square root of a signed number is ever taken.
+        """
+        if self.alpha == self.rank:
+            return self
+        up = (self.up.to(torch.float32) * self.scale).to(self.up.dtype)
+        return replace(self, up=up, alpha=float(self.rank))
+
 
 def _tucker(t: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``M[p,q,…] = Σ_{i,j} t[i,j,…] · a[i,p] · b[j,q]`` (LyCORIS functional.general.rebuild_tucker)."""
@@ -261,6 +272,14 @@ class Full:
 
     def parameters(self) -> int:
         return self.diff.numel() + (self.diff_b.numel() if self.diff_b is not None else 0)
+
+
+def factor_dtype(adapter: object) -> torch.dtype:
+    """The dtype an adapter's factors are stored in (its first floating-point tensor)."""
+    for value in vars(adapter).values():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.dtype
+    return torch.float32
 
 
 Adapter = Union[LowRank, LoHa, LoKr, Full]  # noqa: UP007 (a runtime alias)

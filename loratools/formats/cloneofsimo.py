@@ -24,7 +24,7 @@ import json
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -386,15 +386,7 @@ def bake_scale(lora: LoraFile) -> LoraFile:
     cloneofsimo files have no alpha: this is what makes a LoRA with ``alpha ≠ r`` writable.
     Other adapter kinds are left as they are (the writers refuse them).
     """
-    return lora.with_adapters({name: _bake(a) if isinstance(a, LowRank) else a for name, a in lora.adapters.items()})
-
-
-def _bake(adapter: LowRank) -> LowRank:
-    """``up := up·alpha/r`` in float32, back in up's dtype; ``alpha := r`` (a negative scale flips up)."""
-    if adapter.alpha == adapter.rank:
-        return adapter
-    up = (adapter.up.to(torch.float32) * adapter.scale).to(adapter.up.dtype)
-    return replace(adapter, up=up, alpha=float(adapter.rank))
+    return lora.with_adapters({name: a.baked() if isinstance(a, LowRank) else a for name, a in lora.adapters.items()})
 
 
 def _scale_is_one(adapter: LowRank) -> bool:

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import InputError
 from ..families.spec import FamilySpec
-from .adapters import LoraFile, LowRank
+from .adapters import LoraFile, LowRank, factor_dtype
 from .lycoris import adapter_from_params, adapter_params
 from .names import kohya_text_prefixes, name_tables
 from .resolve import claimed_family, resolve
@@ -72,19 +72,10 @@ def kohya_state_dict(lora: LoraFile, *, dtype: torch.dtype | None = None) -> dic
     out: dict[str, torch.Tensor] = {}
     for module, adapter in lora.adapters.items():
         name = tables.kohya_name(module, sgm_unet=sgm, text_prefixes=prefixes)
-        factor_dtype = dtype or _factor_dtype(adapter)
-        for param, tensor in adapter_params(adapter, factor_dtype).items():
-            out[f"{name}.{param}"] = (
-                tensor.to(factor_dtype) if dtype is not None and tensor.is_floating_point() else tensor
-            )
+        stored = dtype or factor_dtype(adapter)
+        for param, tensor in adapter_params(adapter, stored).items():
+            out[f"{name}.{param}"] = tensor.to(stored) if dtype is not None and tensor.is_floating_point() else tensor
     return dict(sorted(out.items()))
-
-
-def _factor_dtype(adapter: object) -> torch.dtype:
-    for value in vars(adapter).values():
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            return value.dtype
-    return torch.float32
 
 
 def kohya_metadata(lora: LoraFile) -> dict[str, str]:
@@ -101,7 +92,3 @@ def kohya_metadata(lora: LoraFile) -> dict[str, str]:
         meta["ss_v2"] = str(lora.family.name == "sd2")
     meta.setdefault("ss_network_module", "networks.lora" if lora.only_plain_lora() else "lycoris.kohya")
     return meta
-
-
-def family_native_names(spec: FamilySpec) -> str:
-    return "SGM (input_blocks_…)" if spec.single_layout == "sgm" else "diffusers (down_blocks_…)"

@@ -88,10 +88,6 @@ def _pattern_value(patterns: Mapping[str, Any], path: str) -> Any:
     return None
 
 
-def _component_config(configs: Mapping[str, Mapping[str, Any]], folder: str) -> Mapping[str, Any] | None:
-    return configs.get(folder)
-
-
 def configs_from_metadata(metadata: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     """Per-folder LoraConfig fields from diffusers' ``lora_adapter_metadata``."""
     raw = metadata.get(METADATA_KEY)
@@ -143,7 +139,7 @@ def read_peft(
         if "lora_B.bias" in params:
             raise InputError(f"{module}: lora_B.bias (peft lora_bias=True) cannot be represented; not supported")
         folder, path = module.split(".", 1)
-        config = _component_config(configs, folder)
+        config = configs.get(folder)
         alpha = float(rank)
         if config is None:
             no_config.add(folder)

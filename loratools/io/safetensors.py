@@ -16,7 +16,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -314,10 +314,6 @@ class SafetensorsFile:
         for name, info in self.header.tensors.items():
             out[name] = buffer[info.start : info.end].view(info.torch_dtype).reshape(info.shape)
         return out
-
-    def iter_tensors(self, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        for name in self.keys() if names is None else names:
-            yield name, self.read(name)
 
 
 def _pread_into(fd: int, buffer: torch.Tensor, offset: int, path: Path) -> None:

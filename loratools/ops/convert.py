@@ -11,10 +11,10 @@ import torch
 
 from ..errors import InputError
 from ..families.spec import FamilySpec
-from ..formats.adapters import LoraFile, LowRank
+from ..formats.adapters import LoraFile, LowRank, factor_dtype
 from ..formats.io import FORMATS, load_lora, save_lora
 from .checkpoint import parse_dtype
-from .lowrank import bake, to_lowrank
+from .lowrank import to_lowrank
 
 
 @dataclass
@@ -61,7 +61,7 @@ def prepare(
         for module, adapter in adapters.items():
             if isinstance(adapter, LowRank) and adapter.mid is None:
                 continue  # already a plain LoRA (resizing those is `loratools resize`)
-            adapters[module], err = to_lowrank(adapter, rank=rank, error=error, dtype=_dtype_of(adapter))
+            adapters[module], err = to_lowrank(adapter, rank=rank, error=error, dtype=factor_dtype(adapter))
             worst = max(worst, err)
             if report is not None:
                 report.refactorized += 1
@@ -88,17 +88,10 @@ def prepare(
                 hint="--bake folds each scale into its up factor",
             )
         for module in unscaled:
-            adapters[module] = bake(adapters[module])  # type: ignore[arg-type]
+            adapters[module] = adapters[module].baked()  # type: ignore[union-attr]
         if report is not None:
             report.baked = len(unscaled)
     return lora.with_adapters(adapters)
-
-
-def _dtype_of(adapter: object) -> torch.dtype:
-    for value in vars(adapter).values():
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            return value.dtype
-    return torch.float32
 
 
 def convert_lora(

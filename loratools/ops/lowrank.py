@@ -139,14 +139,3 @@ def to_lowrank(
         new_down = new_down.reshape(k, *shape[1:])
     out_dtype = dtype or torch.float32
     return LowRank(new_up.contiguous().to(out_dtype), new_down.contiguous().to(out_dtype), float(k)), err
-
-
-def bake(adapter: LowRank) -> LowRank:
-    """Fold the scale into the factors: ``alpha := r``, ``up := up·alpha/r`` (ΔW unchanged).
-
-    A negative scale flips ``up``; no square root of a signed number is ever taken.
-    """
-    if adapter.alpha == adapter.rank:
-        return adapter
-    scaled = (adapter.up.to(torch.float32) * adapter.scale).to(adapter.up.dtype)
-    return LowRank(scaled, adapter.down, float(adapter.rank), adapter.mid, adapter.dora_scale, adapter.dora_axis)
