@@ -145,10 +145,9 @@ def infer_widths(spec: FamilySpec, layout: str, shapes: Mapping[str, tuple[int, 
 
     def shape(canonical: str) -> tuple[int, ...] | None:
         w = km.by_canonical.get(canonical)
-        name = w.layout_name(layout) if w else None
-        if name is None:
+        if w is None:
             return None
-        for key in (name, *(a for a, ws in km._index[layout].items() if ws and ws[0] is w and a != name)):
+        for key in km.spellings(layout, canonical):
             if key in shapes:
                 return _canonical_shape(w, layout, shapes[key])
         return None

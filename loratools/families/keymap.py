@@ -120,6 +120,26 @@ class KeyMap:
         """The canonical weights stored under a layout key (empty if the key is not mapped)."""
         return self._index[self._check_layout(layout)].get(key, [])
 
+    def spellings(self, layout: str, canonical: str) -> list[str]:
+        """Every key under which a layout may store a canonical tensor (its name, then legacy aliases)."""
+        return self._spellings[self._check_layout(layout)].get(canonical, [])
+
+    @cached_property
+    def _spellings(self) -> dict[str, dict[str, list[str]]]:
+        table: dict[str, dict[str, list[str]]] = {}
+        for layout, index in self._index.items():
+            names: dict[str, list[str]] = {}
+            for key, weights in index.items():
+                for w in weights:
+                    names.setdefault(w.canonical, []).append(key)
+            for w in self.weights:  # the layout's own name first, aliases after
+                own = w.layout_name(layout)
+                if own in names.get(w.canonical, []):
+                    names[w.canonical].remove(own)
+                    names[w.canonical].insert(0, own)
+            table[layout] = names
+        return table
+
     def layout_key(self, canonical: str, layout: str) -> str | None:
         """The name a canonical tensor has in a layout (None if the layout lacks it)."""
         return self.by_canonical[canonical].layout_name(self._check_layout(layout))
