@@ -8,6 +8,7 @@ from .. import __version__
 from .convert_cmd import convert
 from .demo_cmd import demo
 from .inspect_cmd import inspect_command
+from .merge_cmd import merge, unmerge
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -25,11 +26,14 @@ def cli() -> None:
     Try:  loratools demo
           loratools inspect model.safetensors
           loratools convert model.safetensors model-diffusers --to diffusers
+          loratools merge model.safetensors style.safetensors:0.8 -o merged.safetensors
     """
 
 
 cli.add_command(inspect_command)
 cli.add_command(convert)
+cli.add_command(merge)
+cli.add_command(unmerge)
 cli.add_command(demo)
 
 

@@ -13,6 +13,7 @@ import errno
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import OutputError
@@ -80,12 +81,19 @@ class AtomicFile:
                 self.fd, self.tmp = fd, Path(name)
         return fd
 
-    def commit(self) -> None:
+    def commit(self, check: Callable[[Path], None] | None = None) -> None:
+        """fsync and rename into place; ``check(temporary_path)`` runs first and may still refuse."""
         assert self.fd is not None and self.tmp is not None
         try:
             os.fsync(self.fd)
             os.close(self.fd)
             self.fd = None
+            if check is not None:
+                try:
+                    check(self.tmp)
+                except BaseException:
+                    self.abort()
+                    raise
             os.chmod(self.tmp, 0o644)
             os.replace(self.tmp, self.path)
         except OSError as exc:

@@ -16,7 +16,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -368,8 +368,10 @@ class StreamingWriter:
         metadata: Mapping[str, str] | None = None,
         *,
         overwrite: bool = False,
+        check: Callable[[Path], None] | None = None,
     ) -> None:
         self.path = Path(path)
+        self.check = check  # runs on the complete temporary file before it is renamed into place
         self._header, self._placed = _header_bytes(plan, metadata)
         self._order = list(self._placed)
         self._next = 0
@@ -393,7 +395,7 @@ class StreamingWriter:
             self._atomic.abort()
             raise RuntimeError(f"streaming writer closed before {missing!r} was written")
         if exc_type is None:
-            self._atomic.commit()
+            self._atomic.commit(self.check)
             return
         self._atomic.abort()
         if isinstance(exc, OSError):

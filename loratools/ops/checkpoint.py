@@ -48,13 +48,13 @@ class ConvertReport:
     missing: list[str] = field(default_factory=list)  # output keys the source could not supply
 
 
-def _float_dtype(info: TensorInfo, dtype: torch.dtype | None) -> str:
+def output_dtype_name(info: TensorInfo, dtype: torch.dtype | None) -> str:
     if dtype is None or info.dtype not in FLOAT_DTYPES:
         return info.dtype
     return dtype_name(dtype)
 
 
-class _Source:
+class CanonicalSource:
     """Reads canonical tensors of a checkpoint, keeping at most one fused tensor decoded."""
 
     def __init__(self, ckpt: Checkpoint, km: KeyMap, layout: str) -> None:
@@ -72,7 +72,7 @@ class _Source:
         return self._cached[1][name]
 
 
-def _plan_layout(source: _Source, layout: str, keys: list[str]) -> tuple[dict[str, list[str]], list[str]]:
+def plan_layout(source: CanonicalSource, layout: str, keys: list[str]) -> tuple[dict[str, list[str]], list[str]]:
     """Target key → canonical parts, for target keys whose every part the source has."""
     plan: dict[str, list[str]] = {}
     missing: list[str] = []
@@ -94,7 +94,7 @@ def _write_same_layout(
     overwrite: bool,
 ) -> None:
     names = ckpt.keys()
-    plan = {n: TensorInfo(_float_dtype(ckpt.info(n), dtype), ckpt.info(n).shape) for n in names}
+    plan = {n: TensorInfo(output_dtype_name(ckpt.info(n), dtype), ckpt.info(n).shape) for n in names}
     with StreamingWriter(out, plan, ckpt.metadata or None, overwrite=overwrite) as writer:
         for name in names:
             info = plan[name]
@@ -110,8 +110,8 @@ def _write_same_layout(
                 progress(info.nbytes)
 
 
-def _canonical_shape_dtype(
-    source: _Source, parts: list[str], layout: str, key: str, dtype: torch.dtype | None
+def planned_info(
+    source: CanonicalSource, parts: list[str], layout: str, key: str, dtype: torch.dtype | None
 ) -> TensorInfo:
     import torch
 
@@ -126,11 +126,11 @@ def _canonical_shape_dtype(
         for p in parts
     }
     shape = tuple(source.km.join(layout, key, tensors).shape)
-    return TensorInfo(_float_dtype(first, dtype), shape)
+    return TensorInfo(output_dtype_name(first, dtype), shape)
 
 
 def _write_planned(
-    src: _Source,
+    src: CanonicalSource,
     out: Path,
     plan: dict[str, list[str]],
     layout: str,
@@ -146,7 +146,7 @@ def _write_planned(
 
     A key whose source is the very same key of the same layout and dtype is copied as raw bytes.
     """
-    infos = {k: _canonical_shape_dtype(src, parts, layout, prefix + k, dtype) for k, parts in plan.items()}
+    infos = {k: planned_info(src, parts, layout, prefix + k, dtype) for k, parts in plan.items()}
     with StreamingWriter(out, infos, metadata, overwrite=overwrite) as writer:
         for key, parts in plan.items():
             source_key = src.home[parts[0]]
@@ -183,7 +183,7 @@ def convert_checkpoint(
     torch_dtype = parse_dtype(dtype)
     with open_checkpoint(source) as ckpt:
         found = detect(ckpt.shapes(), ckpt.metadata, family=family)
-        target = _target_layout(found, layout)
+        target = target_layout(found, layout)
         report = ConvertReport(str(source), str(output), found.family.name, found.layout, target)
         if output.resolve() == source.resolve():
             raise InputError(f"{output}: output is the input; write elsewhere")
@@ -191,19 +191,19 @@ def convert_checkpoint(
             _write_same_layout(ckpt, output, torch_dtype, report, progress, overwrite)
             return report
         km = keymap(found.family)
-        src = _Source(ckpt, km, found.layout)
+        src = CanonicalSource(ckpt, km, found.layout)
         report.dropped = [k for k in ckpt if not any(w.layout_name(target) for w in km.lookup(found.layout, k))]
         if target == "diffusers":
             _write_folder(src, output, found, torch_dtype, report, progress, overwrite)
         else:
-            plan, report.missing = _plan_layout(src, target, km.layout_keys(target))
+            plan, report.missing = plan_layout(src, target, km.layout_keys(target))
             _write_planned(
                 src, output, plan, target, torch_dtype, ckpt.metadata or None, report, progress, overwrite=overwrite
             )
         return report
 
 
-def _target_layout(found: Detection, layout: str | None) -> str:
+def target_layout(found: Detection, layout: str | None) -> str:
     if layout is None:
         return found.layout
     if layout in ("single", "ldm", "sgm"):
@@ -213,15 +213,22 @@ def _target_layout(found: Detection, layout: str | None) -> str:
     raise InputError(f"unknown layout {layout!r} (use single or diffusers)")
 
 
-def _write_folder(
-    src: _Source,
+WriteFile = Callable[[Path, dict[str, list[str]], str], None]  # (file, key → canonical parts, key prefix)
+
+
+def write_folder(
+    src: CanonicalSource,
     output: Path,
     found: Detection,
-    dtype: torch.dtype | None,
-    report: ConvertReport,
-    progress: Progress | None,
+    write_file: WriteFile,
+    *,
     overwrite: bool,
-) -> None:
+    check: Callable[[Path], None] | None = None,
+) -> list[str]:
+    """A diffusers folder at ``output``: one weight file per component written by ``write_file``,
+    configs (and, from a folder source, tokenizer/scheduler/…) beside them. Returns the diffusers
+    keys the source could not fill. ``check(temporary_folder)`` runs before the folder is renamed
+    into place."""
     km = src.km
     configs = diffusers_configs(found.family)
     source_folder = src.ckpt.path if src.ckpt.container == "diffusers" else None
@@ -232,8 +239,7 @@ def _write_folder(
                     (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
         else:
             (tmp / "model_index.json").write_text(json.dumps(configs["model_index"], indent=2))
-        all_keys = km.layout_keys("diffusers")
-        plan, report.missing = _plan_layout(src, "diffusers", all_keys)
+        plan, missing = plan_layout(src, "diffusers", km.layout_keys("diffusers"))
         for component, folder in DIFFUSERS_FOLDERS.items():
             prefix = f"{folder}."
             keys = {k: v for k, v in plan.items() if k.startswith(prefix)}
@@ -247,17 +253,25 @@ def _write_folder(
                 (tmp / folder / "config.json").write_text(json.dumps(configs[folder], indent=2))
             stem = WEIGHT_NAMES[0] if component in ("unet", "vae") else WEIGHT_NAMES[1]
             inner = {k[len(prefix) :]: v for k, v in keys.items()}
-            _write_planned(
-                src,
-                tmp / folder / f"{stem}.safetensors",
-                inner,
-                "diffusers",
-                dtype,
-                {"format": "pt"},
-                report,
-                progress,
-                prefix=prefix,
-            )
+            write_file(tmp / folder / f"{stem}.safetensors", inner, prefix)
+        if check is not None:
+            check(tmp)
+    return missing
+
+
+def _write_folder(
+    src: CanonicalSource,
+    output: Path,
+    found: Detection,
+    dtype: torch.dtype | None,
+    report: ConvertReport,
+    progress: Progress | None,
+    overwrite: bool,
+) -> None:
+    def write_file(path: Path, plan: dict[str, list[str]], prefix: str) -> None:
+        _write_planned(src, path, plan, "diffusers", dtype, {"format": "pt"}, report, progress, prefix=prefix)
+
+    report.missing = write_folder(src, output, found, write_file, overwrite=overwrite)
 
 
 DTYPE_ALIASES = {

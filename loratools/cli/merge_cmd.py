@@ -1,0 +1,209 @@
+"""``loratools merge`` and ``loratools unmerge``: bake LoRAs into a checkpoint, or take them out."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from ..families import FAMILIES
+from ..io.checkpoint import open_checkpoint
+from ..io.safetensors import FLOAT_DTYPES, ITEMSIZE
+from .errors import user_errors
+from .options import dtype_option, family_option, overwrite_option
+from .progress import byte_progress
+from .render import human_bytes, print_json
+
+LORA_SYNTAX = """\b
+LORA arguments (any format loratools reads; repeat for several):
+  lora.safetensors              weight 1
+  lora.safetensors:0.7          weight 0.7 (negative subtracts)
+  lora.safetensors:unet=1,te=0.5          U-Net and text-encoder weights
+  lora.safetensors:w=0.8,lbw=OUTALL       block weights: a lora-block-weight preset
+  lora.safetensors:lbw=1,0,0,0,1,1,1,1,1,1,1,1,0,0,0,0,0
+                                block weights: 17/26 values (SD 1.x/2.x) or 12/20 (SDXL),
+                                BASE (text encoders) first, then IN…, M00, OUT… blocks"""
+
+
+def _common(command: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("-o", "--output", type=click.Path(path_type=str), default=None, help="Where to write the result."),
+        click.option(
+            "--to",
+            "layout",
+            type=click.Choice(["single", "diffusers"]),
+            default=None,
+            help="Output layout: single file (LDM/SGM) or diffusers folder (default: the input's).",
+        ),
+        dtype_option,
+        family_option,
+        click.option(
+            "--device",
+            type=click.Choice(["auto", "cpu", "cuda"]),
+            default="auto",
+            show_default=True,
+            help="Where ΔW is computed (auto: CUDA when present).",
+        ),
+        click.option(
+            "--batch-mb",
+            type=click.IntRange(min=16),
+            default=256,
+            show_default=True,
+            help="Float32 work per batch in MiB; peak memory is about two batches.",
+        ),
+        click.option("--strict", is_flag=True, help="Fail if any LoRA module patches nothing."),
+        click.option("--dry-run", is_flag=True, help="Print the plan (what is patched, dtypes, size); write nothing."),
+        click.option(
+            "--verify",
+            type=click.IntRange(min=1),
+            is_flag=False,
+            flag_value=16,
+            default=None,
+            help="Recompute N patched tensors (default 16) from the written file before it is put in place.",
+        ),
+        click.option(
+            "--skip-nonfinite", is_flag=True, help="Leave out LoRA modules with NaN/inf factors (default: refuse)."
+        ),
+        overwrite_option,
+        click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (schema loratools.merge/1)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _output_total(base: str, dtype: str | None) -> int:
+    """Bytes the output will hold (for the progress bar), from the base's header."""
+    from ..ops.checkpoint import parse_dtype
+
+    target = parse_dtype(dtype)
+    with open_checkpoint(base) as ckpt:
+        if target is None:
+            return ckpt.nbytes
+        from ..io.safetensors import dtype_name
+
+        size = ITEMSIZE[dtype_name(target)]
+        return sum(i.numel * size if i.dtype in FLOAT_DTYPES else i.nbytes for i in map(ckpt.info, ckpt))
+
+
+def _run(operation: str, base: str, loras: tuple[str, ...], options: dict[str, Any], original: str | None) -> None:
+    as_json = options.pop("as_json")
+    console = Console(stderr=as_json)
+    with user_errors():
+        from ..ops.merge import merge, unmerge  # torch is imported only where tensors are touched
+
+        options["budget"] = options.pop("batch_mb") * 2**20
+        options["verify"] = options["verify"] or 0
+        output = options.pop("output")
+        total = _output_total(base, options["dtype"])
+        label = "merging" if operation == "merge" else "unmerging"
+        with byte_progress(console, label, enabled=not as_json and not options["dry_run"], total=total) as advance:
+            if operation == "merge":
+                report = merge(base, list(loras), output, progress=advance, **options)
+            else:
+                report = unmerge(base, list(loras), output, base=original, progress=advance, **options)
+        if as_json:
+            print_json(Console(), report.to_dict())
+            return
+        render_merge(console, report)
+
+
+def render_merge(console: Console, report: Any) -> None:
+    """The match report, the write summary, verification and residuals."""
+    verb = {"merge": "merged", "unmerge": "unmerged"}[report.operation]
+    if report.dry_run:
+        verb = f"plan ({report.operation}, nothing written)"
+    target = report.output or "—"
+    family = FAMILIES[report.family].title
+    console.print(
+        f"[bold]{verb}[/bold]: {report.base} → {target}  ({family}, {report.layout} → {report.output_layout}, "
+        f"ΔW on {report.device})"
+    )
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for column in ("LoRA", "format", "weights", "patched", "unmatched"):
+        table.add_column(column)
+    for m in report.loras:
+        weights = f"{m.weight:g}" if m.unet == m.text == m.weight else f"unet {m.unet:g}, te {m.text:g}"
+        if m.blocks:
+            weights += f", blocks {m.blocks}"
+        patched = ", ".join(f"{c} {n}" for c, n in sorted(m.patched.items())) or "nothing"
+        if m.zero_weight:
+            patched += f" ({m.zero_weight} at weight 0)"
+        table.add_row(Path(m.path).name, m.format, weights, patched, str(len(m.unmatched)))
+    console.print(table)
+    shown = 0
+    for m in report.loras:
+        for module, reason in m.unmatched.items():
+            if shown == 8:
+                console.print(f"  [dim]… {report.unmatched - shown} more (--json lists them all)[/dim]")
+                break
+            console.print(f"  [yellow]unmatched[/yellow] {Path(m.path).name}: {module} — {reason}")
+            shown += 1
+    patched = ", ".join(f"{c} {n}" for c, n in sorted(report.patched.items()))
+    dtypes = ", ".join(f"{k} ×{n}" for k, n in sorted(report.dtype_plan.items()))
+    console.print(
+        f"tensors: {sum(report.dtype_plan.values())} ({dtypes}), patched: {patched}; "
+        f"output {human_bytes(report.output_bytes)}"
+    )
+    if not report.dry_run:
+        console.print(f"{report.raw_copied} untouched tensors copied as raw bytes; {report.seconds:.2f} s")
+    if report.verified:
+        worst = max(v["max_abs_error"] for v in report.verified)
+        console.print(f"[green]verified[/green] {len(report.verified)} tensors against W + ΔW (max error {worst:.3g})")
+    for component, stats in sorted(report.residual.items()):
+        console.print(
+            f"residual vs base, {component}: max |Δ| {stats['max_abs']:.3g}, relative {stats['relative']:.3g}"
+        )
+    if report.missing:
+        console.print(f"[yellow]warning:[/yellow] {len(report.missing)} output tensors could not be filled")
+    for warning in report.warnings[:10]:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+
+
+@click.command(epilog=LORA_SYNTAX)
+@click.argument("base", type=click.Path(path_type=str))
+@click.argument("loras", nargs=-1, required=True)
+@_common
+def merge(base: str, loras: tuple[str, ...], **options: Any) -> None:
+    """Bake one or more LoRAs into a checkpoint (single file or diffusers folder).
+
+    Streamed from disk to disk: untouched tensors are copied as raw bytes, patched ones get
+    W + Σ weight·ΔW computed in float32 (batched by shape, on the GPU when there is one) and
+    rounded once to their own dtype (or --dtype). Memory stays at a couple of batches whatever
+    the checkpoint's size. The output appears only when complete.
+
+    \b
+    Examples:
+      loratools merge sd15.safetensors style.safetensors:0.8 -o sd15-style.safetensors
+      loratools merge sdxl.safetensors a.safetensors b.safetensors:-0.5 -o out.safetensors --verify
+      loratools merge ./sd15-diffusers detail.safetensors:lbw=OUTALL -o merged --dry-run
+    """
+    _run("merge", base, loras, options, None)
+
+
+@click.command(epilog=LORA_SYNTAX)
+@click.argument("merged", type=click.Path(path_type=str))
+@click.argument("loras", nargs=-1, required=True)
+@click.option(
+    "--base",
+    "original",
+    type=click.Path(path_type=str),
+    default=None,
+    help="The original checkpoint: report how far the result is from it (max abs, relative).",
+)
+@_common
+def unmerge(merged: str, loras: tuple[str, ...], original: str | None, **options: Any) -> None:
+    """Take LoRAs back out of a merged checkpoint: W = W' − Σ weight·ΔW, in float32.
+
+    Give the LoRAs with the weights they were merged at. The result equals the original up to
+    the rounding of the merged file; --base ORIGINAL measures exactly how close it is.
+
+    \b
+    Example:
+      loratools unmerge merged.safetensors style.safetensors:0.8 -o restored.safetensors --base sd15.safetensors
+    """
+    _run("unmerge", merged, loras, options, original)

@@ -1,0 +1,279 @@
+"""The ΔW engine: weight updates of many modules at once, batched by shape, on CPU or GPU.
+
+A merge patches hundreds of modules, most of them plain low-rank ones whose shapes repeat (every
+``to_q`` of a block level has the same ``(out, in, rank)``). Computing them one ``up @ down`` at a
+time wastes most of the time on dispatch; here the modules of one shape are stacked and patched with
+one ``baddbmm`` — ``W' = W + U·D`` for the whole group, the add fused into the matmul. Several LoRAs
+on one module are one product too: their factors are concatenated along the rank axis,
+``[s₁U₁ | s₂U₂] @ [D₁; D₂] = s₁U₁D₁ + s₂U₂D₂``, so N LoRAs cost one matmul of rank Σrᵢ.
+
+Everything is float32: factors and base weights are upcast, the sum is rounded once, to the output
+dtype. LoHa products are batched too; LoKr, Tucker and full-diff modules are rare enough to go one
+at a time. DoRA is applied last, per module, because its magnitude renormalises the whole row.
+
+On a GPU the base weights travel in their file dtype (half the bytes of fp32) through pinned host
+memory, ΔW never leaves the device, and the patched weight comes back already rounded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import InputError
+from ..formats.adapters import Adapter, Full, LoHa, LowRank, apply_dora
+
+DEFAULT_BUDGET = 256 * 2**20  # bytes of float32 work per batched matmul
+
+
+@dataclass(frozen=True)
+class Term:
+    """One adapter's contribution to one tensor: ``strength · ΔW`` (``bias``: Full.diff_b to the bias)."""
+
+    adapter: Adapter
+    strength: float
+    bias: bool = False
+
+    @property
+    def is_dora(self) -> bool:
+        return not self.bias and getattr(self.adapter, "dora_scale", None) is not None
+
+
+@dataclass
+class Job:
+    """A tensor to patch: its current value (any float dtype, canonical shape) and the terms to add."""
+
+    weight: torch.Tensor
+    terms: Sequence[Term]
+    out_dtype: torch.dtype | None = None  # None: the weight's own dtype
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"`` → CUDA when present, else CPU; ``"cuda"`` without a GPU is a one-line error."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA GPU is available (use --device cpu or auto)")
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"unsupported device {device!r} (use auto, cpu or cuda)")
+    return dev
+
+
+def _flat(shape: Sequence[int]) -> tuple[int, int]:
+    return int(shape[0]), math.prod(int(s) for s in shape[1:]) if len(shape) > 1 else 1
+
+
+def _lowrank_factors(terms: Sequence[Term], shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(U, D)`` with ``U @ D = Σ strength·scale·up@down`` over plain LowRank terms, or None."""
+    plain = [
+        t for t in terms if isinstance(t.adapter, LowRank) and t.adapter.mid is None and not t.is_dora and not t.bias
+    ]
+    if not plain:
+        return None
+    out, inp = _flat(shape)
+    ups, downs = [], []
+    for term in plain:
+        a = term.adapter
+        assert isinstance(a, LowRank)
+        down = a.down.reshape(a.rank, -1)
+        if down.shape[1] != inp or a.up.shape[0] != out:
+            raise InputError(f"a rank-{a.rank} factor pair of ΔW {a.delta_shape()} does not fit a weight {shape}")
+        ups.append(a.up.to(torch.float32).reshape(out, a.rank) * (a.scale * term.strength))
+        downs.append(down.to(torch.float32))
+    if len(ups) == 1:
+        return ups[0], downs[0]
+    return torch.cat(ups, dim=1), torch.cat(downs, dim=0)
+
+
+def _is_batched_loha(term: Term) -> bool:
+    a = term.adapter
+    return isinstance(a, LoHa) and a.t1 is None and not term.is_dora and not term.bias
+
+
+def _single_delta(term: Term, shape: tuple[int, ...]) -> torch.Tensor:
+    """One term's ΔW (float32, flattened to (out, in·k·k)) the unbatched way."""
+    a = term.adapter
+    if term.bias:
+        assert isinstance(a, Full) and a.diff_b is not None
+        delta = a.diff_b.to(torch.float32)
+    else:
+        delta = a.delta()
+    if delta.numel() != math.prod(shape):
+        raise InputError(f"a {a.kind} ΔW {tuple(delta.shape)} does not fit a weight {shape}")
+    return delta.reshape(_flat(shape)) * term.strength
+
+
+@dataclass
+class _Group:
+    """Jobs sharing one factor shape, computed by one batched matmul per chunk."""
+
+    names: list[str] = field(default_factory=list)
+    lefts: list[torch.Tensor] = field(default_factory=list)
+    rights: list[torch.Tensor] = field(default_factory=list)
+    extra: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # LoHa's second product
+
+
+class DeltaEngine:
+    """Computes ΔW and patched weights for many tensors, batched by shape, within a memory budget.
+
+    ``device``: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``. ``budget``: bytes of
+    float32 work per batched matmul; larger groups are split into chunks.
+    """
+
+    def __init__(self, device: str | torch.device | None = "auto", budget: int = DEFAULT_BUDGET) -> None:
+        self.device = resolve_device(device)
+        self.budget = max(int(budget), 1)
+        self.cuda = self.device.type == "cuda"
+        self._copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+
+    # -- public ------------------------------------------------------------------------------------
+    def deltas(self, jobs: Mapping[str, tuple[tuple[int, ...], Sequence[Term]]]) -> dict[str, torch.Tensor]:
+        """ΔW (float32, on the CPU, in each given shape) of every job: ``name → (shape, terms)``."""
+        zeros = {
+            name: Job(torch.zeros((), dtype=torch.float32).expand(shape), terms, torch.float32)
+            for name, (shape, terms) in jobs.items()
+        }
+        return self._run(zeros, add_base=False)
+
+    def patch(self, jobs: Mapping[str, Job]) -> dict[str, torch.Tensor]:
+        """``W + Σ strength·ΔW`` for every job, rounded once to its output dtype, on the CPU.
+
+        DoRA terms are applied after the additive ones, in the order given.
+        """
+        return self._run(jobs, add_base=True)
+
+    # -- the work -----------------------------------------------------------------------------------
+    def _run(self, jobs: Mapping[str, Job], add_base: bool) -> dict[str, torch.Tensor]:
+        groups: dict[tuple, _Group] = defaultdict(_Group)
+        rest: dict[str, list[Term]] = {}
+        for name, job in jobs.items():
+            shape = tuple(job.weight.shape)
+            additive = [t for t in job.terms if not t.is_dora]
+            factors = _lowrank_factors(additive, shape)
+            if factors is not None:
+                u, d = factors
+                group = groups[("lowrank", *_flat(shape), u.shape[1])]
+                group.names.append(name)
+                group.lefts.append(u)
+                group.rights.append(d)
+            for term in additive:
+                if _is_batched_loha(term):
+                    a = term.adapter
+                    assert isinstance(a, LoHa)
+                    out, inp = _flat(shape)
+                    key = ("loha", out, inp, a.w1b.shape[0], a.w2b.shape[0])
+                    group = groups[key]
+                    group.names.append(name)
+                    group.lefts.append(a.w1a.to(torch.float32).reshape(out, -1) * (a.scale * term.strength))
+                    group.rights.append(a.w1b.to(torch.float32).reshape(a.w1b.shape[0], -1))
+                    group.extra.append(
+                        (a.w2a.to(torch.float32).reshape(out, -1), a.w2b.to(torch.float32).reshape(a.w2b.shape[0], -1))
+                    )
+                elif factors is None or not (
+                    isinstance(term.adapter, LowRank) and term.adapter.mid is None and not term.bias
+                ):
+                    rest.setdefault(name, []).append(term)
+
+        # float32 accumulators (flattened to 2-D) on the device. A job whose only additive work is one
+        # low-rank product starts life inside its group's batch buffer: W is upcast straight into it
+        # and the matmul adds onto it in place (no separate ΔW tensor, no extra pass).
+        in_groups: dict[str, int] = defaultdict(int)
+        for group in groups.values():
+            for name in group.names:
+                in_groups[name] += 1
+        owned = {
+            name
+            for key, group in groups.items()
+            if key[0] == "lowrank"
+            for name in group.names
+            if in_groups[name] == 1 and name not in rest
+        }
+        acc: dict[str, torch.Tensor] = {}
+        for name, job in jobs.items():
+            if name not in owned:
+                acc[name] = self._start(job.weight, add_base)
+
+        for key, group in groups.items():
+            self._run_group(key, group, acc, {n: jobs[n].weight for n in group.names if n in owned}, add_base)
+        for name, terms in rest.items():
+            shape = tuple(jobs[name].weight.shape)
+            for term in terms:
+                acc[name] += _single_delta(term, shape).to(self.device)
+
+        out: dict[str, torch.Tensor] = {}
+        for name, job in jobs.items():
+            shape = tuple(job.weight.shape)
+            result = acc.pop(name).reshape(shape)
+            for term in job.terms:
+                if term.is_dora:
+                    if not add_base:
+                        raise InputError("a DoRA module's ΔW depends on the base weight; it can only be merged")
+                    result = apply_dora(result, term.adapter, term.strength)
+            out[name] = self._finish(result, job.out_dtype or job.weight.dtype)
+        return out
+
+    def _upload(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight flattened to 2-D on the device, still in its own dtype."""
+        flat = weight.reshape(_flat(weight.shape))
+        if self.cuda:
+            flat = flat.pin_memory().to(self.device, non_blocking=True)
+        return flat
+
+    def _start(self, weight: torch.Tensor, add_base: bool) -> torch.Tensor:
+        if not add_base:
+            return torch.zeros(_flat(weight.shape), dtype=torch.float32, device=self.device)
+        return self._upload(weight).to(torch.float32, copy=True)
+
+    def _finish(self, result: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        rounded = result.to(dtype)
+        if self.cuda:
+            host = torch.empty(rounded.shape, dtype=dtype, pin_memory=True)
+            host.copy_(rounded, non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()
+            return host
+        return rounded
+
+    def _run_group(
+        self,
+        key: tuple,
+        group: _Group,
+        acc: dict[str, torch.Tensor],
+        owned: Mapping[str, torch.Tensor],
+        add_base: bool,
+    ) -> None:
+        kind, out, inp = key[0], key[1], key[2]
+        per_item = out * inp * 4 * (2 if kind == "loha" else 1)
+        chunk = max(1, self.budget // max(per_item, 1))
+        for start in range(0, len(group.names), chunk):
+            names = group.names[start : start + chunk]
+            lefts = self._to_device(torch.stack(group.lefts[start : start + chunk]))
+            rights = self._to_device(torch.stack(group.rights[start : start + chunk]))
+            if kind == "lowrank":
+                buffer = torch.empty((len(names), out, inp), dtype=torch.float32, device=self.device)
+                for i, name in enumerate(names):
+                    if name in owned and add_base:
+                        buffer[i].copy_(self._upload(owned[name]))
+                    else:
+                        buffer[i].zero_()
+                buffer.baddbmm_(lefts, rights)  # W + U·D, the whole chunk in one call
+                for i, name in enumerate(names):
+                    if name in owned:
+                        acc[name] = buffer[i]
+                    else:
+                        acc[name] += buffer[i]
+            else:  # LoHa: (w1a·s @ w1b) ⊙ (w2a @ w2b)
+                second_l = self._to_device(torch.stack([e[0] for e in group.extra[start : start + chunk]]))
+                second_r = self._to_device(torch.stack([e[1] for e in group.extra[start : start + chunk]]))
+                products = torch.bmm(lefts, rights).mul_(torch.bmm(second_l, second_r))
+                for i, name in enumerate(names):
+                    acc[name] += products[i]
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        if not self.cuda:
+            return tensor
+        return tensor.pin_memory().to(self.device, non_blocking=True)

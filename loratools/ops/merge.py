@@ -1,0 +1,781 @@
+"""Bake LoRAs into a checkpoint, or take them back out, streamed from file to file.
+
+The base is never loaded whole. Its tensors are walked in output order: an untouched tensor is
+copied as raw bytes; a patched one is read, patched in float32 by the ΔW engine together with its
+neighbours (one batched matmul per shape), rounded once to its own dtype (or ``dtype``) and
+written. A second thread computes the next window while this one writes, so the arithmetic hides
+behind the I/O. Peak memory is two windows, never the checkpoint.
+
+``unmerge`` is the same walk with every strength negated: in float32, ``(W + ΔW) − ΔW`` returns W up
+to the rounding of the merged file.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError, LoratoolsError, OutputError
+from ..families import keymap
+from ..families.detect import Detection, detect
+from ..families.keymap import KeyMap
+from ..families.spec import FamilySpec
+from ..formats.adapters import Adapter, Full, LoraFile, apply_dora
+from ..formats.io import load_lora
+from ..io.checkpoint import Checkpoint, open_checkpoint
+from ..io.safetensors import StreamingWriter, TensorInfo
+from .blocks import BlockWeights, block_of, parse_block_weights
+from .checkpoint import (
+    CanonicalSource,
+    output_dtype_name,
+    parse_dtype,
+    plan_layout,
+    planned_info,
+    target_layout,
+    write_folder,
+)
+from .delta import DEFAULT_BUDGET, DeltaEngine, Job, Term
+
+SCHEMA = "loratools.merge/1"
+FP16_MAX = 65504.0
+Progress = Callable[[int], None]
+
+
+# -- what to merge ------------------------------------------------------------------------------------
+@dataclass
+class LoraInput:
+    """One LoRA to merge and how strongly.
+
+    ``weight`` scales every module; ``unet``/``text`` replace it for the U-Net / the text encoders;
+    ``blocks`` (a lora-block-weight preset such as ``OUTALL`` or a 17/26-value vector, 12/20 for
+    SDXL) multiplies per block, its ``BASE`` entry applying to the text encoders. Negative values
+    subtract the LoRA.
+    """
+
+    source: str | Path | LoraFile
+    weight: float = 1.0
+    unet: float | None = None
+    text: float | None = None
+    blocks: str | BlockWeights | None = None
+
+    @property
+    def name(self) -> str:
+        if isinstance(self.source, LoraFile):
+            return self.source.path or "<LoraFile>"
+        return str(self.source)
+
+
+def parse_lora_arg(text: str) -> LoraInput:
+    """``PATH``, ``PATH:WEIGHT`` or ``PATH:key=value,…`` with keys ``w``, ``unet``, ``te``, ``lbw``.
+
+    ``lbw`` takes a preset name or a comma-separated vector (the commas that follow it belong to
+    it). A ``:`` that starts no valid weight spec is part of the path (``hf://…``, ``C:\\…``).
+    """
+    path, sep, spec = text.rpartition(":")
+    if not sep or not spec or Path(text).exists():
+        return LoraInput(text)
+    try:
+        return LoraInput(path, weight=float(spec))
+    except ValueError:
+        pass
+    if "=" not in spec:
+        return LoraInput(text)
+    fields: dict[str, list[str]] = {}
+    current = None
+    for token in spec.split(","):
+        if "=" in token:
+            current, value = (s.strip() for s in token.split("=", 1))
+            fields[current.lower()] = [value]
+        elif current is not None:
+            fields[current.lower()].append(token.strip())
+    known = {"w", "weight", "unet", "te", "text", "lbw", "blocks"}
+    unknown = set(fields) - known
+    if unknown:
+        raise InputError(f"{text}: unknown LoRA option {', '.join(sorted(unknown))} (use w=, unet=, te=, lbw=)")
+
+    def number(*keys: str) -> float | None:
+        for key in keys:
+            if key in fields:
+                try:
+                    return float(fields[key][0])
+                except ValueError:
+                    raise InputError(f"{text}: {key}={fields[key][0]!r} is not a number") from None
+        return None
+
+    blocks = fields.get("lbw") or fields.get("blocks")
+    weight = number("w", "weight")
+    return LoraInput(
+        path,
+        weight=1.0 if weight is None else weight,
+        unet=number("unet"),
+        text=number("te", "text"),
+        blocks=",".join(blocks) if blocks else None,
+    )
+
+
+# -- the report ------------------------------------------------------------------------------------
+@dataclass
+class LoraMatch:
+    """How one LoRA matched the base."""
+
+    path: str
+    format: str
+    family: str
+    weight: float
+    unet: float
+    text: float
+    blocks: str | None
+    modules: int  # adapters read from the file
+    patched: dict[str, int] = field(default_factory=dict)  # component → modules patched
+    unmatched: dict[str, str] = field(default_factory=dict)  # LoRA module → why it patches nothing
+    zero_weight: int = 0  # modules matched but given weight 0 (a block or component switched off)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MergeReport:
+    """What a merge or unmerge did (or, with ``dry_run``, would do)."""
+
+    operation: str
+    base: str
+    output: str | None
+    family: str
+    layout: str
+    output_layout: str
+    device: str
+    dry_run: bool
+    loras: list[LoraMatch] = field(default_factory=list)
+    patched: dict[str, int] = field(default_factory=dict)  # component → tensors patched
+    tensors: int = 0
+    raw_copied: int = 0
+    output_bytes: int = 0
+    dtype_plan: dict[str, int] = field(default_factory=dict)  # "F16→F16" → tensors
+    dropped: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    verified: list[dict[str, object]] = field(default_factory=list)
+    residual: dict[str, dict[str, float]] = field(default_factory=dict)  # unmerge --base: component → errors
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def unmatched(self) -> int:
+        return sum(len(m.unmatched) for m in self.loras)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"schema": SCHEMA, **asdict(self)}
+
+
+# -- matching LoRAs to the base -------------------------------------------------------------------------
+def _component(canonical: str) -> str:
+    return canonical.split(".", 1)[0]
+
+
+def _finite(adapter: Adapter) -> bool:
+    return all(
+        bool(torch.isfinite(v).all())
+        for v in vars(adapter).values()
+        if isinstance(v, torch.Tensor) and v.is_floating_point()
+    )
+
+
+def _load_for(lora_input: LoraInput, found: Detection) -> LoraFile:
+    """The LoRA read against the base's family; a LoRA of another family is refused by name."""
+    if isinstance(lora_input.source, LoraFile):
+        lora = lora_input.source
+        if lora.family.name != found.family.name:
+            raise InputError(f"{lora_input.name}: a {lora.family.title} LoRA; the base is {found.family.title}")
+        return lora
+    spec = found.family
+    try:
+        lora = load_lora(lora_input.source, family=spec)
+    except InputError as first:
+        other = _own_family(lora_input.source)
+        if other is not None and other.name != spec.name:
+            raise InputError(
+                f"{Path(lora_input.name).name}: a {other.title} LoRA; the base is {spec.title}",
+                hint="merge LoRAs into a checkpoint of the family they were trained for",
+            ) from None
+        raise first from None
+    misses = list(lora.unmatched)  # names the family lacks, or shapes that do not fit it
+    if len(misses) > len(lora.adapters):
+        other = _own_family(lora_input.source)
+        claim = (
+            f"a {other.title} LoRA? " if other is not None and other.name != spec.name else "a LoRA for another model? "
+        )
+        raise InputError(
+            f"{Path(lora_input.name).name}: {len(misses)} of its {len(misses) + len(lora.adapters)} modules do not "
+            f"fit {spec.title} (e.g. {misses[0]}); {claim}The base is {spec.title}",
+            hint="merge LoRAs into a checkpoint of the family they were trained for",
+        )
+    if lora.unmatched:
+        other = _own_family(lora_input.source)
+        if other is not None and other.name != spec.name:
+            raise InputError(
+                f"{Path(lora_input.name).name}: looks like a {other.title} LoRA ({len(lora.unmatched)} of its modules "
+                f"do not fit {spec.title}); the base is {spec.title}",
+                hint="merge LoRAs into a checkpoint of the family they were trained for",
+            )
+    return lora
+
+
+def _own_family(path: str | Path) -> FamilySpec | None:
+    """The family a LoRA resolves to by itself (full-size families), None if none fits."""
+    try:
+        lora = load_lora(path)
+    except LoratoolsError:
+        return None
+    return lora.family if lora.adapters else None
+
+
+def _strength(lora_input: LoraInput, module: str, blocks: BlockWeights | None, spec: FamilySpec) -> float:
+    base = lora_input.weight
+    if module.startswith("unet."):
+        base = lora_input.unet if lora_input.unet is not None else base
+    else:
+        base = lora_input.text if lora_input.text is not None else base
+    if blocks is not None:
+        base *= blocks.ratio(block_of(module, spec))
+    return base
+
+
+@dataclass
+class _Plan:
+    terms: dict[str, list[Term]]  # canonical tensor → terms
+    loras: list[LoraFile]
+    matches: list[LoraMatch]
+
+
+def _match(
+    inputs: Sequence[LoraInput],
+    found: Detection,
+    km: KeyMap,
+    home: Mapping[str, str],
+    *,
+    sign: float,
+    skip_nonfinite: bool,
+) -> _Plan:
+    spec = found.family
+    terms: dict[str, list[Term]] = {}
+    loras, matches = [], []
+    for lora_input in inputs:
+        lora = _load_for(lora_input, found)
+        blocks = lora_input.blocks
+        if isinstance(blocks, str):
+            blocks = parse_block_weights(blocks, spec)
+        match = LoraMatch(
+            path=lora_input.name,
+            format=lora.source_format,
+            family=lora.family.name,
+            weight=lora_input.weight,
+            unet=lora_input.unet if lora_input.unet is not None else lora_input.weight,
+            text=lora_input.text if lora_input.text is not None else lora_input.weight,
+            blocks=blocks.source if blocks else None,
+            modules=len(lora.adapters),
+            unmatched=dict(lora.unmatched),
+            # the match report lists unmatched modules itself; the reader's copies would repeat them
+            warnings=[w for w in lora.warnings if "not matched" not in w],
+        )
+        for module, adapter in lora.adapters.items():
+            targets = [(f"{module}.weight", False)]
+            if isinstance(adapter, Full) and adapter.diff_b is not None:
+                targets.append((f"{module}.bias", True))
+            absent = [t for t, _ in targets if t not in home]
+            if absent:
+                match.unmatched[module] = f"the base has no {absent[0]} (no {_component(module)} in this checkpoint?)"
+                continue
+            if not _finite(adapter):
+                if not skip_nonfinite:
+                    raise InputError(
+                        f"{Path(lora_input.name).name}: module {module} has NaN or inf factors",
+                        hint="--skip-nonfinite leaves such modules out",
+                    )
+                match.unmatched[module] = "NaN or inf in its factors (skipped)"
+                continue
+            strength = sign * _strength(lora_input, module, blocks, spec)
+            if strength == 0.0:
+                match.zero_weight += 1
+                continue
+            if getattr(adapter, "dora_scale", None) is not None and strength != 1.0:
+                raise InputError(
+                    f"{Path(lora_input.name).name}: {module} is a DoRA module; only weight 1 is defined for it "
+                    "(LyCORIS and ComfyUI disagree elsewhere, FORMATS.md §4.7)"
+                    + ("; a DoRA merge cannot be undone" if sign < 0 else "")
+                )
+            for target, is_bias in targets:
+                terms.setdefault(target, []).append(Term(adapter, strength, bias=is_bias))
+            component = _component(module)
+            match.patched[component] = match.patched.get(component, 0) + 1
+        loras.append(lora)
+        matches.append(match)
+    return _Plan(terms, loras, matches)
+
+
+# -- the output plan -----------------------------------------------------------------------------------
+@dataclass
+class _Entry:
+    """One tensor of one output file."""
+
+    key: str  # name inside the output file
+    layout_key: str  # name in the output layout (diffusers: with its folder prefix)
+    parts: list[str]  # canonical tensors it is built from (empty: copied as it is)
+    source: str  # source key of the first part, or of the tensor itself
+    info: TensorInfo  # output dtype and shape
+    patched: bool
+
+
+def _same_layout_entries(
+    ckpt: Checkpoint, km: KeyMap, layout: str, dtype: torch.dtype | None, terms: Mapping[str, list[Term]]
+) -> list[_Entry]:
+    entries = []
+    for key in ckpt:
+        info = ckpt.info(key)
+        parts = [w.canonical for w in km.lookup(layout, key)]
+        out = TensorInfo(output_dtype_name(info, dtype), info.shape)
+        entries.append(_Entry(key, key, parts, key, out, any(p in terms for p in parts)))
+    return entries
+
+
+def _planned_entries(
+    src: CanonicalSource,
+    plan: Mapping[str, list[str]],
+    layout: str,
+    dtype: torch.dtype | None,
+    terms: Mapping[str, list[Term]],
+    prefix: str,
+) -> list[_Entry]:
+    entries = []
+    for key, parts in plan.items():
+        info = planned_info(src, parts, layout, prefix + key, dtype)
+        entries.append(_Entry(key, prefix + key, parts, src.home[parts[0]], info, any(p in terms for p in parts)))
+    return entries
+
+
+def _windows(entries: Sequence[_Entry], budget: int) -> list[list[_Entry]]:
+    """Consecutive runs of entries whose patched tensors hold at most ``budget`` bytes of float32."""
+    windows: list[list[_Entry]] = [[]]
+    load = 0
+    for entry in entries:
+        cost = entry.info.numel * 4 if entry.patched else 0
+        if cost and load and load + cost > budget:
+            windows.append([])
+            load = 0
+        windows[-1].append(entry)
+        load += cost
+    return [w for w in windows if w]
+
+
+# -- the walk ---------------------------------------------------------------------------------------------
+@dataclass
+class _Residual:
+    sq_diff: float = 0.0
+    sq_base: float = 0.0
+    max_abs: float = 0.0
+
+
+class _Merger:
+    """Computes the patched tensors of a window (in a worker thread) and writes windows in order."""
+
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        km: KeyMap,
+        layout: str,
+        out_layout: str,
+        terms: Mapping[str, list[Term]],
+        engine: DeltaEngine,
+        report: MergeReport,
+        progress: Progress | None,
+        base: tuple[CanonicalSource, str] | None,
+    ) -> None:
+        self.ckpt, self.km, self.layout, self.out_layout = ckpt, km, layout, out_layout
+        self.terms, self.engine, self.report, self.progress = terms, engine, report, progress
+        self.reader = CanonicalSource(ckpt, km, layout)  # the worker's own (its decode cache is not shared)
+        self.writer_source = CanonicalSource(ckpt, km, layout)
+        self.base = base
+        self.residual: dict[str, _Residual] = {}
+        self.overflow: list[str] = []
+
+    def compute(self, window: Sequence[_Entry]) -> dict[str, torch.Tensor]:
+        jobs: dict[str, Job] = {}
+        pieces: dict[str, dict[str, torch.Tensor]] = {}
+        for entry in window:
+            if not entry.patched:
+                continue
+            parts = {p: self.reader.canonical(p) for p in entry.parts}
+            pieces[entry.layout_key] = parts
+            for p, tensor in parts.items():
+                if p in self.terms:
+                    jobs[p] = Job(tensor, self.terms[p], entry.info.torch_dtype)
+        patched = self.engine.patch(jobs)
+        out = {}
+        for entry in window:
+            if not entry.patched:
+                continue
+            dtype = entry.info.torch_dtype
+            parts = {p: patched[p] if p in patched else t.to(dtype) for p, t in pieces[entry.layout_key].items()}
+            for p in parts:
+                if p in patched:
+                    self._check(p, patched[p], pieces[entry.layout_key][p])
+            out[entry.layout_key] = self.km.join(self.out_layout, entry.layout_key, parts).contiguous()
+        if self.overflow:
+            raise InputError(
+                f"the merge overflows float16 in {len(self.overflow)} tensors (e.g. {self.overflow[0]}); "
+                "nothing was written",
+                hint="lower the LoRA weights, or write --dtype bf16 / fp32",
+            )
+        return out
+
+    def _check(self, name: str, result: torch.Tensor, before: torch.Tensor) -> None:
+        if result.dtype == torch.float16 and bool(torch.isinf(result).any()) and not bool(torch.isinf(before).any()):
+            self.overflow.append(name)
+        if self.base is not None:
+            source, _ = self.base
+            reference = source.canonical(name).to(torch.float32)
+            diff = result.to(torch.float32) - reference.reshape(result.shape)
+            stats = self.residual.setdefault(_component(name), _Residual())
+            stats.sq_diff += float(diff.double().square().sum())
+            stats.sq_base += float(reference.double().square().sum())
+            stats.max_abs = max(stats.max_abs, float(diff.abs().max()) if diff.numel() else 0.0)
+
+    def write_file(
+        self,
+        path: Path,
+        entries: Sequence[_Entry],
+        metadata: Mapping[str, str] | None,
+        overwrite: bool,
+        check: Callable[[Path], None] | None = None,
+    ) -> None:
+        plan = {e.key: e.info for e in entries}
+        windows = _windows(entries, self.engine.budget)
+        with (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="loratools-delta") as pool,
+            StreamingWriter(path, plan, metadata, overwrite=overwrite, check=check) as writer,
+        ):
+            ahead: Future[dict[str, torch.Tensor]] = pool.submit(self.compute, windows[0])
+            try:
+                for i, window in enumerate(windows):
+                    done = ahead.result()
+                    if i + 1 < len(windows):
+                        ahead = pool.submit(self.compute, windows[i + 1])
+                    for entry in window:
+                        self._write_entry(writer, entry, done)
+                    del done
+            except BaseException:
+                ahead.cancel()
+                raise
+
+    def _write_entry(self, writer: StreamingWriter, entry: _Entry, done: Mapping[str, torch.Tensor]) -> None:
+        report = self.report
+        if entry.patched:
+            writer.write(entry.key, done[entry.layout_key])
+            for p in entry.parts:
+                if p in self.terms:
+                    component = _component(p)
+                    report.patched[component] = report.patched.get(component, 0) + 1
+        else:
+            raw = self.ckpt.raw(entry.source)
+            same = raw is not None and entry.source == entry.layout_key and self.layout == self.out_layout
+            if same and self.ckpt.info(entry.source).dtype == entry.info.dtype:
+                writer.copy_raw(entry.key, raw[0], raw[1])  # type: ignore[index]
+                report.raw_copied += 1
+            elif not entry.parts:
+                writer.write(entry.key, self.ckpt.read(entry.source).to(entry.info.torch_dtype).contiguous())
+            else:
+                parts = {p: self.writer_source.canonical(p) for p in entry.parts}
+                tensor = self.km.join(self.out_layout, entry.layout_key, parts)
+                writer.write(entry.key, tensor.to(entry.info.torch_dtype).contiguous())
+        report.tensors += 1
+        if self.progress:
+            self.progress(entry.info.nbytes)
+
+
+# -- verification -----------------------------------------------------------------------------------------
+def _sample(names: Sequence[str], count: int) -> list[str]:
+    if count >= len(names):
+        return list(names)
+    step = len(names) / count
+    return [names[int(i * step)] for i in range(count)]
+
+
+def _reference(weight: torch.Tensor, terms: Sequence[Term]) -> torch.Tensor:
+    """W + Σ strength·ΔW one module at a time in float64 (no batching, no fusing): the check's side."""
+    result = weight.to(torch.float64)
+    for term in terms:
+        if term.is_dora:
+            continue
+        a = term.adapter
+        delta = a.diff_b if term.bias else a.delta()  # type: ignore[union-attr]
+        result = result + delta.to(torch.float64).reshape(result.shape) * term.strength
+    for term in terms:
+        if term.is_dora:
+            result = apply_dora(result.to(torch.float32), term.adapter, term.strength).to(torch.float64)
+    return result
+
+
+def _verifier(
+    km: KeyMap,
+    out_layout: str,
+    source: CanonicalSource,
+    terms: Mapping[str, list[Term]],
+    count: int,
+    report: MergeReport,
+) -> Callable[[Path], None]:
+    def check(path: Path) -> None:
+        names = _sample(sorted(terms), count)
+        with open_checkpoint(path) as written:
+            out = CanonicalSource(written, km, out_layout)
+            for name in names:
+                if name not in out.home:
+                    continue
+                got = out.canonical(name)
+                expected = _reference(source.canonical(name), terms[name]).to(got.dtype).to(torch.float64)
+                got64 = got.to(torch.float64)
+                err = float((got64 - expected).abs().max()) if got.numel() else 0.0
+                # float32 vs float64 summation may round the last bit differently: allow one ulp.
+                ulp = torch.finfo(got.dtype).eps * max(float(expected.abs().max()), torch.finfo(got.dtype).tiny)
+                ok = err <= 2 * ulp
+                report.verified.append({"tensor": name, "max_abs_error": err, "ok": ok})
+        bad = [v for v in report.verified if not v["ok"]]
+        if bad:
+            raise OutputError(
+                f"verification failed: {bad[0]['tensor']} differs from W + ΔW by {bad[0]['max_abs_error']:.3g}; "
+                "nothing was written"
+            )
+
+    return check
+
+
+# -- the operations ---------------------------------------------------------------------------------------
+def merge(
+    base: str | Path,
+    loras: Sequence[LoraInput | str | Path | LoraFile],
+    output: str | Path | None,
+    *,
+    layout: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    family: str | None = None,
+    device: str = "auto",
+    strict: bool = False,
+    dry_run: bool = False,
+    verify: int = 0,
+    skip_nonfinite: bool = False,
+    overwrite: bool = False,
+    budget: int = DEFAULT_BUDGET,
+    progress: Progress | None = None,
+) -> MergeReport:
+    """Bake ``loras`` into the checkpoint ``base`` and write the result to ``output``.
+
+    ``loras``: :class:`LoraInput` (weight, U-Net/text weights, block weights) or plain paths
+    (weight 1). ``layout``: ``"single"`` or ``"diffusers"`` (default: the base's). ``dtype``:
+    output float dtype (default: each tensor's own). ``device``: ``"auto"`` | ``"cpu"`` | ``"cuda"``.
+    ``strict``: refuse if any LoRA module patches nothing. ``dry_run``: plan only, write nothing.
+    ``verify``: recompute this many patched tensors from the written file before it is renamed
+    into place. Returns a :class:`MergeReport`; on any error nothing is left at ``output``.
+    """
+    return _run("merge", base, loras, output, **_options(locals()))
+
+
+def unmerge(
+    merged: str | Path,
+    loras: Sequence[LoraInput | str | Path | LoraFile],
+    output: str | Path | None,
+    *,
+    base: str | Path | None = None,
+    layout: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    family: str | None = None,
+    device: str = "auto",
+    strict: bool = False,
+    dry_run: bool = False,
+    verify: int = 0,
+    skip_nonfinite: bool = False,
+    overwrite: bool = False,
+    budget: int = DEFAULT_BUDGET,
+    progress: Progress | None = None,
+) -> MergeReport:
+    """Subtract ``loras`` (with the weights they were merged at) from ``merged``, in float32.
+
+    With ``base`` (the original checkpoint, any layout), the report's ``residual`` gives per
+    component the max abs and relative Frobenius difference of the patched tensors from it.
+    Same options as :func:`merge`; DoRA modules cannot be unmerged (their renormalisation loses
+    the norm) and are refused.
+    """
+    options = _options(locals())
+    return _run("unmerge", merged, loras, output, original=base, **options)
+
+
+def _options(scope: dict[str, object]) -> dict[str, object]:
+    keys = ("layout", "dtype", "family", "device", "strict", "dry_run", "verify", "skip_nonfinite", "overwrite")
+    return {k: scope[k] for k in (*keys, "budget", "progress")}
+
+
+def _as_input(item: LoraInput | str | Path | LoraFile) -> LoraInput:
+    if isinstance(item, LoraInput):
+        return item
+    if isinstance(item, LoraFile | Path):
+        return LoraInput(item)
+    return parse_lora_arg(item)
+
+
+def _run(
+    operation: str,
+    base_path: str | Path,
+    lora_items: Sequence[LoraInput | str | Path | LoraFile],
+    output: str | Path | None,
+    *,
+    layout: str | None,
+    dtype: str | torch.dtype | None,
+    family: str | None,
+    device: str,
+    strict: bool,
+    dry_run: bool,
+    verify: int,
+    skip_nonfinite: bool,
+    overwrite: bool,
+    budget: int,
+    progress: Progress | None,
+    original: str | Path | None = None,
+) -> MergeReport:
+    started = time.perf_counter()
+    if not lora_items:
+        raise InputError("no LoRA given")
+    base_path = Path(base_path)
+    if output is None and not dry_run:
+        raise InputError("no output given (use -o OUT, or --dry-run)")
+    out_path = Path(output) if output is not None else None
+    inputs = [_as_input(item) for item in lora_items]
+    if out_path is not None:
+        protected = [base_path, *(Path(i.name) for i in inputs)]
+        if original is not None:
+            protected.append(Path(original))
+        if any(out_path.resolve() == p.resolve() for p in protected):
+            raise InputError(f"{out_path}: output is one of the inputs; write elsewhere")
+    torch_dtype = parse_dtype(dtype)
+    engine = DeltaEngine(device, budget)
+
+    with open_checkpoint(base_path) as ckpt:
+        found = detect(ckpt.shapes(), ckpt.metadata, family=family)
+        km = keymap(found.family)
+        out_layout = target_layout(found, layout)
+        source = CanonicalSource(ckpt, km, found.layout)
+        sign = -1.0 if operation == "unmerge" else 1.0
+        plan = _match(inputs, found, km, source.home, sign=sign, skip_nonfinite=skip_nonfinite)
+        report = MergeReport(
+            operation,
+            str(base_path),
+            str(out_path) if out_path else None,
+            found.family.name,
+            found.layout,
+            out_layout,
+            str(engine.device),
+            dry_run,
+            loras=plan.matches,
+        )
+        for match in plan.matches:
+            report.warnings.extend(f"{Path(match.path).name}: {w}" for w in match.warnings)
+        if strict and report.unmatched:
+            first = next(m for m in plan.matches if m.unmatched)
+            module, reason = next(iter(first.unmatched.items()))
+            raise InputError(
+                f"--strict: {report.unmatched} LoRA modules patch nothing (e.g. {Path(first.path).name}: "
+                f"{module}: {reason})"
+            )
+        if not plan.terms:
+            raise InputError("none of the LoRAs' modules patch this checkpoint; nothing to do")
+
+        files = _plan_files(ckpt, km, found, source, out_layout, torch_dtype, plan.terms, report)
+        report.output_bytes = sum(e.info.nbytes for _, entries, _ in files for e in entries)
+        for _, entries, _ in files:
+            for e in entries:
+                before = ckpt.info(e.source).dtype if e.source in ckpt else e.info.dtype
+                key = f"{before}→{e.info.dtype}"
+                report.dtype_plan[key] = report.dtype_plan.get(key, 0) + 1
+        if dry_run:
+            for _, entries, _ in files:
+                for e in entries:
+                    for p in e.parts:
+                        if p in plan.terms:
+                            report.patched[_component(p)] = report.patched.get(_component(p), 0) + 1
+            report.seconds = time.perf_counter() - started
+            return report
+
+        base_source = None
+        base_ckpt = None
+        if original is not None:
+            base_ckpt = open_checkpoint(original)
+            base_found = detect(base_ckpt.shapes(), base_ckpt.metadata, family=family)
+            if base_found.family.name != found.family.name:
+                raise InputError(
+                    f"{original}: a {base_found.family.title} checkpoint; the merged one is {found.family.title}"
+                )
+            base_source = (CanonicalSource(base_ckpt, keymap(base_found.family), base_found.layout), base_found.layout)
+        try:
+            merger = _Merger(ckpt, km, found.layout, out_layout, plan.terms, engine, report, progress, base_source)
+            check = _verifier(km, out_layout, source, plan.terms, verify, report) if verify else None
+            assert out_path is not None
+            _write(merger, out_path, files, ckpt, found, source, overwrite, check)
+        finally:
+            if base_ckpt is not None:
+                base_ckpt.close()
+        for component, stats in merger.residual.items():
+            rel = math.sqrt(stats.sq_diff / stats.sq_base) if stats.sq_base else 0.0
+            report.residual[component] = {"max_abs": stats.max_abs, "relative": rel}
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+_FileSpec = tuple[str, list[_Entry], dict[str, str] | None]  # (file key prefix, entries, metadata)
+
+
+def _plan_files(
+    ckpt: Checkpoint,
+    km: KeyMap,
+    found: Detection,
+    source: CanonicalSource,
+    out_layout: str,
+    dtype: torch.dtype | None,
+    terms: Mapping[str, list[Term]],
+    report: MergeReport,
+) -> list[_FileSpec]:
+    """Every output file's entries, in write order."""
+    if out_layout != "diffusers" and out_layout == found.layout and ckpt.container == "single_file":
+        return [("", _same_layout_entries(ckpt, km, out_layout, dtype, terms), ckpt.metadata or None)]
+    report.dropped = [k for k in ckpt if not any(w.layout_name(out_layout) for w in km.lookup(found.layout, k))]
+    plan, report.missing = plan_layout(source, out_layout, km.layout_keys(out_layout))
+    if out_layout != "diffusers":
+        return [("", _planned_entries(source, plan, out_layout, dtype, terms, ""), ckpt.metadata or None)]
+    files: list[_FileSpec] = []
+    for folder in dict.fromkeys(k.split(".", 1)[0] for k in plan):
+        prefix = f"{folder}."
+        inner = {k[len(prefix) :]: v for k, v in plan.items() if k.startswith(prefix)}
+        files.append((prefix, _planned_entries(source, inner, out_layout, dtype, terms, prefix), {"format": "pt"}))
+    return files
+
+
+def _write(
+    merger: _Merger,
+    out_path: Path,
+    files: list[_FileSpec],
+    ckpt: Checkpoint,
+    found: Detection,
+    source: CanonicalSource,
+    overwrite: bool,
+    check: Callable[[Path], None] | None,
+) -> None:
+    if merger.out_layout != "diffusers":
+        ((_, entries, metadata),) = files
+        merger.write_file(out_path, entries, metadata, overwrite, check)
+        return
+    by_prefix = {prefix: (entries, metadata) for prefix, entries, metadata in files}
+
+    def write_file(path: Path, plan: dict[str, list[str]], prefix: str) -> None:
+        entries, metadata = by_prefix[prefix]
+        merger.write_file(path, entries, metadata, False)
+
+    write_folder(source, out_path, found, write_file, overwrite=overwrite, check=check)
