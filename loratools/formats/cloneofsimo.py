@@ -34,10 +34,11 @@ from ..errors import InputError
 from ..families import FAMILIES, get_family
 from ..families.spec import COMPONENT_TITLES, FamilySpec
 from .adapters import Adapter, LoraFile, LowRank
+from .keys import EMBED_FLAG, is_safeloras  # noqa: F401 (re-exported)
+from .keys import SAFELORAS_KEY as KEY
 from .names import name_tables
 
 FORMAT = "cloneofsimo"
-EMBED_FLAG = "<embed>"  # lora_diffusion's metadata value for textual-inversion tensors
 TEXT_SUFFIX = ".text_encoder.pt"
 TI_SUFFIX = ".ti.pt"
 
@@ -64,7 +65,6 @@ COMPONENT_NAMES = {v: k for k, v in SAFELORAS_NAMES.items()}
 # caller names a family (an SD1 text-encoder list would otherwise fit SDXL's CLIP-L as well).
 AUTO_FAMILIES = ("sd1", "sd2")
 
-KEY = re.compile(r"^([^:]+):(\d+):(up|down)$")
 _BLOCK = re.compile(
     r"^unet\.(?:down_blocks\.(\d+)|up_blocks\.(\d+)|mid_block)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.attn1\.to_q$"
 )
@@ -287,10 +287,6 @@ def read_pt(path: Path, tensors: list[torch.Tensor], family: str | FamilySpec | 
             else:
                 warnings.append(f"{ti_path.name}: not a dict of token embeddings; ignored")
     return LoraFile(adapters, match.family, FORMAT, {}, embeddings=embeddings, warnings=warnings)
-
-
-def is_safeloras(keys: list[str]) -> bool:
-    return any(KEY.match(k) for k in keys)
 
 
 def read_safeloras(

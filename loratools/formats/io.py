@@ -20,9 +20,9 @@ from ..io.pickle import PICKLE_SUFFIXES, load_pickle_raw, split_tensors, unwrap_
 from ..io.safetensors import SafetensorsFile, save_tensors
 from . import cloneofsimo, kohya, peft
 from .adapters import LoraFile
+from .keys import EMBEDDING_KEYS, is_embedding_key  # noqa: F401 (EMBEDDING_KEYS re-exported)
 
 FORMATS = ("kohya", "diffusers", "peft", "cloneofsimo")
-EMBEDDING_KEYS = ("string_to_param", "emb_params", "clip_l", "clip_g")
 
 
 def _read_tensors(path: Path) -> tuple[object, dict[str, str]]:
@@ -43,11 +43,7 @@ def split_embeddings(
     tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(LoRA tensors, textual-inversion embeddings): embeddings are 1-D/2-D tensors named like tokens."""
-    embeddings = {
-        k: v
-        for k, v in tensors.items()
-        if (k.startswith("<") and k.endswith(">")) or metadata.get(k) == "<embed>" or k in EMBEDDING_KEYS
-    }
+    embeddings = {k: v for k, v in tensors.items() if is_embedding_key(k, metadata)}
     return {k: v for k, v in tensors.items() if k not in embeddings}, embeddings
 
 

@@ -8,7 +8,6 @@ for every module.
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Mapping
 
@@ -17,16 +16,13 @@ import torch
 from ..errors import InputError
 from ..families.spec import FamilySpec
 from .adapters import LoraFile, LowRank, factor_dtype
+from .keys import KOHYA_KEY as KEY
+from .keys import is_kohya  # noqa: F401 (re-exported)
 from .lycoris import adapter_from_params, adapter_params
 from .names import kohya_text_prefixes, name_tables
 from .resolve import claimed_family, resolve
 
-KEY = re.compile(r"^(lora_(?:unet|te\d?)_[^.]+)\.(.+)$")
 FORMAT = "kohya"
-
-
-def is_kohya(keys: list[str]) -> bool:
-    return bool(keys) and all(KEY.match(k) for k in keys)
 
 
 def group(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:

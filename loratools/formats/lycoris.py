@@ -13,30 +13,15 @@ import torch
 
 from ..errors import InputError
 from .adapters import Adapter, Full, LoHa, LoKr, LowRank
-
-LORA_PARAMS = {"lora_down.weight", "lora_up.weight", "lora_mid.weight"}
-LOHA_PARAMS = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"}
-LOKR_PARAMS = {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"}
-FULL_PARAMS = {"diff", "diff_b"}
-COMMON_PARAMS = {"alpha", "dora_scale"}
-KNOWN_PARAMS = LORA_PARAMS | LOHA_PARAMS | LOKR_PARAMS | FULL_PARAMS | COMMON_PARAMS
-# Parameters of LyCORIS algorithms loratools does not read (lycoris/modules/*.py weight_list).
-UNSUPPORTED = {
-    "on_input": "IA3",
-    "weight": "IA3",
-    "w_norm": "norm",
-    "b_norm": "norm",
-    "oft_blocks": "OFT/BOFT",
-    "rescale": "OFT/BOFT",
-    "a1.weight": "GLoRA",
-    "a2.weight": "GLoRA",
-    "b1.weight": "GLoRA",
-    "b2.weight": "GLoRA",
-    "bm.weight": "GLoRA",
-    "q_layer.weight": "TLoRA",
-    "p_layer.weight": "TLoRA",
-    "lambda_layer": "TLoRA",
-}
+from .keys import (  # noqa: F401 (the parameter tables are re-exported)
+    FULL_PARAMS,
+    KNOWN_PARAMS,
+    LOHA_PARAMS,
+    LOKR_PARAMS,
+    LORA_PARAMS,
+    UNSUPPORTED,
+    adapter_kind_of,
+)
 
 
 def read_alpha(params: dict[str, torch.Tensor], rank: int | None, name: str, warnings: list[str]) -> float:
@@ -215,25 +200,7 @@ def adapter_from_params(
     the old 2-D conv layout). A missing alpha becomes ``alpha = r`` (scale 1); reporting that is
     the caller's job (one warning per file).
     """
-    keys = set(params)
-    unknown = keys - KNOWN_PARAMS
-    if unknown:
-        algo = {UNSUPPORTED[k] for k in unknown if k in UNSUPPORTED}
-        what = (
-            f"LyCORIS {'/'.join(sorted(algo))} modules are not supported ({', '.join(sorted(unknown))})"
-            if algo
-            else f"unknown parameters {sorted(unknown)}"
-        )
-        raise InputError(f"{name}: {what}")
-    kinds = [
-        k
-        for k, group in (("lora", LORA_PARAMS), ("loha", LOHA_PARAMS), ("lokr", LOKR_PARAMS), ("full", FULL_PARAMS))
-        if keys & group
-    ]
-    if len(kinds) != 1:
-        what = "mix adapter kinds " + "+".join(kinds) if kinds else "hold no adapter factors"
-        raise InputError(f"{name}: parameters {sorted(keys)} {what}")
-    kind = kinds[0]
+    kind = adapter_kind_of(name, set(params))
     adapter: Adapter
     if kind == "lora":
         adapter = _read_lora(name, params, warnings)

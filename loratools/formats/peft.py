@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,86 +21,18 @@ import torch
 from ..errors import InputError
 from ..families.spec import DIFFUSERS_FOLDERS, FamilySpec
 from .adapters import LoraFile, LowRank
+from .keys import PEFT_METADATA_KEY as METADATA_KEY
+from .keys import UNET_ROOTS as _UNET_ROOTS
+from .keys import configs_from_metadata, is_peft_like  # noqa: F401 (re-exported)
+from .keys import normalize_peft_key as normalize_key
+from .keys import pattern_value as _pattern_value
 from .resolve import resolve
 
 FORMAT = "diffusers"
 PEFT_FORMAT = "peft"
-METADATA_KEY = "lora_adapter_metadata"  # diffusers loaders/lora_base.py (LORA_ADAPTER_METADATA_KEY)
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FOLDER_OF = {v: k for k, v in DIFFUSERS_FOLDERS.items()}  # "text_encoder" → "te1"
-
-_PARAM = re.compile(r"^(.*)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_magnitude_vector)$")
-_ADAPTER_NAME = re.compile(r"\.(lora_A|lora_B|lora_magnitude_vector)\.(?!weight$|bias$)[^.]+(\.weight|\.bias)?$")
-_OLD_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
-_OLD_TEXT = re.compile(r"\.self_attn\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
-_OLD_LAYER = re.compile(r"\.(lora|lora_linear_layer)\.(down|up)\.weight$")
-_UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "time_embedding.", "add_embedding.")
-_TEXT_NAMES = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
-_SIDE = {"down": "lora_A.weight", "up": "lora_B.weight"}
-
-
-def is_peft_like(keys: list[str]) -> bool:
-    return any(
-        ".lora_A." in k
-        or ".lora_B." in k
-        or "lora_magnitude_vector" in k
-        or "_lora.down." in k
-        or ".lora.down." in k
-        or ".lora_linear_layer." in k
-        for k in keys
-    )
-
-
-def normalize_key(key: str, default_component: str | None = None) -> tuple[str, str, str]:
-    """(folder-prefixed module path, param, spelling) of any peft/diffusers LoRA key."""
-    spelling = "peft"
-    key = key.removeprefix("base_model.model.")
-    key = _ADAPTER_NAME.sub(lambda m: f".{m.group(1)}{m.group(2) or ''}", key)
-    if (m := _OLD_PROCESSOR.search(key)) is not None:
-        target = "to_out.0" if m.group(1) == "to_out" else m.group(1)
-        key = key[: m.start()] + f".{target}.{_SIDE[m.group(2)]}"
-        spelling = "diffusers-attn-processor"
-    elif (m := _OLD_TEXT.search(key)) is not None:
-        key = key[: m.start()] + f".self_attn.{_TEXT_NAMES[m.group(1)]}.{_SIDE[m.group(2)]}"
-        spelling = "diffusers-old"
-    elif (m := _OLD_LAYER.search(key)) is not None:
-        key = key[: m.start()] + f".{_SIDE[m.group(2)]}"
-        spelling = "diffusers-old"
-    if key.startswith(_UNET_ROOTS):
-        key = "unet." + key
-    elif not key.startswith(tuple(f"{f}." for f in DIFFUSERS_FOLDERS.values())):
-        if default_component is None:
-            raise InputError(f"cannot tell which model {key!r} belongs to")
-        key = f"{DIFFUSERS_FOLDERS[default_component]}.{key}"
-    match = _PARAM.match(key)
-    if match is None:
-        raise InputError(f"not a LoRA key: {key!r}")
-    return match.group(1), match.group(2), spelling
-
-
-def _pattern_value(patterns: Mapping[str, Any], path: str) -> Any:
-    """peft's get_pattern_key: the first pattern matching the module path as a dotted suffix."""
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", path):
-            return value
-    return None
-
-
-def configs_from_metadata(metadata: Mapping[str, str]) -> dict[str, dict[str, Any]]:
-    """Per-folder LoraConfig fields from diffusers' ``lora_adapter_metadata``."""
-    raw = metadata.get(METADATA_KEY)
-    if not raw:
-        return {}
-    try:
-        flat = json.loads(raw)
-    except ValueError:
-        raise InputError(f"{METADATA_KEY} metadata is not valid JSON") from None
-    configs: dict[str, dict[str, Any]] = {}
-    for key, value in flat.items():
-        folder, _, field_name = key.partition(".")
-        configs.setdefault(folder, {})[field_name] = value
-    return configs
 
 
 def read_peft(

@@ -11,12 +11,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import InputError
 from ..families import FAMILIES, FamilySpec, get_family
 from .names import NameTables, name_tables
+
+if TYPE_CHECKING:
+    import torch
 
 # kohya ss_base_model_version / modelspec.architecture prefixes → family (FORMATS.md §1.4, §5.4)
 _CLAIMS = (

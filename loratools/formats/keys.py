@@ -1,0 +1,174 @@
+"""The key grammar of every LoRA dialect, torch-free.
+
+What a key *says* (which dialect, which module, which parameter; whether it is a textual-inversion
+token) is pure string work. It lives here, apart from the readers that build tensors, so that
+header-only work — ``inspect`` without ``--norms``, the format scan in :mod:`.scan` — never pays
+torch's import. The readers (:mod:`.kohya`, :mod:`.peft`, :mod:`.cloneofsimo`, :mod:`.lycoris`,
+:mod:`.io`) import these names from here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from ..errors import InputError
+from ..families.spec import DIFFUSERS_FOLDERS
+
+# --- kohya / LyCORIS: ``<lora_name>.<param>``, lora_name without dots (FORMATS.md §1.1) ------------
+
+KOHYA_KEY = re.compile(r"^(lora_(?:unet|te\d?)_[^.]+)\.(.+)$")
+
+
+def is_kohya(keys: list[str]) -> bool:
+    return bool(keys) and all(KOHYA_KEY.match(k) for k in keys)
+
+
+# Parameter suffixes of each LyCORIS algorithm in kohya naming (FORMATS.md §4).
+LORA_PARAMS = {"lora_down.weight", "lora_up.weight", "lora_mid.weight"}
+LOHA_PARAMS = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"}
+LOKR_PARAMS = {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"}
+FULL_PARAMS = {"diff", "diff_b"}
+COMMON_PARAMS = {"alpha", "dora_scale"}
+KNOWN_PARAMS = LORA_PARAMS | LOHA_PARAMS | LOKR_PARAMS | FULL_PARAMS | COMMON_PARAMS
+# Parameters of LyCORIS algorithms loratools does not read (lycoris/modules/*.py weight_list).
+UNSUPPORTED = {
+    "on_input": "IA3",
+    "weight": "IA3",
+    "w_norm": "norm",
+    "b_norm": "norm",
+    "oft_blocks": "OFT/BOFT",
+    "rescale": "OFT/BOFT",
+    "a1.weight": "GLoRA",
+    "a2.weight": "GLoRA",
+    "b1.weight": "GLoRA",
+    "b2.weight": "GLoRA",
+    "bm.weight": "GLoRA",
+    "q_layer.weight": "TLoRA",
+    "p_layer.weight": "TLoRA",
+    "lambda_layer": "TLoRA",
+}
+
+
+def adapter_kind_of(name: str, params: set[str]) -> str:
+    """Which adapter family a kohya parameter group is ("lora", "loha", "lokr", "full").
+
+    Raises :class:`InputError` for unknown or unsupported parameters and for mixed groups.
+    """
+    unknown = params - KNOWN_PARAMS
+    if unknown:
+        algo = {UNSUPPORTED[k] for k in unknown if k in UNSUPPORTED}
+        what = (
+            f"LyCORIS {'/'.join(sorted(algo))} modules are not supported ({', '.join(sorted(unknown))})"
+            if algo
+            else f"unknown parameters {sorted(unknown)}"
+        )
+        raise InputError(f"{name}: {what}")
+    kinds = [
+        k
+        for k, group in (("lora", LORA_PARAMS), ("loha", LOHA_PARAMS), ("lokr", LOKR_PARAMS), ("full", FULL_PARAMS))
+        if params & group
+    ]
+    if len(kinds) != 1:
+        what = "mix adapter kinds " + "+".join(kinds) if kinds else "hold no adapter factors"
+        raise InputError(f"{name}: parameters {sorted(params)} {what}")
+    return kinds[0]
+
+
+# --- peft / diffusers (FORMATS.md §2) --------------------------------------------------------------
+
+PEFT_METADATA_KEY = "lora_adapter_metadata"  # diffusers loaders/lora_base.py (LORA_ADAPTER_METADATA_KEY)
+PEFT_PARAM = re.compile(r"^(.*)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_magnitude_vector)$")
+_ADAPTER_NAME = re.compile(r"\.(lora_A|lora_B|lora_magnitude_vector)\.(?!weight$|bias$)[^.]+(\.weight|\.bias)?$")
+_OLD_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+_OLD_TEXT = re.compile(r"\.self_attn\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+_OLD_LAYER = re.compile(r"\.(lora|lora_linear_layer)\.(down|up)\.weight$")
+UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "time_embedding.", "add_embedding.")
+_TEXT_NAMES = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+_SIDE = {"down": "lora_A.weight", "up": "lora_B.weight"}
+
+
+def is_peft_like(keys: list[str]) -> bool:
+    return any(
+        ".lora_A." in k
+        or ".lora_B." in k
+        or "lora_magnitude_vector" in k
+        or "_lora.down." in k
+        or ".lora.down." in k
+        or ".lora_linear_layer." in k
+        for k in keys
+    )
+
+
+def normalize_peft_key(key: str, default_component: str | None = None) -> tuple[str, str, str]:
+    """(folder-prefixed module path, param, spelling) of any peft/diffusers LoRA key."""
+    spelling = "peft"
+    key = key.removeprefix("base_model.model.")
+    key = _ADAPTER_NAME.sub(lambda m: f".{m.group(1)}{m.group(2) or ''}", key)
+    if (m := _OLD_PROCESSOR.search(key)) is not None:
+        target = "to_out.0" if m.group(1) == "to_out" else m.group(1)
+        key = key[: m.start()] + f".{target}.{_SIDE[m.group(2)]}"
+        spelling = "diffusers-attn-processor"
+    elif (m := _OLD_TEXT.search(key)) is not None:
+        key = key[: m.start()] + f".self_attn.{_TEXT_NAMES[m.group(1)]}.{_SIDE[m.group(2)]}"
+        spelling = "diffusers-old"
+    elif (m := _OLD_LAYER.search(key)) is not None:
+        key = key[: m.start()] + f".{_SIDE[m.group(2)]}"
+        spelling = "diffusers-old"
+    if key.startswith(UNET_ROOTS):
+        key = "unet." + key
+    elif not key.startswith(tuple(f"{f}." for f in DIFFUSERS_FOLDERS.values())):
+        if default_component is None:
+            raise InputError(f"cannot tell which model {key!r} belongs to")
+        key = f"{DIFFUSERS_FOLDERS[default_component]}.{key}"
+    match = PEFT_PARAM.match(key)
+    if match is None:
+        raise InputError(f"not a LoRA key: {key!r}")
+    return match.group(1), match.group(2), spelling
+
+
+def pattern_value(patterns: Mapping[str, Any], path: str) -> Any:
+    """peft's get_pattern_key: the first pattern matching the module path as a dotted suffix."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", path):
+            return value
+    return None
+
+
+def configs_from_metadata(metadata: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """Per-folder LoraConfig fields from diffusers' ``lora_adapter_metadata``."""
+    raw = metadata.get(PEFT_METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        flat = json.loads(raw)
+    except ValueError:
+        raise InputError(f"{PEFT_METADATA_KEY} metadata is not valid JSON") from None
+    configs: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        folder, _, field_name = key.partition(".")
+        configs.setdefault(folder, {})[field_name] = value
+    return configs
+
+
+# --- cloneofsimo safeloras (FORMATS.md §3) ----------------------------------------------------------
+
+SAFELORAS_KEY = re.compile(r"^([^:]+):(\d+):(up|down)$")
+EMBED_FLAG = "<embed>"  # lora_diffusion's metadata value for textual-inversion tensors
+
+
+def is_safeloras(keys: list[str]) -> bool:
+    return any(SAFELORAS_KEY.match(k) for k in keys)
+
+
+# --- textual-inversion embeddings carried inside LoRA files --------------------------------------
+
+EMBEDDING_KEYS = ("string_to_param", "emb_params", "clip_l", "clip_g")
+
+
+def is_embedding_key(key: str, metadata: Mapping[str, str]) -> bool:
+    """A token embedding rather than a LoRA factor: ``<token>`` names, safeloras' ``<embed>`` flag,
+    A1111/kohya embedding keys (``emb_params``, SDXL ``clip_l``/``clip_g``)."""
+    return (key.startswith("<") and key.endswith(">")) or metadata.get(key) == EMBED_FLAG or key in EMBEDDING_KEYS
