@@ -177,8 +177,11 @@ def _component(canonical: str) -> str:
 
 
 def _finite(adapter: Adapter) -> bool:
+    # One float64 reduction per factor: NaN and ±inf survive a sum, and float64 cannot overflow on
+    # sums of float16/bf16/float32 values of any realistic size (an elementwise isfinite on float16
+    # is ~20× slower on CPU).
     return all(
-        bool(torch.isfinite(v).all())
+        math.isfinite(float(v.sum(dtype=torch.float64)))
         for v in vars(adapter).values()
         if isinstance(v, torch.Tensor) and v.is_floating_point()
     )
