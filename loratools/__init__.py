@@ -21,6 +21,8 @@ _LAZY = {
     "convert_checkpoint": "loratools.ops.checkpoint",
     "inspect_checkpoint": "loratools.report",
     "inspect_lora": "loratools.report",
+    "diff": "loratools.ops.diff",
+    "file_hashes": "loratools.ops.hashes",
 }
 
 

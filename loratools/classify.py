@@ -7,12 +7,13 @@ from pathlib import Path
 from .errors import InputError
 from .families.detect import DIFFUSERS_PREFIXES, SINGLE_PREFIXES
 from .io.checkpoint import is_diffusers_folder
-from .io.safetensors import read_header
+from .io.headers import header_of
+from .io.hub import resolve as resolve_hub
 
 
 def classify(path: str | Path) -> str:
-    """``"checkpoint"`` or ``"lora"``."""
-    path = Path(path)
+    """``"checkpoint"`` or ``"lora"`` (``path`` may be an ``hf://`` reference)."""
+    path = resolve_hub(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     if path.is_dir():
@@ -24,7 +25,7 @@ def classify(path: str | Path) -> str:
             return "checkpoint"
         raise InputError(f"{path}: folder holds neither a diffusers model nor a peft adapter")
     if path.suffix == ".safetensors" or _is_safetensors(path):
-        keys = list(read_header(path).tensors)
+        keys = list(header_of(path).tensors)
         checkpoint_keys = sum(k.startswith(SINGLE_PREFIXES) for k in keys)
         lora_markers = sum(
             ("lora" in k or "hada_" in k or "lokr_" in k or ":" in k or k.endswith(".alpha")) for k in keys

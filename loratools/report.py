@@ -13,6 +13,7 @@ from pathlib import Path
 from .families.detect import component_of_key, detect
 from .families.spec import COMPONENT_TITLES
 from .io.checkpoint import open_checkpoint
+from .io.safetensors import TensorInfo
 
 CHECKPOINT_SCHEMA = "loratools.inspect.checkpoint/1"
 COMPONENT_ORDER = ("unet", "te1", "te2", "vae", "scheduler", "ema", "other")
@@ -59,6 +60,10 @@ class CheckpointReport:
     shape_mismatches: list[str]
     notes: list[str]
     dropped_non_tensors: list[str]
+    # added in issue 7 (still /1: fields are only ever added)
+    read: str = "header"  # checkpoints are always described from headers
+    hashes: list[dict[str, object]] | None = None  # --hashes: one entry per file (see ops/hashes.py)
+    keys: list[dict[str, object]] | None = None  # --keys: every tensor {key, shape, dtype}
 
     def to_dict(self) -> dict[str, object]:
         return {"schema": CHECKPOINT_SCHEMA, "kind": "checkpoint", **asdict(self)}
@@ -69,8 +74,14 @@ def _file_format(files: list[Path]) -> str:
     return kinds.pop() if len(kinds) == 1 else "mixed"
 
 
-def inspect_checkpoint(path: str | Path, *, family: str | None = None) -> CheckpointReport:
-    """Read a checkpoint's headers (never its tensor data) and describe it."""
+def inspect_checkpoint(
+    path: str | Path, *, family: str | None = None, hashes: bool = False, keys: bool = False
+) -> CheckpointReport:
+    """Read a checkpoint's headers (never its tensor data) and describe it.
+
+    ``hashes``: also hash every file (streamed, see :mod:`loratools.ops.hashes`); ``keys``: list
+    every tensor with its shape and dtype. ``path`` may be an ``hf://`` reference.
+    """
     with open_checkpoint(path) as ckpt:
         found = detect(ckpt.shapes(), ckpt.metadata, family=family)
         km = found.keymap
@@ -125,124 +136,33 @@ def inspect_checkpoint(path: str | Path, *, family: str | None = None) -> Checkp
             shape_mismatches=found.shape_mismatches[:LIST_LIMIT],
             notes=found.notes,
             dropped_non_tensors=ckpt.dropped[:LIST_LIMIT],
+            hashes=[hash_facts(f) for f in ckpt.files] if hashes else None,
+            keys=[key_facts(k, ckpt.info(k)) for k in ckpt] if keys else None,
         )
 
 
-LORA_SCHEMA = "loratools.inspect.lora/1"
+def key_facts(key: str, info: TensorInfo) -> dict[str, object]:
+    """One raw key of a file, as ``--keys`` lists it."""
+    return {"key": key, "shape": list(info.shape), "dtype": info.dtype}
 
 
-@dataclass
-class ModuleFacts:
-    """One adapter as inspect shows it."""
+def hash_facts(path: str | Path) -> dict[str, object]:
+    """The hashes of one file as plain data (``--hashes``)."""
+    from .ops.hashes import file_hashes
 
-    module: str  # canonical name
-    kind: str  # lora, locon, loha, lokr, full, dora, tucker
-    rank: int | None
-    alpha: float | None
-    scale: float
-    shape: list[int]  # the ΔW shape
-    dtype: str
+    return asdict(file_hashes(path))
 
 
-@dataclass
-class LoraReport:
-    """Everything ``inspect`` says about a LoRA."""
+# The LoRA half lives in report_lora.py; imported here so ``loratools.report`` stays the one place.
+from .report_lora import LORA_SCHEMA, LoraReport, ModuleFacts, inspect_lora  # noqa: E402
 
-    path: str
-    format: str
-    family: str
-    family_title: str
-    metadata_claims: str | None
-    file_bytes: int
-    modules: int
-    components: dict[str, int]
-    kinds: dict[str, int]
-    ranks: dict[str, int]  # rank → module count
-    alphas: dict[str, int]
-    parameters: int
-    dtypes: dict[str, int]
-    embeddings: list[str]
-    metadata: dict[str, str]
-    warnings: list[str]
-    unmatched: dict[str, str]
-    module_facts: list[ModuleFacts]
-
-    def to_dict(self) -> dict[str, object]:
-        return {"schema": LORA_SCHEMA, "kind": "lora", **asdict(self)}
-
-
-def _kind(adapter: object) -> str:
-    from .formats.adapters import LowRank
-
-    if isinstance(adapter, LowRank):
-        if adapter.dora_scale is not None:
-            return "dora"
-        if adapter.mid is not None:
-            return "tucker"
-        return "locon" if adapter.down.dim() == 4 and adapter.down.shape[-1] > 1 else "lora"
-    dora = "+dora" if getattr(adapter, "dora_scale", None) is not None else ""
-    return adapter.kind + dora  # type: ignore[attr-defined,no-any-return]
-
-
-def _delta_shape(adapter: object) -> list[int]:
-    from .formats.adapters import LowRank
-
-    if isinstance(adapter, LowRank):
-        return list(adapter.delta_shape())
-    shape = getattr(adapter, "shape", None)
-    if shape:
-        return list(shape)
-    if hasattr(adapter, "diff"):
-        return list(adapter.diff.shape)  # type: ignore[attr-defined]
-    return list(adapter.delta().shape)  # type: ignore[attr-defined]
-
-
-def inspect_lora(path: str | Path, *, family: str | None = None) -> LoraReport:
-    """Read a LoRA and describe it: format, family from shapes vs metadata claims, ranks, alphas."""
-    from .formats.io import load_lora
-    from .formats.resolve import claimed_family
-
-    lora = load_lora(path, family)
-    facts = []
-    dtypes: Counter[str] = Counter()
-    for module, adapter in lora.adapters.items():
-        tensors = [v for v in vars(adapter).values() if hasattr(v, "dtype") and hasattr(v, "numel")]
-        for t in tensors:
-            dtypes[str(t.dtype).removeprefix("torch.")] += 1
-        facts.append(
-            ModuleFacts(
-                module,
-                _kind(adapter),
-                adapter.rank,
-                adapter.alpha if adapter.rank else None,
-                adapter.scale,
-                _delta_shape(adapter),
-                str(tensors[0].dtype).removeprefix("torch."),
-            )
-        )
-    claim, key = claimed_family(lora.metadata)
-    p = Path(path)
-    size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
-    return LoraReport(
-        path=str(path),
-        format=lora.source_format,
-        family=lora.family.name,
-        family_title=lora.family.title,
-        metadata_claims=f"{claim} ({key}={lora.metadata.get(key or '', 'True')})" if claim else None,
-        file_bytes=size,
-        modules=len(lora.adapters),
-        components=lora.components(),
-        kinds=dict(Counter(f.kind for f in facts)),
-        ranks={
-            str(k): v
-            for k, v in sorted(Counter(f.rank for f in facts).items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
-        },
-        alphas={f"{k:g}" if k is not None else "none": v for k, v in Counter(f.alpha for f in facts).items()},
-        parameters=sum(a.parameters() for a in lora.adapters.values()),
-        dtypes=dict(dtypes),
-        embeddings=list(lora.embeddings),
-        metadata=dict(lora.metadata),
-        warnings=list(lora.warnings),
-        unmatched=dict(list(lora.unmatched.items())[:LIST_LIMIT]),
-        module_facts=facts,
-    )
+__all__ = [
+    "CHECKPOINT_SCHEMA",
+    "LORA_SCHEMA",
+    "CheckpointReport",
+    "ComponentFacts",
+    "LoraReport",
+    "ModuleFacts",
+    "inspect_checkpoint",
+    "inspect_lora",
+]

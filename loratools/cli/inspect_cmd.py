@@ -1,48 +1,184 @@
-"""``loratools inspect``."""
+"""``loratools inspect``: one screen per file, or one line per file of a folder; ``--json`` for scripts."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
 
 from ..classify import classify
+from ..errors import InputError, LoratoolsError
+from ..io.checkpoint import is_diffusers_folder
+from ..io.hub import is_hub
+from ..io.hub import resolve as resolve_hub
 from ..report import inspect_checkpoint, inspect_lora
 from .errors import user_errors
 from .options import family_option
 from .render import print_json, render_checkpoint, render_lora
 
+WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
+
+
+def inspect_one(
+    path: str, *, family: str | None, norms: bool, hashes: bool, keys: bool
+) -> Any:  # CheckpointReport | LoraReport
+    """The report of one file or model folder (``path`` may be ``hf://…``; the report keeps it)."""
+    local = resolve_hub(path)
+    if classify(local) == "lora":
+        report: Any = inspect_lora(local, family=family, norms=norms, hashes=hashes, keys=keys)
+    else:
+        report = inspect_checkpoint(local, family=family, hashes=hashes, keys=keys)
+    if is_hub(path):
+        report.path = path
+    return report
+
+
+def is_model_folder(path: Path) -> bool:
+    """A diffusers checkpoint or a peft adapter folder is inspected as one model, not file by file."""
+    return (
+        is_diffusers_folder(path)
+        or (path / "adapter_config.json").exists()
+        or any((p / "adapter_config.json").exists() for p in path.iterdir() if p.is_dir())
+    )
+
+
+def folder_entries(folder: Path) -> list[Path]:
+    """What a plain folder holds to inspect: weight files and model subfolders, sorted by name."""
+    entries = []
+    for entry in sorted(folder.iterdir()):
+        if (entry.is_file() and entry.suffix.lower() in WEIGHT_SUFFIXES) or (entry.is_dir() and is_model_folder(entry)):
+            entries.append(entry)
+    return entries
+
+
+def inspect_folder(
+    folder: Path, console: Console, *, jobs: int, as_json: bool, **options: Any
+) -> tuple[list[Any], list[tuple[Path, LoratoolsError]]]:
+    """Every entry of ``folder``, in parallel threads (header reads release the GIL), with a bar."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    entries = folder_entries(folder)
+    if not entries:
+        raise InputError(
+            f"{folder}: folder holds neither a diffusers model nor a peft adapter, "
+            "nor any .safetensors/.ckpt/.pt/.bin file to inspect"
+        )
+    results: dict[Path, Any] = {}
+    errors: list[tuple[Path, LoratoolsError]] = []
+    stderr = Console(stderr=True)
+    columns = (TextColumn("inspecting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with (
+        Progress(*columns, console=stderr, transient=True, disable=not stderr.is_terminal) as progress,
+        ThreadPoolExecutor(max_workers=max(1, jobs)) as pool,
+    ):
+        task = progress.add_task("inspecting", total=len(entries))
+
+        def run(entry: Path) -> None:
+            try:
+                results[entry] = inspect_one(str(entry), **options)
+            except LoratoolsError as exc:
+                errors.append((entry, exc))
+            finally:
+                progress.advance(task)
+
+        list(pool.map(run, entries))
+    return [results[e] for e in entries if e in results], sorted(errors, key=lambda e: str(e[0]))
+
 
 @click.command("inspect")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
 @family_option
+@click.option("--norms", is_flag=True, help="Also compute ‖ΔW‖_F per module and block (factor space; reads tensors).")
+@click.option("--hashes", is_flag=True, help="Also hash the files: AutoV2/sha256, legacy, addnet; check stored sshs_*.")
+@click.option("--keys", "show_keys", is_flag=True, help="List every stored key with its shape and dtype.")
 @click.option(
-    "--json", "as_json", is_flag=True, help="Print the facts as JSON (schema loratools.inspect.checkpoint/1)."
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the facts as JSON (schemas loratools.inspect.lora/1, loratools.inspect.checkpoint/1).",
 )
-def inspect_command(paths: tuple[str, ...], family: str | None, as_json: bool) -> None:
-    """Show what is inside a checkpoint or a LoRA: family, layout/format, components, ranks, dtypes.
+@click.option(
+    "--jobs",
+    "-j",
+    type=click.IntRange(1, 64),
+    default=min(8, os.cpu_count() or 1),
+    show_default=True,
+    help="Files inspected at once when PATH is a folder of files.",
+)
+def inspect_command(
+    paths: tuple[str, ...], family: str | None, norms: bool, hashes: bool, show_keys: bool, as_json: bool, jobs: int
+) -> None:
+    """Show what is inside a checkpoint or a LoRA: family (from shapes, and what metadata claims),
+    format/layout, module tree with kind/rank/alpha, dtypes, embeddings, metadata.
 
     PATHS are single files (.safetensors, or .ckpt/.pt/.bin read weights-only), diffusers
-    folders or peft adapter folders. For checkpoints only headers are read.
+    folders, peft adapter folders, hf://owner/repo/path[@revision] references, or a plain folder:
+    then every file in it is inspected in parallel and summarized in one line. Only headers are
+    read unless --norms or --hashes asks for the tensor bytes.
 
     \b
     Examples:
-      loratools inspect v1-5-pruned-emaonly.safetensors
-      loratools inspect ./stable-diffusion-xl-base-1.0 --json
       loratools inspect my_lora.safetensors
+      loratools inspect my_lora.safetensors --norms --hashes
+      loratools inspect ./loras/                      # one line per file
+      loratools inspect hf://owner/repo/lora.safetensors --json
     """
     console = Console()
+    options = {"family": family, "norms": norms, "hashes": hashes, "keys": show_keys}
     with user_errors():
-        reports = [
-            inspect_lora(p, family=family) if classify(p) == "lora" else inspect_checkpoint(p, family=family)
-            for p in paths
-        ]
-        if as_json:
-            print_json(console, reports[0].to_dict() if len(reports) == 1 else [r.to_dict() for r in reports])
-            return
-        for i, report in enumerate(reports):
-            if i:
-                console.print()
-            if report.to_dict()["kind"] == "lora":
-                render_lora(console, report)  # type: ignore[arg-type]
+        reports: list[Any] = []
+        failures: list[tuple[Path, LoratoolsError]] = []
+        folder_mode = False
+        for p in paths:
+            local = None if is_hub(p) else Path(p)
+            if local is not None and local.is_dir() and not is_model_folder(local):
+                folder_mode = True
+                found, errors = inspect_folder(local, console, jobs=jobs, as_json=as_json, **options)
+                failures += errors
+                if not as_json:
+                    for report in found:
+                        _summary(console, report)
+                    for entry, exc in errors:
+                        console.print(f"[red]{entry.name}[/red]: error: {exc.one_line()}", highlight=False)
+                reports += found
             else:
-                render_checkpoint(console, report)  # type: ignore[arg-type]
+                reports.append(inspect_one(p, **options))
+        if as_json:
+            print_json(
+                console,
+                reports[0].to_dict() if len(reports) == 1 and not folder_mode else [r.to_dict() for r in reports],
+            )
+        elif not folder_mode:
+            _render_all(console, reports, norms=norms, keys=show_keys)
+        if failures:
+            worst = max(exc.exit_code for _, exc in failures)
+            raise SystemExit(worst)
+
+
+def _summary(console: Console, report: Any) -> None:
+    from .render_inspect import summary_line
+
+    name = Path(report.path).name if not is_hub(report.path) else report.path
+    console.print(f"[bold]{name}[/bold]  {summary_line(report)}", highlight=False)
+
+
+def _render_all(console: Console, reports: list[Any], *, norms: bool, keys: bool) -> None:
+    from .render_inspect import render_hashes, render_keys, render_lora_details
+
+    for i, report in enumerate(reports):
+        if i:
+            console.print()
+        if report.to_dict()["kind"] == "lora":
+            render_lora(console, report)
+            render_lora_details(console, report, norms=norms, keys=keys)
+        else:
+            render_checkpoint(console, report)
+            if report.hashes:
+                render_hashes(console, report.hashes)
+            if keys and report.keys is not None:
+                render_keys(console, report.keys)

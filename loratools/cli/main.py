@@ -7,6 +7,7 @@ import click
 from .. import __version__
 from .convert_cmd import convert
 from .demo_cmd import demo
+from .diff_cmd import diff_command
 from .inspect_cmd import inspect_command
 from .merge_cmd import merge, unmerge
 
@@ -31,6 +32,7 @@ def cli() -> None:
 
 
 cli.add_command(inspect_command)
+cli.add_command(diff_command)
 cli.add_command(convert)
 cli.add_command(merge)
 cli.add_command(unmerge)

@@ -106,7 +106,11 @@ def render_lora(console: Console, report: LoraReport) -> None:
     head.append(f"  ·  {FORMAT_TITLES.get(report.format, report.format)}  ·  {human_bytes(report.file_bytes)}")
     console.print(head)
     if report.metadata_claims:
-        console.print(f"metadata claims: {report.metadata_claims}")
+        mismatch = getattr(report, "family_mismatch", False)
+        verdict = "[yellow]disagrees: the shapes win[/yellow]" if mismatch else "[green]agrees[/green]"
+        console.print(
+            f"family from shapes: {report.family_title} · metadata claims: {report.metadata_claims} · {verdict}"
+        )
     table = Table(show_edge=False, header_style="bold")
     for column in ("component", "modules", "kinds", "ranks", "alphas"):
         table.add_column(column)

@@ -16,6 +16,7 @@ import torch
 from ..errors import InputError
 from ..families.spec import FamilySpec
 from ..io.atomic import AtomicFolder
+from ..io.hub import resolve as resolve_hub
 from ..io.pickle import PICKLE_SUFFIXES, load_pickle_raw, split_tensors, unwrap_state_dict
 from ..io.safetensors import SafetensorsFile, save_tensors
 from . import cloneofsimo, kohya, peft
@@ -53,8 +54,9 @@ def load_lora(path: str | os.PathLike[str], family: str | FamilySpec | None = No
     ``path``: a .safetensors file, a weights-only pickle (.pt/.bin/.ckpt), a cloneofsimo ``.pt``
     list (its ``.text_encoder.pt`` companion is read with it), or a peft adapter folder.
     ``family``: "sd1"/"sd2"/"sdxl" or a FamilySpec, when names and shapes should not decide.
+    ``path`` may also be an ``hf://owner/repo/path[@revision]`` reference (:mod:`loratools.io.hub`).
     """
-    path = Path(path)
+    path = resolve_hub(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     if path.is_dir():

@@ -43,6 +43,17 @@ def claimed_family(metadata: Mapping[str, str]) -> tuple[str | None, str | None]
     return None, None
 
 
+def claim_warning(metadata: Mapping[str, str], spec: FamilySpec) -> str | None:
+    """The warning for metadata that claims another family than the shapes show (None if it agrees)."""
+    claim, claim_key = claimed_family(metadata)
+    if claim is None or claim == spec.name:
+        return None
+    return (
+        f"metadata {claim_key}={metadata.get(claim_key)!r} claims {FAMILIES[claim].title}, "
+        f"but the shapes say {spec.title}; using {spec.title}"
+    )
+
+
 def _rows(params: Mapping[str, torch.Tensor], full: str, low: str) -> int | None:
     if full in params:
         return int(params[full].shape[0])
@@ -123,11 +134,8 @@ def resolve(
             f"names and shapes fit {' and '.join(tied)} equally; chose {spec.title}"
             + (f" (metadata {claim_key} says so)" if claim == spec.name else "; pass --family to choose")
         )
-    if claim is not None and claim != spec.name and family is None:
-        warnings.append(
-            f"metadata {claim_key}={metadata.get(claim_key)!r} claims {FAMILIES[claim].title}, "
-            f"but the shapes say {spec.title}; using {spec.title}"
-        )
+    if family is None and (claim_note := claim_warning(metadata, spec)) is not None:
+        warnings.append(claim_note)
     unmatched = {n: "no such module in " + spec.title for n in groups if n not in hits}
     for name, canonical in list(hits.items()):
         if not shape_fits(adapter_dims(groups[name]), tables.modules[canonical].shape):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import CorruptFileError, InputError
+from .hub import resolve as resolve_hub
 from .pickle import PICKLE_SUFFIXES, load_pickle_raw, split_tensors, unwrap_state_dict
 from .safetensors import SafetensorsFile, TensorInfo, dtype_name
 
@@ -186,8 +187,11 @@ def is_diffusers_folder(path: Path) -> bool:
 
 
 def open_checkpoint(path: str | os.PathLike[str], *, variant: str | None = None) -> Checkpoint:
-    """Open a single-file checkpoint (.safetensors or a weights-only pickle) or a diffusers folder."""
-    path = Path(path)
+    """Open a single-file checkpoint (.safetensors or a weights-only pickle) or a diffusers folder.
+
+    ``path`` may be an ``hf://owner/repo/path[@revision]`` reference (see :mod:`loratools.io.hub`).
+    """
+    path = resolve_hub(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     if path.is_dir():

@@ -1,0 +1,192 @@
+"""Human renderings of the issue-7 facts: the LoRA layout tree, ΔW norm bars, metadata, hashes,
+raw keys, folder summaries and diffs. Plain data in (``loratools.report*``, ``ops.diff``), rich out."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+from rich.tree import Tree
+
+from ..report_lora import LoraReport
+from ..tree import Node
+from .render import FORMAT_TITLES, human_bytes, human_count
+
+BAR_WIDTH = 40
+_EIGHTHS = " ▏▎▍▌▋▊▉"
+COMPONENT_ORDER = {"unet": 0, "te1": 1, "te2": 2}
+
+
+def bar(value: float, top: float, width: int = BAR_WIDTH) -> str:
+    """A horizontal bar ``value/top`` of ``width`` cells, in eighths of a cell."""
+    if top <= 0 or value <= 0:
+        return ""
+    eighths = round(min(value / top, 1.0) * width * 8)
+    return "█" * (eighths // 8) + (_EIGHTHS[eighths % 8] if eighths % 8 else "")
+
+
+def _one(counts: dict[str, int]) -> str | None:
+    return next(iter(counts)) if len(counts) == 1 else None
+
+
+def _spread(counts: dict[str, int], prefix: str) -> str:
+    keys = list(counts)
+    if len(keys) == 1:
+        return f"{prefix}{keys[0]}"
+    numeric = sorted((float(k) for k in keys if k not in ("none", "None")), key=float)
+    if numeric and len(numeric) == len(keys):
+        return f"{prefix}{numeric[0]:g}…{numeric[-1]:g} ({len(keys)} values)"
+    return f"{prefix}{'/'.join(keys[:4])}{'…' if len(keys) > 4 else ''}"
+
+
+def describe(node: Node) -> str:
+    """``kind r32 α16 ×0.5`` for a uniform node, the spread of each fact otherwise."""
+    kind, rank, alpha = _one(node.kinds), _one(node.ranks), _one(node.alphas)
+    parts = [kind or "/".join(f"{k}×{n}" for k, n in node.kinds.items())]
+    parts.append(_spread(node.ranks, "r") if rank != "None" else "")
+    parts.append(_spread(node.alphas, "α") if alpha != "none" else "")
+    if kind and rank not in (None, "None") and alpha not in (None, "none"):
+        parts.append(f"×{float(alpha) / float(rank):.4g}")  # type: ignore[arg-type]
+    return " ".join(p for p in parts if p)
+
+
+def _node_text(node: Node, top_norm: float | None) -> Text:
+    text = Text()
+    text.append(node.label, style="bold" if not node.module else "")
+    if node.module is None:
+        each = node.modules // node.repeat
+        text.append(f" · {each} module{'s' if each != 1 else ''}{' each' if node.repeat > 1 else ''}", style="dim")
+    text.append(f" · {describe(node)}", style="cyan")
+    if node.norm is not None:
+        text.append(f" · ‖ΔW‖ {node.norm:.4g}", style="magenta")
+    return text
+
+
+def _add(branch: Tree, node: Node, depth: int, top_norm: float | None) -> None:
+    child = branch.add(_node_text(node, top_norm))
+    if node.children and (depth == 0 or not node.uniform):
+        for sub in node.children:
+            _add(child, sub, depth + 1, top_norm)
+
+
+def layout_tree(report: LoraReport) -> Tree:
+    """The module layout as a rich Tree: components always open, uniform groups collapsed."""
+    root = Tree(Text(f"{report.modules} modules", style="bold"), guide_style="dim")
+    top = max((n.norm or 0.0 for n in report.tree), default=0.0) or None
+    for node in sorted(report.tree, key=lambda n: COMPONENT_ORDER.get(n.key, 9)):
+        _add(root, node, 0, top)
+    return root
+
+
+def norm_bars(report: LoraReport, *, top_modules: int = 12) -> Table:
+    """‖ΔW‖_F per block (each component's groups) and the largest modules, as bars."""
+    table = Table(show_edge=False, header_style="bold", title="‖ΔW‖_F (factor space)", title_justify="left")
+    table.add_column("block")
+    table.add_column("‖ΔW‖", justify="right")
+    table.add_column("")
+    rows: list[tuple[str, float]] = []
+    for component in sorted(report.tree, key=lambda n: COMPONENT_ORDER.get(n.key, 9)):
+        for node in component.children:
+            rows.append((f"{component.label} · {node.label}", node.norm or 0.0))
+    top = max((v for _, v in rows), default=0.0)
+    for label, value in rows:
+        table.add_row(label, f"{value:.4g}", Text(bar(value, top), style="magenta"))
+    modules = sorted((f for f in report.module_facts if f.norm is not None), key=lambda f: -(f.norm or 0.0))
+    if modules:
+        table.add_section()
+        biggest = modules[0].norm or 0.0
+        for f in modules[:top_modules]:
+            table.add_row(Text(f.module, style="dim"), f"{f.norm:.4g}", Text(bar(f.norm or 0.0, biggest), style="cyan"))
+    return table
+
+
+def render_lora_details(console: Console, report: LoraReport, *, norms: bool, keys: bool) -> None:
+    """Everything beyond the summary: tree, embeddings, metadata, norms, hashes, keys."""
+    console.print(layout_tree(report))
+    for emb in report.embedding_facts:
+        console.print(
+            f"textual-inversion embedding [bold]{emb.name}[/bold]: {emb.vectors} vector{'s' if emb.vectors != 1 else ''}"
+            f" × {emb.width} ({emb.dtype})"
+        )
+    render_metadata(console, report.metadata_summary)
+    if norms and report.norms is not None:
+        console.print(norm_bars(report))
+        console.print(f"total ‖ΔW‖_F {report.norms['total']:.4g}")
+        if report.norms.get("dora_note"):
+            console.print(f"[dim]note:[/dim] {report.norms['dora_note']}")
+    if report.hashes is not None:
+        render_hashes(console, [report.hashes])
+    if keys and report.keys is not None:
+        render_keys(console, report.keys)
+
+
+def render_metadata(console: Console, summary: dict[str, Any]) -> None:
+    training = summary.get("training") or {}
+    if training:
+        shown = ", ".join(f"{k.removeprefix('ss_')}={v}" for k, v in training.items() if k != "ss_training_comment")
+        console.print(f"[bold]training:[/bold] {shown}")
+        if training.get("ss_training_comment"):
+            console.print(f"  comment: {training['ss_training_comment']}")
+    tags = summary.get("tags") or {}
+    if tags.get("top"):
+        top = ", ".join(f"{tag} ({n})" for tag, n in tags["top"])
+        console.print(f"[bold]top tags[/bold] ({tags['distinct']} distinct): {top}")
+    modelspec = summary.get("modelspec") or {}
+    if modelspec:
+        console.print("[bold]modelspec:[/bold] " + ", ".join(f"{k}={v}" for k, v in modelspec.items()))
+    if summary.get("merged_from"):
+        console.print(f"[bold]merged from:[/bold] {summary['merged_from']}")
+    if summary.get("other_keys"):
+        console.print(f"[dim]{summary['other_keys']} more metadata entries (--json shows them all)[/dim]")
+
+
+def render_hashes(console: Console, entries: Sequence[dict[str, Any]]) -> None:
+    table = Table(show_edge=False, header_style="bold", title="hashes", title_justify="left")
+    for column in ("file", "AutoV2 (sha256)", "legacy (AutoV1)", "addnet (sshs_model_hash)"):
+        table.add_column(column)
+    for h in entries:
+        table.add_row(
+            str(h["path"]).rsplit("/", 1)[-1],
+            f"{h['autov2']}  [dim]{h['sha256']}[/dim]",
+            h["legacy"],
+            f"{h['addnet_short']}  [dim]{h['addnet']}[/dim]" if h.get("addnet") else "-",
+        )
+    console.print(table)
+    for h in entries:
+        for check in h.get("checks", []):
+            mark = {True: "[green]ok[/green]", False: "[yellow]mismatch[/yellow]", None: "[dim]unchecked[/dim]"}[
+                check["ok"]
+            ]
+            console.print(f"stored {check['key']} {check['stored']}: {mark} ({check['note']})")
+
+
+def render_keys(console: Console, keys: Iterable[dict[str, Any]]) -> None:
+    table = Table(show_edge=False, header_style="bold", title="keys", title_justify="left")
+    table.add_column("key")
+    table.add_column("shape")
+    table.add_column("dtype")
+    for k in keys:
+        table.add_row(str(k["key"]), "×".join(map(str, k["shape"])) or "scalar", str(k["dtype"]))
+    console.print(table)
+
+
+def summary_line(report: Any) -> str:
+    """One line per file for folder inspects."""
+    r = report
+    if isinstance(r, LoraReport):
+        ranks = "/".join(r.ranks) if len(r.ranks) <= 3 else f"{len(r.ranks)} ranks"
+        alphas = "/".join(r.alphas) if len(r.alphas) <= 3 else f"{len(r.alphas)} alphas"
+        kinds = "+".join(r.kinds) or r.format
+        fmt = FORMAT_TITLES.get(r.format, r.format).split(" (")[0]
+        warn = " · [yellow]metadata disagrees[/yellow]" if r.family_mismatch else ""
+        return (
+            f"{r.family_title} LoRA · {fmt} · {r.modules} modules {kinds} r{ranks} α{alphas} · "
+            f"{human_bytes(r.file_bytes)}{warn}"
+        )
+    return (
+        f"{r.family_title} checkpoint · {r.layout} · {r.variant} · {human_count(r.parameters)} parameters · "
+        f"{human_bytes(r.file_bytes)}"
+    )

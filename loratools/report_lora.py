@@ -1,0 +1,500 @@
+"""What ``inspect`` says about a LoRA, as plain data (schema ``loratools.inspect.lora/1``).
+
+A ``.safetensors`` LoRA in kohya/LyCORIS or diffusers/peft naming is described from its header
+(:func:`loratools.formats.scan.scan_lora`: no torch, a few hundred microseconds of alpha reads);
+other dialects (cloneofsimo lists and safeloras, pickles, peft folders) are read in full. ``read``
+says which. ``--norms`` adds ‖ΔW‖_F per module and per group, computed in factor space
+(:mod:`loratools.ops.norms`); ``--hashes`` the file hashes and the check of stored ``sshs_*``
+values (:mod:`loratools.ops.hashes`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .families import FAMILIES
+from .formats.keys import EMBED_FLAG, is_embedding_key
+from .formats.names import name_tables
+from .formats.resolve import claimed_family
+from .io.hub import resolve as resolve_hub
+from .io.safetensors import TensorInfo
+from .report import LIST_LIMIT, hash_facts, key_facts
+from .tree import Leaf, Node, build_tree
+
+LORA_SCHEMA = "loratools.inspect.lora/1"
+TOP_TAGS = 15  # tags kept from ss_tag_frequency
+# sd-scripts metadata worth a line of its own (FORMATS.md §1.4); the rest stays in `metadata`
+TRAINING_KEYS = (
+    "ss_output_name",
+    "ss_network_module",
+    "ss_network_dim",
+    "ss_network_alpha",
+    "ss_network_args",
+    "ss_base_model_version",
+    "ss_sd_model_name",
+    "ss_resolution",
+    "ss_num_train_images",
+    "ss_num_epochs",
+    "ss_epoch",
+    "ss_steps",
+    "ss_max_train_steps",
+    "ss_learning_rate",
+    "ss_unet_lr",
+    "ss_text_encoder_lr",
+    "ss_optimizer",
+    "ss_lr_scheduler",
+    "ss_mixed_precision",
+    "ss_clip_skip",
+    "ss_seed",
+    "ss_training_started_at",
+    "ss_training_finished_at",
+    "ss_training_comment",
+)
+
+
+@dataclass
+class ModuleFacts:
+    """One adapter as inspect shows it."""
+
+    module: str  # canonical name
+    kind: str  # lora, locon, loha, lokr, full, dora, tucker
+    rank: int | None
+    alpha: float | None
+    scale: float
+    shape: list[int]  # the ΔW shape
+    dtype: str
+    norm: float | None = None  # ‖ΔW‖_F with --norms (factor space)
+
+
+@dataclass
+class EmbeddingFacts:
+    """A textual-inversion embedding found in the file."""
+
+    name: str
+    shape: list[int]
+    dtype: str
+    vectors: int  # tokens it occupies
+    width: int  # the text-encoder width it is for (768 CLIP-L, 1024 OpenCLIP-H, 1280 bigG)
+
+
+@dataclass
+class LoraReport:
+    """Everything ``inspect`` says about a LoRA."""
+
+    path: str
+    format: str
+    family: str
+    family_title: str
+    metadata_claims: str | None
+    file_bytes: int
+    modules: int
+    components: dict[str, int]
+    kinds: dict[str, int]
+    ranks: dict[str, int]  # rank → module count
+    alphas: dict[str, int]
+    parameters: int
+    dtypes: dict[str, int]
+    embeddings: list[str]
+    metadata: dict[str, str]
+    warnings: list[str]
+    unmatched: dict[str, str]
+    module_facts: list[ModuleFacts]
+    # added in issue 7 (still /1: fields are only ever added)
+    read: str = "header"  # "header": names/shapes/alphas only; "tensors": the file was loaded
+    family_mismatch: bool = False  # metadata claims another family than the shapes show
+    tensors: int = 0  # stored tensors, alphas and embeddings included
+    file_dtypes: dict[str, int] = field(default_factory=dict)  # every stored tensor, safetensors names
+    embedding_facts: list[EmbeddingFacts] = field(default_factory=list)
+    metadata_summary: dict[str, Any] = field(default_factory=dict)
+    tree: list[Node] = field(default_factory=list)
+    norms: dict[str, Any] | None = None  # --norms: {total, components{}, method}
+    hashes: dict[str, object] | None = None  # --hashes
+    keys: list[dict[str, object]] | None = None  # --keys
+
+    def to_dict(self) -> dict[str, object]:
+        data = asdict(self)
+        data["tree"] = [node.to_dict() for node in self.tree]
+        return {"schema": LORA_SCHEMA, "kind": "lora", **data}
+
+
+# --- facts from a full load (torch) --------------------------------------------------------------
+
+
+def _kind(adapter: object) -> str:
+    from .formats.adapters import LowRank
+
+    if isinstance(adapter, LowRank):
+        if adapter.dora_scale is not None:
+            return "dora"
+        if adapter.mid is not None:
+            return "tucker"
+        return "locon" if adapter.down.dim() == 4 and adapter.down.shape[-1] > 1 else "lora"
+    dora = "+dora" if getattr(adapter, "dora_scale", None) is not None else ""
+    return adapter.kind + dora  # type: ignore[attr-defined,no-any-return]
+
+
+def _delta_shape(adapter: object) -> list[int]:
+    from .formats.adapters import LowRank
+
+    if isinstance(adapter, LowRank):
+        return list(adapter.delta_shape())
+    shape = getattr(adapter, "shape", None)
+    if shape:
+        return list(shape)
+    if hasattr(adapter, "diff"):
+        return list(adapter.diff.shape)  # type: ignore[attr-defined]
+    return list(adapter.delta().shape)  # type: ignore[attr-defined]
+
+
+def _facts_of_loaded(lora: Any) -> tuple[list[ModuleFacts], Counter[str], int]:
+    facts = []
+    dtypes: Counter[str] = Counter()
+    for module, adapter in lora.adapters.items():
+        tensors = [v for v in vars(adapter).values() if hasattr(v, "dtype") and hasattr(v, "numel")]
+        for t in tensors:
+            dtypes[str(t.dtype).removeprefix("torch.")] += 1
+        facts.append(
+            ModuleFacts(
+                module,
+                _kind(adapter),
+                adapter.rank,
+                adapter.alpha if adapter.rank else None,
+                adapter.scale,
+                _delta_shape(adapter),
+                str(tensors[0].dtype).removeprefix("torch."),
+            )
+        )
+    return facts, dtypes, sum(a.parameters() for a in lora.adapters.values())
+
+
+# --- metadata -------------------------------------------------------------------------------------
+
+
+def _tag_counts(metadata: Mapping[str, str]) -> Counter[str]:
+    """Caption tags summed over datasets: ``ss_tag_frequency`` or the per-dataset ``ss_datasets``."""
+    counts: Counter[str] = Counter()
+    sources: list[object] = []
+    for key in ("ss_tag_frequency", "ss_datasets"):
+        raw = metadata.get(key)
+        if not raw:
+            continue
+        try:
+            sources.append(json.loads(raw))
+        except ValueError:
+            continue
+    for source in sources:
+        frequencies: list[object] = []
+        if isinstance(source, dict):
+            frequencies = list(source.values())
+        elif isinstance(source, list):  # ss_datasets: [{"tag_frequency": {dir: {tag: n}}, …}, …]
+            frequencies = [
+                freq for ds in source if isinstance(ds, dict) for freq in (ds.get("tag_frequency") or {}).values()
+            ]
+        for tags in frequencies:
+            if isinstance(tags, dict):
+                for tag, n in tags.items():
+                    if isinstance(n, int | float):
+                        counts[str(tag).strip()] += int(n)
+    return counts
+
+
+def _readable_time(value: str) -> str:
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(value)))
+    except (ValueError, OverflowError, OSError):
+        return value
+
+
+def summarize_metadata(metadata: Mapping[str, str]) -> dict[str, Any]:
+    """The metadata people look for: training facts, top caption tags, modelspec, merge history."""
+    training = {}
+    for key in TRAINING_KEYS:
+        if key in metadata and metadata[key] not in ("", "None"):
+            value = metadata[key]
+            training[key] = _readable_time(value) if key.endswith("_at") else value
+    tags = _tag_counts(metadata)
+    modelspec = {
+        k.removeprefix("modelspec."): (v if len(v) <= 200 else f"<{len(v)} characters>")
+        for k, v in metadata.items()
+        if k.startswith("modelspec.")
+    }
+    merged = metadata.get("merged_from") or metadata.get("modelspec.merged_from")
+    shown = {
+        *TRAINING_KEYS,
+        "ss_tag_frequency",
+        "ss_datasets",
+        "merged_from",
+        "sshs_model_hash",
+        "sshs_legacy_hash",
+        *(k for k in metadata if k.startswith("modelspec.")),
+    }
+    return {
+        "training": training,
+        "tags": {"total": sum(tags.values()), "distinct": len(tags), "top": tags.most_common(TOP_TAGS)},
+        "modelspec": modelspec,
+        "merged_from": merged,
+        "stored_hashes": {k: metadata[k] for k in ("sshs_model_hash", "sshs_legacy_hash") if k in metadata},
+        "other_keys": len([k for k in metadata if k not in shown and metadata[k] != EMBED_FLAG]),
+    }
+
+
+# --- embeddings -----------------------------------------------------------------------------------
+
+
+def _embedding_facts(embeddings: Mapping[str, TensorInfo | Any]) -> list[EmbeddingFacts]:
+    out = []
+    for name, value in embeddings.items():
+        shape = [int(d) for d in value.shape]
+        dtype = value.dtype if isinstance(value, TensorInfo) else str(value.dtype).removeprefix("torch.")
+        width = shape[-1] if shape else 0
+        vectors = math.prod(shape[:-1]) if len(shape) > 1 else 1
+        out.append(EmbeddingFacts(name, shape, dtype, vectors, width))
+    return out
+
+
+def _family_of_embeddings(facts: list[EmbeddingFacts]) -> str | None:
+    """SDXL embeddings carry clip_l + clip_g; otherwise the width names the text encoder."""
+    names = {f.name for f in facts}
+    if {"clip_l", "clip_g"} <= names:
+        return "sdxl"
+    widths = {f.width for f in facts}
+    for family in ("sd1", "sd2"):
+        if widths == {FAMILIES[family].texts[0].hidden}:
+            return family
+    return None
+
+
+def _embedding_file(path: Path) -> tuple[dict[str, Any], dict[str, str]] | None:
+    """The tensors of a file that holds textual-inversion embeddings and nothing else."""
+    from .io.safetensors import read_header
+
+    if path.is_dir():
+        return None
+    try:
+        header = read_header(path)
+        tensors: dict[str, Any] = dict(header.tensors)
+        metadata = header.metadata
+    except Exception:  # not safetensors: a pickle (torch)
+        from .io.pickle import load_pickle_raw, split_tensors, unwrap_state_dict
+
+        try:
+            obj, _ = unwrap_state_dict(load_pickle_raw(path))
+        except Exception:
+            return None
+        if not isinstance(obj, dict):
+            return None
+        tensors, _ = split_tensors(obj)
+        metadata = {}
+    if tensors and all(is_embedding_key(k, metadata) for k in tensors):
+        return tensors, metadata
+    return None
+
+
+# --- the report -----------------------------------------------------------------------------------
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def _counts(values: list[Any], *, fmt: Any) -> dict[str, int]:
+    ordered = sorted(Counter(values).items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
+    return {fmt(k): v for k, v in ordered}
+
+
+def inspect_lora(
+    path: str | os.PathLike[str],
+    *,
+    family: str | None = None,
+    norms: bool = False,
+    hashes: bool = False,
+    keys: bool = False,
+) -> LoraReport:
+    """Describe a LoRA: format, family from shapes vs metadata claims, ranks, alphas, layout tree.
+
+    Header-only (no torch) for kohya/LyCORIS and diffusers/peft ``.safetensors`` files unless
+    ``norms`` is asked for. ``path`` may be an ``hf://`` reference.
+    """
+    from .formats.scan import scan_lora
+
+    local = resolve_hub(path)
+    if not local.exists():
+        from .errors import InputError
+
+        raise InputError(f"{local}: no such file or folder")
+    scan = scan_lora(local, family)
+    only_embeddings = None if scan is not None or local.is_dir() else _embedding_file(local)
+    if only_embeddings is not None:
+        return _embedding_report(str(path), local, *only_embeddings, hashes=hashes, keys=keys)
+    all_keys: list[dict[str, object]] = []
+    module_norms: dict[str, float] | None = None
+    if scan is not None:
+        facts = [
+            ModuleFacts(m.module, m.kind, m.rank, m.alpha, m.scale, list(m.shape), m.dtype)
+            for m in scan.modules.values()
+        ]
+        dtypes: Counter[str] = Counter(
+            _torch_name(ref.info.dtype) for m in scan.modules.values() for k, ref in m.params.items() if k != "alpha"
+        )
+        parameters = sum(m.parameters for m in scan.modules.values())
+        fmt, spec, metadata = scan.format, scan.family, scan.metadata
+        warnings, unmatched, embeddings = scan.warnings, scan.unmatched, dict(scan.embeddings)
+        stored = dict(scan.header.tensors) if scan.header is not None else {}
+        read = "header"
+        if norms:
+            from .ops.norms import scan_norms
+
+            module_norms = scan_norms(scan)
+    else:
+        from .formats.io import load_lora
+
+        lora = load_lora(local, family)
+        facts, dtypes, parameters = _facts_of_loaded(lora)
+        fmt, spec, metadata = lora.source_format, lora.family, lora.metadata
+        warnings, unmatched, embeddings = lora.warnings, lora.unmatched, dict(lora.embeddings)
+        stored = _stored_tensors(local)
+        read = "tensors"
+        if norms:
+            from .ops.norms import adapters_norms
+
+            module_norms = adapters_norms(lora.adapters)
+    if module_norms is not None:
+        for f in facts:
+            f.norm = module_norms.get(f.module)
+    claim, key = claimed_family(metadata)
+    order = {name: i for i, name in enumerate(name_tables(spec).modules)}  # the model's own order
+    leaves = sorted(facts, key=lambda f: order.get(f.module, len(order)))
+    tree = build_tree((Leaf(f.module, f.kind, f.rank, f.alpha, f.norm) for f in leaves), fold=module_norms is None)
+    if keys:
+        all_keys = [key_facts(k, i) for k, i in stored.items()]
+    norm_summary = None
+    if module_norms is not None:
+        norm_summary = {
+            "method": "factor space: ‖s·U V‖_F² = s²·Σ(UᵀU)⊙(V Vᵀ); LoHa/LoKr via exact factorizations",
+            "total": math.sqrt(sum(v * v for v in module_norms.values())),
+            "components": {n.key: n.norm for n in tree},
+            "dora_note": "DoRA modules: norm of the low-rank update before magnitude rescaling"
+            if any(f.kind.endswith("dora") for f in facts)
+            else None,
+        }
+    return LoraReport(
+        path=str(path),
+        format=fmt,
+        family=spec.name,
+        family_title=spec.title,
+        metadata_claims=f"{claim} ({key}={metadata.get(key or '', 'True')})" if claim else None,
+        file_bytes=_size(local),
+        modules=len(facts),
+        components=dict(Counter(f.module.split(".", 1)[0] for f in facts)),
+        kinds=dict(Counter(f.kind for f in facts)),
+        ranks=_counts([f.rank for f in facts], fmt=str),
+        alphas={f"{k:g}" if k is not None else "none": v for k, v in Counter(f.alpha for f in facts).items()},
+        parameters=parameters,
+        dtypes=dict(dtypes),
+        embeddings=list(embeddings),
+        metadata=dict(metadata),
+        warnings=list(warnings),
+        unmatched=dict(list(unmatched.items())[:LIST_LIMIT]),
+        module_facts=facts,
+        read=read,
+        family_mismatch=claim is not None and claim != spec.name,
+        tensors=len(stored),
+        file_dtypes=dict(Counter(str(i.dtype) for i in stored.values())),
+        embedding_facts=_embedding_facts(embeddings),
+        metadata_summary=summarize_metadata(metadata),
+        tree=tree,
+        norms=norm_summary,
+        hashes=hash_facts(local) if hashes and local.is_file() else None,
+        keys=all_keys if keys else None,
+    )
+
+
+def _torch_name(dtype: str) -> str:
+    from .io.safetensors import _TORCH_NAMES
+
+    return _TORCH_NAMES[dtype]
+
+
+def _stored_tensors(path: Path) -> dict[str, TensorInfo]:
+    """Every stored tensor of a LoRA read through torch, for --keys and the tensor count."""
+    from .io.checkpoint import open_checkpoint
+    from .io.safetensors import read_header
+
+    if path.is_dir():
+        out: dict[str, TensorInfo] = {}
+        for weights in sorted(path.rglob("adapter_model.*")):
+            with open_checkpoint(weights) as ckpt:
+                prefix = f"{weights.parent.relative_to(path)}/" if weights.parent != path else ""
+                out.update({prefix + k: ckpt.info(k) for k in ckpt})
+        return out
+    try:
+        return dict(read_header(path).tensors)
+    except Exception:
+        pass
+    from .io.pickle import load_pickle_raw, split_tensors, unwrap_state_dict
+    from .io.safetensors import dtype_name
+
+    obj, _ = unwrap_state_dict(load_pickle_raw(path))
+    if isinstance(obj, list):
+        return {
+            f"[{i}]": TensorInfo(dtype_name(t.dtype), tuple(t.shape)) for i, t in enumerate(obj) if hasattr(t, "dtype")
+        }
+    if isinstance(obj, dict):
+        tensors, _ = split_tensors(obj)
+        return {k: TensorInfo(dtype_name(t.dtype), tuple(t.shape)) for k, t in tensors.items()}
+    return {}
+
+
+def _embedding_report(
+    shown: str, path: Path, tensors: dict[str, Any], metadata: dict[str, str], *, hashes: bool, keys: bool
+) -> LoraReport:
+    """A file of textual-inversion embeddings only: reported as such, with no modules."""
+    from .io.safetensors import dtype_name
+
+    facts = _embedding_facts(tensors)
+    family = _family_of_embeddings(facts)
+    spec = FAMILIES[family] if family else None
+    infos = {
+        k: v if isinstance(v, TensorInfo) else TensorInfo(dtype_name(v.dtype), tuple(v.shape))
+        for k, v in tensors.items()
+    }
+    claim, key = claimed_family(metadata)
+    return LoraReport(
+        path=shown,
+        format="textual-inversion",
+        family=spec.name if spec else "unknown",
+        family_title=spec.title if spec else "unknown model",
+        metadata_claims=f"{claim} ({key}={metadata.get(key or '', 'True')})" if claim else None,
+        file_bytes=_size(path),
+        modules=0,
+        components={},
+        kinds={},
+        ranks={},
+        alphas={},
+        parameters=sum(math.prod(f.shape) for f in facts),
+        dtypes=dict(Counter(_torch_name(i.dtype) for i in infos.values())),
+        embeddings=list(tensors),
+        metadata=dict(metadata),
+        warnings=[
+            f"a textual-inversion embedding ({', '.join(list(tensors)[:3])}), not a LoRA: "
+            "it is loaded by the pipeline's textual-inversion loader, not merged"
+        ],
+        unmatched={},
+        module_facts=[],
+        read="header" if all(isinstance(v, TensorInfo) for v in tensors.values()) else "tensors",
+        family_mismatch=claim is not None and family is not None and claim != family,
+        tensors=len(infos),
+        file_dtypes=dict(Counter(i.dtype for i in infos.values())),
+        embedding_facts=facts,
+        metadata_summary=summarize_metadata(metadata),
+        hashes=hash_facts(path) if hashes and path.is_file() else None,
+        keys=[key_facts(k, i) for k, i in infos.items()] if keys else None,
+    )
