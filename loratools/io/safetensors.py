@@ -353,6 +353,12 @@ def _header_bytes(
     return struct.pack("<Q", len(raw)) + raw, placed
 
 
+def file_size(plan: Mapping[str, TensorInfo], metadata: Mapping[str, str] | None = None) -> int:
+    """Bytes of the safetensors file a plan makes (header included), without writing it."""
+    header, placed = _header_bytes(plan, metadata)
+    return len(header) + sum(info.nbytes for info in placed.values())
+
+
 class StreamingWriter:
     """Write a safetensors file tensor by tensor: header first, then data in plan order.
 

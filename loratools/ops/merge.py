@@ -29,7 +29,7 @@ from ..families.spec import FamilySpec
 from ..formats.adapters import Adapter, Full, LoraFile, apply_dora
 from ..formats.io import load_lora
 from ..io.checkpoint import Checkpoint, open_checkpoint
-from ..io.safetensors import StreamingWriter, TensorInfo
+from ..io.safetensors import StreamingWriter, TensorInfo, file_size
 from .blocks import BlockWeights, block_of, parse_block_weights
 from .checkpoint import (
     CanonicalSource,
@@ -289,6 +289,9 @@ def _match(
             if isinstance(adapter, Full) and adapter.diff_b is not None:
                 targets.append((f"{module}.bias", True))
             absent = [t for t, _ in targets if t not in home]
+            if absent and absent[0].endswith(".bias") and f"{module}.weight" in home:
+                match.unmatched[module] = f"a bias difference, but the base's {module} has no bias"
+                continue
             if absent:
                 match.unmatched[module] = f"the base has no {absent[0]} (no {_component(module)} in this checkpoint?)"
                 continue
@@ -693,7 +696,7 @@ def _run(
             raise InputError("none of the LoRAs' modules patch this checkpoint; nothing to do")
 
         files = _plan_files(ckpt, km, found, source, out_layout, torch_dtype, plan.terms, report)
-        report.output_bytes = sum(e.info.nbytes for _, entries, _ in files for e in entries)
+        report.output_bytes = sum(file_size({e.key: e.info for e in entries}, meta) for _, entries, meta in files)
         for _, entries, _ in files:
             for e in entries:
                 before = ckpt.info(e.source).dtype if e.source in ckpt else e.info.dtype
