@@ -312,7 +312,13 @@ class SafetensorsFile:
         _pread_into(self.fileno, buffer, self.header.data_start, self.path)
         out = {}
         for name, info in self.header.tensors.items():
-            out[name] = buffer[info.start : info.end].view(info.torch_dtype).reshape(info.shape)
+            raw = buffer[info.start : info.end]
+            if info.start % ITEMSIZE[info.dtype]:
+                # safetensors does not require alignment: a 2-byte alpha before fp32 factors
+                # (mixed dtypes, written in name order) leaves them misaligned; torch views
+                # need aligned storage, so such a tensor gets its own copy
+                raw = raw.clone()
+            out[name] = raw.view(info.torch_dtype).reshape(info.shape)
         return out
 
 
