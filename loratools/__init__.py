@@ -21,6 +21,10 @@ _LAZY = {
     "convert_checkpoint": "loratools.ops.checkpoint",
     "inspect_checkpoint": "loratools.report",
     "inspect_lora": "loratools.report",
+    "merge": "loratools.ops.merge",
+    "unmerge": "loratools.ops.merge",
+    "LoraInput": "loratools.ops.merge",
+    "MergeReport": "loratools.ops.merge",
     "diff": "loratools.ops.diff",
     "file_hashes": "loratools.ops.hashes",
 }

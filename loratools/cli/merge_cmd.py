@@ -51,7 +51,7 @@ def _common(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--batch-mb",
             type=click.IntRange(min=16),
-            default=256,
+            default=128,
             show_default=True,
             help="Float32 work per batch in MiB; peak memory is about two batches.",
         ),

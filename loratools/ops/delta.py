@@ -27,7 +27,7 @@ import torch
 from ..errors import InputError
 from ..formats.adapters import Adapter, Full, LoHa, LowRank, apply_dora
 
-DEFAULT_BUDGET = 256 * 2**20  # bytes of float32 work per batched matmul
+DEFAULT_BUDGET = 128 * 2**20  # bytes of float32 work per window (and per batched matmul)
 
 
 @dataclass(frozen=True)
