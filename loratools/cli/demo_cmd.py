@@ -27,8 +27,9 @@ def demo(keep: Path | None) -> None:
     """Run loratools end to end on a generated sample SD1.5 checkpoint.
 
     Generates a small checkpoint with the real SD1.5 key set (1145 tensors, tiny widths) in a
-    temporary folder, inspects it, converts it to a diffusers folder and back, and checks that
-    every tensor survived bit for bit.
+    temporary folder, inspects it, converts it to a diffusers folder and back (bit for bit), converts
+    a LoCon LoRA through diffusers and peft and back (bit for bit), merges two LoRAs into the
+    checkpoint (one with block weights and a negative U-Net weight) and unmerges them again.
     """
     console = Console()
     with user_errors():
@@ -92,6 +93,20 @@ def _run(console: Console, folder: Path) -> None:
     )
     if not exact:
         raise click.ClickException("LoRA round trip changed factors")
+
+    console.print(Rule("4. merge the LoRA into the checkpoint, then unmerge it"))
+    from ..ops.merge import LoraInput, merge, unmerge
+    from .merge_cmd import render_merge
+
+    merged = folder / "sample-sd15-merged.safetensors"
+    loras = [LoraInput(kohya, 0.8), LoraInput(diffusers, unet=-0.3, text=0.0, blocks="OUTALL")]
+    render_merge(console, merge(single, loras, merged, verify=16, overwrite=True))
+    restored = folder / "sample-sd15-restored.safetensors"
+    report = unmerge(merged, loras, restored, base=single, overwrite=True)
+    render_merge(console, report)
+    worst = max(stats["relative"] for stats in report.residual.values())
+    if worst > 1e-6:
+        raise click.ClickException(f"unmerge left a relative residual of {worst:.3g}")
     console.print(Rule())
     console.print(
         f"done; sample files in {folder}" if folder.name and not folder.name.startswith("loratools-demo-") else "done"

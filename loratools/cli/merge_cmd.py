@@ -117,10 +117,10 @@ def render_merge(console: Console, report: Any) -> None:
     verb = {"merge": "merged", "unmerge": "unmerged"}[report.operation]
     if report.dry_run:
         verb = f"plan ({report.operation}, nothing written)"
-    target = report.output or "—"
+    target = Path(report.output).name if report.output else "—"
     family = FAMILIES[report.family].title
     console.print(
-        f"[bold]{verb}[/bold]: {report.base} → {target}  ({family}, {report.layout} → {report.output_layout}, "
+        f"[bold]{verb}[/bold]: {Path(report.base).name} → {target}  ({family}, {report.layout} → {report.output_layout}, "
         f"ΔW on {report.device})"
     )
     table = Table(box=None, pad_edge=False, header_style="bold")
