@@ -129,16 +129,18 @@ class DeltaEngine:
         self.device = resolve_device(device)
         self.budget = max(int(budget), 1)
         self.cuda = self.device.type == "cuda"
-        self._copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
 
     # -- public ------------------------------------------------------------------------------------
-    def deltas(self, jobs: Mapping[str, tuple[tuple[int, ...], Sequence[Term]]]) -> dict[str, torch.Tensor]:
-        """ΔW (float32, on the CPU, in each given shape) of every job: ``name → (shape, terms)``."""
+    def deltas(
+        self, jobs: Mapping[str, tuple[tuple[int, ...], Sequence[Term]]], *, on_device: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """ΔW (float32, in each given shape) of every job: ``name → (shape, terms)``; on the CPU
+        unless ``on_device``."""
         zeros = {
             name: Job(torch.zeros((), dtype=torch.float32).expand(shape), terms, torch.float32)
             for name, (shape, terms) in jobs.items()
         }
-        return self._run(zeros, add_base=False)
+        return self._run(zeros, add_base=False, to_host=not on_device)
 
     def patch(self, jobs: Mapping[str, Job]) -> dict[str, torch.Tensor]:
         """``W + Σ strength·ΔW`` for every job, rounded once to its output dtype, on the CPU.
@@ -148,7 +150,7 @@ class DeltaEngine:
         return self._run(jobs, add_base=True)
 
     # -- the work -----------------------------------------------------------------------------------
-    def _run(self, jobs: Mapping[str, Job], add_base: bool) -> dict[str, torch.Tensor]:
+    def _run(self, jobs: Mapping[str, Job], add_base: bool, to_host: bool = True) -> dict[str, torch.Tensor]:
         groups: dict[tuple, _Group] = defaultdict(_Group)
         rest: dict[str, list[Term]] = {}
         for name, job in jobs.items():
@@ -214,7 +216,9 @@ class DeltaEngine:
                     if not add_base:
                         raise InputError("a DoRA module's ΔW depends on the base weight; it can only be merged")
                     result = apply_dora(result, term.adapter, term.strength)
-            out[name] = self._finish(result, job.out_dtype or job.weight.dtype)
+            out[name] = self._finish(result, job.out_dtype or job.weight.dtype, to_host)
+        if self.cuda and to_host:
+            torch.cuda.current_stream(self.device).synchronize()  # the pinned copies have landed
         return out
 
     def _upload(self, weight: torch.Tensor) -> torch.Tensor:
@@ -229,12 +233,11 @@ class DeltaEngine:
             return torch.zeros(_flat(weight.shape), dtype=torch.float32, device=self.device)
         return self._upload(weight).to(torch.float32, copy=True)
 
-    def _finish(self, result: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def _finish(self, result: torch.Tensor, dtype: torch.dtype, to_host: bool) -> torch.Tensor:
         rounded = result.to(dtype)
-        if self.cuda:
+        if self.cuda and to_host:
             host = torch.empty(rounded.shape, dtype=dtype, pin_memory=True)
-            host.copy_(rounded, non_blocking=True)
-            torch.cuda.current_stream(self.device).synchronize()
+            host.copy_(rounded, non_blocking=True)  # queued behind the compute; synchronised once in _run
             return host
         return rounded
 
