@@ -165,7 +165,7 @@ def render_hashes(console: Console, entries: Sequence[dict[str, Any]]) -> None:
 
 def render_keys(console: Console, keys: Iterable[dict[str, Any]]) -> None:
     table = Table(show_edge=False, header_style="bold", title="keys", title_justify="left")
-    table.add_column("key")
+    table.add_column("key", overflow="fold")  # raw keys are for copying: never cut with "…"
     table.add_column("shape")
     table.add_column("dtype")
     for k in keys:
