@@ -17,8 +17,8 @@ FORMATS.md §6, checked against the sources named there:
   (precalculate_safetensors_hashes)). Its data section equals the file's (same tensors, same order),
   only the header is shorter, so the 64 KiB window is read from the file's data section at
   ``1 MiB − 8 − N'`` with ``N'`` the length of that header. Older safetensors releases did not pad
-  the header to 8 bytes (the real LyCORIS files in shared/real_loras were written so); both header
-  lengths are tried, and which one matched is said.
+  the header to 8 bytes (the real LyCORIS files in shared/real_loras were written so: their own
+  headers are unaligned too); both header lengths are tried, and which one matched is said.
 """
 
 from __future__ import annotations
@@ -88,8 +88,9 @@ def _ss_header_length(header: Header, *, padded: bool) -> int:
 def _check_legacy(path: Path, header: Header, stored: str) -> HashCheck:
     data_size = header.file_size - header.data_start
     tried = []
+    lengths = {padded: _ss_header_length(header, padded=padded) for padded in (True, False)}
     for padded in (True, False):
-        n = _ss_header_length(header, padded=padded)
+        n = lengths[padded]
         start = LEGACY_OFFSET - 8 - n  # window start inside the data section
         if start < 0:
             return HashCheck("sshs_legacy_hash", stored, None, None, "the 1 MiB window starts inside the header")
@@ -102,8 +103,13 @@ def _check_legacy(path: Path, header: Header, stored: str) -> HashCheck:
         computed = hashlib.sha256(window).hexdigest()[:8]
         tried.append(computed)
         if computed == stored.lower():
-            note = "8-byte aligned header (safetensors ≥ 0.3)" if padded else "unpadded header (older safetensors)"
-            return HashCheck("sshs_legacy_hash", stored, computed, True, f"matches, {note}")
+            if lengths[True] == lengths[False]:
+                note = "matches"
+            elif padded:
+                note = "matches (the in-memory header padded to 8 bytes, as current safetensors writes it)"
+            else:
+                note = "matches (the in-memory header unpadded, as older safetensors releases wrote it)"
+            return HashCheck("sshs_legacy_hash", stored, computed, True, note)
     return HashCheck(
         "sshs_legacy_hash",
         stored,
