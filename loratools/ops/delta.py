@@ -50,6 +50,7 @@ class Job:
     weight: torch.Tensor
     terms: Sequence[Term]
     out_dtype: torch.dtype | None = None  # None: the weight's own dtype
+    reuse: bool = False  # the weight's memory is the caller's to give: same-dtype results are written into it
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -129,6 +130,9 @@ class DeltaEngine:
         self.device = resolve_device(device)
         self.budget = max(int(budget), 1)
         self.cuda = self.device.type == "cuda"
+        # float32 scratch reused from call to call: fresh buffers this large come from mmap, and
+        # faulting their pages in costs as much as the upcast that fills them.
+        self._workspace = torch.empty(0, dtype=torch.float32, device=self.device)
 
     # -- public ------------------------------------------------------------------------------------
     def deltas(
@@ -200,8 +204,13 @@ class DeltaEngine:
             if name not in owned:
                 acc[name] = self._start(job.weight, add_base)
 
+        # Results of owned jobs live in the workspace until they are rounded below, so the arena
+        # holds all of them; it only grows (the merge keeps a call within its window budget).
+        arena = self._arena(sum(math.prod(_flat(jobs[n].weight.shape)) for n in owned))
         for key, group in groups.items():
-            self._run_group(key, group, acc, {n: jobs[n].weight for n in group.names if n in owned}, add_base)
+            arena = self._run_group(
+                key, group, acc, {n: jobs[n].weight for n in group.names if n in owned}, add_base, arena
+            )
         for name, terms in rest.items():
             shape = tuple(jobs[name].weight.shape)
             for term in terms:
@@ -216,10 +225,20 @@ class DeltaEngine:
                     if not add_base:
                         raise InputError("a DoRA module's ΔW depends on the base weight; it can only be merged")
                     result = apply_dora(result, term.adapter, term.strength)
-            out[name] = self._finish(result, job.out_dtype or job.weight.dtype, to_host)
+            dtype = job.out_dtype or job.weight.dtype
+            if job.reuse and not self.cuda and dtype == job.weight.dtype and job.weight.is_contiguous():
+                # Rounding into the weight's own (already faulted-in) pages instead of fresh ones.
+                out[name] = job.weight.view(result.shape).copy_(result).view(job.weight.shape)
+            else:
+                out[name] = self._finish(result, dtype, to_host)
         if self.cuda and to_host:
             torch.cuda.current_stream(self.device).synchronize()  # the pinned copies have landed
         return out
+
+    def _arena(self, numel: int) -> torch.Tensor:
+        if self._workspace.numel() < numel:
+            self._workspace = torch.empty(numel, dtype=torch.float32, device=self.device)
+        return self._workspace[:numel]
 
     def _upload(self, weight: torch.Tensor) -> torch.Tensor:
         """The weight flattened to 2-D on the device, still in its own dtype."""
@@ -234,7 +253,7 @@ class DeltaEngine:
         return self._upload(weight).to(torch.float32, copy=True)
 
     def _finish(self, result: torch.Tensor, dtype: torch.dtype, to_host: bool) -> torch.Tensor:
-        rounded = result.to(dtype)
+        rounded = result.to(dtype, copy=True)  # never hand out a view of the reused workspace
         if self.cuda and to_host:
             host = torch.empty(rounded.shape, dtype=dtype, pin_memory=True)
             host.copy_(rounded, non_blocking=True)  # queued behind the compute; synchronised once in _run
@@ -248,7 +267,9 @@ class DeltaEngine:
         acc: dict[str, torch.Tensor],
         owned: Mapping[str, torch.Tensor],
         add_base: bool,
-    ) -> None:
+        arena: torch.Tensor,
+    ) -> torch.Tensor:
+        """Runs one group; owned jobs' buffers are carved from the front of ``arena``, the rest is returned."""
         kind, out, inp = key[0], key[1], key[2]
         per_item = out * inp * 4 * (2 if kind == "loha" else 1)
         chunk = max(1, self.budget // max(per_item, 1))
@@ -257,7 +278,11 @@ class DeltaEngine:
             lefts = self._to_device(torch.stack(group.lefts[start : start + chunk]))
             rights = self._to_device(torch.stack(group.rights[start : start + chunk]))
             if kind == "lowrank":
-                buffer = torch.empty((len(names), out, inp), dtype=torch.float32, device=self.device)
+                if all(name in owned for name in names):
+                    size = len(names) * out * inp
+                    buffer, arena = arena[:size].view(len(names), out, inp), arena[size:]
+                else:
+                    buffer = torch.empty((len(names), out, inp), dtype=torch.float32, device=self.device)
                 for i, name in enumerate(names):
                     if name in owned and add_base:
                         buffer[i].copy_(self._upload(owned[name]))
@@ -275,6 +300,7 @@ class DeltaEngine:
                 products = torch.bmm(lefts, rights).mul_(torch.bmm(second_l, second_r))
                 for i, name in enumerate(names):
                     acc[name] += products[i]
+        return arena
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         if not self.cuda:

@@ -404,6 +404,9 @@ class _Merger:
         self.reader = CanonicalSource(ckpt, km, layout)  # the worker's own (its decode cache is not shared)
         self.writer_source = CanonicalSource(ckpt, km, layout)
         self.base = base
+        # Tensors read from safetensors are fresh buffers, ours to round the result into; a pickle's
+        # tensors are the loaded state dict itself and must stay as they are.
+        self.reusable = all(ckpt.raw(key) is not None for key in ckpt)
         self.residual: dict[str, _Residual] = {}
         self.overflow: list[str] = []
 
@@ -417,7 +420,7 @@ class _Merger:
             pieces[entry.layout_key] = parts
             for p, tensor in parts.items():
                 if p in self.terms:
-                    jobs[p] = Job(tensor, self.terms[p], entry.info.torch_dtype)
+                    jobs[p] = Job(tensor, self.terms[p], entry.info.torch_dtype, reuse=self.reusable)
         patched = self.engine.patch(jobs)
         out = {}
         for entry in window:
@@ -427,7 +430,7 @@ class _Merger:
             parts = {p: patched[p] if p in patched else t.to(dtype) for p, t in pieces[entry.layout_key].items()}
             for p in parts:
                 if p in patched:
-                    self._check(p, patched[p], pieces[entry.layout_key][p])
+                    self._check(p, patched[p])
             out[entry.layout_key] = self.km.join(self.out_layout, entry.layout_key, parts).contiguous()
         if self.overflow:
             raise InputError(
@@ -437,8 +440,8 @@ class _Merger:
             )
         return out
 
-    def _check(self, name: str, result: torch.Tensor, before: torch.Tensor) -> None:
-        if result.dtype == torch.float16 and bool(torch.isinf(result).any()) and not bool(torch.isinf(before).any()):
+    def _check(self, name: str, result: torch.Tensor) -> None:
+        if result.dtype == torch.float16 and bool(torch.isinf(result).any()) and not self._base_has_inf(name):
             self.overflow.append(name)
         if self.base is not None:
             source, _ = self.base
@@ -448,6 +451,11 @@ class _Merger:
             stats.sq_diff += float(diff.double().square().sum())
             stats.sq_base += float(reference.double().square().sum())
             stats.max_abs = max(stats.max_abs, float(diff.abs().max()) if diff.numel() else 0.0)
+
+    def _base_has_inf(self, name: str) -> bool:
+        """Whether the base tensor itself holds inf (read again: the patch may have reused its memory)."""
+        key = self.reader.home[name]
+        return bool(torch.isinf(self.km.split(self.layout, key, self.ckpt.read(key))[name]).any())
 
     def write_file(
         self,
