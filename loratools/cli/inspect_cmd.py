@@ -135,8 +135,8 @@ def inspect_command(
         failures: list[tuple[Path, LoratoolsError]] = []
         folder_mode = False
         for p in paths:
-            local = None if is_hub(p) else Path(p)
-            if local is not None and local.is_dir() and not is_model_folder(local):
+            local = resolve_hub(p) if is_hub(p) else Path(p)
+            if local.is_dir() and not is_model_folder(local):
                 folder_mode = True
                 found, errors = inspect_folder(local, console, jobs=jobs, as_json=as_json, **options)
                 failures += errors
