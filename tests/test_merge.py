@@ -373,6 +373,21 @@ def test_gpu_equals_cpu() -> None:
         assert torch.allclose(cpu[name].float(), gpu[name].float(), rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_merge_on_gpu_equals_cpu(family: str, fp16_checkpoints: dict[tuple[str, str], Path], tmp_path: Path) -> None:
+    path = save_lora(make_lora(TINY[family], rank=RANK, conv=True), tmp_path / "l.safetensors", "kohya")
+    base = fp16_checkpoints[(family, "single")]
+    merge(base, [LoraInput(path, 0.7)], tmp_path / "cpu.safetensors", device="cpu")
+    report = merge(base, [LoraInput(path, 0.7)], tmp_path / "gpu.safetensors", device="cuda", verify=32)
+    assert report.device.startswith("cuda") and all(v["ok"] for v in report.verified)
+    cpu, gpu = load_file(str(tmp_path / "cpu.safetensors")), load_file(str(tmp_path / "gpu.safetensors"))
+    for key, value in cpu.items():
+        # fp32 GEMMs on the two devices sum in different orders: at most one fp16 rounding step apart.
+        step = value.float().abs() * 2.0**-10 + 2.0**-24
+        assert ((gpu[key].float() - value.float()).abs() <= step).all(), key
+
+
 def test_cuda_without_a_gpu_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(InputError, match="no CUDA GPU"):
