@@ -155,6 +155,18 @@ class DeltaEngine:
 
     # -- the work -----------------------------------------------------------------------------------
     def _run(self, jobs: Mapping[str, Job], add_base: bool, to_host: bool = True) -> dict[str, torch.Tensor]:
+        if not self.cuda:
+            return self._compute(jobs, add_base, to_host)
+        # The merge math is float32: TF32 tensor-core matmuls (10-bit mantissa) are switched off
+        # for the call, whatever the process enabled.
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            return self._compute(jobs, add_base, to_host)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+
+    def _compute(self, jobs: Mapping[str, Job], add_base: bool, to_host: bool) -> dict[str, torch.Tensor]:
         groups: dict[tuple, _Group] = defaultdict(_Group)
         rest: dict[str, list[Term]] = {}
         for name, job in jobs.items():
