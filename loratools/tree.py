@@ -143,24 +143,25 @@ def build_tree(leaves: Iterable[Leaf], *, fold: bool = True) -> list[Node]:
     for path, total in squares.items():
         index[path].norm = math.sqrt(total)
     if fold:
+        memo: dict[int, tuple[object, ...]] = {}
         for node in roots:
-            _fold(node)
+            _fold(node, memo)
     return roots
 
 
-def _signature(node: Node) -> tuple[object, ...]:
+def _signature(node: Node, memo: dict[int, tuple[object, ...]]) -> tuple[object, ...]:
     """What a node holds, independent of where it sits: its leaves' relative names and facts."""
-    cached = node.__dict__.get("_signature")
-    if cached is not None:
-        return cached  # type: ignore[no-any-return]
-    node.__dict__["_signature"] = signature = (
-        node.module is not None,
-        tuple(sorted(node.kinds.items())),
-        tuple(sorted(node.ranks.items())),
-        tuple(sorted(node.alphas.items())),
-        tuple((c.key if c.module is not None else _container(c.key), _signature(c)) for c in node.children),
-    )
-    return signature
+    cached = memo.get(id(node))
+    if cached is None:
+        cached = memo[id(node)] = (
+            node.module is not None,
+            node.repeat,
+            tuple(sorted(node.kinds.items())),
+            tuple(sorted(node.ranks.items())),
+            tuple(sorted(node.alphas.items())),
+            tuple((c.key if c.module is not None else _container(c.key), _signature(c, memo)) for c in node.children),
+        )
+    return cached
 
 
 def _container(key: str) -> str:
@@ -173,32 +174,35 @@ def _index_of(key: str) -> int | None:
     return int(parts[1]) if len(parts) == 2 and parts[1].isdigit() else None
 
 
-def _fold(node: Node) -> None:
+def _fold(node: Node, memo: dict[int, tuple[object, ...]]) -> None:
     """Fold runs of consecutive, identical siblings of one container (layers 0–11) into one node.
 
-    Only nodes without norms fold: norms differ from block to block, and showing them is the point.
+    Bottom-up: children fold first, then each child's signature is taken once, before any merge,
+    so a run is compared against its first member. Only nodes without norms fold: norms differ
+    from block to block, and showing them is the point.
     """
     for child in node.children:
-        _fold(child)
+        _fold(child, memo)
     folded: list[Node] = []
+    last_signature: tuple[object, ...] | None = None
     for child in node.children:
+        signature = _signature(child, memo)
         prev = folded[-1] if folded else None
         index = _index_of(child.key)
+        first = _index_of(prev.key) if prev is not None else None
         if (
             prev is not None
             and index is not None
+            and first is not None
             and child.norm is None
             and prev.norm is None
             and child.module is None
             and _container(prev.key) == _container(child.key)
-            and _index_of(prev.key) is not None
-            and _index_of(prev.key) + prev.repeat == index  # type: ignore[operator]
-            and _signature(prev) == _signature(child)
+            and first + prev.repeat == index
+            and last_signature == signature
         ):
-            first = _index_of(prev.key)
             prev.repeat += 1
-            word, _, _ = prev.label.rpartition(" ")
-            word = word.removesuffix("s")
+            word = prev.label.rpartition(" ")[0].removesuffix("s")
             prev.label = f"{word}s {first}–{index}"
             prev.modules += child.modules
             for mine, theirs in ((prev.kinds, child.kinds), (prev.ranks, child.ranks), (prev.alphas, child.alphas)):
@@ -206,9 +210,9 @@ def _fold(node: Node) -> None:
                     mine[k] = mine.get(k, 0) + v
             continue
         folded.append(child)
+        last_signature = signature
     node.children = folded
-    for child in folded:
-        child.__dict__.pop("_signature", None)
+    memo.pop(id(node), None)  # its children changed: recomputed when its parent folds
 
 
 def walk(nodes: Iterable[Node], depth: int = 0) -> Iterable[tuple[int, Node]]:

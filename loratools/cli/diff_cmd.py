@@ -9,7 +9,7 @@ from rich.text import Text
 
 from .errors import user_errors
 from .options import family_option
-from .render import print_json
+from .render_inspect import echo_json
 
 
 @click.command("diff")
@@ -36,7 +36,7 @@ def diff_command(a: str, b: str, family: str | None, top: int, as_json: bool) ->
 
         report = diff(a, b, family=family)
         if as_json:
-            print_json(console, report.to_dict())
+            echo_json(report.to_dict())
             return
         render_diff(console, report, top=top)
 

@@ -17,7 +17,8 @@ from ..io.hub import resolve as resolve_hub
 from ..report import inspect_checkpoint, inspect_lora
 from .errors import user_errors
 from .options import family_option
-from .render import print_json, render_checkpoint, render_lora
+from .render import render_checkpoint, render_lora
+from .render_inspect import echo_json
 
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
 
@@ -149,8 +150,7 @@ def inspect_command(
             else:
                 reports.append(inspect_one(p, **options))
         if as_json:
-            print_json(
-                console,
+            echo_json(
                 reports[0].to_dict() if len(reports) == 1 and not folder_mode else [r.to_dict() for r in reports],
             )
         elif not folder_mode:

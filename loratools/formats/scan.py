@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import struct
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -27,7 +28,7 @@ from ..errors import InputError
 from ..families import FAMILIES
 from ..families.spec import FamilySpec
 from ..io.headers import header_of
-from ..io.safetensors import Header, TensorInfo
+from ..io.safetensors import _TORCH_NAMES, Header, TensorInfo
 from .keys import (
     KOHYA_KEY,
     adapter_kind_of,
@@ -116,8 +117,6 @@ def _alpha(fd: int, name: str, params: Mapping[str, ParamRef], rank: int | None,
 
 
 def _torch_dtype(dtype: str) -> str:
-    from ..io.safetensors import _TORCH_NAMES
-
     return _TORCH_NAMES[dtype]
 
 
@@ -256,13 +255,15 @@ def _resolve(
 
 
 def _scan_kohya(
-    fd: int, refs: Mapping[str, ParamRef], metadata: Mapping[str, str], family: str | FamilySpec | None
+    fd: int,
+    refs: Mapping[str, ParamRef],
+    matches: Mapping[str, re.Match[str]],
+    metadata: Mapping[str, str],
+    family: str | FamilySpec | None,
 ) -> tuple[FamilySpec, dict[str, ModuleScan], list[str], dict[str, str]]:
     groups: dict[str, dict[str, ParamRef]] = {}
     for key, ref in refs.items():
-        match = KOHYA_KEY.match(key)
-        if match is None:
-            raise InputError(f"not a kohya key: {key}")
+        match = matches[key]
         groups.setdefault(match.group(1), {})[match.group(2)] = ref
     found = _resolve(groups, lambda t: t.kohya, metadata, family, "attn2_to_k")
     warnings = list(found.warnings)
@@ -360,11 +361,12 @@ def scan_lora(path: str | os.PathLike[str], family: str | FamilySpec | None = No
     embeddings = {k: refs[k].info for k in refs if is_embedding_key(k, metadata)}
     lora_refs = {k: r for k, r in refs.items() if k not in embeddings}
     keys = list(lora_refs)
-    if not keys or is_safeloras(keys):
+    matches = {k: m for k in keys if (m := KOHYA_KEY.match(k)) is not None}
+    kohya_keys = list(matches)
+    if not keys or (len(kohya_keys) != len(keys) and is_safeloras(keys)):
         return None  # embedding-only files and safeloras go through the full reader
-    kohya_keys = [k for k in keys if KOHYA_KEY.match(k)]
     if kohya_keys and len(kohya_keys) != len(keys):
-        others = [k for k in keys if not KOHYA_KEY.match(k)]
+        others = [k for k in keys if k not in matches]
         if is_peft_like(others):
             raise InputError(
                 f"{path.name}: mixes kohya and diffusers/peft keys (e.g. {kohya_keys[0]} and {others[0]}); "
@@ -374,7 +376,7 @@ def scan_lora(path: str | os.PathLike[str], family: str | FamilySpec | None = No
     fd = os.open(path, os.O_RDONLY)
     try:
         if kohya_keys:
-            spec, modules, warnings, unmatched = _scan_kohya(fd, lora_refs, metadata, family)
+            spec, modules, warnings, unmatched = _scan_kohya(fd, lora_refs, matches, metadata, family)
             fmt = "kohya"
         elif is_peft_like(keys):
             spec, modules, warnings, unmatched, fmt = _scan_peft(lora_refs, metadata, family)

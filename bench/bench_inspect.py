@@ -1,0 +1,93 @@
+"""inspect benchmark: the issue-7 goals on the full-size SDXL rank-32 kohya LoRA (228 MB).
+
+    python bench/make_data.py --only sdxl-r32-kohya.safetensors
+    python bench/bench_inspect.py [--runs 7]
+
+Goals: ``inspect`` without ``--norms`` reads only the header, < 0.2 s wall; with ``--norms``
+≤ 2 s on 2 cores. Every row is the real command line (``python -m loratools.cli.main …``, output
+to a pipe) in its own child process (bench/measure.py), so wall time includes interpreter start
+and imports; the floor rows show what those cost alone. Run it on a quiet machine: the load
+average at start and end is printed with the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from measure import measure
+
+DATA = Path(os.environ.get("LORATOOLS_BENCH_DIR", Path(__file__).parent / "data"))
+OUT = Path(__file__).parent / "out"
+PY = sys.executable  # the interpreter itself: a pyenv shim in front of it adds ~60 ms of bash
+CLI = [PY, "-m", "loratools.cli.main"]
+HEADER_ONLY_GOAL_S = 0.2
+NORMS_GOAL_S = 2.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--lora", default="sdxl-r32-kohya.safetensors")
+    args = parser.parse_args()
+    lora = DATA / args.lora
+    if not lora.exists():
+        sys.exit(f"missing {lora}: run python bench/make_data.py --only {args.lora} first")
+    rows: dict[str, list[str]] = {
+        "floor: python -c pass": [PY, "-c", "pass"],
+        "floor: import loratools.cli.main": [PY, "-c", "import loratools.cli.main"],
+        "floor: safetensors safe_open keys + metadata (numpy)": [
+            PY,
+            "-c",
+            "import sys; from safetensors import safe_open\n"
+            "with safe_open(sys.argv[1], 'numpy') as f: f.keys(); f.metadata()",
+            str(lora),
+        ],
+        "inspect (header only)": [*CLI, "inspect", str(lora)],
+        "inspect --json (header only)": [*CLI, "inspect", "--json", str(lora)],
+        "inspect --norms": [*CLI, "inspect", "--norms", str(lora)],
+        "inspect --hashes (streamed sha256 ×2)": [*CLI, "inspect", "--hashes", str(lora)],
+        f"inspect {DATA.name}/ (folder, {len(list(DATA.glob('*.safetensors')))} files, headers)": [
+            *CLI,
+            "inspect",
+            str(DATA),
+        ],
+    }
+    load_start = os.getloadavg()[0]
+    lora.read_bytes()  # warm the page cache once, untimed: every row reads a cached file
+    results: dict[str, list[float]] = {name: [] for name in rows}
+    for run in range(args.runs):
+        names = list(rows)
+        names = names[run % len(names) :] + names[: run % len(names)]  # rotate the order each round
+        for name in names:
+            results[name].append(measure(rows[name]).wall_s)
+    load_end = os.getloadavg()[0]
+    print(
+        f"command: python bench/bench_inspect.py --runs {args.runs}   input: {lora.name} "
+        f"({lora.stat().st_size / 1e6:.0f} MB)   cpus {os.cpu_count()}   "
+        f"load average {load_start:.2f} → {load_end:.2f}"
+    )
+    print("| command | wall s (median) | min–max s | goal |")
+    print("|---|---:|---:|---|")
+    table = []
+    for name, walls in results.items():
+        median = statistics.median(walls)
+        goal = ""
+        if name.startswith("inspect (header only)"):
+            goal = f"< {HEADER_ONLY_GOAL_S} s: {'met' if median < HEADER_ONLY_GOAL_S else 'MISSED'}"
+        elif name == "inspect --norms":
+            goal = f"≤ {NORMS_GOAL_S} s: {'met' if median <= NORMS_GOAL_S else 'MISSED'}"
+        print(f"| {name} | {median:.3f} | {min(walls):.3f}–{max(walls):.3f} | {goal} |")
+        table.append({"command": name, "argv": rows[name], "wall_median_s": median, "walls": walls})
+    OUT.mkdir(exist_ok=True)
+    (OUT / f"bench_inspect-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(table, indent=2))
+
+
+if __name__ == "__main__":
+    main()
