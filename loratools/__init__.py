@@ -27,6 +27,11 @@ _LAZY = {
     "MergeReport": "loratools.ops.merge",
     "diff": "loratools.ops.diff",
     "file_hashes": "loratools.ops.hashes",
+    "rescale": "loratools.ops.rescale",
+    "resize": "loratools.ops.resize",
+    "blend": "loratools.ops.blend",
+    "extract": "loratools.ops.extract",
+    "RankRule": "loratools.ops.lowrank",
 }
 
 

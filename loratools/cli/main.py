@@ -10,6 +10,7 @@ from .demo_cmd import demo
 from .diff_cmd import diff_command
 from .inspect_cmd import inspect_command
 from .merge_cmd import merge, unmerge
+from .rank_cmds import blend, extract, rescale, resize
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -36,6 +37,10 @@ cli.add_command(diff_command)
 cli.add_command(convert)
 cli.add_command(merge)
 cli.add_command(unmerge)
+cli.add_command(rescale)
+cli.add_command(resize)
+cli.add_command(blend)
+cli.add_command(extract)
 cli.add_command(demo)
 
 

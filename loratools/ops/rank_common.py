@@ -1,0 +1,90 @@
+"""What rescale, resize, blend and extract share: the rank rule from options, the output format,
+and writing the result (atomic, embeddings never dropped)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+from ..formats.adapters import LoraFile
+from ..formats.io import FORMATS, save_lora
+from .lowrank import RankRule
+
+
+def rank_rule(
+    *,
+    rank: int | None = None,
+    conv_rank: int | None = None,
+    sv_ratio: float | None = None,
+    sv_fro: float | None = None,
+    sv_cumulative: float | None = None,
+    min_rank: int | None = None,
+    max_rank: int | None = None,
+    rule: RankRule | None = None,
+) -> RankRule:
+    """A :class:`RankRule` from keyword options, or the one given (not both)."""
+    options = (rank, conv_rank, sv_ratio, sv_fro, sv_cumulative, min_rank, max_rank)
+    if rule is not None:
+        if any(o is not None for o in options):
+            raise InputError("give a RankRule or rank options, not both")
+        return rule
+    return RankRule(
+        rank=rank,
+        conv_rank=conv_rank,
+        sv_ratio=sv_ratio,
+        sv_fro=sv_fro,
+        sv_cumulative=sv_cumulative,
+        min_rank=min_rank,
+        max_rank=max_rank,
+    )
+
+
+def output_format(requested: str | None, source_format: str | None) -> str:
+    """The writer to use: the one asked for, else the source's own dialect if writable, else kohya."""
+    if requested is not None:
+        if requested not in FORMATS:
+            raise InputError(f"unknown LoRA format {requested!r} (choose from {', '.join(FORMATS)})")
+        return requested
+    return source_format if source_format in FORMATS else "kohya"
+
+
+def check_output(output: str | os.PathLike[str], *inputs: str | os.PathLike[str]) -> None:
+    """Refuse to write over an input."""
+    out = Path(output).resolve()
+    for source in inputs:
+        if Path(source).resolve() == out:
+            raise InputError(f"{output}: output is an input; write elsewhere")
+
+
+def write_lora(
+    lora: LoraFile,
+    output: str | os.PathLike[str],
+    fmt: str,
+    *,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+) -> list[str]:
+    """Write through :func:`save_lora` (atomic) in ``fmt``; returns warnings about what went beside it.
+
+    cloneofsimo files have no alpha, so every module's scale is folded into ``up`` there (exactly
+    what the format means). Embeddings that a diffusers/peft file cannot hold go to a sidecar file.
+    """
+    from .convert import prepare
+
+    prepared = prepare(lora, fmt, bake_scale=fmt == "cloneofsimo")
+    save_lora(prepared, output, fmt, dtype=dtype, overwrite=overwrite)
+    warnings: list[str] = []
+    if lora.embeddings and fmt in ("diffusers", "peft"):
+        from ..io.safetensors import save_tensors
+
+        out = Path(output)
+        sidecar = out.with_name(f"{out.name.split('.')[0]}.embeddings.safetensors")
+        save_tensors(sidecar, lora.embeddings, {"format": "pt"}, overwrite=overwrite)
+        warnings.append(
+            f"{len(lora.embeddings)} textual-inversion embeddings written to {sidecar.name}: "
+            f"{fmt} LoRA files cannot hold them"
+        )
+    return warnings

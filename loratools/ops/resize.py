@@ -1,0 +1,212 @@
+"""Resize a LoRA: the optimal rank-k truncation of every module, computed in factor space.
+
+A plain LoRA module ``ΔW = s·up@down`` (``s = alpha/r``) is resized from the SVD of the raw
+product ``up@down`` through its r×r core (:func:`~loratools.ops.lowrank.product_svd`): cost
+O((out+in)·r²), no dense ``out × in`` matrix, and the truncation is exactly the one a full SVD of
+the dense ΔW gives (Eckart–Young). As in kohya-ss/sd-scripts networks/resize_lora.py, the singular
+values go into ``up``, ``down`` holds the right singular vectors and ``alpha = s·k`` keeps the
+module's scale, so ``ss_network_alpha``/rank stays meaningful. LoHa and LoKr are resized from
+their exact low-rank factorizations (Khatri–Rao, Kronecker), Tucker and full-diff modules from the
+dense ΔW of that one module; they come out as plain LoRA with ``alpha = k``. A module whose chosen
+rank equals its rank is kept bit for bit.
+
+Rank rules (:class:`~loratools.ops.lowrank.RankRule`): ``rank`` (``conv_rank`` for k×k convs) or
+kohya's dynamic ``sv_ratio``, ``sv_fro``, ``sv_cumulative`` with ``min_rank``/``max_rank``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..errors import InputError
+from ..families.spec import FamilySpec
+from ..formats.adapters import Adapter, LoraFile, LowRank, factor_dtype
+from ..formats.io import load_lora
+from .checkpoint import parse_dtype
+from .lowrank import RankRule, adapter_svd, kept_fraction, lowrank_from
+from .rank_common import check_output, output_format, rank_rule, write_lora
+
+SCHEMA = "loratools.resize/1"
+
+
+@dataclass
+class ModuleRetention:
+    """One module's resize: ranks before and after and the share of ‖ΔW‖_F kept."""
+
+    module: str
+    kind: str  # lora, locon, tucker, loha, lokr, full
+    old_rank: int | None  # None for a full diff (and LoKr with two full halves)
+    new_rank: int
+    fro_kept: float  # ‖ΔW_k‖_F / ‖ΔW‖_F (1.0 when nothing was lost)
+    limited_by: str | None = None  # max-rank, min-rank, available (fewer singular values than asked), zero
+    unchanged: bool = False  # the factors were kept bit for bit (chosen rank = rank)
+
+
+@dataclass
+class ResizeReport:
+    """What a resize did, module by module (``to_dict()`` is the ``--json`` output)."""
+
+    source: str | None
+    output: str | None
+    source_format: str
+    output_format: str | None
+    family: str
+    rule: str
+    modules: list[ModuleRetention] = field(default_factory=list)
+    parameters_before: int = 0
+    parameters_after: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def min_fro_kept(self) -> float:
+        return min((m.fro_kept for m in self.modules), default=1.0)
+
+    @property
+    def mean_fro_kept(self) -> float:
+        return sum(m.fro_kept for m in self.modules) / len(self.modules) if self.modules else 1.0
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "schema": SCHEMA,
+            "source": self.source,
+            "output": self.output,
+            "source_format": self.source_format,
+            "output_format": self.output_format,
+            "family": self.family,
+            "rule": self.rule,
+            "module_count": len(self.modules),
+            "ranks_before": dict(Counter(str(m.old_rank) for m in self.modules)),
+            "ranks_after": dict(Counter(str(m.new_rank) for m in self.modules)),
+            "unchanged": sum(m.unchanged for m in self.modules),
+            "limited": dict(Counter(m.limited_by for m in self.modules if m.limited_by)),
+            "fro_kept_min": self.min_fro_kept,
+            "fro_kept_mean": self.mean_fro_kept,
+            "parameters_before": self.parameters_before,
+            "parameters_after": self.parameters_after,
+            "modules": [asdict(m) for m in self.modules],
+            "warnings": self.warnings,
+        }
+
+
+def kind_of(adapter: Adapter) -> str:
+    """lora / locon (k×k conv) / tucker / loha / lokr / full, as the report names modules."""
+    if isinstance(adapter, LowRank):
+        if adapter.mid is not None:
+            return "tucker"
+        return "locon" if adapter.down.dim() == 4 and tuple(adapter.down.shape[2:]) != (1, 1) else "lora"
+    return adapter.kind
+
+
+def is_conv_kxk(shape: tuple[int, ...]) -> bool:
+    """A k×k convolution (k > 1): the modules kohya's ``conv_rank`` applies to."""
+    return len(shape) == 4 and tuple(shape[2:]) != (1, 1)
+
+
+def resize_module(
+    module: str, adapter: Adapter, rule: RankRule, *, dtype: torch.dtype | None = None
+) -> tuple[Adapter, ModuleRetention]:
+    """One module resized by ``rule``; see the module docstring for the representation."""
+    if getattr(adapter, "dora_scale", None) is not None:
+        raise InputError(
+            f"{module}: a DoRA module cannot be resized without its base weight "
+            "(the magnitude renormalises W + ΔW, so ΔW alone does not define it)",
+            hint="merge the LoRA into its checkpoint, or extract a plain LoRA from the merged model",
+        )
+    plain = isinstance(adapter, LowRank) and adapter.mid is None
+    try:
+        svd, shape = adapter_svd(adapter, include_scale=not plain)
+    except InputError as exc:
+        raise InputError(f"{module}: {exc.message}", hint=exc.hint) from None
+    choice = rule.choose(svd.singular_values, conv=is_conv_kxk(shape))
+    k = choice.rank
+    old_rank = adapter.rank
+    kept = kept_fraction(svd.singular_values, k)
+    row = ModuleRetention(module, kind_of(adapter), old_rank, k, kept, choice.limited_by)
+    if plain and k == old_rank:
+        row.unchanged, row.fro_kept = True, 1.0
+        return adapter, row
+    out_dtype = dtype or factor_dtype(adapter)
+    alpha = adapter.scale * k if plain else None  # keep a plain LoRA's scale alpha/r (kohya does the same)
+    return lowrank_from(svd, k, shape, alpha=alpha, dtype=out_dtype), row
+
+
+def resize_lora(
+    lora: LoraFile,
+    rule: RankRule,
+    *,
+    dtype: torch.dtype | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[LoraFile, ResizeReport]:
+    """Every module of ``lora`` resized by ``rule``; returns the new LoraFile and the report."""
+    report = ResizeReport(None, None, lora.source_format, None, lora.family.name, rule.describe())
+    adapters: dict[str, Adapter] = {}
+    for module, adapter in lora.adapters.items():
+        adapters[module], row = resize_module(module, adapter, rule, dtype=dtype)
+        report.modules.append(row)
+        report.parameters_before += adapter.parameters()
+        report.parameters_after += adapters[module].parameters()
+        if progress:
+            progress(1)
+    metadata = dict(lora.metadata)
+    comment = metadata.get("ss_training_comment", "")
+    metadata["ss_training_comment"] = f"resized by loratools ({rule.describe()})" + (f"; {comment}" if comment else "")
+    return LoraFile(
+        adapters,
+        lora.family,
+        lora.source_format,
+        metadata,
+        dict(lora.embeddings),
+        list(lora.warnings),
+        dict(lora.unmatched),
+        lora.path,
+    ), report
+
+
+def resize(
+    source: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    *,
+    rank: int | None = None,
+    conv_rank: int | None = None,
+    sv_ratio: float | None = None,
+    sv_fro: float | None = None,
+    sv_cumulative: float | None = None,
+    min_rank: int | None = None,
+    max_rank: int | None = None,
+    rule: RankRule | None = None,
+    to: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    family: str | FamilySpec | None = None,
+    overwrite: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> ResizeReport:
+    """Resize the LoRA at ``source`` and write it to ``output``.
+
+    Give ``rank`` (and optionally ``conv_rank`` for 3×3 LoCon modules), or one of ``sv_ratio``,
+    ``sv_fro``, ``sv_cumulative`` (kohya's meanings, see :class:`RankRule`) with optional
+    ``min_rank``/``max_rank`` — or a ready ``rule``. ``to``: output dialect (default: the source's,
+    kohya for read-only dialects); ``dtype``: fp16/bf16/fp32 (default: each module's own).
+    """
+    chosen = rank_rule(
+        rank=rank,
+        conv_rank=conv_rank,
+        sv_ratio=sv_ratio,
+        sv_fro=sv_fro,
+        sv_cumulative=sv_cumulative,
+        min_rank=min_rank,
+        max_rank=max_rank,
+        rule=rule,
+    )
+    check_output(output, source)
+    lora = load_lora(source, family)
+    fmt = output_format(to, lora.source_format)
+    torch_dtype = parse_dtype(dtype)
+    resized, report = resize_lora(lora, chosen, dtype=torch_dtype, progress=progress)
+    report.source, report.output, report.output_format = str(source), str(output), fmt
+    report.warnings = list(lora.warnings) + write_lora(resized, output, fmt, dtype=torch_dtype, overwrite=overwrite)
+    return report
