@@ -341,9 +341,10 @@ def inspect_lora(
             ModuleFacts(m.module, m.kind, m.rank, m.alpha, m.scale, list(m.shape), m.dtype)
             for m in scan.modules.values()
         ]
-        dtypes: Counter[str] = Counter(
-            _torch_name(ref.info.dtype) for m in scan.modules.values() for k, ref in m.params.items() if k != "alpha"
+        stored_dtypes = Counter(
+            ref.info.dtype for m in scan.modules.values() for k, ref in m.params.items() if k != "alpha"
         )
+        dtypes: Counter[str] = Counter({_torch_name(d): n for d, n in stored_dtypes.items()})
         parameters = sum(m.parameters for m in scan.modules.values())
         fmt, spec, metadata = scan.format, scan.family, scan.metadata
         warnings, unmatched, embeddings = scan.warnings, scan.unmatched, dict(scan.embeddings)
