@@ -11,9 +11,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .families.detect import component_of_key, detect
+from .families.keymap import KeyMap
 from .families.spec import COMPONENT_TITLES
-from .io.checkpoint import open_checkpoint
+from .io.checkpoint import Checkpoint, open_checkpoint
 from .io.safetensors import TensorInfo
+from .tree import Leaf, Node, build_tree
 
 CHECKPOINT_SCHEMA = "loratools.inspect.checkpoint/1"
 COMPONENT_ORDER = ("unet", "te1", "te2", "vae", "scheduler", "ema", "other")
@@ -64,9 +66,12 @@ class CheckpointReport:
     read: str = "header"  # checkpoints are always described from headers
     hashes: list[dict[str, object]] | None = None  # --hashes: one entry per file (see ops/hashes.py)
     keys: list[dict[str, object]] | None = None  # --keys: every tensor {key, shape, dtype}
+    tree: list[Node] = field(default_factory=list)  # modules by block; kinds = dtypes (see tree.py)
 
     def to_dict(self) -> dict[str, object]:
-        return {"schema": CHECKPOINT_SCHEMA, "kind": "checkpoint", **asdict(self)}
+        data = asdict(self)
+        data["tree"] = [node.to_dict() for node in self.tree]
+        return {"schema": CHECKPOINT_SCHEMA, "kind": "checkpoint", **data}
 
 
 def _file_format(files: list[Path]) -> str:
@@ -138,7 +143,32 @@ def inspect_checkpoint(
             dropped_non_tensors=ckpt.dropped[:LIST_LIMIT],
             hashes=[hash_facts(f) for f in ckpt.files] if hashes else None,
             keys=[key_facts(k, ckpt.info(k)) for k in ckpt] if keys else None,
+            tree=checkpoint_tree(ckpt, km, found.layout),
         )
+
+
+def checkpoint_tree(ckpt: Checkpoint, km: KeyMap, layout: str) -> list[Node]:
+    """The checkpoint's modules grouped like a LoRA's (U-Net blocks, text layers, VAE halves).
+
+    A leaf is a module (its weight and bias together); its "kind" is its dtype and its parameter
+    count is summed up the tree. Keys of no module (schedule buffers, EMA copies) stay in the
+    component table only.
+    """
+    modules: dict[str, Leaf] = {}
+    for key in ckpt:
+        info = ckpt.info(key)
+        weights = km.lookup(layout, key)
+        for weight in weights:
+            numel = info.numel // len(weights)  # a fused q/k/v tensor holds three equal parts
+            leaf = modules.get(weight.module)
+            if leaf is None:
+                modules[weight.module] = Leaf(weight.module, info.dtype, None, None, None, numel)
+            else:
+                leaf.parameters += numel
+                if info.dtype not in leaf.kind.split("+"):
+                    leaf.kind = f"{leaf.kind}+{info.dtype}"
+    order = {w.module: i for i, w in enumerate(km.weights)}
+    return build_tree(sorted(modules.values(), key=lambda leaf: order.get(leaf.module, len(order))))
 
 
 def key_facts(key: str, info: TensorInfo) -> dict[str, object]:

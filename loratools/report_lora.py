@@ -345,7 +345,8 @@ def inspect_lora(
             ref.info.dtype for m in scan.modules.values() for k, ref in m.params.items() if k != "alpha"
         )
         dtypes: Counter[str] = Counter({_torch_name(d): n for d, n in stored_dtypes.items()})
-        parameters = sum(m.parameters for m in scan.modules.values())
+        per_module = {m.module: m.parameters for m in scan.modules.values()}
+        parameters = sum(per_module.values())
         fmt, spec, metadata = scan.format, scan.family, scan.metadata
         warnings, unmatched, embeddings = scan.warnings, scan.unmatched, dict(scan.embeddings)
         stored = dict(scan.header.tensors) if scan.header is not None else {}
@@ -359,6 +360,7 @@ def inspect_lora(
 
         lora = load_lora(local, family)
         facts, dtypes, parameters = _facts_of_loaded(lora)
+        per_module = {name: a.parameters() for name, a in lora.adapters.items()}
         fmt, spec, metadata = lora.source_format, lora.family, lora.metadata
         warnings, unmatched, embeddings = lora.warnings, lora.unmatched, dict(lora.embeddings)
         stored = _stored_tensors(local)
@@ -373,7 +375,10 @@ def inspect_lora(
     claim, key = claimed_family(metadata)
     order = {name: i for i, name in enumerate(name_tables(spec).modules)}  # the model's own order
     leaves = sorted(facts, key=lambda f: order.get(f.module, len(order)))
-    tree = build_tree((Leaf(f.module, f.kind, f.rank, f.alpha, f.norm) for f in leaves), fold=module_norms is None)
+    tree = build_tree(
+        (Leaf(f.module, f.kind, f.rank, f.alpha, f.norm, per_module.get(f.module, 0)) for f in leaves),
+        fold=module_norms is None,
+    )
     if keys:
         all_keys = [key_facts(k, i) for k, i in stored.items()]
     norm_summary = None

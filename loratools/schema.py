@@ -67,6 +67,7 @@ _NODE: dict[str, Any] = {
         "alphas": _COUNTS,
         "norm": _NULLABLE_NUM,
         "repeat": {"type": "integer", "minimum": 1},
+        "parameters": _INT,
         "module": _STR,
         "children": {"type": "array", "items": {"$ref": "#/$defs/node"}},
     },
@@ -213,6 +214,7 @@ INSPECT_CHECKPOINT: dict[str, Any] = {
     "$id": "loratools.inspect.checkpoint/1",
     "title": "loratools inspect --json (checkpoint)",
     "type": "object",
+    "$defs": {"node": _NODE},
     "required": [
         "schema",
         "kind",
@@ -242,6 +244,7 @@ INSPECT_CHECKPOINT: dict[str, Any] = {
         "read",
         "hashes",
         "keys",
+        "tree",
     ],
     "properties": {
         "schema": {"const": "loratools.inspect.checkpoint/1"},
@@ -276,6 +279,7 @@ INSPECT_CHECKPOINT: dict[str, Any] = {
         "read": {"const": "header"},
         "hashes": {"oneOf": [{"type": "null"}, {"type": "array", "items": HASHES}]},
         "keys": KEYS,
+        "tree": {"type": "array", "items": {"$ref": "#/$defs/node"}},
     },
 }
 

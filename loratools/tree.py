@@ -28,6 +28,9 @@ CONTAINERS = {
     "upsamplers": "upsampler",
 }
 PASS_THROUGH = ("text_model", "encoder")  # path tokens folded into the next group's name
+# containers whose identical consecutive members fold into one node; blocks (down/up) never do:
+# they are the view people navigate by
+FOLDABLE = ("layers", "transformer_blocks", "attentions", "resnets")
 
 
 @dataclass
@@ -39,6 +42,7 @@ class Leaf:
     rank: int | None
     alpha: float | None
     norm: float | None = None
+    parameters: int = 0
 
 
 @dataclass
@@ -53,6 +57,7 @@ class Node:
     ranks: dict[str, int] = field(default_factory=dict)
     alphas: dict[str, int] = field(default_factory=dict)
     norm: float | None = None  # ‖ΔW‖_F of everything below: sqrt of the summed squares
+    parameters: int = 0  # stored parameters below (LoRA factors, or checkpoint weights)
     repeat: int = 1  # a run of this many identical siblings folded into this node
     module: str | None = None
     children: list[Node] = field(default_factory=list)
@@ -73,6 +78,7 @@ class Node:
             "alphas": self.alphas,
             "norm": self.norm,
             "repeat": self.repeat,
+            "parameters": self.parameters,
         }
         if self.module is not None:
             out["module"] = self.module
@@ -95,6 +101,9 @@ def segments(module: str) -> list[tuple[str, str]]:
             prefix, i = [], i + 2
         elif token == "mid_block" and not prefix:
             out.append((token, "mid"))
+            i += 1
+        elif component == "vae" and token in ("encoder", "decoder") and not prefix and i + 1 < len(tokens):
+            out.append((token, token))
             i += 1
         elif token in PASS_THROUGH and i + 1 < len(tokens):
             prefix.append(token)
@@ -134,6 +143,7 @@ def build_tree(leaves: Iterable[Leaf], *, fold: bool = True) -> list[Node]:
             if depth == len(levels) - 1:
                 node.module = leaf.module
             node.modules += 1
+            node.parameters += leaf.parameters
             node.kinds[leaf.kind] = node.kinds.get(leaf.kind, 0) + 1
             node.ranks[rank] = node.ranks.get(rank, 0) + 1
             node.alphas[alpha] = node.alphas.get(alpha, 0) + 1
@@ -156,6 +166,7 @@ def _signature(node: Node, memo: dict[int, tuple[object, ...]]) -> tuple[object,
         cached = memo[id(node)] = (
             node.module is not None,
             node.repeat,
+            node.parameters,
             tuple(sorted(node.kinds.items())),
             tuple(sorted(node.ranks.items())),
             tuple(sorted(node.alphas.items())),
@@ -198,6 +209,7 @@ def _fold(node: Node, memo: dict[int, tuple[object, ...]]) -> None:
             and prev.norm is None
             and child.module is None
             and _container(prev.key) == _container(child.key)
+            and _container(child.key).rsplit(".", 1)[-1] in FOLDABLE
             and first + prev.repeat == index
             and last_signature == signature
         ):
@@ -205,6 +217,7 @@ def _fold(node: Node, memo: dict[int, tuple[object, ...]]) -> None:
             word = prev.label.rpartition(" ")[0].removesuffix("s")
             prev.label = f"{word}s {first}–{index}"
             prev.modules += child.modules
+            prev.parameters += child.parameters
             for mine, theirs in ((prev.kinds, child.kinds), (prev.ranks, child.ranks), (prev.alphas, child.alphas)):
                 for k, v in theirs.items():
                     mine[k] = mine.get(k, 0) + v

@@ -463,3 +463,20 @@ def test_peft_folder_lora(tmp_path: Path) -> None:
     report = inspect_lora(path, keys=True)
     assert (report.format, report.modules, report.read) == ("peft", len(lora.adapters), "tensors")
     assert report.keys is not None and len(report.keys) == report.tensors == 2 * len(lora.adapters)
+
+
+def test_checkpoint_tree(tiny_checkpoints: dict, family: str) -> None:
+    from loratools.cli.render_inspect import checkpoint_tree
+
+    single = inspect_checkpoint(tiny_checkpoints[(family, "single")])
+    folder = inspect_checkpoint(tiny_checkpoints[(family, "diffusers")])
+    validate(json.loads(json.dumps(single.to_dict())))
+    # the same model in two layouts: the same modules per block (SD2's 24th OpenCLIP block aside)
+    blocks = {n.key: {c.key: c.modules for c in n.children} for n in single.tree}
+    assert blocks["unet"] == {n.key: {c.key: c.modules for c in n.children} for n in folder.tree}["unet"]
+    assert sum(n.parameters for n in single.tree) <= single.parameters
+    text = _render(checkpoint_tree(single.tree))
+    assert "U-Net · " in text and "down 1 · " in text and "mid · " in text
+    assert "VAE · " in text and "encoder · " in text and "decoder · " in text
+    layers = TINY[family].texts[0].layers
+    assert f"layers 0–{layers - 1} · " in text and "each" in text

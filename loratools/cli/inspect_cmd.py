@@ -168,7 +168,7 @@ def _summary(console: Console, report: Any) -> None:
 
 
 def _render_all(console: Console, reports: list[Any], *, norms: bool, keys: bool) -> None:
-    from .render_inspect import render_hashes, render_keys, render_lora_details
+    from .render_inspect import checkpoint_tree, render_hashes, render_keys, render_lora_details
 
     for i, report in enumerate(reports):
         if i:
@@ -178,6 +178,7 @@ def _render_all(console: Console, reports: list[Any], *, norms: bool, keys: bool
             render_lora_details(console, report, norms=norms, keys=keys)
         else:
             render_checkpoint(console, report)
+            console.print(checkpoint_tree(report.tree))
             if report.hashes:
                 render_hashes(console, report.hashes)
             if keys and report.keys is not None:

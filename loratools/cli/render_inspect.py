@@ -91,6 +91,32 @@ def layout_tree(report: LoraReport) -> Tree:
     return root
 
 
+def _checkpoint_node_text(node: Node) -> Text:
+    text = Text()
+    text.append(node.label, style="bold" if not node.module else "")
+    each = node.modules // node.repeat
+    if node.module is None:
+        text.append(f" · {each} module{'s' if each != 1 else ''}{' each' if node.repeat > 1 else ''}", style="dim")
+    text.append(f" · {human_count(node.parameters // node.repeat)} parameters{' each' if node.repeat > 1 else ''}")
+    text.append(f" · {'/'.join(node.kinds)}", style="cyan")
+    return text
+
+
+def checkpoint_tree(nodes: Sequence[Node], *, depth: int = 1) -> Tree:
+    """A checkpoint's modules by block: components and their blocks, dtype and parameter counts."""
+    root = Tree(Text("modules", style="bold"), guide_style="dim")
+
+    def add(branch: Tree, node: Node, level: int) -> None:
+        child = branch.add(_checkpoint_node_text(node))
+        if level < depth:
+            for sub in node.children:
+                add(child, sub, level + 1)
+
+    for node in sorted(nodes, key=lambda n: {**COMPONENT_ORDER, "vae": 3}.get(n.key, 9)):
+        add(root, node, 0)
+    return root
+
+
 def norm_bars(report: LoraReport, *, top_modules: int = 12) -> Table:
     """‖ΔW‖_F per block (each component's groups) and the largest modules, as bars."""
     table = Table(show_edge=False, header_style="bold", title="‖ΔW‖_F (factor space)", title_justify="left")
