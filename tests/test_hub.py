@@ -119,3 +119,16 @@ def test_cli_process_offline_with_env(hub_cache: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["modules"] == len(make_lora(FAMILIES["sd1"], rank=2, text=False).adapters)
+
+
+def test_convert_reads_hub_inputs(hub_cache: Path, tmp_path: Path) -> None:
+    out = tmp_path / "single.safetensors"
+    result = CliRunner().invoke(cli, ["convert", "hf://alice/sd-loras/model", str(out), "--to", "single"])
+    assert result.exit_code == 0, result.stderr
+    with open_checkpoint(out) as ckpt:
+        assert ckpt.container == "single_file"
+    result = CliRunner().invoke(
+        cli,
+        ["convert", "hf://alice/sd-loras/loras/mine.safetensors", str(tmp_path / "d.safetensors"), "--to", "diffusers"],
+    )
+    assert result.exit_code == 0, result.stderr

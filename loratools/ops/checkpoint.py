@@ -24,6 +24,7 @@ from ..families.keymap import KeyMap
 from ..families.spec import DIFFUSERS_FOLDERS
 from ..io.atomic import AtomicFolder
 from ..io.checkpoint import WEIGHT_NAMES, Checkpoint, open_checkpoint
+from ..io.hub import resolve as resolve_hub
 from ..io.safetensors import DTYPES, FLOAT_DTYPES, StreamingWriter, TensorInfo, dtype_name
 
 if TYPE_CHECKING:
@@ -179,7 +180,7 @@ def convert_checkpoint(
     source's. ``dtype``: ``"fp16"``, ``"bf16"``, ``"fp32"`` or a torch dtype, applied to float
     tensors only. Returns a :class:`ConvertReport`; nothing is left at ``output`` on failure.
     """
-    source, output = Path(source), Path(output)
+    source, output = resolve_hub(source), Path(output)  # hf:// before Path(), which folds its '//'
     torch_dtype = parse_dtype(dtype)
     with open_checkpoint(source) as ckpt:
         found = detect(ckpt.shapes(), ckpt.metadata, family=family)
