@@ -304,27 +304,32 @@ def test_varied_tree_expands_to_modules(tmp_path: Path) -> None:
 # --- norms ------------------------------------------------------------------------------------------
 
 
-def _dense_norms(path: Path) -> dict[str, float]:
+def _dense_norms(path: Path, every: int = 1) -> dict[str, float]:
+    """‖delta()‖ of every ``every``-th module: the dense reference the factor-space norms must equal."""
     lora = load_lora(path)
     out = {}
-    for module, adapter in lora.adapters.items():
+    for module, adapter in list(lora.adapters.items())[::every]:
         out[module] = float(torch.linalg.vector_norm(adapter.delta().to(torch.float64)))
     return out
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_norms_match_dense(tmp_path: Path, dtype: torch.dtype) -> None:
-    lora = make_lora(FAMILIES["sd1"], rank=4, conv=True, alphas="varied", dtype=dtype)
+    lora = make_lora(FAMILIES["sd1"], rank=4, conv=True, text=False, alphas="varied", dtype=dtype)
     path = save_lora(lora, tmp_path / "n.safetensors", "kohya")
     report = inspect_lora(path, norms=True)
-    expected = _dense_norms(path)
-    for f in report.module_facts:
+    expected = _dense_norms(path, every=3)
+    checked = [f for f in report.module_facts if f.module in expected]
+    assert len(checked) == len(expected) and {f.kind for f in checked} == {"lora", "locon"}
+    for f in checked:
         assert f.norm == pytest.approx(expected[f.module], rel=1e-4)
-    total = math.sqrt(sum(v * v for v in expected.values()))
-    assert report.norms is not None and report.norms["total"] == pytest.approx(total, rel=1e-4)
+    norms = {f.module: f.norm or 0.0 for f in report.module_facts}
+    total = math.sqrt(sum(v * v for v in norms.values()))
+    assert report.norms is not None and report.norms["total"] == pytest.approx(total, rel=1e-9)
     for node in report.tree:  # a block's norm is the root of its modules' summed squares
-        members = [v for k, v in expected.items() if k.startswith(node.path + ".")]
-        assert node.norm == pytest.approx(math.sqrt(sum(v * v for v in members)), rel=1e-4)
+        for child in node.children:
+            members = [v for k, v in norms.items() if k.startswith(child.path + ".") or k == child.path]
+            assert child.norm == pytest.approx(math.sqrt(sum(v * v for v in members)), rel=1e-9)
 
 
 def test_norms_every_kind(tmp_path: Path) -> None:
@@ -343,8 +348,10 @@ def test_norms_real_lokr_and_loaded_paths() -> None:
     for name in ("lycoris_lokr/smart_falcon_4_lokr.safetensors", "cloneofsimo_lora/lora_disney.safetensors"):
         path = REAL_LORAS / name
         report = inspect_lora(path, norms=True)
-        expected = _dense_norms(path)
-        for f in report.module_facts:
+        expected = _dense_norms(path, every=7)  # a sample: dense LoKr products are slow to build
+        checked = [f for f in report.module_facts if f.module in expected]
+        assert len(checked) == len(expected) > 20
+        for f in checked:
             assert f.norm == pytest.approx(expected[f.module], rel=1e-3, abs=1e-6)
 
 

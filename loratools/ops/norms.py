@@ -3,8 +3,9 @@
 Two paths, one formula. Plain LoRA/LoCon modules of a scanned safetensors file are read as numpy
 arrays straight from the file (one read of the data section) — numpy imports in a tenth of the time
 torch does, which is what keeps ``inspect --norms`` of a 228 MB SDXL LoRA within its 2 s budget.
-Every other kind (LoHa, LoKr, Tucker, full diffs) and every LoRA read through torch goes through
-:func:`loratools.ops.lowrank.factorize`, which gives an exact ``up @ down`` for each of them.
+Every other kind (LoHa, Tucker, full diffs) and every LoRA read through torch goes through
+:func:`loratools.ops.lowrank.factorize`, which gives an exact ``up @ down`` for each of them;
+LoKr uses ``‖kron(W1, W2)‖_F = ‖W1‖_F·‖W2‖_F`` directly.
 DoRA modules report the norm of their low-rank update before the magnitude rescaling, which needs
 the base weight.
 """
@@ -124,8 +125,15 @@ def adapter_norm(adapter: Adapter) -> float:
     import torch
 
     from ..errors import InputError
+    from ..formats.adapters import LoKr
     from .lowrank import factorize
 
+    if isinstance(adapter, LoKr) and adapter.dora_scale is None:
+        # ‖kron(W1, W2)‖_F = ‖W1‖_F·‖W2‖_F, and reshaping to the weight keeps the norm: two small
+        # dense factors instead of factorize's SVDs of each (10 ms → 0.1 ms a module)
+        w1 = adapter._w1().to(torch.float64)
+        w2 = adapter._w2().to(torch.float64)
+        return abs(adapter.scale) * float(torch.linalg.vector_norm(w1)) * float(torch.linalg.vector_norm(w2))
     try:
         up, down, _ = factorize(adapter)
     except InputError:  # DoRA on a kind factorize keeps dense: the directional update's own norm
