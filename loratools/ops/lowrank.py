@@ -27,7 +27,7 @@ from typing import Union
 import torch
 
 from ..errors import InputError
-from ..formats.adapters import Adapter, Full, LoHa, LoKr, LowRank
+from ..formats.adapters import Adapter, Full, LoHa, LoKr, LowRank, factor_dtype
 
 F64 = torch.float64
 # Two fractions closer than this (relative) count as equal when a rule compares a retained fraction
@@ -383,7 +383,7 @@ def _factor_svd(
 def factorize(
     adapter: Adapter, *, include_scale: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, ...]]:
-    """An exact ``ΔW = up @ down`` (float32 or float64) and ΔW's shape, for any adapter kind.
+    """An exact ``ΔW = up @ down`` (float32; float64 for float64 factors) and ΔW's shape, for any kind.
 
     ``include_scale=False`` leaves a plain LoRA's ``alpha/r`` out (``up @ down`` is then the raw
     product); other kinds always include their scale.
@@ -392,7 +392,7 @@ def factorize(
     Tucker and full diffs fall back to the dense ΔW of that one module (``down`` is None then).
     A DoRA module raises InputError: its ΔW depends on the base weight.
     """
-    f32 = torch.float32
+    f32 = F64 if factor_dtype(adapter) == F64 else torch.float32  # float64 factors stay float64
     if getattr(adapter, "dora_scale", None) is not None:
         raise InputError("a DoRA module's ΔW depends on the base weight; merge it into a checkpoint instead")
     if isinstance(adapter, LowRank) and adapter.mid is None:
