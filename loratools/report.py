@@ -10,17 +10,16 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .facts import LIST_LIMIT, hash_facts, key_facts
 from .families.detect import component_of_key, detect
 from .families.keymap import KeyMap
 from .families.spec import COMPONENT_TITLES
 from .io.checkpoint import Checkpoint, open_checkpoint
-from .io.safetensors import TensorInfo
 from .tree import Leaf, Node, build_tree
 
 CHECKPOINT_SCHEMA = "loratools.inspect.checkpoint/1"
 COMPONENT_ORDER = ("unet", "te1", "te2", "vae", "scheduler", "ema", "other")
 _TITLES = {**COMPONENT_TITLES, "scheduler": "schedule buffers", "ema": "EMA"}
-LIST_LIMIT = 20  # long key lists are cut to this many in reports (counts stay exact)
 
 
 @dataclass
@@ -169,18 +168,6 @@ def checkpoint_tree(ckpt: Checkpoint, km: KeyMap, layout: str) -> list[Node]:
                     leaf.kind = f"{leaf.kind}+{info.dtype}"
     order = {w.module: i for i, w in enumerate(km.weights)}
     return build_tree(sorted(modules.values(), key=lambda leaf: order.get(leaf.module, len(order))))
-
-
-def key_facts(key: str, info: TensorInfo) -> dict[str, object]:
-    """One raw key of a file, as ``--keys`` lists it."""
-    return {"key": key, "shape": list(info.shape), "dtype": info.dtype}
-
-
-def hash_facts(path: str | Path) -> dict[str, object]:
-    """The hashes of one file as plain data (``--hashes``)."""
-    from .ops.hashes import file_hashes
-
-    return asdict(file_hashes(path))
 
 
 # The LoRA half lives in report_lora.py; imported here so ``loratools.report`` stays the one place.

@@ -20,13 +20,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .facts import LIST_LIMIT, hash_facts, key_facts
 from .families import FAMILIES
 from .formats.keys import EMBED_FLAG, is_embedding_key
 from .formats.names import name_tables
 from .formats.resolve import claimed_family
 from .io.hub import resolve as resolve_hub
 from .io.safetensors import TensorInfo
-from .report import LIST_LIMIT, hash_facts, key_facts
 from .tree import Leaf, Node, build_tree
 
 LORA_SCHEMA = "loratools.inspect.lora/1"

@@ -42,6 +42,7 @@ def hub_cache(tmp_path: Path, tiny_checkpoints: dict, monkeypatch: pytest.Monkey
     old = repo / "snapshots" / OLD / "loras"
     old.mkdir(parents=True)
     shutil.copy(REAL_LORAS / "lycoris_lokr" / "smart_falcon_8_lokr.safetensors", old / "falcon.safetensors")
+    save_lora(make_lora(FAMILIES["sd1"], rank=2, text=False, seed=1), old / "mine.safetensors", "kohya")
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(SHA)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
@@ -83,10 +84,12 @@ def test_cli_inspect_and_diff(hub_cache: Path) -> None:
     assert result.exit_code == 0 and json.loads(result.stdout)["container"] == "diffusers"
     result = CliRunner().invoke(cli, ["inspect", "hf://alice/sd-loras/loras"])  # a folder of files
     assert result.exit_code == 0 and "falcon.safetensors" in result.stdout and "mine.safetensors" in result.stdout
-    result = CliRunner().invoke(cli, ["diff", "--json", ref, f"{ref}@{OLD}"])
+    mine = "hf://alice/sd-loras/loras/mine.safetensors"
+    result = CliRunner().invoke(cli, ["diff", "--json", mine, f"{mine}@{OLD}"])
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["a"]["path"] == ref and report["differing"] > 0
+    assert report["a"]["path"] == mine and report["b"]["path"] == f"{mine}@{OLD}"
+    assert report["identical"] == 0 and report["differing"] == report["a"]["modules"]
 
 
 @pytest.mark.parametrize(

@@ -2,9 +2,10 @@
 
 LoRAs are compared by canonical module, whatever their dialects: modules only in one, modules
 whose kind/rank/alpha differ, and per module ``‖ΔW_A − ΔW_B‖_F`` computed in factor space —
-``ΔW_A − ΔW_B = [U_A, −U_B]·[V_A; V_B]``, whose norm is that of the small core ``R_U·R_Vᵀ`` of
-the two factors' QR decompositions (exact, and free of the cancellation the expanded
-``‖A‖² + ‖B‖² − 2⟨A, B⟩`` suffers when A ≈ B). Checkpoints are compared tensor by tensor, streamed:
+``ΔW_A − ΔW_B = [U_A, −U_B]·[V_A; V_B]``, whose squared norm is ``Σ (UᵀU) ⊙ (V Vᵀ)`` of the
+stacked factors, in float64 (LoKr pairs straight from their Kronecker factors). Bit-identical
+modules are recognised first, so the expansion's rounding (~1e-8 relative) never shows as a
+difference. Checkpoints are compared tensor by tensor, streamed:
 by key when both have the same layout, by canonical name through the key maps otherwise (a
 single file against a diffusers folder).
 """
@@ -81,29 +82,64 @@ def _factors(adapter: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     return up.to(torch.float64), None if down is None else down.to(torch.float64)
 
 
+def _gram_square(up: torch.Tensor, down: torch.Tensor) -> float:
+    """‖up @ down‖_F² = Σ (upᵀup) ⊙ (down downᵀ), float64: two k×k Grams, no out×in product."""
+    return float(((up.T @ up) * (down @ down.T)).sum())
+
+
 def factored_norm(up: torch.Tensor, down: torch.Tensor | None) -> float:
-    """‖up @ down‖_F through the QR cores of the two factors (dense when ``down`` is None)."""
+    """‖up @ down‖_F (dense when ``down`` is None)."""
     if down is None:
         return float(torch.linalg.vector_norm(up))
-    if up.shape[1] >= min(up.shape[0], down.shape[1]):
-        return float(torch.linalg.vector_norm(up @ down))
-    r_up = torch.linalg.qr(up, mode="r")[1]
-    r_down = torch.linalg.qr(down.T, mode="r")[1]
-    return float(torch.linalg.vector_norm(r_up @ r_down.T))
+    return math.sqrt(max(_gram_square(up, down), 0.0))
+
+
+def _lokr_difference(a: Any, b: Any) -> tuple[float, float, float] | None:
+    """‖kron(A1, A2) − kron(B1, B2)‖ from the small factors, when their shapes agree.
+
+    ‖kron(X, Y)‖ = ‖X‖·‖Y‖ and ⟨kron(A1, A2), kron(B1, B2)⟩ = ⟨A1, B1⟩·⟨A2, B2⟩.
+    """
+    from ..formats.adapters import LoKr
+
+    if not (isinstance(a, LoKr) and isinstance(b, LoKr)) or a.dora_scale is not None or b.dora_scale is not None:
+        return None
+    a1, a2, b1, b2 = (w.to(torch.float64) for w in (a._w1(), a._w2(), b._w1(), b._w2()))
+    if a1.shape != b1.shape or a2.shape != b2.shape or a.delta_shape() != b.delta_shape():
+        return None
+    sa, sb = a.scale, b.scale
+    aa = sa * sa * float((a1 * a1).sum()) * float((a2 * a2).sum())
+    bb = sb * sb * float((b1 * b1).sum()) * float((b2 * b2).sum())
+    ab = sa * sb * float((a1 * b1).sum()) * float((a2 * b2).sum())
+    return math.sqrt(max(aa + bb - 2 * ab, 0.0)), math.sqrt(aa), math.sqrt(bb)
 
 
 def delta_difference(a: Any, b: Any) -> tuple[float, float, float]:
-    """(‖ΔW_A − ΔW_B‖_F, ‖ΔW_A‖_F, ‖ΔW_B‖_F) in factor space."""
+    """(‖ΔW_A − ΔW_B‖_F, ‖ΔW_A‖_F, ‖ΔW_B‖_F) in factor space, float64.
+
+    ``ΔW_A − ΔW_B = [U_A, −U_B]·[V_A; V_B]``: one Gram pair of the stacked factors gives ‖A‖²,
+    ‖B‖² and ⟨A, B⟩ together. float64 keeps the difference exact to ~1e-8·‖ΔW‖, far below what
+    a merge in fp16 can show; bit-identical modules are recognised before this is called.
+    """
+    fast = _lokr_difference(a, b)
+    if fast is not None:
+        return fast
     ua, va = _factors(a)
     ub, vb = _factors(b)
-    norm_a, norm_b = factored_norm(ua, va), factored_norm(ub, vb)
     if va is None or vb is None or ua.shape[0] != ub.shape[0] or va.shape[1] != vb.shape[1]:
         dense_a = ua if va is None else ua @ va
         dense_b = ub if vb is None else ub @ vb
+        norm_a, norm_b = float(torch.linalg.vector_norm(dense_a)), float(torch.linalg.vector_norm(dense_b))
         if dense_a.numel() != dense_b.numel():
             return math.nan, norm_a, norm_b
         return float(torch.linalg.vector_norm(dense_a.reshape(-1) - dense_b.reshape(-1))), norm_a, norm_b
-    return factored_norm(torch.cat([ua, -ub], 1), torch.cat([va, vb], 0)), norm_a, norm_b
+    k = ua.shape[1]
+    up = torch.cat([ua, -ub], 1)
+    down = torch.cat([va, vb], 0)
+    products = (up.T @ up) * (down @ down.T)
+    aa = float(products[:k, :k].sum())
+    bb = float(products[k:, k:].sum())
+    total = float(products.sum())  # = aa + bb − 2⟨A, B⟩
+    return math.sqrt(max(total, 0.0)), math.sqrt(max(aa, 0.0)), math.sqrt(max(bb, 0.0))
 
 
 def _same_tensors(a: Any, b: Any) -> bool:
