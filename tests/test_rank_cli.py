@@ -107,3 +107,17 @@ def test_bad_input_is_one_line(tmp_path: Path, lora_path: Path, args: list[str],
     assert code == 2, (out, err)
     assert message in err and err.startswith("error:") and len(err.strip().splitlines()) == 1
     assert "Traceback" not in err
+
+
+def test_demo_resize(tmp_path: Path) -> None:
+    """The function the demo calls: writes its files, checks itself against a dense SVD."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from loratools.cli.rank_cmds import demo_resize
+
+    buffer = StringIO()
+    report = demo_resize(tmp_path, Console(file=buffer, width=120))
+    assert report.rule == "rank 4" and (tmp_path / "sample-lora-fro90.safetensors").exists()
+    assert "equal" in buffer.getvalue()
