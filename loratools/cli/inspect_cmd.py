@@ -14,10 +14,10 @@ from ..errors import InputError, LoratoolsError
 from ..io.checkpoint import is_diffusers_folder
 from ..io.hub import is_hub
 from ..io.hub import resolve as resolve_hub
-from ..report import inspect_checkpoint, inspect_lora
+from ..report import LoraReport, inspect_checkpoint, inspect_lora
 from .errors import user_errors
 from .options import family_option
-from .render import render_checkpoint, render_lora
+from .render import render_checkpoint
 from .render_inspect import echo_json
 
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
@@ -168,14 +168,13 @@ def _summary(console: Console, report: Any) -> None:
 
 
 def _render_all(console: Console, reports: list[Any], *, norms: bool, keys: bool) -> None:
-    from .render_inspect import checkpoint_tree, render_hashes, render_keys, render_lora_details
+    from .render_inspect import checkpoint_tree, render_hashes, render_keys, render_lora_report
 
     for i, report in enumerate(reports):
         if i:
             console.print()
-        if report.to_dict()["kind"] == "lora":
-            render_lora(console, report)
-            render_lora_details(console, report, norms=norms, keys=keys)
+        if isinstance(report, LoraReport):
+            render_lora_report(console, report, norms=norms, keys=keys)
         else:
             render_checkpoint(console, report)
             console.print(checkpoint_tree(report.tree))

@@ -139,9 +139,39 @@ def norm_bars(report: LoraReport, *, top_modules: int = 12) -> Table:
     return table
 
 
+def render_lora_report(console: Console, report: LoraReport, *, norms: bool, keys: bool) -> None:
+    """One screen: what the file is, family from shapes against what metadata claims, the module
+    tree (which carries the per-component kinds/ranks/alphas), totals, then the details."""
+    head = Text()
+    head.append(report.path, style="bold")
+    if report.format == "textual-inversion":
+        head.append(f"  ·  textual-inversion embeddings for {report.family_title}", style="bold cyan")
+    else:
+        head.append(f"  ·  LoRA for {report.family_title}", style="bold cyan")
+        head.append(f"  ·  {FORMAT_TITLES.get(report.format, report.format)}")
+    head.append(f"  ·  {human_bytes(report.file_bytes)}")
+    console.print(head)
+    if report.metadata_claims:
+        verdict = "[yellow]disagrees: the shapes win[/yellow]" if report.family_mismatch else "[green]agrees[/green]"
+        console.print(
+            f"family from shapes: {report.family_title} · metadata claims: {report.metadata_claims} · {verdict}"
+        )
+    console.print(
+        f"{report.modules} modules, {human_count(report.parameters)} parameters, dtypes "
+        + ", ".join(f"{d}×{n}" for d, n in report.dtypes.items())
+        + f" · read: {report.read}"
+    )
+    for warning in report.warnings[:10]:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+    if len(report.warnings) > 10:
+        console.print(f"[dim]… and {len(report.warnings) - 10} more warnings (--json lists them)[/dim]")
+    if report.modules:
+        console.print(layout_tree(report))
+    render_lora_details(console, report, norms=norms, keys=keys)
+
+
 def render_lora_details(console: Console, report: LoraReport, *, norms: bool, keys: bool) -> None:
-    """Everything beyond the summary: tree, embeddings, metadata, norms, hashes, keys."""
-    console.print(layout_tree(report))
+    """Everything beyond the summary and tree: embeddings, metadata, norms, hashes, keys."""
     for emb in report.embedding_facts:
         console.print(
             f"textual-inversion embedding [bold]{emb.name}[/bold]: {emb.vectors} vector{'s' if emb.vectors != 1 else ''}"
