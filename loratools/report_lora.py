@@ -16,7 +16,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -120,8 +120,17 @@ class LoraReport:
     keys: list[dict[str, object]] | None = None  # --keys
 
     def to_dict(self) -> dict[str, object]:
-        data = asdict(self)
+        # field by field rather than dataclasses.asdict, whose recursive deep copy of ~1,000
+        # module facts costs more than the rest of a header-only inspect
+        data: dict[str, object] = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["module_facts"] = [{**vars(f), "shape": list(f.shape)} for f in self.module_facts]
+        data["embedding_facts"] = [{**vars(e), "shape": list(e.shape)} for e in self.embedding_facts]
         data["tree"] = [node.to_dict() for node in self.tree]
+        for name in ("components", "kinds", "ranks", "alphas", "dtypes", "metadata", "unmatched", "file_dtypes"):
+            data[name] = dict(data[name])  # type: ignore[call-overload]
+        data["embeddings"] = list(self.embeddings)
+        data["warnings"] = list(self.warnings)
+        data["metadata_summary"] = json.loads(json.dumps(self.metadata_summary))
         return {"schema": LORA_SCHEMA, "kind": "lora", **data}
 
 
