@@ -119,8 +119,9 @@ def inspect_command(
 
     PATHS are single files (.safetensors, or .ckpt/.pt/.bin read weights-only), diffusers
     folders, peft adapter folders, hf://owner/repo/path[@revision] references, or a plain folder:
-    then every file in it is inspected in parallel and summarized in one line. Only headers are
-    read unless --norms or --hashes asks for the tensor bytes.
+    then every file in it is inspected in parallel and summarized in one line. Checkpoints and
+    kohya/LyCORIS or diffusers .safetensors LoRAs are described from their headers alone (other
+    LoRA dialects need their tensors); --norms and --hashes read the tensor bytes.
 
     \b
     Examples:
