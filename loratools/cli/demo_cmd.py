@@ -29,7 +29,8 @@ def demo(keep: Path | None) -> None:
     Generates a small checkpoint with the real SD1.5 key set (1145 tensors, tiny widths) in a
     temporary folder, inspects it, converts it to a diffusers folder and back (bit for bit), converts
     a LoCon LoRA through diffusers and peft and back (bit for bit), merges two LoRAs into the
-    checkpoint (one with block weights and a negative U-Net weight) and unmerges them again.
+    checkpoint (one with block weights and a negative U-Net weight) and unmerges them again, and
+    resizes a LoCon by SVD in factor space (checked against a dense SVD).
     """
     console = Console()
     with user_errors():
@@ -107,6 +108,11 @@ def _run(console: Console, folder: Path) -> None:
     worst = max(stats["relative"] for stats in report.residual.values())
     if worst > 1e-6:
         raise click.ClickException(f"unmerge left a relative residual of {worst:.3g}")
+
+    console.print(Rule("5. resize a LoCon: rank 8 → 4, and dynamically (sv-fro 0.9)"))
+    from .rank_cmds import demo_resize
+
+    demo_resize(folder, console)
     console.print(Rule())
     console.print(
         f"done; sample files in {folder}" if folder.name and not folder.name.startswith("loratools-demo-") else "done"
