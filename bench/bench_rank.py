@@ -1,0 +1,324 @@
+"""Rank-surgery benchmark: loratools' factor-space resize/blend and randomized extract against a
+dense reference (ΔW formed per module, full SVD, truncated) run in the same bench. One run, one table.
+
+    python bench/make_data.py --only sd15-fp16.safetensors sd15-r128-kohya.safetensors
+    python bench/make_tuned.py            # sd15-tuned-fp16.safetensors = base + known rank-128 ΔW
+    python bench/bench_rank.py [--runs 3] [--skip-extract]
+
+Rows (SD1.5 full size, 2.13 GB fp16 checkpoints, 151 MB rank-128 kohya LoRA):
+
+- resize 128→32 and dynamic sv_fro 0.9 of the rank-128 LoRA (264 modules);
+- svd blend of the rank-128 LoRA and a rank-32 one (``sd15-r32-kohya.safetensors``, generated here
+  if missing) into rank 64;
+- extract rank 64 from (sd15-fp16, sd15-tuned-fp16): 350 modules incl. 3×3 convs and text encoder.
+
+Each method runs in its own child process (bench/measure.py): "in-process s" is the operation alone
+(load, compute, save) after imports, "wall s" includes interpreter and torch start-up, "peak RSS"
+is that child's. Speed-ups are in-process time ratios. The dense reference uses the same loaders
+and writers as loratools and ``torch.linalg.svd(full_matrices=False)`` (kohya's scripts use
+``full_matrices=True``, which is slower still, and clamp to a quantile, which loratools does not).
+After timing, outputs are checked: ranks and ΔW against the reference's, and for extract the
+Frobenius error ``‖(tuned − base) − ΔW_LoRA‖`` of both outputs against the optimal truncation's
+(Σ of the dropped σ² from the reference's exact SVDs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_data import data_dir
+from measure import measure
+
+OUT = Path(__file__).resolve().parent / "out"
+R128, R32 = "sd15-r128-kohya.safetensors", "sd15-r32-kohya.safetensors"
+BASE, TUNED = "sd15-fp16.safetensors", "sd15-tuned-fp16.safetensors"
+
+# task → (goal: minimum speed-up, description)
+TASKS = {
+    "resize-r32": (50, "resize 128→32"),
+    "resize-fro": (50, "resize dynamic sv_fro 0.9"),
+    "blend-svd64": (30, "svd blend r128 + r32 → 64"),
+    "extract-r64": (8, "extract rank 64 (2 × 2.13 GB)"),
+}
+EXTRACT_RSS_GIB, EXTRACT_ERROR = 1.5, 1.01
+
+
+# --- the dense reference ------------------------------------------------------------------------
+
+
+def _dense_truncate(matrix, rank: int | None = None, sv_fro: float | None = None):  # type: ignore[no-untyped-def]
+    """Full SVD of a dense float32 matrix, truncated by a fixed rank or sv_fro; (factored, k, tail σ²)."""
+    import torch
+
+    from loratools.ops.lowrank import Factored
+
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    if rank is not None:
+        k = min(rank, s.numel())
+    else:
+        frac = torch.cumsum(s.double() ** 2, 0) / float((s.double() ** 2).sum())
+        k = int((frac < sv_fro**2).sum()) + 1  # smallest k with ‖ΔW_k‖ ≥ F‖ΔW‖
+        k = min(k, s.numel())
+    tail = float((s[k:].double() ** 2).sum())
+    return Factored(u * s, vh, s), k, tail
+
+
+def dense_resize(src: str, out: str, rank: int | None, sv_fro: float | None) -> dict:
+    import torch
+
+    from loratools.formats.io import load_lora, save_lora
+    from loratools.ops.lowrank import lowrank_from
+
+    lora = load_lora(src)
+    adapters = {}
+    for module, adapter in lora.adapters.items():
+        delta = adapter.delta()
+        svd, k, _ = _dense_truncate(delta.reshape(delta.shape[0], -1), rank, sv_fro)
+        adapters[module] = lowrank_from(svd, k, tuple(delta.shape), dtype=torch.float16)
+    save_lora(lora.with_adapters(adapters), out, "kohya")
+    return {}
+
+
+def dense_blend(a: str, b: str, out: str, rank: int) -> dict:
+    import torch
+
+    from loratools.formats.io import load_lora, save_lora
+    from loratools.ops.lowrank import lowrank_from
+
+    first, second = load_lora(a), load_lora(b)
+    adapters = {}
+    for module in dict.fromkeys([*first.adapters, *second.adapters]):
+        parts = [x.adapters[module].delta() for x in (first, second) if module in x.adapters]
+        delta = sum(parts[1:], parts[0])
+        svd, k, _ = _dense_truncate(delta.reshape(delta.shape[0], -1), rank)
+        adapters[module] = lowrank_from(svd, k, tuple(delta.shape), dtype=torch.float16)
+    save_lora(first.with_adapters(adapters), out, "kohya")
+    return {}
+
+
+def _differences(base: str, tuned: str):  # type: ignore[no-untyped-def]
+    """(module, shape, tuned − base as float32 (out, in·kh·kw)) for every extract target, streamed."""
+    import torch
+
+    from loratools.families.detect import detect
+    from loratools.formats.names import name_tables
+    from loratools.io.checkpoint import open_checkpoint
+    from loratools.ops.checkpoint import CanonicalSource
+    from loratools.ops.extract import extract_targets
+
+    with open_checkpoint(base) as a, open_checkpoint(tuned) as b:
+        fa, fb = detect(a.shapes(), a.metadata), detect(b.shapes(), b.metadata)
+        sa, sb = CanonicalSource(a, fa.keymap, fa.layout), CanonicalSource(b, fb.keymap, fb.layout)
+        modules = name_tables(fa.family).modules
+        for module in extract_targets(fa.family):
+            w = f"{module}.weight"
+            x, y = sa.canonical(w), sb.canonical(w)
+            diff = y.reshape(y.shape[0], -1).to(torch.float32, copy=True)
+            diff.sub_(x.reshape(x.shape[0], -1))
+            yield module, tuple(modules[module].shape), fa.family, diff
+
+
+def dense_extract(base: str, tuned: str, out: str, rank: int) -> dict:
+    import torch
+
+    from loratools.formats.adapters import LoraFile
+    from loratools.formats.io import save_lora
+    from loratools.ops.lowrank import lowrank_from
+
+    adapters, optimal_sq, families = {}, 0.0, []
+    for module, shape, spec, diff in _differences(base, tuned):
+        families.append(spec)
+        svd, k, tail = _dense_truncate(diff, rank)
+        optimal_sq += tail
+        adapters[module] = lowrank_from(svd, k, shape, dtype=torch.float16)
+    save_lora(LoraFile(adapters, families[0], "extracted"), out, "kohya")
+    return {"optimal_error_sq": optimal_sq}
+
+
+# --- loratools ----------------------------------------------------------------------------------
+
+
+def ours(task: str, data: Path, out: str) -> dict:
+    if task == "resize-r32":
+        from loratools.ops.resize import resize
+
+        resize(data / R128, out, rank=32)
+    elif task == "resize-fro":
+        from loratools.ops.resize import resize
+
+        resize(data / R128, out, sv_fro=0.9)
+    elif task == "blend-svd64":
+        from loratools.ops.blend import blend
+
+        blend([f"{data / R128}:1", f"{data / R32}:1"], out, mode="svd", rank=64, to="kohya")
+    elif task == "extract-r64":
+        from loratools.ops.extract import extract
+
+        extract(data / BASE, data / TUNED, out, rank=64)
+    return {}
+
+
+def reference(task: str, data: Path, out: str) -> dict:
+    if task == "resize-r32":
+        return dense_resize(str(data / R128), out, 32, None)
+    if task == "resize-fro":
+        return dense_resize(str(data / R128), out, None, 0.9)
+    if task == "blend-svd64":
+        return dense_blend(str(data / R128), str(data / R32), out, 64)
+    return dense_extract(str(data / BASE), str(data / TUNED), out, 64)
+
+
+def child(task: str, method: str, data: str, out: str) -> None:
+    """Run one task in this (child) process; print its in-process seconds as JSON."""
+    import torch  # noqa: F401  (imports are not part of the measured work)
+
+    import loratools.formats.io
+    import loratools.ops.blend
+    import loratools.ops.extract
+    import loratools.ops.resize  # noqa: F401
+
+    start = time.perf_counter()
+    extra = (ours if method == "loratools" else reference)(task, Path(data), out)
+    print(json.dumps({"seconds": time.perf_counter() - start, **extra}))
+
+
+# --- checks -------------------------------------------------------------------------------------
+
+
+def compare_loras(a: Path, b: Path) -> dict:
+    """Ranks equal, and the largest relative ΔW difference, between two outputs."""
+    import torch
+
+    from loratools.formats.io import load_lora
+
+    x, y = load_lora(a), load_lora(b)
+    same_rank, worst = 0, 0.0
+    for module, p in x.adapters.items():
+        q = y.adapters[module]
+        same_rank += p.rank == q.rank
+        dp, dq = p.delta().double(), q.delta().double().reshape(p.delta().shape)
+        worst = max(worst, float(torch.linalg.vector_norm(dp - dq) / torch.linalg.vector_norm(dq)))
+    return {"modules": len(x.adapters), "same_rank": same_rank, "max_rel_diff": worst}
+
+
+def extract_errors(data: Path, outputs: dict[str, Path]) -> dict[str, float]:
+    """‖(tuned − base) − ΔW_LoRA‖_F over every module, for each output."""
+    from loratools.formats.io import load_lora
+
+    loras = {name: load_lora(path) for name, path in outputs.items()}
+    sq = dict.fromkeys(outputs, 0.0)
+    for module, _, _, diff in _differences(str(data / BASE), str(data / TUNED)):
+        for name, lora in loras.items():
+            delta = lora.adapters[module].delta().reshape(diff.shape)
+            sq[name] += float((diff - delta).double().square().sum())
+    return {name: math.sqrt(v) for name, v in sq.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--runs", type=int, default=3, help="runs of each loratools row (median); the reference runs once"
+    )
+    parser.add_argument("--skip-extract", action="store_true")
+    parser.add_argument("--child", nargs=4, metavar=("TASK", "METHOD", "DATA", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(*args.child)
+        return
+    data = data_dir()
+    needed = [R128, BASE] + ([] if args.skip_extract else [TUNED])
+    missing = [n for n in needed if not (data / n).exists()]
+    if missing:
+        sys.exit(f"missing {', '.join(missing)} in {data}: run bench/make_data.py and bench/make_tuned.py first")
+    if not (data / R32).exists():
+        import torch
+        from synth_lora import write_kohya_lora
+
+        write_kohya_lora("sd1", data / R32, rank=32, dtype=torch.float16, seed=1)
+    tasks = [t for t in TASKS if not (args.skip_extract and t.startswith("extract"))]
+    load_start = os.getloadavg()[0]
+    results: dict[str, dict[str, dict]] = {t: {} for t in tasks}
+    with tempfile.TemporaryDirectory(dir=data, prefix="_bench_rank_") as tmp:
+        for task in tasks:
+            for method, runs in (("loratools", args.runs), ("dense reference", 1)):
+                records = []
+                for run in range(runs):
+                    out = Path(tmp) / f"{task}-{method.split()[0]}-{run}.safetensors"
+                    cmd = [sys.executable, __file__, "--child", task, method, str(data), str(out)]
+                    m = measure(cmd)
+                    info = json.loads(m.stdout.strip().splitlines()[-1])
+                    records.append({"wall_s": m.wall_s, "rss_mib": m.maxrss_mib, **info, "out": str(out)})
+                    print(f"  {task} / {method}: {info['seconds']:.2f} s in-process, {m.wall_s:.2f} s wall, "
+                          f"{m.maxrss_mib:.0f} MiB", file=sys.stderr, flush=True)  # fmt: skip
+                results[task][method] = {
+                    "seconds": statistics.median(r["seconds"] for r in records),
+                    "wall_s": statistics.median(r["wall_s"] for r in records),
+                    "rss_mib": max(r["rss_mib"] for r in records),
+                    "runs": records,
+                }
+            ours_out = Path(results[task]["loratools"]["runs"][0]["out"])
+            ref_out = Path(results[task]["dense reference"]["runs"][0]["out"])
+            if task.startswith("extract"):
+                errors = extract_errors(data, {"loratools": ours_out, "dense reference": ref_out})
+                optimal = math.sqrt(results[task]["dense reference"]["runs"][0]["optimal_error_sq"])
+                results[task]["check"] = {"optimal_error": optimal, **{f"{k}_error": v for k, v in errors.items()}}
+            else:
+                results[task]["check"] = compare_loras(ours_out, ref_out)
+    load_end = os.getloadavg()[0]
+    print_table(results, load_start, load_end, args)
+
+
+def print_table(results: dict, load_start: float, load_end: float, args: argparse.Namespace) -> None:
+    lines = [
+        f"command: python bench/bench_rank.py --runs {args.runs}{' --skip-extract' if args.skip_extract else ''}   "
+        f"load average {load_start:.2f} → {load_end:.2f}   torch threads: {os.environ.get('OMP_NUM_THREADS', 'default')}",
+        "",
+        "| task | method | in-process s | wall s | speed-up | peak RSS MiB | check |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    verdicts = []
+    for task, rows in results.items():
+        goal, title = TASKS[task]
+        ours_s, ref_s = rows["loratools"]["seconds"], rows["dense reference"]["seconds"]
+        speedup = ref_s / ours_s
+        check = rows["check"]
+        if task.startswith("extract"):
+            ratio = check["loratools_error"] / check["optimal_error"]
+            ref_ratio = check["dense reference_error"] / check["optimal_error"]
+            text = f"error {ratio:.4f}× optimal (reference as stored: {ref_ratio:.4f}×)"
+            rss_gib = rows["loratools"]["rss_mib"] / 1024
+            ok = speedup >= goal and rss_gib <= EXTRACT_RSS_GIB and ratio <= EXTRACT_ERROR
+            verdicts.append(
+                f"- {title}: {speedup:.1f}× (goal ≥ {goal}×), peak RSS {rss_gib:.2f} GiB (goal ≤ {EXTRACT_RSS_GIB}), "
+                f"error {ratio:.4f}× optimal (goal ≤ {EXTRACT_ERROR}) — {'PASS' if ok else 'FAIL'}"
+            )
+        else:
+            text = f"ranks equal {check['same_rank']}/{check['modules']}, max ΔW diff {check['max_rel_diff']:.1e}"
+            ok = speedup >= goal
+            verdicts.append(f"- {title}: {speedup:.1f}× (goal ≥ {goal}×) — {'PASS' if ok else 'FAIL'}")
+        for method in ("loratools", "dense reference"):
+            r = rows[method]
+            lines.append(
+                f"| {title} | {method} | {r['seconds']:.2f} | {r['wall_s']:.2f} | "
+                f"{f'{speedup:.1f}×' if method == 'loratools' else '1×'} | {r['rss_mib']:.0f} | "
+                f"{text if method == 'loratools' else ''} |"
+            )
+    lines += ["", *verdicts]
+    print("\n".join(lines))
+    OUT.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (OUT / f"bench_rank-{stamp}.md").write_text("\n".join(lines) + "\n")
+    (OUT / f"bench_rank-{stamp}.json").write_text(json.dumps(results, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
