@@ -30,6 +30,7 @@ import math
 import os
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -162,6 +163,45 @@ def truncate_difference(
     return svd, choice.rank, kept_fraction(svd.singular_values, choice.rank, total), method, choice.limited_by
 
 
+def _extract_one(
+    module: str,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    rule: RankRule,
+    weight_shape: tuple[int, ...],
+    dtype: torch.dtype | None,
+    min_diff: float,
+    oversample: int,
+    power_iterations: int,
+    adapters: dict[str, LowRank],
+    report: ExtractReport,
+    progress: Callable[[int], None] | None,
+) -> None:
+    """One module: the difference, its max, the skip test, the truncation; results into adapters/report."""
+    if progress:
+        progress(a.numel() * a.element_size() + b.numel() * b.element_size())
+    if a.shape != b.shape:
+        raise InputError(f"{module}: base {tuple(a.shape)} and tuned {tuple(b.shape)} differ in shape")
+    out_dtype = dtype or (b.dtype if b.is_floating_point() else torch.float32)
+    # one float32 copy of tuned, base subtracted in place (the tensors read stay untouched)
+    diff = b.reshape(b.shape[0], -1).to(torch.float32, copy=True)
+    diff.sub_(a.reshape(a.shape[0], -1))
+    low, high = torch.aminmax(diff)
+    largest = max(-float(low), float(high))
+    if not math.isfinite(largest):
+        raise InputError(f"{module}: the difference holds NaN or inf")
+    if largest <= min_diff:
+        report.skipped[module] = largest
+        return
+    shape = tuple(weight_shape)
+    svd, k, kept, method, limited = truncate_difference(
+        diff, rule, conv=is_conv_kxk(shape), oversample=oversample, power_iterations=power_iterations
+    )
+    del diff
+    adapters[module] = lowrank_from(svd, k, shape, dtype=out_dtype)
+    report.modules.append(ExtractedModule(module, list(shape), k, kept, largest, method, limited))
+
+
 def _open(path: str | os.PathLike[str], family: str | None) -> tuple[Checkpoint, CanonicalSource, str, FamilySpec]:
     ckpt = open_checkpoint(path)
     try:
@@ -207,35 +247,28 @@ def extract_lora(
         )
         adapters: dict[str, LowRank] = {}
         modules = name_tables(spec).modules
+        present = []
         for module in extract_targets(spec):
             weight = f"{module}.weight"
-            if weight not in base_src.home or weight not in tuned_src.home:
+            if weight in base_src.home and weight in tuned_src.home:
+                present.append(module)
+            else:
                 report.missing.append(module)
-                continue
-            a, b = base_src.canonical(weight), tuned_src.canonical(weight)
-            if progress:
-                progress(a.numel() * a.element_size() + b.numel() * b.element_size())
-            if a.shape != b.shape:
-                raise InputError(f"{module}: base {tuple(a.shape)} and tuned {tuple(b.shape)} differ in shape")
-            out_dtype = dtype or (b.dtype if b.is_floating_point() else torch.float32)
-            # one float32 copy of tuned, base subtracted in place (the tensors read stay untouched)
-            diff = b.reshape(b.shape[0], -1).to(torch.float32, copy=True)
-            diff.sub_(a.reshape(a.shape[0], -1))
-            del a, b
-            low, high = torch.aminmax(diff)
-            largest = max(-float(low), float(high))
-            if not math.isfinite(largest):
-                raise InputError(f"{module}: the difference holds NaN or inf")
-            if largest <= min_diff:
-                report.skipped[module] = largest
-                continue
-            shape = tuple(modules[module].shape)
-            svd, k, kept, method, limited = truncate_difference(
-                diff, rule, conv=is_conv_kxk(shape), oversample=oversample, power_iterations=power_iterations
-            )
-            del diff
-            adapters[module] = lowrank_from(svd, k, shape, dtype=out_dtype)
-            report.modules.append(ExtractedModule(module, list(shape), k, kept, largest, method, limited))
+
+        def read(module: str) -> tuple[torch.Tensor, torch.Tensor]:
+            weight = f"{module}.weight"
+            return base_src.canonical(weight), tuned_src.canonical(weight)
+
+        # The next module's tensors are read (pread, no Python work) while this one is decomposed;
+        # one worker keeps the reads in order and at most two modules in memory.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(read, present[0]) if present else None
+            for i, module in enumerate(present):
+                a, b = pending.result()  # type: ignore[union-attr]
+                pending = pool.submit(read, present[i + 1]) if i + 1 < len(present) else None
+                _extract_one(module, a, b, rule, modules[module].shape, dtype, min_diff, oversample,
+                             power_iterations, adapters, report, progress)  # fmt: skip
+                del a, b
     if report.missing:
         report.warnings.append(
             f"{len(report.missing)} target modules are missing from a checkpoint (e.g. {report.missing[0]})"
