@@ -379,6 +379,13 @@ def inspect_lora(
 
             module_norms = adapters_norms(lora.adapters)
     if module_norms is not None:
+        broken = sorted(m for m, v in module_norms.items() if not math.isfinite(v))
+        if broken:  # NaN/inf factors: no number to show, and JSON has none for them
+            warnings = [
+                *warnings,
+                f"{len(broken)} modules hold NaN or inf factors (e.g. {broken[0]}); their ‖ΔW‖ is left out",
+            ]
+            module_norms = {m: v for m, v in module_norms.items() if math.isfinite(v)}
         for f in facts:
             f.norm = module_norms.get(f.module)
     claim, key = claimed_family(metadata)

@@ -487,3 +487,80 @@ def test_checkpoint_tree(tiny_checkpoints: dict, family: str) -> None:
     assert "VAE · " in text and "encoder · " in text and "decoder · " in text
     layers = TINY[family].texts[0].layers
     assert f"layers 0–{layers - 1} · " in text and "each" in text
+
+
+def _one_module_file(path: Path, params: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+    """A kohya file with SD1's first text-encoder q_proj patched by ``params`` (plus a normal U-Net module)."""
+    lora = make_lora(FAMILIES["sd1"], rank=2, text=False)
+    tensors = dict(list(kohya_state_dict(lora).items())[:3])
+    tensors |= {f"lora_te_text_model_encoder_layers_0_self_attn_q_proj.{k}": v for k, v in params.items()}
+    save_tensors(path, tensors, metadata or {})
+    return path
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"lora_down.weight": torch.zeros(0, 768), "lora_up.weight": torch.zeros(768, 0)}, "empty"),
+        ({"lora_down.weight": torch.zeros(768), "lora_up.weight": torch.zeros(768, 1)}, ""),
+        (
+            {
+                "lokr_w1": torch.ones(4, 4),
+                "lokr_w1_a": torch.ones(4, 1),
+                "lokr_w1_b": torch.ones(1, 4),
+                "lokr_w2": torch.ones(192, 192),
+            },
+            "both full and factored",
+        ),
+        (
+            {"lora_down.weight": torch.ones(2, 768), "lora_up.weight": torch.ones(768, 2), "dora_scale": torch.ones(5)},
+            "fits neither",
+        ),
+    ],
+)
+def test_broken_modules_are_one_line_refusals(tmp_path: Path, params: dict, message: str) -> None:
+    path = _one_module_file(tmp_path / "b.safetensors", params)
+    for args in (["inspect", str(path)], ["inspect", "--json", str(path)]):
+        code, _, err = run(*args)
+        assert code == 2 and err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_peft_metadata_that_is_not_a_config(tmp_path: Path) -> None:
+    lora = make_lora(FAMILIES["sd1"], rank=2, text=False)
+    d = save_lora(lora, tmp_path / "d.safetensors", "diffusers")
+    from loratools.io.safetensors import SafetensorsFile
+
+    with SafetensorsFile(d) as fh:
+        tensors = fh.read_all()
+    for value, message in (
+        ("[1, 2]", "not an object"),
+        ('{"unet.alpha_pattern": {"(": 3}}', "not a regular expression"),
+    ):
+        bad = tmp_path / "bad.safetensors"
+        save_tensors(bad, tensors, {"lora_adapter_metadata": value}, overwrite=True)
+        code, _, err = run("inspect", str(bad))
+        assert code == 2 and message in err, err
+
+
+def test_nan_factors_norms_and_diff(tmp_path: Path) -> None:
+    down = torch.ones(2, 768)
+    down[0, 0] = float("nan")
+    path = _one_module_file(
+        tmp_path / "nan.safetensors", {"lora_down.weight": down, "lora_up.weight": torch.ones(768, 2)}
+    )
+    code, out, err = run("inspect", "--norms", "--json", str(path))
+    assert code == 0, err
+    data = json.loads(out)  # strict JSON: no NaN anywhere
+    validate(data)
+    assert any("NaN or inf" in w for w in data["warnings"])
+    assert [f["norm"] for f in data["module_facts"] if "q_proj" in f["module"]] == [None]
+    other = _one_module_file(
+        tmp_path / "ok.safetensors", {"lora_down.weight": torch.ones(2, 768), "lora_up.weight": torch.ones(768, 2)}
+    )
+    # the reader may refuse NaN factors outright (one line), or diff may report them (a note, no NaN in JSON)
+    code, out, err = run("diff", "--json", str(path), str(other))
+    if code == 0:
+        assert any("no finite difference" in n for n in json.loads(out)["notes"])
+        assert run("diff", str(path), str(other))[0] == 0
+    else:
+        assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1

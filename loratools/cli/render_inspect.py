@@ -3,6 +3,7 @@ raw keys, folder summaries and diffs. Plain data in (``loratools.report*``, ``op
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -32,7 +33,7 @@ def echo_json(data: Any) -> None:
 
 def bar(value: float, top: float, width: int = BAR_WIDTH) -> str:
     """A horizontal bar ``value/top`` of ``width`` cells, in eighths of a cell."""
-    if top <= 0 or value <= 0:
+    if not (math.isfinite(value) and math.isfinite(top)) or top <= 0 or value <= 0:
         return ""
     eighths = round(min(value / top, 1.0) * width * 8)
     return "█" * (eighths // 8) + (_EIGHTHS[eighths % 8] if eighths % 8 else "")

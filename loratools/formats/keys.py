@@ -131,8 +131,16 @@ def normalize_peft_key(key: str, default_component: str | None = None) -> tuple[
 
 def pattern_value(patterns: Mapping[str, Any], path: str) -> Any:
     """peft's get_pattern_key: the first pattern matching the module path as a dotted suffix."""
+    if not isinstance(patterns, Mapping):
+        raise InputError(f"rank_pattern/alpha_pattern is a {type(patterns).__name__}, not an object")
     for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", path):
+        try:
+            found = re.match(rf"(.*\.)?({pattern})$", path)
+        except re.error as exc:
+            raise InputError(
+                f"rank_pattern/alpha_pattern key {pattern!r} is not a regular expression ({exc})"
+            ) from None
+        if found:
             return value
     return None
 
@@ -146,6 +154,8 @@ def configs_from_metadata(metadata: Mapping[str, str]) -> dict[str, dict[str, An
         flat = json.loads(raw)
     except ValueError:
         raise InputError(f"{PEFT_METADATA_KEY} metadata is not valid JSON") from None
+    if not isinstance(flat, dict):
+        raise InputError(f"{PEFT_METADATA_KEY} metadata is a JSON {type(flat).__name__}, not an object")
     configs: dict[str, dict[str, Any]] = {}
     for key, value in flat.items():
         folder, _, field_name = key.partition(".")

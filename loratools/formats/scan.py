@@ -135,6 +135,8 @@ def _lowrank(name: str, params: Mapping[str, ParamRef]) -> tuple[str, int, tuple
     up, down = params["lora_up.weight"].shape, params["lora_down.weight"].shape
     mid = params["lora_mid.weight"].shape if "lora_mid.weight" in params else None
     rank = int(down[0]) if down else 0
+    if rank == 0 or 0 in up or 0 in down:
+        raise InputError(f"{name}: empty factors (lora_down {down}, lora_up {up}): rank 0 or a damaged file")
     if (
         len(up) < 2
         or len(down) < 2
@@ -183,6 +185,15 @@ def _kohya_module(
         alpha = _alpha(fd, name, params, rank, warnings)
         scale, shape, dtype, kind = alpha / rank, tuple(weight), params["hada_w1_a"].info.dtype, "loha" + dora
     elif kind == "lokr":
+        keys = set(params)
+        if not ("lokr_w1" in keys or {"lokr_w1_a", "lokr_w1_b"} <= keys) or not (
+            "lokr_w2" in keys or {"lokr_w2_a", "lokr_w2_b"} <= keys
+        ):
+            raise InputError(f"{name}: LoKr factors incomplete ({sorted(keys)})")
+        if ("lokr_w1" in keys and keys & {"lokr_w1_a", "lokr_w1_b"}) or (
+            "lokr_w2" in keys and keys & {"lokr_w2_a", "lokr_w2_b", "lokr_t2"}
+        ):
+            raise InputError(f"{name}: LoKr half given both full and factored ({sorted(keys)})")
         ranks = [int(params[k].shape[0]) for k in ("lokr_w1_b", "lokr_w2_b") if k in params]
         if len(set(ranks)) > 1:
             warnings.append(
@@ -202,7 +213,25 @@ def _kohya_module(
         if tuple(params["diff"].shape) != tuple(weight):
             raise InputError(f"{name}: diff {params['diff'].shape} is not the weight's shape {tuple(weight)}")
         rank, alpha, scale, shape, dtype = None, None, 1.0, tuple(weight), params["diff"].info.dtype
+    _check_dora(name, params, tuple(weight))
     return ModuleScan(canonical, name, kind, rank, alpha, scale, shape, _torch_dtype(dtype), _numel(params), params)
+
+
+def _check_dora(name: str, params: Mapping[str, ParamRef], weight: tuple[int, ...]) -> None:
+    """As :func:`loratools.formats.lycoris.dora_axis`: the magnitude must fit the output axis
+    (``(out,)``, ``(out, 1[, 1, 1])``) or the input axis (``(1, in[, 1, 1])``)."""
+    ref = params.get("dora_scale")
+    if ref is None:
+        return
+    shape, numel = ref.shape, ref.info.numel
+    out, inp = int(weight[0]), int(weight[1])
+    if len(shape) >= 1 and shape[0] == out and numel == out:
+        return
+    if len(shape) >= 2 and shape[0] == 1 and shape[1] == inp == numel:
+        return
+    raise InputError(
+        f"{name}: dora_scale {tuple(shape)} fits neither the output axis ({out}) nor the input axis ({inp})"
+    )
 
 
 def _check_natural(name: str, natural: tuple[int, ...], weight: tuple[int, ...]) -> None:
@@ -305,6 +334,8 @@ def _scan_peft(
         if "lora_A.weight" not in params or "lora_B.weight" not in params:
             raise InputError(f"{module}: lora_A/lora_B pair incomplete ({sorted(params)})")
         down, up = params["lora_A.weight"].shape, params["lora_B.weight"].shape
+        if len(down) < 2 or len(up) < 2 or 0 in down or 0 in up:
+            raise InputError(f"{module}: lora_A {down} and lora_B {up} are not LoRA factors")
         rank = int(down[0])
         if int(up[1]) != rank:
             raise InputError(f"{module}: rank mismatch: lora_A {down}, lora_B {up}")
@@ -316,8 +347,12 @@ def _scan_peft(
         if config is None:
             no_config.add(folder)
         else:
+            if not isinstance(config, Mapping):
+                raise InputError(f"the LoraConfig of {folder} is a {type(config).__name__}, not an object")
             lora_alpha = pattern_value(config.get("alpha_pattern") or {}, path)
             lora_alpha = config.get("lora_alpha", rank) if lora_alpha is None else lora_alpha
+            if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, int | float) or not math.isfinite(lora_alpha):
+                raise InputError(f"{folder} lora_alpha for {path} is {lora_alpha!r}, not a finite number")
             alpha = float(lora_alpha) / (math.sqrt(rank) if config.get("use_rslora") else rank) * rank
         as_kohya = dict(kohya_style[module])
         if "lora_magnitude_vector" in params:

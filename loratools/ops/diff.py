@@ -67,6 +67,20 @@ def _metadata_changes(a: Mapping[str, str], b: Mapping[str, str]) -> dict[str, A
     }
 
 
+def _drop_non_finite(entries: list[DiffEntry], notes: list[str], squares: float, unit: str) -> float:
+    """NaN/inf values (or shapes that cannot be compared) have no difference to report: their
+    numbers become None (JSON has no NaN), a note says how many, the total is summed without them."""
+    broken = [e for e in entries if e.diff_norm is not None and not math.isfinite(e.diff_norm)]
+    if not broken:
+        return squares
+    notes.append(
+        f"{len(broken)} {unit} have no finite difference (NaN/inf values or incomparable shapes), e.g. {broken[0].name}"
+    )
+    for e in broken:
+        e.diff_norm, e.relative = None, None
+    return sum(e.diff_norm**2 for e in entries if e.diff_norm is not None and e.status != "same")
+
+
 # --- LoRAs ----------------------------------------------------------------------------------------
 
 
@@ -221,6 +235,7 @@ def diff_loras(
             norm = factored_norm(*_factors(b.adapters[name]))
             squares += norm * norm
             entries.append(DiffEntry(name, "only_b", None, _module_facts(b.adapters[name]), norm, 1.0 if norm else 0.0))
+    squares = _drop_non_finite(entries, notes, squares, "modules")
     return DiffReport(
         kind="lora",
         a=_lora_side(a, str(path_a)),
@@ -337,6 +352,7 @@ def diff_checkpoints(
                 facts_a = {"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")}
                 facts_b = {"shape": list(y.shape), "dtype": str(y.dtype).removeprefix("torch.")}
                 entries.append(DiffEntry(canonical, status, facts_a, facts_b, diff, diff / top if top else 0.0))
+        squares = _drop_non_finite(entries, notes, squares, "tensors")
         return DiffReport(
             kind="checkpoint",
             a=sides[0],
