@@ -385,8 +385,8 @@ def factorize(
 ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, ...]]:
     """An exact ``ΔW = up @ down`` (float32; float64 for float64 factors) and ΔW's shape, for any kind.
 
-    ``include_scale=False`` leaves a plain LoRA's ``alpha/r`` out (``up @ down`` is then the raw
-    product); other kinds always include their scale.
+    ``include_scale=False`` leaves a plain LoRA's ``alpha/r`` out and returns its factors as stored
+    (their own dtype; ``up @ down`` is then the raw product); other kinds always include their scale.
     LoHa: ``(A1 B1) ⊙ (A2 B2) = (A1 ⊛ A2)(B1ᵀ ⊛ B2ᵀ)ᵀ`` with ⊛ the row-wise Kronecker product
     (rank ≤ r²). LoKr: ``kron(w1, w2)`` from the SVDs of w1 and w2 (rank = rank(w1)·rank(w2)).
     Tucker and full diffs fall back to the dense ΔW of that one module (``down`` is None then).
@@ -397,10 +397,10 @@ def factorize(
         raise InputError("a DoRA module's ΔW depends on the base weight; merge it into a checkpoint instead")
     if isinstance(adapter, LowRank) and adapter.mid is None:
         shape = adapter.delta_shape()
-        up = adapter.up.to(f32).reshape(shape[0], adapter.rank)
-        if include_scale:
-            up = up * adapter.scale
-        return up, adapter.down.to(f32).reshape(adapter.rank, -1), shape
+        up, down = adapter.up.reshape(shape[0], adapter.rank), adapter.down.reshape(adapter.rank, -1)
+        if not include_scale:  # the raw factors as stored: callers convert once, to what they need
+            return up, down, shape
+        return up.to(f32) * adapter.scale, down.to(f32), shape
     if isinstance(adapter, LoHa) and adapter.t1 is None:
         up = _khatri_rao_rows(adapter.w1a.to(f32), adapter.w2a.to(f32)) * adapter.scale
         down = _khatri_rao_rows(adapter.w1b.to(f32).t(), adapter.w2b.to(f32).t()).t()
