@@ -504,6 +504,10 @@ def _one_module_file(path: Path, params: dict[str, torch.Tensor], metadata: dict
         ({"lora_down.weight": torch.zeros(0, 768), "lora_up.weight": torch.zeros(768, 0)}, "empty"),
         ({"lora_down.weight": torch.zeros(768), "lora_up.weight": torch.zeros(768, 1)}, ""),
         (
+            {"lora_down.weight": torch.ones(2, 768, dtype=torch.int32), "lora_up.weight": torch.ones(768, 2)},
+            "floating point",
+        ),
+        (
             {
                 "lokr_w1": torch.ones(4, 4),
                 "lokr_w1_a": torch.ones(4, 1),

@@ -28,7 +28,7 @@ from ..errors import InputError
 from ..families import FAMILIES
 from ..families.spec import FamilySpec
 from ..io.headers import header_of
-from ..io.safetensors import _TORCH_NAMES, Header, TensorInfo
+from ..io.safetensors import _TORCH_NAMES, FLOAT_DTYPES, Header, TensorInfo
 from .keys import (
     KOHYA_KEY,
     adapter_kind_of,
@@ -234,6 +234,21 @@ def _check_dora(name: str, params: Mapping[str, ParamRef], weight: tuple[int, ..
     )
 
 
+_MATRIX_PARAMS = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "hada_", "lokr_")
+
+
+def _check_factors(name: str, params: Mapping[str, ParamRef]) -> None:
+    """Factors are floating-point matrices (or 4-D conv kernels): checked before any shape is read,
+    so a 1-D or integer "factor" is one clear refusal, never an IndexError or a silent cast."""
+    for param, ref in params.items():
+        if param == "alpha":
+            continue
+        if ref.info.dtype not in FLOAT_DTYPES:
+            raise InputError(f"{name}.{param} is {ref.info.dtype}; LoRA factors are floating point")
+        if param.startswith(_MATRIX_PARAMS) and len(ref.shape) < 2:
+            raise InputError(f"{name}.{param} has shape {tuple(ref.shape)}; LoRA factors are matrices")
+
+
 def _check_natural(name: str, natural: tuple[int, ...], weight: tuple[int, ...]) -> None:
     if natural[0] != weight[0] or math.prod(natural) != math.prod(weight):
         raise InputError(f"{name}: the factors give a ΔW of shape {tuple(natural)}, the weight is {tuple(weight)}")
@@ -294,6 +309,8 @@ def _scan_kohya(
     for key, ref in refs.items():
         match = matches[key]
         groups.setdefault(match.group(1), {})[match.group(2)] = ref
+    for name, params in groups.items():
+        _check_factors(name, params)
     found = _resolve(groups, lambda t: t.kohya, metadata, family, "attn2_to_k")
     warnings = list(found.warnings)
     modules: dict[str, ModuleScan] = {}
@@ -322,6 +339,8 @@ def _scan_peft(
         if param in groups.setdefault(module, {}):
             raise InputError(f"{module}.{param} is given twice (in two spellings)")
         groups[module][param] = ref
+    for module, params in groups.items():
+        _check_factors(module, {("lora_down.weight" if p == "lora_A.weight" else p): r for p, r in params.items()})
     renamed = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
     kohya_style = {m: {renamed[p]: r for p, r in params.items() if p in renamed} for m, params in groups.items()}
     found = _resolve(kohya_style, lambda t: t.peft, metadata, family, "attn2.to_k")
