@@ -32,6 +32,14 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _size(nbytes: int) -> str:
+    """Bytes as a person reads them: a LoRA needs "84.2 KiB", not "0.00 GiB"."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} bytes"
+
+
 def check_destination(path: Path, *, overwrite: bool) -> None:
     """Refuse an existing destination unless asked, and a parent folder that does not exist."""
     if path.exists() and not overwrite:
@@ -73,9 +81,7 @@ class AtomicFile:
             except OSError as exc:
                 self.abort()
                 if exc.errno == errno.ENOSPC:
-                    raise OutputError(
-                        f"{self.path}: not enough disk space ({self.size_hint / 2**30:.2f} GiB needed)"
-                    ) from None
+                    raise OutputError(f"{self.path}: not enough disk space ({_size(self.size_hint)} needed)") from None
                 # EOPNOTSUPP and friends: the filesystem cannot reserve, write without it
                 fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent)
                 self.fd, self.tmp = fd, Path(name)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import CorruptFileError, InputError
+from .files import inside, regular_file
 from .hub import resolve as resolve_hub
 from .pickle import PICKLE_SUFFIXES, load_pickle_raw, split_tensors, unwrap_state_dict
 from .safetensors import SafetensorsFile, TensorInfo, dtype_name
@@ -124,15 +125,11 @@ def _add_pickle(ckpt: Checkpoint, path: Path, prefix: str) -> None:
     ckpt.dropped.extend(prefix + w for w in wrapper)
     if not isinstance(obj, dict):
         raise InputError(f"{path.name}: holds a {type(obj).__name__}, not a state dict of named tensors")
-    tensors, others = split_tensors(obj)
+    tensors, others = split_tensors(obj, path.name)
     ckpt.files.append(path)
     ckpt.dropped.extend(prefix + o for o in others)
-    for key, tensor in tensors.items():
-        try:
-            info = TensorInfo(dtype_name(tensor.dtype), tuple(tensor.shape))
-        except InputError:
-            raise CorruptFileError(f"{path.name}: tensor {key!r} has unsupported dtype {tensor.dtype}") from None
-        ckpt.slots[prefix + key] = _Slot(tensors, key, info)
+    for key, tensor in tensors.items():  # split_tensors refused dtypes safetensors cannot hold
+        ckpt.slots[prefix + key] = _Slot(tensors, key, TensorInfo(dtype_name(tensor.dtype), tuple(tensor.shape)))
 
 
 def _add_weight_file(ckpt: Checkpoint, path: Path, prefix: str = "") -> None:
@@ -145,6 +142,7 @@ def _add_weight_file(ckpt: Checkpoint, path: Path, prefix: str = "") -> None:
 
 
 def _add_sniffed(ckpt: Checkpoint, path: Path, prefix: str) -> None:
+    regular_file(path)
     with open(path, "rb") as fh:
         magic = fh.read(8)
     if magic[:2] == b"PK" or magic[:1] == b"\x80":
@@ -168,7 +166,7 @@ def component_files(folder: Path, variant: str | None = None) -> list[Path]:
                 raise CorruptFileError(f"{index}: not a valid shard index") from None
             paths = [folder / s for s in shards]
             for p in paths:
-                if not p.resolve().is_relative_to(folder.resolve()):
+                if not inside(p, folder):
                     raise CorruptFileError(f"{index}: shard {p.name!r} lies outside its folder")
                 if not p.exists():
                     raise InputError(f"{index}: shard {p.name} is missing")

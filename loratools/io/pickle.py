@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import pickle
 import pickletools
+import warnings
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CorruptFileError, InputError, UnsafePickleError
+from .files import regular_file
 
 if TYPE_CHECKING:
     import torch
@@ -97,11 +99,7 @@ def load_pickle(path: str | Path) -> Any:
 def load_pickle_raw(path: str | Path) -> Any:
     """What a weights-only pickle holds, wrappers included (see :func:`load_pickle`)."""
     path = Path(path)
-    if path.is_dir():
-        raise InputError(f"{path}: is a folder, expected a file")
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
-    if path.stat().st_size == 0:
+    if regular_file(path).st_size == 0:
         raise CorruptFileError(f"{path.name}: empty file")
     import torch
 
@@ -109,8 +107,12 @@ def load_pickle_raw(path: str | Path) -> Any:
     if zipped:
         _check_zip(path)
     try:
-        # mmap keeps zip-format tensors on disk until touched (legacy pickles cannot be mapped)
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+        with warnings.catch_warnings():
+            # torch warns on stderr about pickle protocols ≠ 2 ("Detected pickle protocol 4…"):
+            # noise about the file's encoding, not the user's business, and not one line
+            warnings.simplefilter("ignore")
+            # mmap keeps zip-format tensors on disk until touched (legacy pickles cannot be mapped)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except pickle.UnpicklingError as exc:
         wanted = suspicious_globals(path)
         if wanted:
@@ -146,10 +148,22 @@ def unwrap_state_dict(obj: Any) -> tuple[Any, list[str]]:
     return obj, left
 
 
-def split_tensors(obj: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Tensors of a loaded dict, and the names of the non-tensor entries that were left out."""
+def split_tensors(obj: dict[str, Any], name: str = "") -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Tensors of a loaded dict, and the names of the non-tensor entries that were left out.
+
+    A tensor of a dtype no safetensors file can hold (complex, quantized…) is refused here, once
+    for every reader: no Stable Diffusion weight has one, and casting it would silently drop parts.
+    """
     import torch
 
+    from .safetensors import dtype_name
+
     tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    for key, tensor in tensors.items():
+        try:
+            dtype_name(tensor.dtype)
+        except InputError:
+            where = f"{name}: " if name else ""
+            raise CorruptFileError(f"{where}tensor {key!r} has unsupported dtype {tensor.dtype}") from None
     others = [str(k) for k in obj if k not in tensors]
     return tensors, others

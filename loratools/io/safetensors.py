@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import CorruptFileError, InputError
 from .atomic import AtomicFile, describe_os_error
+from .files import regular_file
 
 if TYPE_CHECKING:
     import torch
@@ -190,14 +191,26 @@ def parse_header(path: str | Path, raw: bytes, file_size: int) -> Header:
     for key, info in ordered:
         if info.start < previous_end and info.nbytes > 0:
             raise CorruptFileError(f"{name}: tensors {previous_key!r} and {key!r} overlap")
+        # The tensors must tile the data section exactly, as the safetensors library demands
+        # (safetensors/src/tensor.rs, Metadata::validate): a header-only reader (inspect, diff,
+        # classify) must refuse what every loader will refuse, not describe it.
+        if info.start > previous_end:
+            after = f"after {previous_key!r}" if previous_key is not None else "before the first tensor"
+            raise CorruptFileError(f"{name}: {info.start - previous_end} unused bytes {after} (header offsets damaged)")
         if info.nbytes > 0:
             previous_end, previous_key = info.end, key
+    if previous_end != data_size:
+        raise CorruptFileError(
+            f"{name}: {data_size - previous_end} bytes after the last tensor that no header entry covers"
+            " (damaged or not a safetensors file)"
+        )
     return Header(dict(ordered), dict(metadata_raw), data_start, file_size)
 
 
 def read_header(path: str | Path) -> Header:
     """Read and validate the header of a safetensors file (reads only the header bytes)."""
     path = Path(path)
+    regular_file(path)
     try:
         with open(path, "rb") as fh:
             file_size = os.fstat(fh.fileno()).st_size
@@ -215,10 +228,6 @@ def read_header(path: str | Path) -> Header:
                     " (truncated or not a safetensors file)"
                 )
             raw = fh.read(length)
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a folder, expected a file") from None
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
     except PermissionError:
         raise InputError(f"{path}: permission denied") from None
     return parse_header(path, raw, file_size)
