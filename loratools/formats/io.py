@@ -16,11 +16,12 @@ import torch
 from ..errors import InputError
 from ..families.spec import FamilySpec
 from ..io.atomic import AtomicFolder
+from ..io.files import regular_file
 from ..io.hub import resolve as resolve_hub
 from ..io.pickle import PICKLE_SUFFIXES, load_pickle_raw, split_tensors, unwrap_state_dict
 from ..io.safetensors import SafetensorsFile, save_tensors
 from . import cloneofsimo, kohya, peft
-from .adapters import LoraFile
+from .adapters import LoraFile, is_finite
 from .keys import EMBEDDING_KEYS, is_embedding_key  # noqa: F401 (EMBEDDING_KEYS re-exported)
 
 FORMATS = ("kohya", "diffusers", "peft", "cloneofsimo")
@@ -48,13 +49,17 @@ def split_embeddings(
     return {k: v for k, v in tensors.items() if k not in embeddings}, embeddings
 
 
-def load_lora(path: str | os.PathLike[str], family: str | FamilySpec | None = None) -> LoraFile:
+def load_lora(
+    path: str | os.PathLike[str], family: str | FamilySpec | None = None, *, allow_nonfinite: bool = False
+) -> LoraFile:
     """Read a LoRA of any supported dialect into a :class:`LoraFile`.
 
     ``path``: a .safetensors file, a weights-only pickle (.pt/.bin/.ckpt), a cloneofsimo ``.pt``
     list (its ``.text_encoder.pt`` companion is read with it), or a peft adapter folder.
     ``family``: "sd1"/"sd2"/"sdxl" or a FamilySpec, when names and shapes should not decide.
     ``path`` may also be an ``hf://owner/repo/path[@revision]`` reference (:mod:`loratools.io.hub`).
+    A module with NaN or inf factors is refused (InputError) unless ``allow_nonfinite``: nothing
+    sound can be made of it, and a caller that can leave it out (merge --skip-nonfinite) asks.
     """
     path = resolve_hub(path)
     if not path.exists():
@@ -62,14 +67,14 @@ def load_lora(path: str | os.PathLike[str], family: str | FamilySpec | None = No
     if path.is_dir():
         lora = peft.read_peft_folder(path, family)
         lora.path = str(path)
-        return lora
-    if path.stat().st_size == 0:
+        return _checked(lora, path, allow_nonfinite)
+    if regular_file(path).st_size == 0:
         raise InputError(f"{path.name}: empty file")
     obj, metadata = _read_tensors(path)
     if isinstance(obj, list):
         lora = cloneofsimo.read_pt(path, obj, family)
     elif isinstance(obj, dict):
-        tensors, dropped = split_tensors(obj)
+        tensors, dropped = split_tensors(obj, path.name)
         lora = _read_dict(path, tensors, metadata, family)
         if dropped:
             lora.warnings.append(f"non-tensor entries ignored: {', '.join(dropped[:5])}")
@@ -80,6 +85,17 @@ def load_lora(path: str | os.PathLike[str], family: str | FamilySpec | None = No
         lora.warnings.append(
             f"also holds {len(lora.embeddings)} textual-inversion embeddings: {', '.join(list(lora.embeddings)[:5])}"
         )
+    return _checked(lora, path, allow_nonfinite)
+
+
+def _checked(lora: LoraFile, path: Path, allow_nonfinite: bool) -> LoraFile:
+    if not allow_nonfinite:
+        bad = [module for module, adapter in lora.adapters.items() if not is_finite(adapter)]
+        if bad:
+            raise InputError(
+                f"{path.name}: {len(bad)} of its modules have NaN or inf factors (e.g. {bad[0]})",
+                hint="a damaged or diverged LoRA; merge --skip-nonfinite can leave such modules out",
+            )
     return lora
 
 

@@ -56,6 +56,9 @@ def read_peft(
     kohya_style = {m: _as_kohya_params(m, p) for m, p in groups.items()}
     found = resolve(kohya_style, lambda t: t.peft, metadata, family)
     configs = configs if configs is not None else configs_from_metadata(metadata)
+    for folder, config in configs.items():
+        if not isinstance(config, Mapping):
+            raise InputError(f"the LoraConfig of {folder} is a {type(config).__name__}, not an object")
     warnings = list(found.warnings)
     adapters = {}
     no_config = set()
@@ -75,9 +78,11 @@ def read_peft(
         if config is None:
             no_config.add(folder)
         else:
+            _check_rank(config, folder, path, rank)
             lora_alpha = _pattern_value(config.get("alpha_pattern") or {}, path)
             lora_alpha = config.get("lora_alpha", rank) if lora_alpha is None else lora_alpha
-            scale = float(lora_alpha) / (math.sqrt(rank) if config.get("use_rslora") else rank)
+            lora_alpha = _config_number(lora_alpha, f"{folder} lora_alpha for {path}")
+            scale = lora_alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
             alpha = scale * rank
         adapter = LowRank(up, down, alpha)
         magnitude = params.get("lora_magnitude_vector")
@@ -95,6 +100,27 @@ def read_peft(
         warnings.append(f"{name}: not matched ({reason})")
     fmt = source_format if spellings.most_common(1)[0][0] == "peft" else spellings.most_common(1)[0][0]
     return LoraFile(adapters, found.family, fmt, dict(metadata), warnings=warnings, unmatched=dict(found.unmatched))
+
+
+def _config_number(value: object, what: str) -> float:
+    """A LoraConfig number as a float: a config is user data, and NaN/strings must not become a scale."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InputError(f"{what} is {value!r}, not a finite number")
+    return float(value)
+
+
+def _check_rank(config: Mapping[str, Any], folder: str, path: str, rank: int) -> None:
+    """The config's r (rank_pattern first) must be the weights' rank: peft scales by the config's r,
+    and peft and diffusers both refuse to load weights of another rank, so a mismatch has no scale."""
+    claimed = _pattern_value(config.get("rank_pattern") or {}, path)
+    claimed = config.get("r") if claimed is None else claimed
+    if claimed is None:
+        return
+    if isinstance(claimed, bool) or not isinstance(claimed, int | float) or claimed != rank:
+        raise InputError(
+            f"{folder}: the adapter config says r={claimed!r} for {path}, its weights have rank {rank}",
+            hint="peft and diffusers refuse such an adapter too; fix r/rank_pattern in its config",
+        )
 
 
 def _as_kohya_params(module: str, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -123,8 +149,10 @@ def read_peft_folder(folder: Path, family: str | FamilySpec | None = None) -> Lo
     for part in parts:
         try:
             config = json.loads((part / CONFIG_NAME).read_text())
-        except ValueError:
+        except (ValueError, UnicodeDecodeError):
             raise InputError(f"{part / CONFIG_NAME}: not valid JSON") from None
+        if not isinstance(config, dict):
+            raise InputError(f"{part / CONFIG_NAME}: holds a JSON {type(config).__name__}, not a LoraConfig object")
         weights = part / WEIGHTS_NAME
         if not weights.exists():
             weights = part / "adapter_model.bin"

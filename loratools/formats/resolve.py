@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 from ..errors import InputError
 from ..families import FAMILIES, FamilySpec, get_family
+from ..io.safetensors import FLOAT_DTYPES
+from .keys import KNOWN_PARAMS
 from .names import NameTables, name_tables
 
 if TYPE_CHECKING:
@@ -83,6 +85,43 @@ def adapter_dims(params: Mapping[str, torch.Tensor]) -> tuple[int, int] | None:
     return None
 
 
+def _dtype_name(tensor: object) -> str:
+    """A factor's dtype, for tensors and for the header-only scan's references alike."""
+    info = getattr(tensor, "info", None)
+    if info is not None:
+        return str(info.dtype)  # safetensors spelling ("F16", "I32")
+    return str(getattr(tensor, "dtype", "?")).removeprefix("torch.")
+
+
+def _is_float(tensor: object) -> bool:
+    info = getattr(tensor, "info", None)
+    if info is not None:
+        return info.dtype in FLOAT_DTYPES
+    return bool(tensor.is_floating_point())  # type: ignore[attr-defined]
+
+
+def check_factors(name: str, params: Mapping[str, torch.Tensor]) -> None:
+    """A parameter group's tensors must be usable factors before any shape is read from them.
+
+    Integer or boolean factors would be cast to float silently, empty ones (rank 0) divide by zero
+    in ``alpha / r``, and a 1-D ``lora_down`` has no input width: each is one clear error here
+    rather than a wrong result or a crash further on. Works on tensors and on the header-only
+    scan's references (which carry a safetensors dtype and a shape).
+    """
+    for param, tensor in params.items():
+        if param == "alpha" or param not in KNOWN_PARAMS:
+            continue  # read_alpha checks alpha; unknown parameters name an unsupported algorithm later
+        if not _is_float(tensor):
+            raise InputError(f"{name}.{param} is {_dtype_name(tensor)}; LoRA factors are floating point")
+        if math.prod(tensor.shape) == 0:
+            raise InputError(f"{name}.{param} is empty (shape {tuple(tensor.shape)}): rank 0 or a damaged file")
+    try:
+        adapter_dims(params)
+    except IndexError:
+        shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in params.items())
+        raise InputError(f"{name}: factors with too few dimensions ({shapes})") from None
+
+
 def shape_fits(dims: tuple[int, int] | None, weight: tuple[int, ...]) -> bool:
     if dims is None:
         return True
@@ -114,6 +153,8 @@ def resolve(
     family: str | FamilySpec | None = None,
 ) -> Resolution:
     """Pick the family whose names and shapes fit the file's modules best, and match them."""
+    for name, params in groups.items():
+        check_factors(name, params)
     scored = []
     for spec in _candidates(family):
         tables = name_tables(spec)
