@@ -22,14 +22,16 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError, LoratoolsError, OutputError
-from ..families import keymap
+from ..families import FAMILIES, keymap
 from ..families.detect import Detection, detect
 from ..families.keymap import KeyMap
 from ..families.spec import FamilySpec
-from ..formats.adapters import Adapter, Full, LoraFile, apply_dora
+from ..formats.adapters import Full, LoraFile, apply_dora, is_finite
 from ..formats.io import load_lora
+from ..formats.resolve import claimed_family
 from ..io.checkpoint import Checkpoint, open_checkpoint
-from ..io.safetensors import StreamingWriter, TensorInfo, file_size
+from ..io.files import same_path
+from ..io.safetensors import FLOAT_DTYPES, StreamingWriter, TensorInfo, file_size
 from .blocks import BlockWeights, block_of, parse_block_weights
 from .checkpoint import (
     CanonicalSource,
@@ -44,6 +46,7 @@ from .delta import DEFAULT_BUDGET, DeltaEngine, Job, Term
 
 SCHEMA = "loratools.merge/1"
 FP16_MAX = 65504.0
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 Progress = Callable[[int], None]
 
 
@@ -176,17 +179,6 @@ def _component(canonical: str) -> str:
     return canonical.split(".", 1)[0]
 
 
-def _finite(adapter: Adapter) -> bool:
-    # One float64 reduction per factor: NaN and ±inf survive a sum, and float64 cannot overflow on
-    # sums of float16/bf16/float32 values of any realistic size (an elementwise isfinite on float16
-    # is ~20× slower on CPU).
-    return all(
-        math.isfinite(float(v.sum(dtype=torch.float64)))
-        for v in vars(adapter).values()
-        if isinstance(v, torch.Tensor) and v.is_floating_point()
-    )
-
-
 def _load_for(lora_input: LoraInput, found: Detection) -> LoraFile:
     """The LoRA read against the base's family; a LoRA of another family is refused by name."""
     if isinstance(lora_input.source, LoraFile):
@@ -196,7 +188,7 @@ def _load_for(lora_input: LoraInput, found: Detection) -> LoraFile:
         return lora
     spec = found.family
     try:
-        lora = load_lora(lora_input.source, family=spec)
+        lora = load_lora(lora_input.source, family=spec, allow_nonfinite=True)  # _match decides
     except InputError as first:
         other = _own_family(lora_input.source)
         if other is not None and other.name != spec.name:
@@ -218,6 +210,11 @@ def _load_for(lora_input: LoraInput, found: Detection) -> LoraFile:
         )
     if lora.unmatched:
         other = _own_family(lora_input.source)
+        if other is None:
+            # shapes alone cannot tell (a LoRA of test-sized or unusual widths): what the file
+            # claims decides, as it does for people — a LoRA that says SDXL is not merged into SD 1.x
+            claim = claimed_family(lora.metadata)[0]
+            other = FAMILIES[claim] if claim is not None else None
         if other is not None and other.name != spec.name:
             raise InputError(
                 f"{Path(lora_input.name).name}: looks like a {other.title} LoRA ({len(lora.unmatched)} of its modules "
@@ -295,7 +292,7 @@ def _match(
             if absent:
                 match.unmatched[module] = f"the base has no {absent[0]} (no {_component(module)} in this checkpoint?)"
                 continue
-            if not _finite(adapter):
+            if not is_finite(adapter):
                 if not skip_nonfinite:
                     raise InputError(
                         f"{Path(lora_input.name).name}: module {module} has NaN or inf factors",
@@ -408,7 +405,8 @@ class _Merger:
         # tensors are the loaded state dict itself and must stay as they are.
         self.reusable = all(ckpt.raw(key) is not None for key in ckpt)
         self.residual: dict[str, _Residual] = {}
-        self.overflow: list[str] = []
+        self.overflow: list[tuple[str, torch.dtype]] = []  # tensors the merge itself made NaN/inf
+        self.carried: list[str] = []  # patched tensors whose base already held NaN/inf
 
     def compute(self, window: Sequence[_Entry]) -> dict[str, torch.Tensor]:
         jobs: dict[str, Job] = {}
@@ -433,16 +431,28 @@ class _Merger:
                     self._check(p, patched[p])
             out[entry.layout_key] = self.km.join(self.out_layout, entry.layout_key, parts).contiguous()
         if self.overflow:
+            name, dtype = self.overflow[0]
+            if all(d == torch.float16 for _, d in self.overflow):
+                raise InputError(
+                    f"the merge overflows float16 in {len(self.overflow)} tensors (e.g. {name}); nothing was written",
+                    hint="lower the LoRA weights, or write --dtype bf16 / fp32",
+                )
             raise InputError(
-                f"the merge overflows float16 in {len(self.overflow)} tensors (e.g. {self.overflow[0]}); "
-                "nothing was written",
-                hint="lower the LoRA weights, or write --dtype bf16 / fp32",
+                f"the merge gives NaN or inf in {len(self.overflow)} tensors (e.g. {name}, "
+                f"{str(dtype).removeprefix('torch.')}): ΔW overflows; nothing was written",
+                hint="check the LoRAs' alphas and weights",
             )
         return out
 
     def _check(self, name: str, result: torch.Tensor) -> None:
-        if result.dtype == torch.float16 and bool(torch.isinf(result).any()) and not self._base_has_inf(name):
-            self.overflow.append(name)
+        # Every patched result is checked, whatever its dtype: a float32 ΔW can overflow as well as
+        # a float16 sum, and a non-finite weight must never be written silently. NaN/inf that the
+        # base already held are carried (it is the base's) and said.
+        if result.is_floating_point() and not _all_finite(result):
+            if self._base_finite(name):
+                self.overflow.append((name, result.dtype))
+            else:
+                self.carried.append(name)
         if self.base is not None:
             source, _ = self.base
             reference = source.canonical(name).to(torch.float32)
@@ -452,10 +462,10 @@ class _Merger:
             stats.sq_base += float(reference.double().square().sum())
             stats.max_abs = max(stats.max_abs, float(diff.abs().max()) if diff.numel() else 0.0)
 
-    def _base_has_inf(self, name: str) -> bool:
-        """Whether the base tensor itself holds inf (read again: the patch may have reused its memory)."""
+    def _base_finite(self, name: str) -> bool:
+        """Whether the base tensor is free of NaN/inf (read again: the patch may have reused its memory)."""
         key = self.reader.home[name]
-        return bool(torch.isinf(self.km.split(self.layout, key, self.ckpt.read(key))[name]).any())
+        return _all_finite(self.km.split(self.layout, key, self.ckpt.read(key))[name])
 
     def write_file(
         self,
@@ -507,6 +517,13 @@ class _Merger:
         report.tensors += 1
         if self.progress:
             self.progress(entry.info.nbytes)
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or inf in ``tensor``: a plain sum first (NaN and inf survive it, and it is ~5× faster
+    than an elementwise isfinite); only when it is not finite — real NaN/inf, or a float16 sum that
+    merely overflowed — the elementwise check decides."""
+    return math.isfinite(float(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 # -- verification -----------------------------------------------------------------------------------------
@@ -631,10 +648,16 @@ def _options(scope: dict[str, object]) -> dict[str, object]:
 
 def _as_input(item: LoraInput | str | Path | LoraFile) -> LoraInput:
     if isinstance(item, LoraInput):
-        return item
-    if isinstance(item, LoraFile | Path):
-        return LoraInput(item)
-    return parse_lora_arg(item)
+        lora_input = item
+    elif isinstance(item, LoraFile | Path):
+        lora_input = LoraInput(item)
+    else:
+        lora_input = parse_lora_arg(item)
+    for what, value in (("weight", lora_input.weight), ("unet", lora_input.unet), ("te", lora_input.text)):
+        # float32 is where ΔW is computed: a weight beyond its range is inf there, NaN stays NaN
+        if value is not None and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+            raise InputError(f"{Path(lora_input.name).name}: {what} {value:g} is not a finite float32 number")
+    return lora_input
 
 
 def _run(
@@ -668,7 +691,7 @@ def _run(
         protected = [base_path, *(Path(i.name) for i in inputs)]
         if original is not None:
             protected.append(Path(original))
-        if any(out_path.resolve() == p.resolve() for p in protected):
+        if any(same_path(out_path, p) for p in protected):
             raise InputError(f"{out_path}: output is one of the inputs; write elsewhere")
     torch_dtype = parse_dtype(dtype)
     engine = DeltaEngine(device, budget)
@@ -702,6 +725,13 @@ def _run(
             )
         if not plan.terms:
             raise InputError("none of the LoRAs' modules patch this checkpoint; nothing to do")
+        for target in plan.terms:
+            stored = ckpt.info(source.home[target]).dtype
+            if stored not in FLOAT_DTYPES:  # W + ΔW would be truncated to integers without a word
+                raise InputError(
+                    f"{base_path.name}: {target} is stored as {stored}; only floating-point weights can take a LoRA",
+                    hint="a damaged or quantized checkpoint",
+                )
 
         files = _plan_files(ckpt, km, found, source, out_layout, torch_dtype, plan.terms, report)
         report.output_bytes = sum(file_size({e.key: e.info for e in entries}, meta) for _, entries, meta in files)
@@ -737,6 +767,11 @@ def _run(
         finally:
             if base_ckpt is not None:
                 base_ckpt.close()
+        if merger.carried:
+            report.warnings.append(
+                f"{len(merger.carried)} patched tensors already hold NaN or inf in the base (e.g. "
+                f"{merger.carried[0]}); the output carries them"
+            )
         for component, stats in merger.residual.items():
             rel = math.sqrt(stats.sq_diff / stats.sq_base) if stats.sq_base else 0.0
             report.residual[component] = {"max_abs": stats.max_abs, "relative": rel}
