@@ -24,6 +24,7 @@ from ..families.keymap import KeyMap
 from ..families.spec import DIFFUSERS_FOLDERS
 from ..io.atomic import AtomicFolder
 from ..io.checkpoint import WEIGHT_NAMES, Checkpoint, open_checkpoint
+from ..io.files import same_path
 from ..io.hub import resolve as resolve_hub
 from ..io.safetensors import DTYPES, FLOAT_DTYPES, StreamingWriter, TensorInfo, dtype_name
 
@@ -186,7 +187,7 @@ def convert_checkpoint(
         found = detect(ckpt.shapes(), ckpt.metadata, family=family)
         target = target_layout(found, layout)
         report = ConvertReport(str(source), str(output), found.family.name, found.layout, target)
-        if output.resolve() == source.resolve():
+        if same_path(output, source):
             raise InputError(f"{output}: output is the input; write elsewhere")
         if target == found.layout and ckpt.container == "single_file":
             _write_same_layout(ckpt, output, torch_dtype, report, progress, overwrite)

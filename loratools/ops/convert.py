@@ -4,6 +4,7 @@ or re-factorize it by SVD in factor space when asked."""
 from __future__ import annotations
 
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from ..errors import InputError
 from ..families.spec import FamilySpec
 from ..formats.adapters import LoraFile, LowRank, factor_dtype
 from ..formats.io import FORMATS, load_lora, save_lora
+from ..io.atomic import check_destination
+from ..io.files import same_path
 from .checkpoint import parse_dtype
 from .lowrank import to_lowrank
 
@@ -108,7 +111,7 @@ def convert_lora(
     overwrite: bool = False,
 ) -> LoraConvertReport:
     """Read a LoRA in any dialect and write it as ``to`` (kohya, diffusers, peft, cloneofsimo)."""
-    if Path(output).resolve() == Path(source).resolve():
+    if same_path(output, source):
         raise InputError(f"{output}: output is the input; write elsewhere")
     if error is not None and not 0 <= error < 1:
         raise InputError(f"--error must be in [0, 1), got {error}")
@@ -126,14 +129,28 @@ def convert_lora(
         warnings=list(lora.warnings),
     )
     prepared = prepare(lora, to, bake_scale=bake_scale, to_lora=to_lora, rank=rank, error=error, report=report)
+    out = Path(output)
+    # diffusers/peft LoRA files have no place for tokens: they are kept beside, never dropped
+    sidecar = out.with_name(f"{out.name.split('.')[0]}.embeddings.safetensors")
+    with_sidecar = bool(lora.embeddings) and to in ("diffusers", "peft")
+    if with_sidecar:
+        check_destination(sidecar, overwrite=overwrite)  # refuse before writing anything, not half-way
+    existed = out.exists()
     save_lora(prepared, output, to, dtype=parse_dtype(dtype), overwrite=overwrite)
-    if lora.embeddings and to in ("diffusers", "peft"):
-        # diffusers/peft LoRA files have no place for tokens: keep them beside, never drop them
+    if with_sidecar:
         from ..io.safetensors import save_tensors
 
-        out = Path(output)
-        sidecar = out.with_name(f"{out.name.split('.')[0]}.embeddings.safetensors")
-        save_tensors(sidecar, lora.embeddings, {"format": "pt"}, overwrite=overwrite)
+        try:
+            save_tensors(sidecar, lora.embeddings, {"format": "pt"}, overwrite=overwrite)
+        except BaseException:
+            if existed:
+                raise
+            # the pair is one output: without its embeddings, the LoRA just written goes too
+            if out.is_dir():
+                shutil.rmtree(out, ignore_errors=True)
+            else:
+                out.unlink(missing_ok=True)
+            raise
         report.warnings.append(
             f"{len(lora.embeddings)} textual-inversion embeddings "
             f"({', '.join(lora.embeddings)}) written to {sidecar.name}: {to} LoRA files cannot hold them"
