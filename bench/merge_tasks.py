@@ -77,19 +77,28 @@ def arith(base: str, lora: str) -> dict[str, object]:
     from safetensors import safe_open
 
     from loratools.formats.adapters import LowRank
-    from loratools.ops.delta import DeltaEngine, Job, Term
+    from loratools.ops.delta import DEFAULT_BUDGET, DeltaEngine, Job, Term
 
     with safe_open(base, "pt") as f:
         keys = set(f.keys())
         targets = _lora_targets(keys, lora)
         weights = {key: f.get_tensor(key) for key, *_ in targets}
-    jobs = {
-        key: Job(weights[key], [Term(LowRank(up, down, scale * down.shape[0]), 1.0)])
-        for key, up, down, scale in targets
-    }
+    # The engine as the merge drives it: windows of DEFAULT_BUDGET bytes of fp32 work, results
+    # rounded into the weights' own memory (cloned here, untimed, so the per-module run below
+    # starts from the same values).
+    windows: list[dict[str, Job]] = [{}]
+    load = 0
+    for key, up, down, scale in targets:
+        cost = weights[key].numel() * 4
+        if load and load + cost > DEFAULT_BUDGET:
+            windows.append({})
+            load = 0
+        windows[-1][key] = Job(weights[key].clone(), [Term(LowRank(up, down, scale * down.shape[0]), 1.0)], reuse=True)
+        load += cost
     engine = DeltaEngine("cpu")
     start = time.perf_counter()
-    engine.patch(jobs)
+    for window in windows:
+        engine.patch(window)
     batched = time.perf_counter() - start
     start = time.perf_counter()
     for key, up, down, scale in targets:
