@@ -24,8 +24,10 @@ def ours(base: str, lora: str, dst: str) -> dict[str, object]:
     return {"patched": sum(report.patched.values()), "raw_copied": report.raw_copied}
 
 
-def _lora_targets(base_keys: set[str], lora: str) -> list[tuple[str, torch.Tensor, torch.Tensor, float]]:
-    """(single-file key, up, down, scale) per kohya module, names mapped by loratools' tables —
+def _lora_targets(
+    base_keys: set[str], lora: str
+) -> list[tuple[str, tuple[int, int] | None, torch.Tensor, torch.Tensor, float]]:
+    """(single-file key, fused part, up, down, scale) per kohya module, names mapped by loratools' tables —
     the naive method's one borrowed piece (every merge script carries such a table)."""
     import safetensors.torch
 
@@ -40,11 +42,13 @@ def _lora_targets(base_keys: set[str], lora: str) -> list[tuple[str, torch.Tenso
             module = tables.kohya.get(name)
             if module is None:
                 break
-            key = km.layout_key(f"{module}.weight", spec.single_layout)
+            weight = km.by_canonical[f"{module}.weight"]
+            key = weight.layout_name(spec.single_layout)
             if key not in base_keys:
                 break
             down, up = raw[f"{name}.lora_down.weight"], raw[f"{name}.lora_up.weight"]
-            out.append((key, up, down, float(raw[f"{name}.alpha"]) / down.shape[0]))
+            # OpenCLIP's fused in_proj: q, k, v are row thirds of one tensor (FORMATS.md §5.3).
+            out.append((key, weight.single_part, up, down, float(raw[f"{name}.alpha"]) / down.shape[0]))
         else:
             return out
     raise SystemExit("no family maps this LoRA onto the base")
@@ -56,10 +60,10 @@ def naive(base: str, lora: str, dst: str) -> dict[str, object]:
 
     tensors = safetensors.torch.load_file(base)
     targets = _lora_targets(set(tensors), lora)
-    for key, up, down, scale in targets:
-        w = tensors[key]
+    for key, part, up, down, scale in targets:
+        w = tensors[key] if part is None else tensors[key].chunk(part[1])[part[0]]
         delta = (up.float().flatten(1) @ down.float().flatten(1)).reshape(w.shape) * scale
-        tensors[key] = (w.float() + delta).to(w.dtype)
+        w.copy_((w.float() + delta).to(w.dtype))
     safetensors.torch.save_file(tensors, dst)
     return {"patched": len(targets)}
 
@@ -82,18 +86,23 @@ def arith(base: str, lora: str) -> dict[str, object]:
     with safe_open(base, "pt") as f:
         keys = set(f.keys())
         targets = _lora_targets(keys, lora)
-        weights = {key: f.get_tensor(key) for key, *_ in targets}
+        tensors = {key: f.get_tensor(key) for key, *_ in targets}
+    weights = {
+        (key, part): tensors[key] if part is None else tensors[key].chunk(part[1])[part[0]].clone()
+        for key, part, *_ in targets
+    }
     # The engine as the merge drives it: windows of DEFAULT_BUDGET bytes of fp32 work, results
     # rounded into the weights' own memory (cloned here, untimed, so the per-module run below
     # starts from the same values).
     windows: list[dict[str, Job]] = [{}]
     load = 0
-    for key, up, down, scale in targets:
-        cost = weights[key].numel() * 4
+    for key, part, up, down, scale in targets:
+        w = weights[(key, part)]
+        cost = w.numel() * 4
         if load and load + cost > DEFAULT_BUDGET:
             windows.append({})
             load = 0
-        windows[-1][key] = Job(weights[key].clone(), [Term(LowRank(up, down, scale * down.shape[0]), 1.0)], reuse=True)
+        windows[-1][f"{key}{part}"] = Job(w.clone(), [Term(LowRank(up, down, scale * down.shape[0]), 1.0)], reuse=True)
         load += cost
     engine = DeltaEngine("cpu")
     start = time.perf_counter()
@@ -101,11 +110,11 @@ def arith(base: str, lora: str) -> dict[str, object]:
         engine.patch(window)
     batched = time.perf_counter() - start
     start = time.perf_counter()
-    for key, up, down, scale in targets:
-        w = weights[key]
+    for key, part, up, down, scale in targets:
+        w = weights[(key, part)]
         (w.float() + (up.float().flatten(1) @ down.float().flatten(1)).reshape(w.shape) * scale).to(w.dtype)
     per_module = time.perf_counter() - start
-    flops = sum(2 * up.shape[0] * down.shape[0] * down[0].numel() for _, up, down, _ in targets)
+    flops = sum(2 * up.shape[0] * down.shape[0] * down[0].numel() for _, _, up, down, _ in targets)
     return {"batched_s": batched, "per_module_s": per_module, "gflop": flops / 1e9, "modules": len(targets)}
 
 

@@ -135,3 +135,15 @@ def test_convert_reads_hub_inputs(hub_cache: Path, tmp_path: Path) -> None:
         ["convert", "hf://alice/sd-loras/loras/mine.safetensors", str(tmp_path / "d.safetensors"), "--to", "diffusers"],
     )
     assert result.exit_code == 0, result.stderr
+
+
+def test_merge_reads_a_hub_base(hub_cache: Path, tmp_path: Path) -> None:
+    """Regression: merge built ``Path("hf://…")`` (folding it to ``hf:/…``) before resolving it."""
+    from loratools.synthetic import TINY
+
+    lora = save_lora(make_lora(TINY["sd1"], rank=2), tmp_path / "tiny.safetensors", "kohya")
+    out = tmp_path / "merged"
+    result = CliRunner().invoke(cli, ["merge", "hf://alice/sd-loras/model", f"{lora}:0.5", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    with open_checkpoint(out) as ckpt:
+        assert ckpt.container == "diffusers"

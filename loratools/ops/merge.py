@@ -31,6 +31,7 @@ from ..formats.io import load_lora
 from ..formats.resolve import claimed_family
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.files import same_path
+from ..io.hub import resolve
 from ..io.safetensors import FLOAT_DTYPES, StreamingWriter, TensorInfo, file_size
 from .blocks import BlockWeights, block_of, parse_block_weights
 from .checkpoint import (
@@ -682,7 +683,9 @@ def _run(
     started = time.perf_counter()
     if not lora_items:
         raise InputError("no LoRA given")
-    base_path = Path(base_path)
+    base_path = resolve(base_path)  # hf:// references become their cached local files
+    if original is not None:
+        original = resolve(original)
     if output is None and not dry_run:
         raise InputError("no output given (use -o OUT, or --dry-run)")
     out_path = Path(output) if output is not None else None
