@@ -191,9 +191,12 @@ def reference(task: str, data: Path, out: str) -> dict:
     return dense_extract(str(data / BASE), str(data / TUNED), out, 64)
 
 
-def child(task: str, method: str, data: str, out: str) -> None:
+def child(task: str, method: str, data: str, out: str, threads: str) -> None:
     """Run one task in this (child) process; print its in-process seconds as JSON."""
-    import torch  # noqa: F401  (imports are not part of the measured work)
+    import torch  # imports are not part of the measured work
+
+    if int(threads) > 0:
+        torch.set_num_threads(int(threads))
 
     import loratools.formats.io
     import loratools.ops.blend
@@ -246,7 +249,12 @@ def main() -> None:
         "--runs", type=int, default=3, help="runs of each loratools row (median); the reference runs once"
     )
     parser.add_argument("--skip-extract", action="store_true")
-    parser.add_argument("--child", nargs=4, metavar=("TASK", "METHOD", "DATA", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads in every child (default: torch's); both sides alike"
+    )
+    parser.add_argument(
+        "--child", nargs=5, metavar=("TASK", "METHOD", "DATA", "OUT", "THREADS"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.child:
         child(*args.child)
@@ -270,7 +278,16 @@ def main() -> None:
                 records = []
                 for run in range(runs):
                     out = Path(tmp) / f"{task}-{len(results[task])}-{run}.safetensors"
-                    cmd = [sys.executable, __file__, "--child", task, method, str(data), str(out)]
+                    cmd = [
+                        sys.executable,
+                        __file__,
+                        "--child",
+                        task,
+                        method,
+                        str(data),
+                        str(out),
+                        str(args.threads or 0),
+                    ]
                     m = measure(cmd)
                     info = json.loads(m.stdout.strip().splitlines()[-1])
                     records.append({"wall_s": m.wall_s, "rss_mib": m.maxrss_mib, **info, "out": str(out)})
@@ -296,8 +313,9 @@ def main() -> None:
 
 def print_table(results: dict, load_start: float, load_end: float, args: argparse.Namespace) -> None:
     lines = [
-        f"command: python bench/bench_rank.py --runs {args.runs}{' --skip-extract' if args.skip_extract else ''}   "
-        f"load average {load_start:.2f} → {load_end:.2f}   {os.cpu_count()} CPUs, torch default threads",
+        f"command: python bench/bench_rank.py --runs {args.runs}{' --skip-extract' if args.skip_extract else ''}"
+        f"{f' --threads {args.threads}' if args.threads else ''}   load average {load_start:.2f} → {load_end:.2f}   "
+        f"{os.cpu_count()} CPUs, torch threads: {args.threads or 'default'}",
         "",
         "| task | method | in-process s | wall s | speed-up vs dense (vs transposed) | peak RSS MiB | check |",
         "|---|---|---:|---:|---:|---:|---|",
