@@ -201,6 +201,22 @@ _st_case(
     ),
 )
 _st_case("trailing-bytes", "after the last tensor", lambda ctx: ctx.good_bytes() + b"\0" * 16)
+
+
+def _entries_reversed(ctx: Ctx) -> Path:
+    """A valid file whose header lists its tensors in reverse offset order (the spec allows any)."""
+    good = ctx.good_bytes()
+    n = _header_len(good)
+    table = json.loads(good[8 : 8 + n])
+    reordered = dict(reversed(list(table.items())))
+    raw = json.dumps(reordered).encode()
+    raw += b" " * (-(8 + len(raw)) % 8)
+    return ctx.file("unordered.safetensors", build.st_bytes(None, good[8 + n :], raw=raw))
+
+
+CASES.append(Case("st-entries-in-reverse-order", ST, "any", _entries_reversed, {"*": "accepted"}))
+
+
 _st_case(
     "duplicate-keys",
     "duplicate key",
