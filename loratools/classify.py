@@ -7,6 +7,7 @@ from pathlib import Path
 from .errors import InputError
 from .families.detect import DIFFUSERS_PREFIXES, SINGLE_PREFIXES
 from .io.checkpoint import is_diffusers_folder
+from .io.files import regular_file
 from .io.headers import header_of
 from .io.hub import resolve as resolve_hub
 
@@ -43,6 +44,7 @@ def classify(path: str | Path) -> str:
 
 
 def _is_safetensors(path: Path) -> bool:
+    regular_file(path)  # a FIFO or device would block or stream forever in open()/read()
     with open(path, "rb") as fh:
         head = fh.read(9)
     return len(head) == 9 and head[8:9] == b"{"

@@ -11,6 +11,7 @@ import torch
 from ..errors import InputError
 from ..formats.adapters import LoraFile
 from ..formats.io import FORMATS, save_lora
+from ..io.files import same_path
 from .lowrank import RankRule
 
 
@@ -52,10 +53,10 @@ def output_format(requested: str | None, source_format: str | None) -> str:
 
 
 def check_output(output: str | os.PathLike[str], *inputs: str | os.PathLike[str]) -> None:
-    """Refuse to write over an input."""
-    out = Path(output).resolve()
+    """Refuse to write over an input (paths compared with symlinks followed; a symlink loop is the
+    readers' to report, not a crash here)."""
     for source in inputs:
-        if Path(source).resolve() == out:
+        if same_path(source, output):
             raise InputError(f"{output}: output is an input; write elsewhere")
 
 
