@@ -348,3 +348,23 @@ def test_embeddings_are_never_dropped(tmp_path: Path) -> None:
     sidecar = load_file(tmp_path / "d.embeddings.safetensors")
     assert set(sidecar) == {"<s1>", "<s2>"} and any("d.embeddings.safetensors" in w for w in report.warnings)
     assert not any(k.startswith("<") for k in load_file(tmp_path / "d.safetensors"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_is_finite_confirms_a_sum_that_overflows(dtype: torch.dtype) -> None:
+    """is_finite sums in float32; values near bf16/float32's maximum overflow that sum although
+    each is finite, so an infinite sum is confirmed elementwise (and real inf/NaN still found)."""
+    from loratools.formats.adapters import is_finite
+
+    big = torch.full((4, 2), torch.finfo(dtype).max, dtype=dtype)
+    if dtype == torch.float64:
+        big = torch.full((4, 2), 1e300, dtype=dtype)
+    small = torch.ones(2, 3, dtype=dtype)
+    assert is_finite(LowRank(big, small, 2.0))
+    for bad in (float("inf"), float("nan")):
+        broken = big.clone()
+        broken[1, 1] = bad
+        assert not is_finite(LowRank(broken, small, 2.0))
+        broken_down = small.clone()
+        broken_down[0, 2] = bad
+        assert not is_finite(LowRank(big, broken_down, 2.0))

@@ -129,13 +129,24 @@ def test_dora_is_refused_naming_the_module() -> None:
     assert module in str(info.value) and "\n" not in str(info.value)
 
 
-def test_nonfinite_factors_are_refused() -> None:
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("factor", ["up", "down"])
+@pytest.mark.parametrize("route", ["factor space", "dense"])
+def test_nonfinite_factors_are_refused(value: float, factor: str, route: str) -> None:
+    """Factor space tests the Gram diagonals (each entry is squared into one), the dense route
+    (rank above a dimension) the product: both must see one bad entry anywhere."""
     lora = make_lora(TINY["sd1"], rank=4, text=False)
     module, a = next(iter(lora.adapters.items()))
-    bad = a.up.clone()
-    bad[0, 0] = float("nan")
-    with pytest.raises(InputError, match="NaN"):
-        resize_lora(lora.with_adapters({module: LowRank(bad, a.down, a.alpha)}), RankRule(rank=2))
+    up, down = a.up.clone(), a.down.clone()
+    if route == "dense":  # inner width above min(out, in): the dense product is the small matrix
+        width = min(up.shape[0], down.reshape(down.shape[0], -1).shape[1]) + 1
+        up = torch.randn(up.shape[0], width, *up.shape[2:])
+        down = torch.randn(width, *down.shape[1:])
+    target = up if factor == "up" else down
+    target.view(-1)[target.numel() // 2] = value
+    with pytest.raises(InputError, match="NaN or inf") as info:
+        resize_lora(lora.with_adapters({module: LowRank(up, down, a.alpha)}), RankRule(rank=2))
+    assert module in str(info.value)
 
 
 def test_zero_module_keeps_rank_one_and_nothing_lost() -> None:

@@ -288,12 +288,13 @@ Adapter = Union[LowRank, LoHa, LoKr, Full]  # noqa: UP007 (a runtime alias)
 def is_finite(adapter: Adapter) -> bool:
     """Whether every floating-point factor of ``adapter`` is free of NaN and inf.
 
-    One float64 reduction per factor: NaN and ±inf survive a sum, and float64 cannot overflow on
-    sums of float16/bf16/float32 values of any realistic size (an elementwise isfinite on float16
-    is ~20× slower on CPU).
+    One float32 sum per factor: NaN and ±inf survive a sum, and a float32 sum of float16 values
+    cannot overflow (3× faster than a float64 sum, 7× faster than an elementwise isfinite on CPU).
+    A sum that is not finite is confirmed elementwise, since bf16/float32 values near their
+    maximum can overflow a finite sum.
     """
     return all(
-        math.isfinite(float(v.detach().sum(dtype=torch.float64)))
+        math.isfinite(float(v.detach().sum(dtype=torch.float32))) or bool(torch.isfinite(v).all())
         for v in vars(adapter).values()
         if isinstance(v, torch.Tensor) and v.is_floating_point()
     )

@@ -34,6 +34,7 @@ from ..formats.adapters import Adapter, LoraFile, LowRank, factor_dtype
 from ..formats.io import load_lora
 from .checkpoint import parse_dtype
 from .lowrank import F64, RankRule, factorize, kept_fraction, lowrank_from, matrix_svd
+from .parallel import map_modules
 from .rank_common import check_output, output_format, rank_rule, write_lora
 from .resize import is_conv_kxk
 
@@ -249,19 +250,25 @@ def blend_loras(
     for lora in loras:
         modules.update(dict.fromkeys(lora.adapters))
     adapters: dict[str, Adapter] = {}
+    work = []
     for module in modules:
         parts = [(lora.adapters[module], w) for lora, w in inputs if module in lora.adapters and w != 0]
         sources = [i for i, (lora, w) in enumerate(inputs) if module in lora.adapters and w != 0]
-        if not parts:
+        if parts:
+            work.append((module, parts, sources))
+        else:
             report.dropped.append(module)
-            continue
-        out_dtype = dtype or factor_dtype(parts[0][0])
-        lowrank, k, kept, limited = blend_module(module, parts, mode, rule, out_dtype)
+
+    def blend_one(item: tuple[str, list[tuple[Adapter, float]], list[int]]) -> tuple[LowRank, int, float, str | None]:
+        module, parts, _ = item
+        return blend_module(module, parts, mode, rule, dtype or factor_dtype(parts[0][0]))
+
+    for (module, parts, sources), (lowrank, k, kept, limited) in zip(
+        work, map_modules(blend_one, work, progress=progress), strict=True
+    ):
         adapters[module] = lowrank
         ranks_in = [a.rank if a.rank is not None else 0 for a, _ in parts]
         report.modules.append(BlendedModule(module, sources, ranks_in, k, kept, limited))
-        if progress:
-            progress(1)
     if not adapters:
         raise InputError("every module has weight 0: the blend would be empty")
     if report.dropped:

@@ -104,6 +104,10 @@ def product_svd(up: torch.Tensor, down: torch.Tensor) -> ProductSVD:
     up, down = up.to(F64), down.to(F64)
     gram_up = up.t() @ up
     gram_down = down @ down.t()
+    # every factor entry is squared into one diagonal entry (float64 cannot overflow on squares of
+    # float32 values), so this O(k) test finds any NaN/inf the O(n·k) elementwise one would
+    if not bool(torch.isfinite(gram_up.diagonal().sum() + gram_down.diagonal().sum())):
+        raise InputError("its factors hold NaN or inf")
     chol, info = torch.linalg.cholesky_ex(gram_up)
     if int(info) == 0 and float(chol.diagonal().min()) > float(chol.diagonal().max()) * 1e-6:
         # well conditioned (cond(up) < 1e6, so cond(Gram) < 1e12 in float64): eigh of Lᵀ·G_d·L = E·Σ²·Eᵀ
@@ -428,11 +432,11 @@ SVD = Union[ProductSVD, Factored]  # noqa: UP007 (a runtime alias)
 def matrix_svd(up: torch.Tensor, down: torch.Tensor | None) -> SVD:
     """The SVD of ``up @ down`` — in factor space when the inner width is below both dimensions —
     or of ``up`` itself when ``down`` is None (a dense ΔW)."""
-    if down is None:
-        u, s, vh = torch.linalg.svd(up.to(F64), full_matrices=False)
-        return Factored(u * s, vh, s)
-    if up.shape[1] > min(up.shape[0], down.shape[1]):  # the dense matrix is no larger than the factors
-        u, s, vh = torch.linalg.svd(up.to(F64) @ down.to(F64), full_matrices=False)
+    if down is None or up.shape[1] > min(up.shape[0], down.shape[1]):  # dense, or no larger than the factors
+        dense = up.to(F64) if down is None else up.to(F64) @ down.to(F64)
+        if not bool(torch.isfinite(dense).all()):
+            raise InputError("its factors hold NaN or inf")
+        u, s, vh = torch.linalg.svd(dense, full_matrices=False)
         return Factored(u * s, vh, s)
     return product_svd(up, down)
 
@@ -443,8 +447,6 @@ def adapter_svd(adapter: Adapter, *, include_scale: bool = True) -> tuple[SVD, t
     Raises InputError for a DoRA module or factors holding NaN/inf.
     """
     up, down, shape = factorize(adapter, include_scale=include_scale)
-    if not bool(torch.isfinite(up).all()) or (down is not None and not bool(torch.isfinite(down).all())):
-        raise InputError("its factors hold NaN or inf")
     return matrix_svd(up, down), shape
 
 

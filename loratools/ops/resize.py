@@ -29,6 +29,7 @@ from ..formats.adapters import Adapter, LoraFile, LowRank, factor_dtype
 from ..formats.io import load_lora
 from .checkpoint import parse_dtype
 from .lowrank import RankRule, adapter_svd, kept_fraction, lowrank_from
+from .parallel import map_modules
 from .rank_common import check_output, output_format, rank_rule, write_lora
 
 SCHEMA = "loratools.resize/1"
@@ -142,16 +143,19 @@ def resize_lora(
     dtype: torch.dtype | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[LoraFile, ResizeReport]:
-    """Every module of ``lora`` resized by ``rule``; returns the new LoraFile and the report."""
+    """Every module of ``lora`` resized by ``rule``; returns the new LoraFile and the report.
+
+    Modules are resized on every core (:func:`~loratools.ops.parallel.map_modules`).
+    """
     report = ResizeReport(None, None, lora.source_format, None, lora.family.name, rule.describe())
     adapters: dict[str, Adapter] = {}
-    for module, adapter in lora.adapters.items():
-        adapters[module], row = resize_module(module, adapter, rule, dtype=dtype)
+    items = list(lora.adapters.items())
+    results = map_modules(lambda item: resize_module(*item, rule, dtype=dtype), items, progress=progress)
+    for (module, adapter), (resized, row) in zip(items, results, strict=True):
+        adapters[module] = resized
         report.modules.append(row)
         report.parameters_before += adapter.parameters()
-        report.parameters_after += adapters[module].parameters()
-        if progress:
-            progress(1)
+        report.parameters_after += resized.parameters()
     metadata = dict(lora.metadata)
     comment = metadata.get("ss_training_comment", "")
     metadata["ss_training_comment"] = f"resized by loratools ({rule.describe()})" + (f"; {comment}" if comment else "")
