@@ -40,6 +40,15 @@ def test_resize_table_and_json(tmp_path: Path, lora_path: Path) -> None:
     assert max(int(r) for r in data["ranks_after"]) <= 4
 
 
+def test_piped_table_keeps_each_module_on_one_line(tmp_path: Path, lora_path: Path) -> None:
+    """Not a terminal (a pipe, CliRunner): rich would wrap at 80 columns and split module names."""
+    code, out, err = run("resize", lora_path, "--rank", "3", "-o", tmp_path / "r.safetensors")
+    assert code == 0, err
+    lines = out.splitlines()
+    for module in load_lora(lora_path).adapters:
+        assert sum(module in line for line in lines) == 1, module
+
+
 def test_rescale_negative_strength(tmp_path: Path, lora_path: Path) -> None:
     code, out, err = run("rescale", lora_path, "--by", "-0.5", "-o", tmp_path / "n.safetensors")
     assert code == 0, err

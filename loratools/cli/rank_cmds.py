@@ -129,6 +129,20 @@ def rescale(lora: str, by: float, output: str, to: str | None, dtype: str | None
         _warnings(console, report.warnings)
 
 
+def print_table(console: Console, table: Table) -> None:
+    """A per-module table; piped or redirected, one line per module (module names are long, and
+    rich wraps non-terminal output at 80 columns, which would split them for grep and diff)."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    width = console.width
+    console.width = max(width, 200)
+    try:
+        console.print(table)
+    finally:
+        console.width = width
+
+
 def render_retention(console: Console, rows: Sequence[Any]) -> None:
     """The per-module table: module, kind, rank before → after, Frobenius kept, note."""
     table = Table(show_edge=False, header_style="bold")
@@ -141,7 +155,7 @@ def render_retention(console: Console, rows: Sequence[Any]) -> None:
         old = "—" if row.old_rank is None else str(row.old_rank)
         table.add_row(row.module, row.kind, f"{old} → {row.new_rank}", f"{row.fro_kept:.2%}",
                       _limit_note(row.limited_by, row.unchanged))  # fmt: skip
-    console.print(table)
+    print_table(console, table)
 
 
 @click.command(epilog=RULES_HELP)
@@ -238,7 +252,7 @@ def blend(loras: tuple[str, ...], mode: str, metadata_policy: str, output: str, 
             for m in report.modules:
                 table.add_row(m.module, "+".join(map(str, m.ranks_in)), str(m.new_rank), f"{m.fro_kept:.2%}",
                               _limit_note(m.limited_by))  # fmt: skip
-            console.print(table)
+            print_table(console, table)
         inputs = ", ".join(f"{i['source']}×{i['weight']:g}" for i in report.inputs)
         ranks = ", ".join(
             f"{r}×{n}" for r, n in sorted(report.to_dict()["ranks_after"].items(), key=lambda x: int(x[0]))
@@ -301,7 +315,7 @@ def extract(base: str, tuned: str, min_diff: float, oversample: int, power_itera
             for m in report.modules:
                 table.add_row(m.module, str(m.rank), f"{m.fro_kept:.2%}", f"{m.max_diff:.2e}", m.method,
                               _limit_note(m.limited_by))  # fmt: skip
-            console.print(table)
+            print_table(console, table)
         parts = ", ".join(
             f"{c}: {v['extracted']} extracted, {v['skipped']} skipped" for c, v in report.components().items()
         )
