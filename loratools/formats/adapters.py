@@ -285,19 +285,17 @@ def factor_dtype(adapter: object) -> torch.dtype:
 Adapter = Union[LowRank, LoHa, LoKr, Full]  # noqa: UP007 (a runtime alias)
 
 
-def is_finite(adapter: Adapter) -> bool:
-    """Whether every floating-point factor of ``adapter`` is free of NaN and inf.
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or inf in ``tensor``: one float32 sum first (NaN and ±inf survive a sum; 3× faster
+    than a float64 sum and 7× faster than an elementwise isfinite on CPU); a sum that is not
+    finite — real NaN/inf, or bf16/float32/float64 values near their maximum overflowing it — is
+    confirmed elementwise."""
+    return math.isfinite(float(tensor.detach().sum(dtype=torch.float32))) or bool(torch.isfinite(tensor).all())
 
-    One float32 sum per factor: NaN and ±inf survive a sum, and a float32 sum of float16 values
-    cannot overflow (3× faster than a float64 sum, 7× faster than an elementwise isfinite on CPU).
-    A sum that is not finite is confirmed elementwise, since bf16/float32 values near their
-    maximum can overflow a finite sum.
-    """
-    return all(
-        math.isfinite(float(v.detach().sum(dtype=torch.float32))) or bool(torch.isfinite(v).all())
-        for v in vars(adapter).values()
-        if isinstance(v, torch.Tensor) and v.is_floating_point()
-    )
+
+def is_finite(adapter: Adapter) -> bool:
+    """Whether every floating-point factor of ``adapter`` is free of NaN and inf (:func:`all_finite`)."""
+    return all(all_finite(v) for v in vars(adapter).values() if isinstance(v, torch.Tensor) and v.is_floating_point())
 
 
 DORA_EPS = torch.finfo(torch.float32).eps

@@ -10,6 +10,7 @@ torch's import. The readers (:mod:`.kohya`, :mod:`.peft`, :mod:`.cloneofsimo`, :
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -143,6 +144,14 @@ def pattern_value(patterns: Mapping[str, Any], path: str) -> Any:
         if found:
             return value
     return None
+
+
+def config_number(value: object, what: str) -> float:
+    """A LoraConfig number (lora_alpha) as a float: a config is user data, and NaN, booleans or
+    strings must not become a scale."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InputError(f"{what} is {value!r}, not a finite number")
+    return float(value)
 
 
 def configs_from_metadata(metadata: Mapping[str, str]) -> dict[str, dict[str, Any]]:

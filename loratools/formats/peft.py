@@ -23,7 +23,7 @@ from ..families.spec import DIFFUSERS_FOLDERS, FamilySpec
 from .adapters import LoraFile, LowRank
 from .keys import PEFT_METADATA_KEY as METADATA_KEY
 from .keys import UNET_ROOTS as _UNET_ROOTS
-from .keys import configs_from_metadata, is_peft_like  # noqa: F401 (re-exported)
+from .keys import config_number, configs_from_metadata, is_peft_like  # noqa: F401 (re-exported)
 from .keys import normalize_peft_key as normalize_key
 from .keys import pattern_value as _pattern_value
 from .resolve import resolve
@@ -81,7 +81,7 @@ def read_peft(
             _check_rank(config, folder, path, rank)
             lora_alpha = _pattern_value(config.get("alpha_pattern") or {}, path)
             lora_alpha = config.get("lora_alpha", rank) if lora_alpha is None else lora_alpha
-            lora_alpha = _config_number(lora_alpha, f"{folder} lora_alpha for {path}")
+            lora_alpha = config_number(lora_alpha, f"{folder} lora_alpha for {path}")
             scale = lora_alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
             alpha = scale * rank
         adapter = LowRank(up, down, alpha)
@@ -100,13 +100,6 @@ def read_peft(
         warnings.append(f"{name}: not matched ({reason})")
     fmt = source_format if spellings.most_common(1)[0][0] == "peft" else spellings.most_common(1)[0][0]
     return LoraFile(adapters, found.family, fmt, dict(metadata), warnings=warnings, unmatched=dict(found.unmatched))
-
-
-def _config_number(value: object, what: str) -> float:
-    """A LoraConfig number as a float: a config is user data, and NaN/strings must not become a scale."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InputError(f"{what} is {value!r}, not a finite number")
-    return float(value)
 
 
 def _check_rank(config: Mapping[str, Any], folder: str, path: str, rank: int) -> None:

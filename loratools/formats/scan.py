@@ -32,6 +32,7 @@ from ..io.safetensors import _TORCH_NAMES, FLOAT_DTYPES, Header, TensorInfo
 from .keys import (
     KOHYA_KEY,
     adapter_kind_of,
+    config_number,
     configs_from_metadata,
     is_embedding_key,
     is_peft_like,
@@ -366,13 +367,10 @@ def _scan_peft(
         if config is None:
             no_config.add(folder)
         else:
-            if not isinstance(config, Mapping):
-                raise InputError(f"the LoraConfig of {folder} is a {type(config).__name__}, not an object")
             lora_alpha = pattern_value(config.get("alpha_pattern") or {}, path)
             lora_alpha = config.get("lora_alpha", rank) if lora_alpha is None else lora_alpha
-            if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, int | float) or not math.isfinite(lora_alpha):
-                raise InputError(f"{folder} lora_alpha for {path} is {lora_alpha!r}, not a finite number")
-            alpha = float(lora_alpha) / (math.sqrt(rank) if config.get("use_rslora") else rank) * rank
+            lora_alpha = config_number(lora_alpha, f"{folder} lora_alpha for {path}")
+            alpha = lora_alpha / (math.sqrt(rank) if config.get("use_rslora") else rank) * rank
         as_kohya = dict(kohya_style[module])
         if "lora_magnitude_vector" in params:
             as_kohya["dora_scale"] = params["lora_magnitude_vector"]

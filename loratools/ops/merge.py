@@ -26,7 +26,7 @@ from ..families import FAMILIES, keymap
 from ..families.detect import Detection, detect
 from ..families.keymap import KeyMap
 from ..families.spec import FamilySpec
-from ..formats.adapters import Full, LoraFile, apply_dora, is_finite
+from ..formats.adapters import Full, LoraFile, all_finite, apply_dora, is_finite
 from ..formats.io import load_lora
 from ..formats.resolve import claimed_family
 from ..io.checkpoint import Checkpoint, open_checkpoint
@@ -449,7 +449,7 @@ class _Merger:
         # Every patched result is checked, whatever its dtype: a float32 ΔW can overflow as well as
         # a float16 sum, and a non-finite weight must never be written silently. NaN/inf that the
         # base already held are carried (it is the base's) and said.
-        if result.is_floating_point() and not _all_finite(result):
+        if result.is_floating_point() and not all_finite(result):
             if self._base_finite(name):
                 self.overflow.append((name, result.dtype))
             else:
@@ -466,7 +466,7 @@ class _Merger:
     def _base_finite(self, name: str) -> bool:
         """Whether the base tensor is free of NaN/inf (read again: the patch may have reused its memory)."""
         key = self.reader.home[name]
-        return _all_finite(self.km.split(self.layout, key, self.ckpt.read(key))[name])
+        return all_finite(self.km.split(self.layout, key, self.ckpt.read(key))[name])
 
     def write_file(
         self,
@@ -518,13 +518,6 @@ class _Merger:
         report.tensors += 1
         if self.progress:
             self.progress(entry.info.nbytes)
-
-
-def _all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN or inf in ``tensor``: a plain sum first (NaN and inf survive it, and it is ~5× faster
-    than an elementwise isfinite); only when it is not finite — real NaN/inf, or a float16 sum that
-    merely overflowed — the elementwise check decides."""
-    return math.isfinite(float(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 # -- verification -----------------------------------------------------------------------------------------
