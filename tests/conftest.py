@@ -6,7 +6,6 @@ small widths); the same seed gives the same model in the single-file and diffuse
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from pathlib import Path
@@ -17,20 +16,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import pytest
+from helpers import FAMILY_NAMES, LAYOUTS
 
 from loratools.synthetic import TINY, write_checkpoint
-
-FAMILY_NAMES = tuple(TINY)
-LAYOUTS = ("single", "diffusers")
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-KEYSETS = SHARED / "keysets"
-REAL_LORAS = SHARED / "real_loras"
-KEYSET_FILES = {
-    "sd1": ("sd15-ldm", "sd15-diffusers"),
-    "sd2": ("sd21-ldm", "sd21-diffusers"),
-    "sdxl": ("sdxl-sgm", "sdxl-diffusers"),
-}
 
 
 @pytest.fixture(scope="session")
@@ -56,22 +44,6 @@ def family(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(params=LAYOUTS)
 def layout(request: pytest.FixtureRequest) -> str:
     return request.param
-
-
-def load_keyset(name: str) -> dict:
-    """A shared/keysets file as a dict (see its README for the schema)."""
-    return json.loads((KEYSETS / f"{name}.json").read_text())
-
-
-def keyset_shapes(name: str) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Flat key → (shape, dtype) of a real key set, diffusers keys prefixed with their subfolder."""
-    data = load_keyset(name)
-    folder = data["container"] == "diffusers"
-    out = {}
-    for component, keys in data["components"].items():
-        for key, (shape, dtype) in keys.items():
-            out[f"{component}.{key}" if folder else key] = (tuple(shape), dtype)
-    return out
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import REPO
+from helpers import REPO
 
 from loratools.cli.main import cli
 from loratools.io.checkpoint import open_checkpoint
@@ -241,7 +241,7 @@ def test_lora_through_the_cli(tmp_path: Path) -> None:
 
 
 def test_lora_inspect_json_on_real_files() -> None:
-    from conftest import REAL_LORAS
+    from helpers import REAL_LORAS
 
     code, out, err = run("inspect", "--json", str(REAL_LORAS / "lycoris_lokr" / "smart_falcon_16_lokr.safetensors"))
     assert code == 0, err

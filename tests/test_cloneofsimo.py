@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REAL_LORAS
+from helpers import REAL_LORAS
 from safetensors import safe_open
 
 from loratools.errors import InputError

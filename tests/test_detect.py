@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import FAMILY_NAMES, KEYSET_FILES, keyset_shapes, load_keyset
+from helpers import FAMILY_NAMES, KEYSET_FILES, keyset_shapes, load_keyset
 
 from loratools.errors import UnknownModelError
 from loratools.families.detect import detect

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILY_NAMES, REAL_LORAS
+from helpers import FAMILY_NAMES, REAL_LORAS
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILY_NAMES, REAL_LORAS
+from helpers import FAMILY_NAMES, REAL_LORAS
 from safetensors.torch import load_file, save_file
 
 from loratools.errors import InputError

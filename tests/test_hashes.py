@@ -11,7 +11,7 @@ import pytest
 import safetensors.torch
 import torch
 from click.testing import CliRunner
-from conftest import REAL_LORAS
+from helpers import REAL_LORAS
 
 from loratools.cli.main import cli
 from loratools.ops.hashes import file_hashes

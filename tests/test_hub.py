@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import REAL_LORAS, REPO
+from helpers import REAL_LORAS, REPO
 
 from loratools.classify import classify
 from loratools.cli.main import cli

@@ -13,7 +13,7 @@ import jsonschema
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import REAL_LORAS, REPO
+from helpers import REAL_LORAS, REPO
 from rich.console import Console
 
 from loratools.cli.main import cli

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILY_NAMES, KEYSET_FILES, keyset_shapes, load_keyset
+from helpers import FAMILY_NAMES, KEYSET_FILES, keyset_shapes, load_keyset
 
 from loratools.families import FAMILIES, keymap
 from loratools.synthetic import TINY, canonical_tensor

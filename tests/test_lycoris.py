@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REAL_LORAS
+from helpers import REAL_LORAS
 from safetensors.torch import load_file, save_file
 
 from loratools.errors import InputError

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import FAMILY_NAMES
+from helpers import FAMILY_NAMES
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILY_NAMES
+from helpers import FAMILY_NAMES
 from test_diffusers_lora_oracle import (
     RANK,
     UNIFORM_ALPHA,

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILY_NAMES, KEYSET_FILES, KEYSETS, keyset_shapes, load_keyset
+from helpers import FAMILY_NAMES, KEYSET_FILES, KEYSETS, keyset_shapes, load_keyset
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
