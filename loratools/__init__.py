@@ -25,7 +25,7 @@ _LAZY = {
     "unmerge": "loratools.ops.merge",
     "LoraInput": "loratools.ops.merge",
     "MergeReport": "loratools.ops.merge",
-    "diff": "loratools.ops.diff",
+    "diff": "loratools.report.diff",
     "file_hashes": "loratools.ops.hashes",
     "rescale": "loratools.ops.rescale",
     "resize": "loratools.ops.resize",

@@ -14,8 +14,8 @@ from loratools.cli.main import cli
 from loratools.families import FAMILIES
 from loratools.formats.adapters import LoHa, LowRank
 from loratools.formats.io import load_lora, save_lora
-from loratools.ops.diff import delta_difference, diff
-from loratools.schema import DIFF
+from loratools.report.diff import delta_difference, diff
+from loratools.report.schema import DIFF
 from loratools.synthetic import TINY, make_lora, write_checkpoint
 
 

@@ -26,8 +26,8 @@ from loratools.formats.names import kohya_text_prefixes, name_tables
 from loratools.formats.scan import scan_lora
 from loratools.io.safetensors import save_tensors
 from loratools.report import inspect_checkpoint, inspect_lora
-from loratools.report_lora import summarize_metadata
-from loratools.schema import INSPECT_CHECKPOINT, INSPECT_LORA
+from loratools.report.lora import summarize_metadata
+from loratools.report.schema import INSPECT_CHECKPOINT, INSPECT_LORA
 from loratools.synthetic import TINY, make_lora
 
 
@@ -212,7 +212,7 @@ def test_scan_equals_full_load(tmp_path: Path) -> None:
         assert scan.unmatched == lora.unmatched
         assert set(scan.embeddings) == set(lora.embeddings)
         header_report = inspect_lora(path)
-        from loratools.report_lora import _facts_of_loaded
+        from loratools.report.lora import _facts_of_loaded
 
         facts, dtypes, parameters = _facts_of_loaded(lora)
         assert header_report.read == "header"

@@ -32,7 +32,7 @@ def diff_command(a: str, b: str, family: str | None, top: int, as_json: bool) ->
     """
     console = Console()
     with user_errors():
-        from ..ops.diff import diff
+        from ..report.diff import diff
 
         report = diff(a, b, family=family)
         if as_json:

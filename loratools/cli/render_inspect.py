@@ -1,5 +1,5 @@
 """Human renderings of the issue-7 facts: the LoRA layout tree, ΔW norm bars, metadata, hashes,
-raw keys, folder summaries and diffs. Plain data in (``loratools.report*``, ``ops.diff``), rich out."""
+raw keys, folder summaries and diffs. Plain data in (``loratools.report``), rich out."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
-from ..report_lora import LoraReport
-from ..tree import Node
+from ..report.lora import LoraReport
+from ..report.tree import Node
 from .render import FORMAT_TITLES, human_bytes, human_count
 
 BAR_WIDTH = 40

@@ -10,11 +10,11 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..families.detect import component_of_key, detect
+from ..families.keymap import KeyMap
+from ..families.spec import COMPONENT_TITLES
+from ..io.checkpoint import Checkpoint, open_checkpoint
 from .facts import LIST_LIMIT, hash_facts, key_facts
-from .families.detect import component_of_key, detect
-from .families.keymap import KeyMap
-from .families.spec import COMPONENT_TITLES
-from .io.checkpoint import Checkpoint, open_checkpoint
 from .tree import Leaf, Node, build_tree
 
 CHECKPOINT_SCHEMA = "loratools.inspect.checkpoint/1"
@@ -170,16 +170,4 @@ def checkpoint_tree(ckpt: Checkpoint, km: KeyMap, layout: str) -> list[Node]:
     return build_tree(sorted(modules.values(), key=lambda leaf: order.get(leaf.module, len(order))))
 
 
-# The LoRA half lives in report_lora.py; imported here so ``loratools.report`` stays the one place.
-from .report_lora import LORA_SCHEMA, LoraReport, ModuleFacts, inspect_lora  # noqa: E402
-
-__all__ = [
-    "CHECKPOINT_SCHEMA",
-    "LORA_SCHEMA",
-    "CheckpointReport",
-    "ComponentFacts",
-    "LoraReport",
-    "ModuleFacts",
-    "inspect_checkpoint",
-    "inspect_lora",
-]
+__all__ = ["CHECKPOINT_SCHEMA", "CheckpointReport", "ComponentFacts", "inspect_checkpoint"]

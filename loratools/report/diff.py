@@ -86,7 +86,7 @@ def _drop_non_finite(entries: list[DiffEntry], notes: list[str], squares: float,
 
 def _factors(adapter: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``ΔW = up @ down`` in float64 (``down`` None: ``up`` is the dense, flattened ΔW)."""
-    from .lowrank import factorize
+    from ..ops.lowrank import factorize
 
     try:
         up, down, _ = factorize(adapter)
@@ -180,7 +180,7 @@ def _lora_side(lora: Any, path: str) -> dict[str, Any]:
 
 
 def _module_facts(adapter: Any) -> dict[str, Any]:
-    from ..report_lora import _delta_shape, _kind
+    from .lora import _delta_shape, _kind
 
     return {
         "kind": _kind(adapter),

@@ -20,13 +20,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..families import FAMILIES
+from ..formats.keys import EMBED_FLAG, is_embedding_key
+from ..formats.names import name_tables
+from ..formats.resolve import claimed_family
+from ..io.hub import resolve as resolve_hub
+from ..io.safetensors import TensorInfo
 from .facts import LIST_LIMIT, hash_facts, key_facts
-from .families import FAMILIES
-from .formats.keys import EMBED_FLAG, is_embedding_key
-from .formats.names import name_tables
-from .formats.resolve import claimed_family
-from .io.hub import resolve as resolve_hub
-from .io.safetensors import TensorInfo
 from .tree import Leaf, Node, build_tree
 
 LORA_SCHEMA = "loratools.inspect.lora/1"
@@ -138,7 +138,7 @@ class LoraReport:
 
 
 def _kind(adapter: object) -> str:
-    from .formats.adapters import LowRank
+    from ..formats.adapters import LowRank
 
     if isinstance(adapter, LowRank):
         if adapter.dora_scale is not None:
@@ -151,7 +151,7 @@ def _kind(adapter: object) -> str:
 
 
 def _delta_shape(adapter: object) -> list[int]:
-    from .formats.adapters import LowRank
+    from ..formats.adapters import LowRank
 
     if isinstance(adapter, LowRank):
         return list(adapter.delta_shape())
@@ -283,7 +283,7 @@ def _family_of_embeddings(facts: list[EmbeddingFacts]) -> str | None:
 
 def _embedding_file(path: Path) -> tuple[dict[str, Any], dict[str, str]] | None:
     """The tensors of a file that holds textual-inversion embeddings and nothing else."""
-    from .io.safetensors import read_header
+    from ..io.safetensors import read_header
 
     if path.is_dir():
         return None
@@ -292,7 +292,7 @@ def _embedding_file(path: Path) -> tuple[dict[str, Any], dict[str, str]] | None:
         tensors: dict[str, Any] = dict(header.tensors)
         metadata = header.metadata
     except Exception:  # not safetensors: a pickle (torch)
-        from .io.pickle import load_pickle_raw, split_tensors, unwrap_state_dict
+        from ..io.pickle import load_pickle_raw, split_tensors, unwrap_state_dict
 
         try:
             obj, _ = unwrap_state_dict(load_pickle_raw(path))
@@ -332,11 +332,11 @@ def inspect_lora(
     Header-only (no torch) for kohya/LyCORIS and diffusers/peft ``.safetensors`` files unless
     ``norms`` is asked for. ``path`` may be an ``hf://`` reference.
     """
-    from .formats.scan import scan_lora
+    from ..formats.scan import scan_lora
 
     local = resolve_hub(path)
     if not local.exists():
-        from .errors import InputError
+        from ..errors import InputError
 
         raise InputError(f"{local}: no such file or folder")
     scan = scan_lora(local, family)
@@ -361,11 +361,11 @@ def inspect_lora(
         stored = dict(scan.header.tensors) if scan.header is not None else {}
         read = "header"
         if norms:
-            from .ops.norms import scan_norms
+            from ..ops.norms import scan_norms
 
             module_norms = scan_norms(scan)
     else:
-        from .formats.io import load_lora
+        from ..formats.io import load_lora
 
         lora = load_lora(local, family)
         facts, dtypes, parameters = _facts_of_loaded(lora)
@@ -375,7 +375,7 @@ def inspect_lora(
         stored = _stored_tensors(local)
         read = "tensors"
         if norms:
-            from .ops.norms import adapters_norms
+            from ..ops.norms import adapters_norms
 
             module_norms = adapters_norms(lora.adapters)
     if module_norms is not None:
@@ -440,15 +440,15 @@ def inspect_lora(
 
 
 def _torch_name(dtype: str) -> str:
-    from .io.safetensors import _TORCH_NAMES
+    from ..io.safetensors import _TORCH_NAMES
 
     return _TORCH_NAMES[dtype]
 
 
 def _stored_tensors(path: Path) -> dict[str, TensorInfo]:
     """Every stored tensor of a LoRA read through torch, for --keys and the tensor count."""
-    from .io.checkpoint import open_checkpoint
-    from .io.safetensors import read_header
+    from ..io.checkpoint import open_checkpoint
+    from ..io.safetensors import read_header
 
     if path.is_dir():
         out: dict[str, TensorInfo] = {}
@@ -461,8 +461,8 @@ def _stored_tensors(path: Path) -> dict[str, TensorInfo]:
         return dict(read_header(path).tensors)
     except Exception:
         pass
-    from .io.pickle import load_pickle_raw, split_tensors, unwrap_state_dict
-    from .io.safetensors import dtype_name
+    from ..io.pickle import load_pickle_raw, split_tensors, unwrap_state_dict
+    from ..io.safetensors import dtype_name
 
     obj, _ = unwrap_state_dict(load_pickle_raw(path))
     if isinstance(obj, list):
@@ -479,7 +479,7 @@ def _embedding_report(
     shown: str, path: Path, tensors: dict[str, Any], metadata: dict[str, str], *, hashes: bool, keys: bool
 ) -> LoraReport:
     """A file of textual-inversion embeddings only: reported as such, with no modules."""
-    from .io.safetensors import dtype_name
+    from ..io.safetensors import dtype_name
 
     facts = _embedding_facts(tensors)
     family = _family_of_embeddings(facts)

@@ -14,7 +14,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from .families.spec import COMPONENT_TITLES
+from ..families.spec import COMPONENT_TITLES
 
 # index-bearing containers of diffusers/HF module paths → singular label
 CONTAINERS = {

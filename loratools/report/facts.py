@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from .io.safetensors import TensorInfo
+from ..io.safetensors import TensorInfo
 
 LIST_LIMIT = 20  # long key lists are cut to this many in reports (counts stay exact)
 
@@ -17,6 +17,6 @@ def key_facts(key: str, info: TensorInfo) -> dict[str, object]:
 
 def hash_facts(path: str | Path) -> dict[str, object]:
     """The hashes of one file as plain data (``--hashes``)."""
-    from .ops.hashes import file_hashes
+    from ..ops.hashes import file_hashes
 
     return asdict(file_hashes(path))
