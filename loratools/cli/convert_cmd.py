@@ -10,7 +10,7 @@ from ..errors import InputError
 from ..io.checkpoint import open_checkpoint
 from ..ops.checkpoint import convert_checkpoint
 from .errors import user_errors
-from .options import dtype_option, family_option, overwrite_option
+from .options import dtype_option, family_option, overwrite_option, threads_option
 from .progress import byte_progress
 from .render import human_bytes, print_json
 
@@ -31,6 +31,7 @@ CHECKPOINT_TARGETS = ("single", "diffusers")
 )
 @dtype_option
 @family_option
+@threads_option
 @click.option(
     "--bake", is_flag=True, help="LoRA: fold each module's alpha/rank scale into its up factor (alpha = rank)."
 )
