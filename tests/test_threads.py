@@ -107,3 +107,13 @@ def test_merge_engine_bits_do_not_depend_on_threads(monkeypatch: pytest.MonkeyPa
         results.append(DeltaEngine("cpu").patch(jobs))
     for name in jobs:
         assert torch.equal(results[0][name], results[1][name])
+
+
+def test_gpu_script_skips_cleanly_without_cuda() -> None:
+    import subprocess
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: bench/gpu_all.sh would run the real benchmark")
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(["bash", str(repo / "bench" / "gpu_all.sh")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "skipped" in done.stdout
