@@ -38,12 +38,29 @@ def operations(data: Path, out: Path) -> dict[str, list[str]]:
     return {
         "merge": ["merge", str(base), f"{lora}:0.8", "-o", str(out / "merged.safetensors"), "--overwrite"],
         "resize": ["resize", str(lora), "--rank", "32", "-o", str(out / "r32.safetensors"), "--overwrite"],
-        "blend": ["blend", str(lora), f"{lora}:0.5", "--mode", "svd", "--rank", "64",
-                  "-o", str(out / "blend.safetensors"), "--overwrite"],  # fmt: skip
+        "blend": [
+            "blend",
+            str(lora),
+            f"{lora}:0.5",
+            "--mode",
+            "svd",
+            "--rank",
+            "64",
+            "-o",
+            str(out / "blend.safetensors"),
+            "--overwrite",
+        ],
         "extract": ["extract", str(base), str(tuned), "--rank", "64", "-o", str(out / "ex.safetensors"), "--overwrite"],
         "inspect --norms": ["inspect", str(xl), "--norms"],
-        "convert --to-lora": ["convert", str(lora), str(out / "tolora.safetensors"), "--to-lora", "--rank", "32",
-                              "--overwrite"],  # fmt: skip
+        "convert --to-lora": [
+            "convert",
+            str(lora),
+            str(out / "tolora.safetensors"),
+            "--to-lora",
+            "--rank",
+            "32",
+            "--overwrite",
+        ],
     }
 
 
