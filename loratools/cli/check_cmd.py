@@ -79,3 +79,38 @@ def check_command(
                 console.print(f"  [dim]… and {len(report.misapplied) - SHOWN} more at the wrong strength[/dim]")
             for note in report.notes:
                 console.print(f"  [dim]{escape(note)}[/dim]")
+
+
+def convert_for_target(
+    source: str,
+    output: str,
+    target: str,
+    to: str | None,
+    family: str | None,
+    dtype: str | None,
+    to_lora: bool,
+    rank: int | None,
+    error: float | None,
+    overwrite: bool,
+    as_json: bool,
+) -> None:
+    """``convert SOURCE OUTPUT --for TARGET`` (called by cli/convert_cmd.py inside its error handler)."""
+    from ..check.fix import convert_for
+    from ..errors import InputError
+
+    if to is not None:
+        raise InputError("--for TARGET chooses the output format itself; drop --to")
+    report = convert_for(
+        source, output, target, family=family, dtype=dtype, to_lora=to_lora, rank=rank, error=error, overwrite=overwrite
+    )
+    if as_json:
+        print_json(Console(), report.to_dict())
+        return
+    console = Console(highlight=False)
+    console.print(
+        f"wrote {escape(output)}: {report.modules} modules as {report.dialect} for {', '.join(report.targets)}"
+    )
+    if report.added:
+        console.print(f"  added {len(report.added)} zero out_proj modules so q/k/v are applied (ΔW unchanged)")
+    for verdict in report.verdicts:
+        console.print(f"  [{'green' if verdict not in report.remaining else 'yellow'}]{escape(verdict)}[/]")
