@@ -70,10 +70,13 @@ class TargetReport:
         if self.clean:
             return f"{self.label}: loads all {self.modules} modules at the right strength"
         parts = []
-        by_why: Counter[str] = Counter(m.why.split(":")[0] for m in self.misapplied)
-        if self.misapplied:
-            why = ", ".join(w for w, _ in by_why.most_common(2))
-            parts.append(f"{len(self.misapplied)} of {self.modules} modules at the wrong strength ({why})")
+        scaled = [m for m in self.misapplied if m.expected is not None]
+        other = [m for m in self.misapplied if m.expected is None]
+        for found, what in ((scaled, "at the wrong strength"), (other, "applied wrong")):
+            if found:
+                whys: Counter[str] = Counter(m.why.split(":")[0] for m in found)
+                why = ", ".join(w for w, _ in whys.most_common(2))
+                parts.append(f"{len(found)} of {self.modules} modules {what} ({why})")
         for group in self.ignored:
             parts.append(f"{len(group.names)} {group.short}")
         return f"{self.label}: " + "; ".join(parts)

@@ -143,6 +143,8 @@ A1111 = Table(
     up_without_down="refuse",
     down_without_up="refuse",
     refuse_spellings={"cloneofsimo": "key_network.split('.', 1) fails on 'unet:0:up' keys (ValueError)"},
+    # network_lokr.py (NetworkModuleLokr.__init__): self.dim = w1b's rank, then w2b's when present.
+    lokr_rank="w2_b",
     qkv_needs_out=("sd2:te1", "sdxl:te2"),
     # convert_diffusers_name_to_compvis: up_blocks.N.upsamplers → output_blocks.{2+3N}.{2 if N>0 else 1}
     # (the SD1 layout: SDXL's up_blocks.0 has attentions, so its upsampler is output_blocks.2.2);
