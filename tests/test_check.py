@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from helpers import REAL_LORAS, needs_real
-from helpers_check import subset, with_kind, write_diffusers, write_kohya, write_raw
+from helpers_check import subset, with_kind, write_diffusers, write_kohya
 
 from loratools.check import check_lora
 from loratools.check.schema import CHECK_SCHEMA
