@@ -118,6 +118,7 @@ class LoraReport:
     norms: dict[str, Any] | None = None  # --norms: {total, components{}, method}
     hashes: dict[str, object] | None = None  # --hashes
     keys: list[dict[str, object]] | None = None  # --keys
+    loads_in: list[str] = field(default_factory=list)  # issue 19: one entry per target (loratools.check)
 
     def to_dict(self) -> dict[str, object]:
         # field by field rather than dataclasses.asdict, whose recursive deep copy of ~1,000
@@ -436,6 +437,7 @@ def inspect_lora(
         norms=norm_summary,
         hashes=hash_facts(local) if hashes and local.is_file() else None,
         keys=all_keys if keys else None,
+        loads_in=_loads_in(local, family),
     )
 
 
@@ -520,3 +522,10 @@ def _embedding_report(
         hashes=hash_facts(path) if hashes and path.is_file() else None,
         keys=[key_facts(k, i) for k, i in infos.items()] if keys else None,
     )
+
+
+def _loads_in(path: Path, family: str | None) -> list[str]:
+    """The per-target "loads in" summary (loratools.check tables, header-only)."""
+    from ..check import loads_in
+
+    return loads_in(path, family)
