@@ -256,7 +256,10 @@ def summary_line(report: Any) -> str:
         how = {"names": " (by names; tiny or distilled widths)", "none": " (by names; no family map)"}.get(fit, "")
         if (r.model or {}).get("kind") == "unknown":
             how = ""
-        what = "embeddings" if r.format == "textual-inversion" else "LoRA"
+        if r.format == "textual-inversion":
+            shown = ", ".join(f"{e.name} {e.vectors}×{e.width}" for e in r.embedding_facts[:3])
+            return f"{r.family_title} textual-inversion embeddings · {shown} · {human_bytes(r.file_bytes)}"
+        what = "LoRA"
         return (
             f"{r.family_title} {what}{how} · {fmt} · {r.modules} modules {kinds} r{ranks} α{alphas} · "
             f"{human_bytes(r.file_bytes)}{warn}"

@@ -22,7 +22,8 @@ from ..io.pickle import PICKLE_SUFFIXES, load_pickle_raw, split_tensors, unwrap_
 from ..io.safetensors import SafetensorsFile, save_tensors
 from . import cloneofsimo, kohya, peft
 from .adapters import LoraFile, is_finite
-from .keys import EMBEDDING_KEYS, is_embedding_key, normalize_peft_key  # noqa: F401 (EMBEDDING_KEYS re-exported)
+from .keys import EMBEDDING_KEYS, bundle_key, is_embedding_key, normalize_peft_key  # noqa: F401 (EMBEDDING_KEYS re-exported)
+from .lookalike import check_not_lfs_pointer, flatten_embedding, not_a_lora
 
 FORMATS = ("kohya", "diffusers", "peft", "cloneofsimo")
 
@@ -32,7 +33,7 @@ def _read_tensors(path: Path) -> tuple[object, dict[str, str]]:
         with SafetensorsFile(path) as handle:
             return handle.read_all(), dict(handle.metadata)
     obj, _ = unwrap_state_dict(load_pickle_raw(path))
-    return obj, {}
+    return flatten_embedding(obj), {}
 
 
 def _looks_safetensors(path: Path) -> bool:
@@ -76,6 +77,7 @@ def load_lora(
         return _checked(lora, path, allow_nonfinite)
     if regular_file(path).st_size == 0:
         raise InputError(f"{path.name}: empty file")
+    check_not_lfs_pointer(path)
     obj, metadata = _read_tensors(path)
     if isinstance(obj, list):
         lora = cloneofsimo.read_pt(path, obj, family)
@@ -137,6 +139,9 @@ def _read_dict(
     elif peft.is_peft_like(keys):
         lora = peft.read_peft(lora_tensors, metadata, family, require_fit=require_fit)
     else:
+        verdict = not_a_lora(path.name, keys)
+        if verdict is not None:
+            raise verdict
         raise InputError(f"{path.name}: unknown LoRA key layout; first keys: {', '.join(keys[:5])}")
     lora.embeddings.update(embeddings)
     return lora
@@ -153,7 +158,8 @@ def save_lora(
     path = Path(path)
     if fmt == "kohya":
         tensors = kohya.kohya_state_dict(lora, dtype=dtype)
-        tensors.update({k: v for k, v in lora.embeddings.items()})
+        # embeddings beside kohya keys go in A1111's bundle form, the one loader that reads them there
+        tensors.update({bundle_key(k): v for k, v in lora.embeddings.items()})
         save_tensors(path, tensors, kohya.kohya_metadata(lora), overwrite=overwrite)
     elif fmt == "diffusers":
         tensors = peft.peft_state_dict(lora, dtype=dtype)

@@ -208,10 +208,37 @@ def is_safeloras(keys: list[str]) -> bool:
 
 # --- textual-inversion embeddings carried inside LoRA files --------------------------------------
 
-EMBEDDING_KEYS = ("string_to_param", "emb_params", "clip_l", "clip_g")
+# text_encoders_0/1: pivotal-tuning .pti files (replicate/cog-sdxl: CLIP-L and OpenCLIP bigG)
+EMBEDDING_KEYS = ("string_to_param", "emb_params", "clip_l", "clip_g", "text_encoders_0", "text_encoders_1")
+EMBEDDING_PREFIXES = ("string_to_param.", BUNDLE_PREFIX := "bundle_emb.")
 
 
 def is_embedding_key(key: str, metadata: Mapping[str, str]) -> bool:
     """A token embedding rather than a LoRA factor: ``<token>`` names, safeloras' ``<embed>`` flag,
-    A1111/kohya embedding keys (``emb_params``, SDXL ``clip_l``/``clip_g``)."""
-    return (key.startswith("<") and key.endswith(">")) or metadata.get(key) == EMBED_FLAG or key in EMBEDDING_KEYS
+    A1111/kohya embedding keys (``emb_params``, A1111 ``string_to_param.*``, SDXL
+    ``clip_l``/``clip_g``, pivotal-tuning ``text_encoders_0/1``) and A1111's bundled embeddings
+    beside kohya keys (``bundle_emb.<token>.string_to_param.*``, ``bundle_emb.<token>.clip_l``:
+    AUTOMATIC1111 extensions-builtin/Lora/networks.py (load_network, bundle_embeddings))."""
+    return (
+        (key.startswith("<") and key.endswith(">"))
+        or metadata.get(key) == EMBED_FLAG
+        or key in EMBEDDING_KEYS
+        or key.startswith(EMBEDDING_PREFIXES)
+    )
+
+
+_PTI_SIDES = {"text_encoders_0": "clip_l", "text_encoders_1": "clip_g"}
+
+
+def bundle_key(key: str, token: str = "embedding") -> str:
+    """The A1111 bundle name of an embedding tensor, as the kohya writer stores it beside the LoRA:
+    ``bundle_emb.<token>.string_to_param.*`` (SD1/SD2), ``bundle_emb.<token>.clip_l``/``clip_g``
+    (SDXL). ``token`` names a file's single embedding (``emb_params``, ``clip_l``…)."""
+    if key.startswith(BUNDLE_PREFIX):
+        return key
+    if key.startswith("<") and key.endswith(">"):
+        token, key = key[1:-1], "string_to_param.*"
+    elif key in ("emb_params", "string_to_param"):
+        key = "string_to_param.*"
+    key = _PTI_SIDES.get(key, key)
+    return f"{BUNDLE_PREFIX}{token.replace('.', '_') or 'embedding'}.{key}"

@@ -41,6 +41,7 @@ from .keys import (
     normalize_peft_key,
     pattern_value,
 )
+from .lookalike import not_a_lora
 from .names import NameTables
 from .resolve import Resolution, claim_warning, resolve
 from .verdict import ModelVerdict
@@ -446,7 +447,9 @@ def scan_lora(path: str | os.PathLike[str], family: str | FamilySpec | None = No
         elif is_peft_like(keys):
             spec, modules, warnings, unmatched, verdict, fmt = _scan_peft(lora_refs, metadata, family)
         else:
-            raise InputError(f"{path.name}: unknown LoRA key layout; first keys: {', '.join(keys[:5])}")
+            raise not_a_lora(path.name, keys) or InputError(
+                f"{path.name}: unknown LoRA key layout; first keys: {', '.join(keys[:5])}"
+            )
     except _NeedsTensors:
         return None
     finally:

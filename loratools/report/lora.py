@@ -22,7 +22,9 @@ from typing import Any
 
 from ..families import FAMILIES
 from ..formats.keys import EMBED_FLAG, is_embedding_key
+from ..formats.lookalike import check_not_lfs_pointer, flatten_embedding
 from ..formats.names import name_tables
+from ..formats.verdict import sd_verdict, unknown_verdict
 from ..formats.resolve import claimed_family
 from ..io.hub import resolve as resolve_hub
 from ..io.safetensors import TensorInfo
@@ -247,8 +249,8 @@ def _embedding_facts(embeddings: Mapping[str, TensorInfo | Any]) -> list[Embeddi
 
 def _family_of_embeddings(facts: list[EmbeddingFacts]) -> str | None:
     """SDXL embeddings carry clip_l + clip_g; otherwise the width names the text encoder."""
-    names = {f.name for f in facts}
-    if {"clip_l", "clip_g"} <= names:
+    names = {f.name.rsplit(".", 1)[-1] for f in facts}
+    if {"clip_l", "clip_g"} <= names or {"text_encoders_0", "text_encoders_1"} <= names:
         return "sdxl"
     widths = {f.width for f in facts}
     for family in ("sd1", "sd2"):
@@ -274,6 +276,7 @@ def _embedding_file(path: Path) -> tuple[dict[str, Any], dict[str, str]] | None:
             obj, _ = unwrap_state_dict(load_pickle_raw(path))
         except Exception:
             return None
+        obj = flatten_embedding(obj)
         if not isinstance(obj, dict):
             return None
         tensors, _ = split_tensors(obj)
@@ -315,6 +318,7 @@ def inspect_lora(
         from ..errors import InputError
 
         raise InputError(f"{local}: no such file or folder")
+    check_not_lfs_pointer(local)
     scan = scan_lora(local, family)
     only_embeddings = None if scan is not None or local.is_dir() else _embedding_file(local)
     if only_embeddings is not None:
@@ -471,6 +475,12 @@ def _embedding_report(
         for k, v in tensors.items()
     }
     claim, key = claimed_family(metadata)
+    if spec is not None:
+        verdict = sd_verdict(
+            spec.name, spec.title, full_size=True, note=f"embeddings for {spec.title} (by their width)"
+        )
+    else:
+        verdict = unknown_verdict(tensors)
     return LoraReport(
         path=shown,
         format="textual-inversion",
@@ -501,4 +511,5 @@ def _embedding_report(
         metadata_summary=summarize_metadata(metadata),
         hashes=hash_facts(path) if hashes and path.is_file() else None,
         keys=[key_facts(k, i) for k, i in infos.items()] if keys else None,
+        model=verdict.to_dict(),
     )
