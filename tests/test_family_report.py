@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from helpers_models import (
     FLUX_DIFFUSERS,
     FLUX_DIFFUSERS_WIDE,
@@ -197,3 +198,29 @@ def test_peft_config_rank_drift_one_answer(tmp_path: Path) -> None:
             run()
         messages.append(str(info.value))
     assert messages[0] == messages[1]
+
+
+def test_tucker_factors_go_through_the_shape_check(tmp_path: Path) -> None:
+    """A Tucker LoHa / LoKr made for a tiny model used to 'fit' full-size SD 1.x (no dims were
+    read from Tucker factors): it is read by its names now, and its ΔW has the tiny conv's shape."""
+    from safetensors.torch import save_file
+
+    from loratools.formats.names import name_tables
+
+    tables = name_tables(TINY["sd1"])
+    module = next(m for m in tables.modules.values() if len(m.shape) == 4 and m.shape[2] == 3 and m.component == "unet")
+    out, inp = module.shape[:2]
+    name = tables.kohya_name(module.name, sgm_unet=False, text_prefixes={"te1": "lora_te"})
+    r = 2
+    for params in (
+        {"hada_w1_a": (r, out), "hada_w1_b": (r, inp), "hada_w2_a": (r, out), "hada_w2_b": (r, inp),
+         "hada_t1": (r, r, 3, 3), "hada_t2": (r, r, 3, 3)},
+        {"lokr_w1": (1, 1), "lokr_w2_a": (r, out), "lokr_w2_b": (r, inp), "lokr_t2": (r, r, 3, 3)},
+    ):  # fmt: skip
+        tensors = {f"{name}.{k}": torch.randn(*shape) for k, shape in params.items()}
+        tensors[f"{name}.alpha"] = torch.tensor(float(r))
+        path = tmp_path / "tucker.safetensors"
+        save_file(tensors, str(path))
+        lora = load_lora(path)
+        assert lora.verdict.fit == "names"
+        assert tuple(lora.adapters[module.name].delta().shape) == module.shape

@@ -81,7 +81,7 @@ def test_textual_inversion_layouts(
 def test_checkpoint_vae_and_swapped_arguments(tmp_path: Path) -> None:
     ckpt = tmp_path / "model.safetensors"
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.ones(8, 4, 3, 3)}, str(ckpt))
-    with pytest.raises(InputError, match="a full Stable Diffusion checkpoint.*not a LoRA") as info:
+    with pytest.raises(InputError, match=r"a full Stable Diffusion checkpoint.*not a LoRA") as info:
         load_lora(ckpt)
     assert "swap the arguments" in (info.value.hint or "")
     vae = tmp_path / "vae.safetensors"

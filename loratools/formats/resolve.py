@@ -75,14 +75,23 @@ def adapter_dims(params: Mapping[str, torch.Tensor]) -> tuple[int, int] | None:
     """(out, in) of the ΔW a parameter group describes; ``in`` may include the kernel (in·kh·kw)."""
     if "lora_up.weight" in params and "lora_down.weight" in params:
         return int(params["lora_up.weight"].shape[0]), int(params["lora_down.weight"].shape[1])
-    if "hada_w1_a" in params and "hada_w1_b" in params and "hada_t1" not in params:
+    if "hada_w1_a" in params and "hada_w1_b" in params and "hada_t1" in params:
+        # Tucker LoHa: w1_a (r, out), w1_b (r, in), t1 (r, r, kh, kw) (LyCORIS LohaModule)
+        kernel = math.prod(params["hada_t1"].shape[2:])
+        return int(params["hada_w1_a"].shape[1]), int(params["hada_w1_b"].shape[1]) * kernel
+    if "hada_w1_a" in params and "hada_w1_b" in params:
         return int(params["hada_w1_a"].shape[0]), math.prod(params["hada_w1_b"].shape[1:])
     if "diff" in params:
         shape = params["diff"].shape
         return int(shape[0]), (int(shape[1]) if len(shape) > 1 else -1)
-    if any(k.startswith("lokr_") for k in params) and "lokr_t2" not in params:
-        a, b = _rows(params, "lokr_w1", "lokr_w1_a"), _rows(params, "lokr_w2", "lokr_w2_a")
-        c, d = _cols(params, "lokr_w1", "lokr_w1_b"), _cols(params, "lokr_w2", "lokr_w2_b")
+    if any(k.startswith("lokr_") for k in params):
+        a, c = _rows(params, "lokr_w1", "lokr_w1_a"), _cols(params, "lokr_w1", "lokr_w1_b")
+        if "lokr_t2" in params and "lokr_w2_a" in params and "lokr_w2_b" in params:
+            # Tucker w2: t2 (r, r, kh, kw), w2_a (r, b), w2_b (r, d) (LyCORIS LokrModule)
+            b = int(params["lokr_w2_a"].shape[1])
+            d: int | None = int(params["lokr_w2_b"].shape[1]) * math.prod(params["lokr_t2"].shape[2:])
+        else:
+            b, d = _rows(params, "lokr_w2", "lokr_w2_a"), _cols(params, "lokr_w2", "lokr_w2_b")
         if None not in (a, b, c, d):
             return a * b, c * d  # type: ignore[operator]
     return None

@@ -24,8 +24,8 @@ from ..families import FAMILIES
 from ..formats.keys import EMBED_FLAG, is_embedding_key
 from ..formats.lookalike import check_not_lfs_pointer, flatten_embedding
 from ..formats.names import name_tables
-from ..formats.verdict import sd_verdict, unknown_verdict
 from ..formats.resolve import claimed_family
+from ..formats.verdict import sd_verdict, unknown_verdict
 from ..io.hub import resolve as resolve_hub
 from ..io.safetensors import TensorInfo
 from .facts import LIST_LIMIT, hash_facts, key_facts
