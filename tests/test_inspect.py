@@ -410,7 +410,9 @@ def test_folder_inspect(tmp_path: Path, tiny_checkpoints: dict) -> None:
         "c.safetensors",
         "d-diffusers",
         "e-peft",
+        "notes.txt",  # issue 13: every entry gets a row (this one: skipped, not a weights file)
     ]
+    assert "skipped" in lines[5]
     assert "SD 1.x LoRA" in lines[0] and "SDXL LoRA" in lines[1] and "checkpoint" in lines[2]
     assert "checkpoint · diffusers" in lines[3] and "peft" in lines[4]
     data = json.loads(run("inspect", "--json", str(folder))[1])

@@ -158,7 +158,8 @@ def render_lora_report(console: Console, report: LoraReport, *, norms: bool, key
     if report.metadata_claims:
         verdict = "[yellow]disagrees: the shapes win[/yellow]" if report.family_mismatch else "[green]agrees[/green]"
         console.print(
-            f"family from shapes: {report.family_title} · metadata claims: {report.metadata_claims} · {verdict}"
+            f"family from {'shapes' if model.get('fit', 'shapes') == 'shapes' else 'names'}: {report.family_title}"
+            f" · metadata claims: {report.metadata_claims} · {verdict}"
         )
     console.print(
         f"{report.modules} modules, {human_count(report.parameters)} parameters, dtypes "
