@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import REPO
+from helpers import REPO, needs_real
 
 from loratools.cli.main import cli
 from loratools.io.checkpoint import open_checkpoint
@@ -240,6 +240,7 @@ def test_lora_through_the_cli(tmp_path: Path) -> None:
     assert not (tmp_path / "c.safetensors").exists()
 
 
+@needs_real("lycoris_lokr")
 def test_lora_inspect_json_on_real_files() -> None:
     from helpers import REAL_LORAS
 

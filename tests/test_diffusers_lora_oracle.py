@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FAMILY_NAMES, REAL_LORAS
+from helpers import FAMILY_NAMES, REAL_LORAS, needs_real
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -503,7 +503,7 @@ def diffusers_adapters(
     return out
 
 
-@pytest.mark.skipif(not CATUNDCHAT.with_suffix(".safetensors").exists(), reason="shared/real_loras not present")
+@needs_real("catundchat_sd15", "pytorch_lora_weights.safetensors")
 @pytest.mark.parametrize("suffix", [".safetensors", ".bin"])
 def test_old_attn_processor_file_matches_diffusers_conversion(suffix: str, tmp_path: Path) -> None:
     path = CATUNDCHAT.with_suffix(suffix)

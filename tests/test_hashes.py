@@ -11,7 +11,7 @@ import pytest
 import safetensors.torch
 import torch
 from click.testing import CliRunner
-from helpers import REAL_LORAS
+from helpers import REAL_LORAS, needs_real
 
 from loratools.cli.main import cli
 from loratools.ops.hashes import file_hashes
@@ -31,6 +31,7 @@ def independent(path: Path) -> dict[str, str]:
     }
 
 
+@needs_real("lycoris_lokr")
 @pytest.mark.parametrize("rank", [4, 8, 16])
 def test_real_lokr_hashes_and_stored_sshs(rank: int) -> None:
     path = REAL_LORAS / "lycoris_lokr" / f"smart_falcon_{rank}_lokr.safetensors"
@@ -88,6 +89,7 @@ def test_small_and_pickled_files(tmp_path: Path) -> None:
     assert h.legacy == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
 
 
+@needs_real("lycoris_lokr")
 def test_hashes_in_reports_and_cli(tmp_path: Path, tiny_checkpoints: dict) -> None:
     path = REAL_LORAS / "lycoris_lokr" / "smart_falcon_16_lokr.safetensors"
     report = inspect_lora(path, hashes=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import REAL_LORAS
+from helpers import REAL_LORAS, needs_real
 from safetensors.torch import load_file, save_file
 
 from loratools.errors import InputError
@@ -510,6 +510,7 @@ def test_unsupported_through_reader() -> None:
 # Real LoKr files (KohakuBlueleaf/LyCORIS result/, SD1, kohya names, old 2-D conv layout)
 
 
+@needs_real("lycoris_lokr")
 @pytest.mark.parametrize("rank", [4, 8, 16])
 def test_real_lokr_files(rank: int, tmp_path: Path) -> None:
     path = LOKR_FILES / f"smart_falcon_{rank}_lokr.safetensors"
