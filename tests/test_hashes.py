@@ -1,4 +1,4 @@
-"""--hashes: every value recomputed here with hashlib over the byte ranges of FORMATS.md §6."""
+"""--hashes: every value recomputed here with hashlib over the byte ranges of docs/FORMATS.md §6."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def test_real_lokr_hashes_and_stored_sshs(rank: int) -> None:
     checks = {c.key: c for c in h.checks}
     assert checks["sshs_model_hash"].ok is True  # LyCORIS stored the addnet hash of these very tensors
     assert checks["sshs_legacy_hash"].ok is True
-    if rank == 4:  # 648 KB: the 1 MiB window is empty (FORMATS.md §6.1)
+    if rank == 4:  # 648 KB: the 1 MiB window is empty (docs/FORMATS.md §6.1)
         assert h.legacy == "e3b0c442" and checks["sshs_legacy_hash"].computed == "e3b0c442"
     elif rank == 8:  # written by a safetensors that did not pad headers to 8 bytes
         assert "unpadded" in checks["sshs_legacy_hash"].note

@@ -22,7 +22,7 @@ from .names import NameTables, name_tables
 if TYPE_CHECKING:
     import torch
 
-# kohya ss_base_model_version / modelspec.architecture prefixes → family (FORMATS.md §1.4, §5.4)
+# kohya ss_base_model_version / modelspec.architecture prefixes → family (docs/FORMATS.md §1.4, §5.4)
 _CLAIMS = (
     ("sdxl", "sdxl"),
     ("sd_v1", "sd1"),
