@@ -15,7 +15,10 @@ from .rank_cmds import blend, extract, rescale, resize
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-@click.group(context_settings=CONTEXT)
+@click.group(
+    context_settings=CONTEXT,
+    epilog="Formats reference (cited as docs/FORMATS.md §N): docs/FORMATS.md in the source tree.",
+)
 @click.version_option(__version__, prog_name="loratools")
 def cli() -> None:
     """LoRA weight surgery for Stable Diffusion (SD 1.x, 2.x, SDXL), directly on state dicts.

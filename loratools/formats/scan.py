@@ -271,7 +271,7 @@ def _unmatched_warnings(unmatched: Mapping[str, str], warnings: list[str], *, mo
 
 
 def _context_dim(groups: Mapping[str, Mapping[str, ParamRef]], marker: str) -> int | None:
-    """In-dim of a cross-attention ``to_k`` LoRA: 768 SD1, 1024 SD2, 2048 SDXL (FORMATS.md §1.1)."""
+    """In-dim of a cross-attention ``to_k`` LoRA: 768 SD1, 1024 SD2, 2048 SDXL (docs/FORMATS.md §1.1)."""
     for name, params in groups.items():
         down = params.get("lora_down.weight")
         if marker in name and down is not None and len(down.shape) >= 2:

@@ -308,7 +308,7 @@ def _match(
             if getattr(adapter, "dora_scale", None) is not None and strength != 1.0:
                 raise InputError(
                     f"{Path(lora_input.name).name}: {module} is a DoRA module; only weight 1 is defined for it "
-                    "(LyCORIS and ComfyUI disagree elsewhere, FORMATS.md §4.7)"
+                    "(LyCORIS and ComfyUI disagree elsewhere, docs/FORMATS.md §4.7)"
                     + ("; a DoRA merge cannot be undone" if sign < 0 else "")
                 )
             for target, is_bias in targets:
