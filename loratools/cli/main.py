@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from .. import __version__
+from .check_cmd import check_command
 from .convert_cmd import convert
 from .demo_cmd import demo
 from .diff_cmd import diff_command
@@ -36,6 +37,7 @@ def cli() -> None:
 
 
 cli.add_command(inspect_command)
+cli.add_command(check_command)
 cli.add_command(diff_command)
 cli.add_command(convert)
 cli.add_command(merge)
