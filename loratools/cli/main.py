@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from .. import __version__
+from .batch import batch_group
 from .convert_cmd import convert
 from .demo_cmd import demo
 from .diff_cmd import diff_command
@@ -42,6 +43,7 @@ cli.add_command(resize)
 cli.add_command(blend)
 cli.add_command(extract)
 cli.add_command(demo)
+cli.add_command(batch_group)
 
 
 def main() -> None:
