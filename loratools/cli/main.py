@@ -6,6 +6,7 @@ import click
 
 from .. import __version__
 from .batch import batch_group
+from .census_cmd import census
 from .convert_cmd import convert
 from .demo_cmd import demo
 from .diff_cmd import diff_command
@@ -44,6 +45,7 @@ cli.add_command(blend)
 cli.add_command(extract)
 cli.add_command(demo)
 cli.add_command(batch_group)
+cli.add_command(census)
 
 
 def main() -> None:
