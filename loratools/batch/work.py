@@ -125,8 +125,8 @@ def _fault_hook(task: Task) -> None:
     half-written temporary beside its output and kills its own process, as an OOM kill or a lost
     node would; later attempts find the marker and run normally."""
     folder = os.environ.get("LORATOOLS_BATCH_KILL_ONCE")
-    if not folder or task.output is None:
-        return
+    if not folder or task.output is None or not os.path.isdir(folder):
+        return  # not set, or set but not armed (the folder does not exist)
     marker = Path(folder) / (Path(task.source).name + ".killed")
     try:
         fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
