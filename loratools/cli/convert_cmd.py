@@ -9,6 +9,7 @@ from ..classify import classify
 from ..errors import InputError
 from ..io.checkpoint import open_checkpoint
 from ..ops.checkpoint import convert_checkpoint
+from .batch import batchable
 from .errors import user_errors
 from .options import dtype_option, family_option, overwrite_option
 from .progress import byte_progress
@@ -19,6 +20,7 @@ LORA_TARGETS = ("kohya", "diffusers", "peft", "cloneofsimo")
 CHECKPOINT_TARGETS = ("single", "diffusers")
 
 
+@batchable("convert")
 @click.command()
 @click.argument("source", type=click.Path(path_type=str))
 @click.argument("output", type=click.Path(path_type=str))
