@@ -16,7 +16,9 @@ from functools import cached_property
 from typing import TYPE_CHECKING
 
 from ..errors import InputError
+from .flux import flux_weights
 from .spec import FamilySpec, Weight
+from .t5 import t5_weights
 from .text import text_weights
 from .unet import unet_weights
 from .vae import legacy_diffusers_name, vae_weights
@@ -30,8 +32,12 @@ LAYOUTS = ("diffusers", "ldm", "sgm", "bfl")
 def family_weights(spec: FamilySpec) -> list[Weight]:
     """Every canonical tensor of a family: denoiser first, then text encoders, then VAE."""
     weights = unet_weights(spec.unet) if spec.unet is not None else []
+    if spec.transformer is not None:
+        weights += flux_weights(spec.transformer)
     for text in spec.texts:
         weights += text_weights(text)
+    if spec.t5 is not None:
+        weights += t5_weights(spec.t5)
     return weights + vae_weights(spec.vae)
 
 
