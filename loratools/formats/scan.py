@@ -294,7 +294,7 @@ def _resolve(
     Anything less than a full fit takes the general path, warnings and ties included.
     """
     width = _context_dim(groups, marker) if family is None else None
-    guess = next((s for s in FAMILIES.values() if s.unet.context_dim == width), None)
+    guess = next((s for s in FAMILIES.values() if s.unet is not None and s.unet.context_dim == width), None)
     if guess is not None:
         try:
             found = resolve(groups, table, metadata, guess)  # type: ignore[arg-type]
