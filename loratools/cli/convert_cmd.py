@@ -9,15 +9,18 @@ from ..classify import classify
 from ..errors import InputError
 from ..io.checkpoint import open_checkpoint
 from ..ops.checkpoint import convert_checkpoint
+from .batch import batchable
 from .errors import user_errors
 from .options import dtype_option, family_option, overwrite_option
 from .progress import byte_progress
 from .render import human_bytes, print_json
+from .render_accounting import render_accounting
 
 LORA_TARGETS = ("kohya", "diffusers", "peft", "cloneofsimo")
 CHECKPOINT_TARGETS = ("single", "diffusers")
 
 
+@batchable("convert")
 @click.command()
 @click.argument("source", type=click.Path(path_type=str))
 @click.argument("output", type=click.Path(path_type=str))
@@ -154,13 +157,4 @@ def convert(
             f"wrote {output}: {report.tensors_written} tensors, {human_bytes(report.bytes_written)} "
             f"({report.raw_copied} copied as raw bytes), {report.source_layout} → {report.output_layout}"
         )
-        if report.dropped:
-            console.print(
-                f"[dim]note:[/dim] {len(report.dropped)} tensors have no place in the output layout "
-                f"and were left out: {', '.join(report.dropped[:4])}{' …' if len(report.dropped) > 4 else ''}"
-            )
-        if report.missing:
-            console.print(
-                f"[yellow]warning:[/yellow] {len(report.missing)} output tensors could not be filled from "
-                f"the source: {', '.join(report.missing[:4])}{' …' if len(report.missing) > 4 else ''}"
-            )
+        render_accounting(console, report)
