@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from helpers import REAL_LORAS, needs_real
-from helpers_check import subset, with_kind, write_diffusers, write_kohya
+from helpers_check import subset, with_kind, write_diffusers, write_kohya, write_raw
 
 from loratools.check import check_lora
 from loratools.check.schema import CHECK_SCHEMA
@@ -233,3 +233,22 @@ def test_inspect_shows_loads_in(files: dict[str, Path]) -> None:
     result = CliRunner().invoke(cli, ["inspect", str(files["peft"])])
     assert result.exit_code == 0, result.output
     assert "loads in: ComfyUI: " in result.output and "diffusers 0.42 ✓" in result.output
+
+
+def test_base_checkpoint_key_set(tiny_checkpoints: dict[tuple[str, str], Path], tmp_path: Path) -> None:
+    """--base: the checkpoint's real modules decide; a base without the middle block's attention
+    (an SSD-1B-like pruned model) leaves those LoRA modules out."""
+    from safetensors.torch import load_file
+
+    from loratools.synthetic import TINY, make_lora
+
+    spec = TINY["sd1"]
+    path = write_kohya(make_lora(spec, rank=2), tmp_path / "tiny.safetensors")
+    full = tiny_checkpoints[("sd1", "single")]
+    assert check_lora(path, "comfyui", base=full).clean
+    tensors = {k: v for k, v in load_file(str(full)).items() if "middle_block.1." not in k}
+    pruned = write_raw(tensors, tmp_path / "pruned.safetensors")
+    (report,) = check_lora(path, "comfyui", base=pruned).reports
+    (group,) = report.ignored
+    assert group.short == "modules not in the base ignored" and group.names
+    assert all(n.startswith("unet.mid_block.attentions.0.") for n in group.names)
