@@ -20,6 +20,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 # never loads the merge engine (or torch). One line per command; `--help` lists them in this order.
 COMMANDS: dict[str, str] = {
     "inspect": "inspect_cmd:inspect_command",
+    "check": "check_cmd:check_command",
     "diff": "diff_cmd:diff_command",
     "convert": "convert_cmd:convert",
     "merge": "merge_cmd:merge",
@@ -29,6 +30,8 @@ COMMANDS: dict[str, str] = {
     "blend": "rank_cmds:blend",
     "extract": "rank_cmds:extract",
     "demo": "demo_cmd:demo",
+    "batch": "batch:batch_group",
+    "census": "census_cmd:census",
 }
 
 
