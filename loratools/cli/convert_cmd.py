@@ -9,6 +9,7 @@ from ..classify import classify
 from ..errors import InputError
 from ..io.checkpoint import open_checkpoint
 from ..ops.checkpoint import convert_checkpoint
+from .dryrun import destination, dry_run_option, json_fields, print_dry_run, say_written
 from .errors import user_errors
 from .options import dtype_option, family_option, overwrite_option
 from .progress import byte_progress
@@ -37,7 +38,8 @@ CHECKPOINT_TARGETS = ("single", "diffusers")
 @click.option(
     "--to-lora",
     is_flag=True,
-    help="LoRA: re-factorize LoHa/LoKr/Tucker/full modules into plain LoRA by SVD (needs --rank or --error).",
+    help="LoRA: re-factorize LoHa/LoKr/Tucker/full modules into plain LoRA by SVD (needs --rank or --error, "
+    "not both). Ranks chosen per module from each spectrum (--sv-fro, --sv-ratio): `loratools resize`.",
 )
 @click.option(
     "--rank", type=click.IntRange(min=1), default=None, help="With --to-lora: keep this many singular values."
@@ -48,7 +50,14 @@ CHECKPOINT_TARGETS = ("single", "diffusers")
     default=None,
     help="With --to-lora: keep the fewest singular values with relative Frobenius error ≤ E.",
 )
+@click.option(
+    "--max-rank",
+    type=click.IntRange(min=1),
+    default=None,
+    help="With --to-lora: never more than this rank per module (default 64 with --error; none with --rank).",
+)
 @overwrite_option
+@dry_run_option
 @click.option("--json", "as_json", is_flag=True, help="Print the conversion report as JSON.")
 def convert(
     source: str,
@@ -60,7 +69,9 @@ def convert(
     to_lora: bool,
     rank: int | None,
     error: float | None,
+    max_rank: int | None,
     overwrite: bool,
+    dry_run: bool,
     as_json: bool,
 ) -> None:
     """Convert a LoRA between formats, or a checkpoint between layouts.
@@ -93,20 +104,23 @@ def convert(
                         f"{source} is a LoRA; --to single is for checkpoints (use kohya, diffusers, peft or cloneofsimo)"
                     )
                 target = "kohya"
-            report = convert_lora(
-                source,
-                output,
-                target,
-                family=family,
-                dtype=dtype,
-                bake_scale=bake,
-                to_lora=to_lora,
-                rank=rank,
-                error=error,
-                overwrite=overwrite,
-            )
+            with destination(output, dry_run, inputs=[source], overwrite=overwrite) as dest:
+                report = convert_lora(
+                    source,
+                    dest.path,
+                    target,
+                    family=family,
+                    dtype=dtype,
+                    bake_scale=bake,
+                    to_lora=to_lora,
+                    rank=rank,
+                    error=error,
+                    max_rank=max_rank,
+                    overwrite=overwrite,
+                    notify=console.print if to_lora and not as_json else None,
+                )
             if as_json:
-                print_json(Console(), report.__dict__)
+                print_json(Console(), {**report.__dict__, "output": output, **json_fields(dest)})
                 return
             how = (
                 "exact"
@@ -116,27 +130,33 @@ def convert(
                 )
             )
             console.print(
-                f"wrote {output}: {report.modules} modules, {report.source_format} → {report.output_format} "
-                f"({report.family}), {how}"
+                f"{say_written(console, dest)}: {report.modules} modules, {report.source_format} → "
+                f"{report.output_format} ({report.family}), {how}"
             )
-            for warning in report.warnings[:10]:
+            told = {w for w in report.warnings if "× the input" in w} if to_lora else set()  # said before writing
+            for warning in [w for w in report.warnings if w not in told][:10]:
                 console.print(f"[yellow]warning:[/yellow] {warning}")
+            print_dry_run(console, dest)
             return
         if target not in (None, *CHECKPOINT_TARGETS):
             raise InputError(f"{source} is a checkpoint; --to {target} is for LoRAs (use single or diffusers)")
-        if bake or to_lora or rank or error:
-            raise InputError("--bake/--to-lora/--rank/--error apply to LoRAs, not checkpoints")
+        if bake or to_lora or rank or error or max_rank:
+            raise InputError("--bake/--to-lora/--rank/--error/--max-rank apply to LoRAs, not checkpoints")
         with open_checkpoint(source) as ckpt:
             total = ckpt.nbytes
-        with byte_progress(console, "converting", enabled=not as_json, total=total) as advance:
-            report = convert_checkpoint(
-                source, output, layout=target, dtype=dtype, family=family, overwrite=overwrite, progress=advance
+        with (
+            destination(output, dry_run, inputs=[source], overwrite=overwrite) as dest,
+            byte_progress(console, "converting", enabled=not as_json, total=total) as advance,
+        ):
+            checkpoint_report = convert_checkpoint(
+                source, dest.path, layout=target, dtype=dtype, family=family, overwrite=overwrite, progress=advance
             )
+        report = checkpoint_report
         if as_json:
-            print_json(Console(), report.__dict__)
+            print_json(Console(), {**report.__dict__, "output": output, **json_fields(dest)})
             return
         console.print(
-            f"wrote {output}: {report.tensors_written} tensors, {human_bytes(report.bytes_written)} "
+            f"{say_written(console, dest)}: {report.tensors_written} tensors, {human_bytes(report.bytes_written)} "
             f"({report.raw_copied} copied as raw bytes), {report.source_layout} → {report.output_layout}"
         )
         if report.dropped:
@@ -149,3 +169,4 @@ def convert(
                 f"[yellow]warning:[/yellow] {len(report.missing)} output tensors could not be filled from "
                 f"the source: {', '.join(report.missing[:4])}{' …' if len(report.missing) > 4 else ''}"
             )
+        print_dry_run(console, dest)
