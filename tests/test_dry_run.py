@@ -106,3 +106,19 @@ def test_to_lora_guard_rails(loras: dict, tmp_path: Path) -> None:
     assert any(line.startswith("warning:") and "× the input" in line for line in heard)
     result = CliRunner().invoke(cli, ["convert", "--help"])
     assert "loratools resize" in result.output and "--max-rank" in result.output
+
+
+def test_module_bars_learn_their_total() -> None:
+    from loratools.ops.parallel import map_modules
+
+    seen: list[tuple[str, int]] = []
+
+    class Recorder:
+        def __call__(self, n: int) -> None:
+            seen.append(("advance", n))
+
+        def set_total(self, total: int) -> None:
+            seen.append(("total", total))
+
+    assert map_modules(lambda x: x * 2, [1, 2, 3], workers=1, progress=Recorder()) == [2, 4, 6]
+    assert seen == [("total", 3), ("advance", 1), ("advance", 1), ("advance", 1)]

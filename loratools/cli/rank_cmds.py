@@ -13,7 +13,7 @@ from rich.table import Table
 from .dryrun import destination, dry_run_option, json_fields, print_dry_run, say_written
 from .errors import user_errors
 from .options import dtype_option, family_option, overwrite_option
-from .progress import byte_progress
+from .progress import byte_progress, module_progress
 from .render import print_json
 
 FORMAT_CHOICES = ("kohya", "diffusers", "peft", "cloneofsimo")
@@ -188,8 +188,12 @@ def resize(lora: str, output: str, to: str | None, dtype: str | None, family: st
     with user_errors():
         from ..ops.resize import resize as run
 
-        with destination(output, dry_run, inputs=[lora], overwrite=overwrite) as dest:
-            report = run(lora, dest.path, **_rules(kwargs), to=to, dtype=dtype, family=family, overwrite=overwrite)
+        with (
+            destination(output, dry_run, inputs=[lora], overwrite=overwrite) as dest,
+            module_progress("resizing", enabled=not as_json) as advance,
+        ):
+            report = run(lora, dest.path, **_rules(kwargs), to=to, dtype=dtype, family=family, overwrite=overwrite,
+                         progress=advance)  # fmt: skip
         if as_json:
             print_json(Console(), {**report.to_dict(), **json_fields(dest)})
             return
@@ -247,9 +251,12 @@ def blend(loras: tuple[str, ...], mode: str, metadata_policy: str, output: str, 
 
         rules = _rules(kwargs)
         sources = [spec.rsplit(":", 1)[0] if ":" in spec else spec for spec in loras]
-        with destination(output, dry_run, inputs=sources, overwrite=overwrite) as dest:
+        with (
+            destination(output, dry_run, inputs=sources, overwrite=overwrite) as dest,
+            module_progress("blending", enabled=not as_json) as advance,
+        ):
             report = run(list(loras), dest.path, mode=mode, **rules, metadata=metadata_policy, to=to, dtype=dtype,
-                         family=family, overwrite=overwrite)  # fmt: skip
+                         family=family, overwrite=overwrite, progress=advance)  # fmt: skip
         if as_json:
             print_json(Console(), {**report.to_dict(), **json_fields(dest)})
             return
