@@ -148,25 +148,24 @@ def convert(
             destination(output, dry_run, inputs=[source], overwrite=overwrite) as dest,
             byte_progress(console, "converting", enabled=not as_json, total=total) as advance,
         ):
-            checkpoint_report = convert_checkpoint(
+            ck = convert_checkpoint(
                 source, dest.path, layout=target, dtype=dtype, family=family, overwrite=overwrite, progress=advance
             )
-        report = checkpoint_report
         if as_json:
-            print_json(Console(), {**report.__dict__, "output": output, **json_fields(dest)})
+            print_json(Console(), {**ck.__dict__, "output": output, **json_fields(dest)})
             return
         console.print(
-            f"{say_written(console, dest)}: {report.tensors_written} tensors, {human_bytes(report.bytes_written)} "
-            f"({report.raw_copied} copied as raw bytes), {report.source_layout} → {report.output_layout}"
+            f"{say_written(console, dest)}: {ck.tensors_written} tensors, {human_bytes(ck.bytes_written)} "
+            f"({ck.raw_copied} copied as raw bytes), {ck.source_layout} → {ck.output_layout}"
         )
-        if report.dropped:
+        if ck.dropped:
             console.print(
-                f"[dim]note:[/dim] {len(report.dropped)} tensors have no place in the output layout "
-                f"and were left out: {', '.join(report.dropped[:4])}{' …' if len(report.dropped) > 4 else ''}"
+                f"[dim]note:[/dim] {len(ck.dropped)} tensors have no place in the output layout "
+                f"and were left out: {', '.join(ck.dropped[:4])}{' …' if len(ck.dropped) > 4 else ''}"
             )
-        if report.missing:
+        if ck.missing:
             console.print(
-                f"[yellow]warning:[/yellow] {len(report.missing)} output tensors could not be filled from "
-                f"the source: {', '.join(report.missing[:4])}{' …' if len(report.missing) > 4 else ''}"
+                f"[yellow]warning:[/yellow] {len(ck.missing)} output tensors could not be filled from "
+                f"the source: {', '.join(ck.missing[:4])}{' …' if len(ck.missing) > 4 else ''}"
             )
         print_dry_run(console, dest)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import click
 from rich.console import Console
@@ -270,9 +270,8 @@ def blend(loras: tuple[str, ...], mode: str, metadata_policy: str, output: str, 
                               _limit_note(m.limited_by))  # fmt: skip
             print_table(console, table)
         inputs = ", ".join(f"{i['source']}×{i['weight']:g}" for i in report.inputs)
-        ranks = ", ".join(
-            f"{r}×{n}" for r, n in sorted(report.to_dict()["ranks_after"].items(), key=lambda x: int(x[0]))
-        )  # type: ignore[union-attr]
+        ranks_after = cast("dict[str, int]", report.to_dict()["ranks_after"])
+        ranks = ", ".join(f"{r}×{n}" for r, n in sorted(ranks_after.items(), key=lambda x: int(x[0])))
         console.print(
             f"{say_written(console, dest)}: {len(report.modules)} modules ({mode}; ranks {ranks}) from {inputs}"
         )
@@ -381,9 +380,8 @@ def demo_resize(workdir: Path, console: Console) -> Any:
         f"parameters, ‖ΔW‖_F kept: mean {fixed.mean_fro_kept:.1%}, min {fixed.min_fro_kept:.1%}"
     )
     dynamic = run(source, workdir / "sample-lora-fro90.safetensors", sv_fro=0.9, family=spec, overwrite=True)
-    ranks = ", ".join(
-        f"rank {r}×{n}" for r, n in sorted(dynamic.to_dict()["ranks_after"].items(), key=lambda x: int(x[0]))
-    )  # type: ignore[union-attr]
+    ranks_after = cast("dict[str, int]", dynamic.to_dict()["ranks_after"])
+    ranks = ", ".join(f"rank {r}×{n}" for r, n in sorted(ranks_after.items(), key=lambda x: int(x[0])))
     console.print(f"sv-fro 0.9: every module keeps ≥ 90% of ‖ΔW‖_F with the fewest ranks ({ranks})")
     before, after = load_lora(source, spec), load_lora(workdir / "sample-lora-r4.safetensors", spec)
     worst = 0.0
