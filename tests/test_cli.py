@@ -232,10 +232,13 @@ def test_lora_through_the_cli(tmp_path: Path) -> None:
     assert report["exact"] and report["modules"] == 722 and report["output_format"] == "diffusers"
     code, out, _ = run("inspect", "--json", str(tmp_path / "d.safetensors"))
     assert code == 0 and json.loads(out)["family"] == "sdxl" and json.loads(out)["modules"] == 722
-    # a LoRA whose shapes fit no full-size model (here: a tiny test LoRA) is refused, not emptied
+    # a LoRA whose shapes fit no full-size model (here: a tiny test LoRA) converts by its SD names
+    # (issue 13: the family is a report; before, this was refused with "no module of this file fits")
     tiny = save_lora(make_lora(TINY["sd1"]), tmp_path / "tiny.safetensors", "kohya")
     code, _, err = run("convert", str(tiny), str(tmp_path / "t.safetensors"), "--to", "diffusers")
-    assert code == 2 and "no module of this file fits" in err and not (tmp_path / "t.safetensors").exists()
+    assert code == 0, err
+    code, out, _ = run("inspect", "--json", str(tmp_path / "t.safetensors"))
+    assert code == 0 and json.loads(out)["model"]["fit"] == "names"
     code, _, err = run("convert", str(kohya), str(tmp_path / "c.safetensors"), "--to", "single")
     assert code == 2 and "is a LoRA" in err
     assert not (tmp_path / "c.safetensors").exists()

@@ -413,7 +413,9 @@ def test_folder_inspect(tmp_path: Path, tiny_checkpoints: dict) -> None:
         "c.safetensors",
         "d-diffusers",
         "e-peft",
+        "notes.txt",  # issue 13: every entry gets a row (this one: skipped, not a weights file)
     ]
+    assert "skipped" in lines[5]
     assert "SD 1.x LoRA" in lines[0] and "SDXL LoRA" in lines[1] and "checkpoint" in lines[2]
     assert "checkpoint · diffusers" in lines[3] and "peft" in lines[4]
     data = json.loads(run("inspect", "--json", str(folder))[1])
@@ -461,10 +463,11 @@ def test_metadata_summary_tags_and_modelspec() -> None:
     assert summary["merged_from"] == "a.safetensors, b.safetensors" and summary["other_keys"] == 1
 
 
-def test_tiny_lora_error_is_one_line(tmp_path: Path) -> None:
+def test_tiny_lora_is_inspected_by_its_names(tmp_path: Path) -> None:
+    """Issue 13: a LoRA of widths no full-size model has is inspected (before: refused, exit 2)."""
     path = save_lora(make_lora(TINY["sd1"]), tmp_path / "tiny.safetensors", "kohya")
-    code, _, err = run("inspect", str(path))
-    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    code, out, err = run("inspect", str(path))
+    assert code == 0 and "SD 1.x names; widths fit no full-size SD 1.x" in out, err
 
 
 def test_peft_folder_lora(tmp_path: Path) -> None:

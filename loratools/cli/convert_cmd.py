@@ -9,16 +9,19 @@ from ..classify import classify
 from ..errors import InputError
 from ..io.checkpoint import open_checkpoint
 from ..ops.checkpoint import convert_checkpoint
+from .batch import batchable
 from .dryrun import destination, dry_run_option, json_fields, print_dry_run, say_written
 from .errors import user_errors
 from .options import dtype_option, family_option, overwrite_option
 from .progress import byte_progress
 from .render import human_bytes, print_json
+from .render_accounting import render_accounting
 
 LORA_TARGETS = ("kohya", "diffusers", "peft", "cloneofsimo")
 CHECKPOINT_TARGETS = ("single", "diffusers")
 
 
+@batchable("convert")
 @click.command()
 @click.argument("source", type=click.Path(path_type=str))
 @click.argument("output", type=click.Path(path_type=str))
@@ -56,6 +59,13 @@ CHECKPOINT_TARGETS = ("single", "diffusers")
     default=None,
     help="With --to-lora: never more than this rank per module (default 64 with --error; none with --rank).",
 )
+@click.option(
+    "--for",
+    "for_target",
+    default=None,
+    help="LoRA: write the file TARGET (comfyui, a1111, forge, diffusers, invokeai, kohya) loads completely "
+    "at the file's own strength (see loratools check).",
+)
 @overwrite_option
 @dry_run_option
 @click.option("--json", "as_json", is_flag=True, help="Print the conversion report as JSON.")
@@ -70,6 +80,7 @@ def convert(
     rank: int | None,
     error: float | None,
     max_rank: int | None,
+    for_target: str | None,
     overwrite: bool,
     dry_run: bool,
     as_json: bool,
@@ -95,6 +106,15 @@ def convert(
     console = Console(stderr=as_json)
     with user_errors():
         kind = classify(source)
+        if for_target is not None:  # loratools/check/fix.py decides the dialect; --to would contradict it
+            from .check_cmd import convert_for_target
+
+            with destination(output, dry_run, inputs=[source], overwrite=overwrite) as dest:
+                convert_for_target(
+                    source, dest.path, for_target, target, family, dtype, to_lora, rank, error, overwrite, as_json
+                )
+            print_dry_run(console, dest)
+            return
         if kind == "lora":
             from ..ops.convert import convert_lora  # torch is imported only where tensors are touched
 
@@ -158,14 +178,5 @@ def convert(
             f"{say_written(console, dest)}: {ck.tensors_written} tensors, {human_bytes(ck.bytes_written)} "
             f"({ck.raw_copied} copied as raw bytes), {ck.source_layout} → {ck.output_layout}"
         )
-        if ck.dropped:
-            console.print(
-                f"[dim]note:[/dim] {len(ck.dropped)} tensors have no place in the output layout "
-                f"and were left out: {', '.join(ck.dropped[:4])}{' …' if len(ck.dropped) > 4 else ''}"
-            )
-        if ck.missing:
-            console.print(
-                f"[yellow]warning:[/yellow] {len(ck.missing)} output tensors could not be filled from "
-                f"the source: {', '.join(ck.missing[:4])}{' …' if len(ck.missing) > 4 else ''}"
-            )
+        render_accounting(console, ck)
         print_dry_run(console, dest)

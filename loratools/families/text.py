@@ -34,9 +34,9 @@ def text_weights(spec: TextSpec) -> list[Weight]:
                 shape,
                 f"{folder}.{hf}" if in_diffusers else None,
                 pre + single if single is not None else None,
-                **extra,
+                **extra,  # type: ignore[arg-type]
             )
-        )  # type: ignore[arg-type]
+        )
 
     def openclip_or_hf(hf: str, openclip: str) -> str:
         return openclip if spec.openclip else hf

@@ -16,6 +16,7 @@ from typing import Union
 import torch
 
 from ..families.spec import FamilySpec
+from .verdict import VERBATIM, ModelVerdict, sd_verdict, unknown_verdict
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
@@ -69,6 +70,15 @@ class LowRank:
         if self.down.dim() == 4:
             return (self.out_features, *self.down.shape[1:])
         return (self.out_features, int(self.down.shape[1]))
+
+    @property
+    def label(self) -> str:
+        """The kind as inspect and diff show it: lora, locon (k×k conv), tucker, dora."""
+        if self.dora_scale is not None:
+            return "dora"
+        if self.mid is not None:
+            return "tucker"
+        return "locon" if self.down.dim() == 4 and self.down.shape[-1] > 1 else "lora"
 
     def delta(self) -> torch.Tensor:
         """ΔW in float32, shaped like the weight (without DoRA, which needs the base weight)."""
@@ -140,6 +150,11 @@ class LoHa:
 
     def delta_shape(self) -> tuple[int, ...]:
         return tuple(self.shape) if self.shape is not None else self.natural_shape()
+
+    @property
+    def label(self) -> str:
+        """The kind as inspect and diff show it (``+dora`` with a magnitude)."""
+        return self.kind + ("+dora" if self.dora_scale is not None else "")
 
     def delta(self) -> torch.Tensor:
         if self.t1 is not None and self.t2 is not None:
@@ -217,6 +232,11 @@ class LoKr:
     def delta_shape(self) -> tuple[int, ...]:
         return tuple(self.shape) if self.shape is not None else self.natural_shape()
 
+    @property
+    def label(self) -> str:
+        """The kind as inspect and diff show it (``+dora`` with a magnitude)."""
+        return self.kind + ("+dora" if self.dora_scale is not None else "")
+
     def _w1(self) -> torch.Tensor:
         if self.w1 is not None:
             return _f32(self.w1)
@@ -263,6 +283,10 @@ class Full:
 
     def delta_shape(self) -> tuple[int, ...]:
         return tuple(self.diff.shape)
+
+    @property
+    def label(self) -> str:
+        return self.kind
 
     def delta(self) -> torch.Tensor:
         return _f32(self.diff)
@@ -358,19 +382,55 @@ class LoraFile:
     """A LoRA read from any dialect: adapters by canonical module name, plus what came with them."""
 
     adapters: dict[str, Adapter]
-    family: FamilySpec
+    family: FamilySpec | None  # None: no family map applies; adapters keep the file's own names
     source_format: str  # the dialect it was read from: kohya, diffusers, peft, cloneofsimo, …
     metadata: dict[str, str] = field(default_factory=dict)
     embeddings: dict[str, torch.Tensor] = field(default_factory=dict)  # textual-inversion tokens
     warnings: list[str] = field(default_factory=list)
     unmatched: dict[str, str] = field(default_factory=dict)  # file module name → why it matched nothing
     path: str | None = None
+    model: ModelVerdict | None = None  # what model it is for (formats.verdict); derived when not given
+
+    def __post_init__(self) -> None:
+        if self.model is None:
+            if self.family is not None:
+                self.model = sd_verdict(self.family.name, self.family.title, full_size=True)
+            else:
+                self.model = unknown_verdict(self.adapters)
 
     def __repr__(self) -> str:
         return (
-            f"LoraFile({self.source_format}, {self.family.name}, {len(self.adapters)} modules, "
+            f"LoraFile({self.source_format}, {self.family_name}, {len(self.adapters)} modules, "
             f"{len(self.embeddings)} embeddings)"
         )
+
+    @property
+    def verdict(self) -> ModelVerdict:
+        assert self.model is not None  # set in __post_init__
+        return self.model
+
+    @property
+    def family_name(self) -> str:
+        """sd1/sd2/sdxl, or the verdict's family (flux1, sd3, language-model, unknown)."""
+        return self.family.name if self.family is not None else self.verdict.family
+
+    @property
+    def family_title(self) -> str:
+        return self.family.title if self.family is not None else self.verdict.title
+
+    @property
+    def names(self) -> str:
+        """How adapters are keyed: "canonical" (SD name tables) or, with no family map, verbatim in
+        the source dialect's namespace ("kohya" lora_names, "peft" dotted module paths)."""
+        if self.family is not None:
+            return "canonical"
+        return VERBATIM[0] if self.source_format == "kohya" else VERBATIM[1]
+
+    def same_naming(self, other: LoraFile) -> bool:
+        """Whether two LoRAs' adapter keys name the same modules (blend, diff)."""
+        if self.family is not None and other.family is not None:
+            return self.family.name == other.family.name
+        return self.family is None and other.family is None and self.names == other.names
 
     @property
     def kinds(self) -> dict[str, int]:
@@ -385,7 +445,7 @@ class LoraFile:
     def components(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for module in self.adapters:
-            component = module.split(".", 1)[0]
+            component = module.split(".", 1)[0] if self.family is not None else "other"
             counts[component] = counts.get(component, 0) + 1
         return counts
 

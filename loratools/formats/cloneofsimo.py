@@ -37,6 +37,7 @@ from .adapters import Adapter, LoraFile, LowRank
 from .keys import EMBED_FLAG, is_safeloras  # noqa: F401 (re-exported)
 from .keys import SAFELORAS_KEY as KEY
 from .names import name_tables
+from .verdict import needs_family_map
 
 FORMAT = "cloneofsimo"
 TEXT_SUFFIX = ".text_encoder.pt"
@@ -401,6 +402,8 @@ def _unwritable_kind(adapter: Adapter) -> str | None:
 
 
 def _check_writable(lora: LoraFile) -> None:
+    if lora.family is None:  # its pairs are told apart only by a family's module order
+        raise needs_family_map(lora.verdict, "a cloneofsimo file (positional pairs in a family's module order)")
     if lora.family.name == "sdxl":
         raise InputError(
             "cloneofsimo lora_diffusion files exist for SD 1.x and SD 2.x only; an SDXL LoRA cannot be written as one",

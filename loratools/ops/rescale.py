@@ -97,7 +97,7 @@ def rescale_lora(lora: LoraFile, by: float) -> tuple[LoraFile, RescaleReport]:
     if by == 0:
         # alpha 0 is read as alpha = rank (full strength) by sd-scripts and LyCORIS (docs/FORMATS.md §1.3)
         raise InputError("--by 0 would write alpha 0, which sd-scripts and LyCORIS read as full strength")
-    report = RescaleReport(None, None, lora.source_format, None, lora.family.name, by, modules=len(lora.adapters))
+    report = RescaleReport(None, None, lora.source_format, None, lora.family_name, by, modules=len(lora.adapters))
     adapters: dict[str, Adapter] = {}
     counts: Counter[str] = Counter()
     for module, adapter in lora.adapters.items():
