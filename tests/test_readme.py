@@ -158,11 +158,25 @@ def _is_name(word: str) -> bool:
     return any(p.fullmatch(word) for p in (FILE_NAME, FOLDER_NAME, HUB_NAME))
 
 
+def _drop_redirections(words: list[str]) -> list[str]:
+    """``> FILE``, ``2>&1``, ``>> FILE``: the test captures output itself."""
+    kept: list[str] = []
+    skip = False
+    for word in words:
+        if skip:
+            skip = False
+        elif re.fullmatch(r"\d?>>?", word):
+            skip = True
+        elif not re.fullmatch(r"\d?>&\d", word):
+            kept.append(word)
+    return kept
+
+
 def _commands(code: str) -> list[list[str]]:
     """bash: one word list per command (lines joined at ``\\``, split at ``&&``, comments dropped)."""
     out = []
     for line in code.replace("\\\n", " ").splitlines():
-        words = shlex.split(line, comments=True)
+        words = _drop_redirections(shlex.split(line, comments=True))
         while words:
             cut = words.index("&&") if "&&" in words else len(words)
             out.append(words[:cut])
@@ -216,6 +230,8 @@ def arrange(where: str, names: set[str], cwd: Path, hub_cache: Path) -> None:
     planned = []
     for name in sorted(names):
         target, plain = _hub_file(hub_cache, name) if name.startswith("hf://") else (cwd / name, name)
+        if target.exists():
+            continue  # written by an earlier command of the block
         make = _generator(plain)
         if make is None:
             pytest.fail(
@@ -227,9 +243,8 @@ def arrange(where: str, names: set[str], cwd: Path, hub_cache: Path) -> None:
     # a LoRA beside a checkpoint must fit it (tiny widths); alone it has the real SD1.5 widths
     spec = TINY["sd1"] if any(make in CHECKPOINTS for _, make in planned) else FAMILIES["sd1"]
     for target, make in planned:
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            make(target, spec)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        make(target, spec)
 
 
 def _ci_test_command() -> str:

@@ -79,7 +79,7 @@ def _triggers(metadata: dict[str, str]) -> list[str]:
 def _loads_in(path: Path) -> Any:
     """The loader-compat verdicts of issue 19's checker, if this install has it; else None."""
     try:
-        from .. import check  # type: ignore[attr-defined]
+        from .. import check
     except ImportError:
         return None
     verdicts = getattr(check, "verdicts", None) or getattr(check, "check_lora", None)

@@ -24,7 +24,7 @@ from ..families.spec import FamilySpec
 from ..formats.keys import KOHYA_KEY, PEFT_METADATA_KEY, is_embedding_key, is_safeloras, normalize_peft_key
 from ..formats.names import NameTables, name_tables
 
-# Raw spellings of peft/diffusers-family keys (docs/CHECK.md §1; FORMATS.md §2.1, §2.3).
+# Raw spellings of peft/diffusers-family keys (docs/CHECK.md §1; docs/FORMATS.md §2.1, §2.3).
 _SPELLINGS = (
     ("attn-processor", re.compile(r"\.processor\.to_(q|k|v|out)_lora\.(down|up)\.weight$")),
     ("old-text", re.compile(r"\.self_attn\.to_(q|k|v|out)_lora\.(down|up)\.weight$")),

@@ -10,6 +10,7 @@ from ..errors import InputError
 from ..io.checkpoint import open_checkpoint
 from ..ops.checkpoint import convert_checkpoint
 from .batch import batchable
+from .dryrun import destination, dry_run_option, json_fields, print_dry_run, say_written
 from .errors import user_errors
 from .options import dtype_option, family_option, overwrite_option, threads_option
 from .progress import byte_progress
@@ -41,7 +42,8 @@ CHECKPOINT_TARGETS = ("single", "diffusers")
 @click.option(
     "--to-lora",
     is_flag=True,
-    help="LoRA: re-factorize LoHa/LoKr/Tucker/full modules into plain LoRA by SVD (needs --rank or --error).",
+    help="LoRA: re-factorize LoHa/LoKr/Tucker/full modules into plain LoRA by SVD (needs --rank or --error, "
+    "not both). Ranks chosen per module from each spectrum (--sv-fro, --sv-ratio): `loratools resize`.",
 )
 @click.option(
     "--rank", type=click.IntRange(min=1), default=None, help="With --to-lora: keep this many singular values."
@@ -53,6 +55,12 @@ CHECKPOINT_TARGETS = ("single", "diffusers")
     help="With --to-lora: keep the fewest singular values with relative Frobenius error ≤ E.",
 )
 @click.option(
+    "--max-rank",
+    type=click.IntRange(min=1),
+    default=None,
+    help="With --to-lora: never more than this rank per module (default 64 with --error; none with --rank).",
+)
+@click.option(
     "--for",
     "for_target",
     default=None,
@@ -60,6 +68,7 @@ CHECKPOINT_TARGETS = ("single", "diffusers")
     "at the file's own strength (see loratools check).",
 )
 @overwrite_option
+@dry_run_option
 @click.option("--json", "as_json", is_flag=True, help="Print the conversion report as JSON.")
 def convert(
     source: str,
@@ -71,8 +80,10 @@ def convert(
     to_lora: bool,
     rank: int | None,
     error: float | None,
+    max_rank: int | None,
     for_target: str | None,
     overwrite: bool,
+    dry_run: bool,
     as_json: bool,
 ) -> None:
     """Convert a LoRA between formats, or a checkpoint between layouts.
@@ -99,9 +110,11 @@ def convert(
         if for_target is not None:  # loratools/check/fix.py decides the dialect; --to would contradict it
             from .check_cmd import convert_for_target
 
-            convert_for_target(
-                source, output, for_target, target, family, dtype, to_lora, rank, error, overwrite, as_json
-            )
+            with destination(output, dry_run, inputs=[source], overwrite=overwrite) as dest:
+                convert_for_target(
+                    source, dest.path, for_target, target, family, dtype, to_lora, rank, error, overwrite, as_json
+                )
+            print_dry_run(console, dest)
             return
         if kind == "lora":
             from ..ops.convert import convert_lora  # torch is imported only where tensors are touched
@@ -112,20 +125,23 @@ def convert(
                         f"{source} is a LoRA; --to single is for checkpoints (use kohya, diffusers, peft or cloneofsimo)"
                     )
                 target = "kohya"
-            report = convert_lora(
-                source,
-                output,
-                target,
-                family=family,
-                dtype=dtype,
-                bake_scale=bake,
-                to_lora=to_lora,
-                rank=rank,
-                error=error,
-                overwrite=overwrite,
-            )
+            with destination(output, dry_run, inputs=[source], overwrite=overwrite) as dest:
+                report = convert_lora(
+                    source,
+                    dest.path,
+                    target,
+                    family=family,
+                    dtype=dtype,
+                    bake_scale=bake,
+                    to_lora=to_lora,
+                    rank=rank,
+                    error=error,
+                    max_rank=max_rank,
+                    overwrite=overwrite,
+                    notify=console.print if to_lora and not as_json else None,
+                )
             if as_json:
-                print_json(Console(), report.__dict__)
+                print_json(Console(), {**report.__dict__, "output": output, **json_fields(dest)})
                 return
             how = (
                 "exact"
@@ -135,27 +151,33 @@ def convert(
                 )
             )
             console.print(
-                f"wrote {output}: {report.modules} modules, {report.source_format} → {report.output_format} "
-                f"({report.family}), {how}"
+                f"{say_written(console, dest)}: {report.modules} modules, {report.source_format} → "
+                f"{report.output_format} ({report.family}), {how}"
             )
-            for warning in report.warnings[:10]:
+            told = {w for w in report.warnings if "× the input" in w} if to_lora else set()  # said before writing
+            for warning in [w for w in report.warnings if w not in told][:10]:
                 console.print(f"[yellow]warning:[/yellow] {warning}")
+            print_dry_run(console, dest)
             return
         if target not in (None, *CHECKPOINT_TARGETS):
             raise InputError(f"{source} is a checkpoint; --to {target} is for LoRAs (use single or diffusers)")
-        if bake or to_lora or rank or error:
-            raise InputError("--bake/--to-lora/--rank/--error apply to LoRAs, not checkpoints")
+        if bake or to_lora or rank or error or max_rank:
+            raise InputError("--bake/--to-lora/--rank/--error/--max-rank apply to LoRAs, not checkpoints")
         with open_checkpoint(source) as ckpt:
             total = ckpt.nbytes
-        with byte_progress(console, "converting", enabled=not as_json, total=total) as advance:
-            report = convert_checkpoint(
-                source, output, layout=target, dtype=dtype, family=family, overwrite=overwrite, progress=advance
+        with (
+            destination(output, dry_run, inputs=[source], overwrite=overwrite) as dest,
+            byte_progress(console, "converting", enabled=not as_json, total=total) as advance,
+        ):
+            ck = convert_checkpoint(
+                source, dest.path, layout=target, dtype=dtype, family=family, overwrite=overwrite, progress=advance
             )
         if as_json:
-            print_json(Console(), report.__dict__)
+            print_json(Console(), {**ck.__dict__, "output": output, **json_fields(dest)})
             return
         console.print(
-            f"wrote {output}: {report.tensors_written} tensors, {human_bytes(report.bytes_written)} "
-            f"({report.raw_copied} copied as raw bytes), {report.source_layout} → {report.output_layout}"
+            f"{say_written(console, dest)}: {ck.tensors_written} tensors, {human_bytes(ck.bytes_written)} "
+            f"({ck.raw_copied} copied as raw bytes), {ck.source_layout} → {ck.output_layout}"
         )
-        render_accounting(console, report)
+        render_accounting(console, ck)
+        print_dry_run(console, dest)

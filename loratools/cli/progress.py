@@ -6,7 +6,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 
 @contextmanager
@@ -22,3 +31,34 @@ def byte_progress(
     with Progress(*columns, console=stderr, transient=True) as progress:
         task = progress.add_task(label, total=total)
         yield lambda n: progress.advance(task, n)
+
+
+class Meter:
+    """``advance(n)`` callback of a counting bar; ``set_total(n)`` is called by the op once it knows n.
+
+    ops/parallel.map_modules calls ``set_total(len(items))`` on any progress callback that has it,
+    so every per-module op (resize, blend, …) gets a bar with a total without a second pass.
+    """
+
+    def __init__(self, progress: Progress | None, task: TaskID | None) -> None:
+        self._progress, self._task = progress, task
+
+    def __call__(self, n: int) -> None:
+        if self._progress is not None and self._task is not None:
+            self._progress.advance(self._task, n)
+
+    def set_total(self, total: int) -> None:
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, total=total)
+
+
+@contextmanager
+def module_progress(label: str, *, enabled: bool = True) -> Iterator[Meter]:
+    """A bar counting modules on stderr (a terminal only); the op sets its total through :class:`Meter`."""
+    stderr = Console(stderr=True)
+    if not enabled or not stderr.is_terminal:
+        yield Meter(None, None)
+        return
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=stderr, transient=True) as progress:
+        yield Meter(progress, progress.add_task(label, total=None))

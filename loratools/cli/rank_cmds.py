@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import click
 from rich.console import Console
 from rich.table import Table
 
 from .batch import batchable
+from .dryrun import destination, dry_run_option, json_fields, print_dry_run, say_written
 from .errors import user_errors
 from .options import dtype_option, family_option, overwrite_option, threads_option
-from .progress import byte_progress
+from .progress import byte_progress, module_progress
 from .render import print_json
 
 FORMAT_CHOICES = ("kohya", "diffusers", "peft", "cloneofsimo")
@@ -61,6 +62,7 @@ def output_options(command: Callable[..., Any]) -> Callable[..., Any]:
         family_option,
         threads_option,
         overwrite_option,
+        dry_run_option,
         click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
     ]
     for option in reversed(options):
@@ -97,7 +99,7 @@ def _limit_note(limited_by: str | None, unchanged: bool = False) -> str:
 @click.option("--by", "by", type=float, required=True, help="Strength S: ΔW becomes S·ΔW (negative subtracts).")
 @output_options
 def rescale(lora: str, by: float, output: str, to: str | None, dtype: str | None, family: str | None,
-            overwrite: bool, as_json: bool) -> None:  # fmt: skip
+            overwrite: bool, dry_run: bool, as_json: bool) -> None:  # fmt: skip
     """Change a LoRA's strength: ΔW' = S·ΔW for every module, exactly.
 
     \b
@@ -116,13 +118,14 @@ def rescale(lora: str, by: float, output: str, to: str | None, dtype: str | None
     with user_errors():
         from ..ops.rescale import rescale as run
 
-        report = run(lora, output, by, to=to, dtype=dtype, family=family, overwrite=overwrite)
+        with destination(output, dry_run, inputs=[lora], overwrite=overwrite) as dest:
+            report = run(lora, dest.path, by, to=to, dtype=dtype, family=family, overwrite=overwrite)
         if as_json:
-            print_json(Console(), report.to_dict())
+            print_json(Console(), {**report.to_dict(), **json_fields(dest)})
             return
         how = ", ".join(f"{n} via {k}" for k, n in report.representation.items())
         console.print(
-            f"wrote {output}: {report.modules} modules at strength {by:g} ({report.source_format} → "
+            f"{say_written(console, dest)}: {report.modules} modules at strength {by:g} ({report.source_format} → "
             f"{report.output_format}); carried by {how}"
         )
         if report.alpha_rounding:
@@ -130,6 +133,7 @@ def rescale(lora: str, by: float, output: str, to: str | None, dtype: str | None
                 f"[dim]alpha stored in the factors' dtype: rounding ≤ {report.alpha_rounding:.1e} relative[/dim]"
             )
         _warnings(console, report.warnings)
+        print_dry_run(console, dest)
 
 
 def print_table(console: Console, table: Table) -> None:
@@ -168,7 +172,7 @@ def render_retention(console: Console, rows: Sequence[Any]) -> None:
 @output_options
 @click.option("--quiet", "-q", is_flag=True, help="Summary only, no per-module table.")
 def resize(lora: str, output: str, to: str | None, dtype: str | None, family: str | None, overwrite: bool,
-           as_json: bool, quiet: bool, **kwargs: Any) -> None:  # fmt: skip
+           dry_run: bool, as_json: bool, quiet: bool, **kwargs: Any) -> None:  # fmt: skip
     """Change a LoRA's rank: the optimal truncation of every module's ΔW.
 
     \b
@@ -188,19 +192,25 @@ def resize(lora: str, output: str, to: str | None, dtype: str | None, family: st
     with user_errors():
         from ..ops.resize import resize as run
 
-        report = run(lora, output, **_rules(kwargs), to=to, dtype=dtype, family=family, overwrite=overwrite)
+        with (
+            destination(output, dry_run, inputs=[lora], overwrite=overwrite) as dest,
+            module_progress("resizing", enabled=not as_json) as advance,
+        ):
+            report = run(lora, dest.path, **_rules(kwargs), to=to, dtype=dtype, family=family, overwrite=overwrite,
+                         progress=advance)  # fmt: skip
         if as_json:
-            print_json(Console(), report.to_dict())
+            print_json(Console(), {**report.to_dict(), **json_fields(dest)})
             return
         if not quiet:
             render_retention(console, report.modules)
         changed = sum(not m.unchanged for m in report.modules)
         console.print(
-            f"wrote {output}: {len(report.modules)} modules ({changed} resized) by {report.rule}, "
+            f"{say_written(console, dest)}: {len(report.modules)} modules ({changed} resized) by {report.rule}, "
             f"{report.parameters_before:,} → {report.parameters_after:,} parameters; ‖ΔW‖_F kept: "
             f"mean {report.mean_fro_kept:.2%}, min {report.min_fro_kept:.2%}"
         )
         _warnings(console, report.warnings)
+        print_dry_run(console, dest)
 
 
 @batchable("blend")
@@ -225,7 +235,8 @@ def resize(lora: str, output: str, to: str | None, dtype: str | None, family: st
 @output_options
 @click.option("--quiet", "-q", is_flag=True, help="Summary only, no per-module table.")
 def blend(loras: tuple[str, ...], mode: str, metadata_policy: str, output: str, to: str | None, dtype: str | None,
-          family: str | None, overwrite: bool, as_json: bool, quiet: bool, **kwargs: Any) -> None:  # fmt: skip
+          family: str | None, overwrite: bool, dry_run: bool, as_json: bool, quiet: bool,
+          **kwargs: Any) -> None:  # fmt: skip
     """Combine LoRAs into one: ΔW = Σ wᵢ·ΔWᵢ for every module.
 
     \b
@@ -244,10 +255,15 @@ def blend(loras: tuple[str, ...], mode: str, metadata_policy: str, output: str, 
         from ..ops.blend import blend as run
 
         rules = _rules(kwargs)
-        report = run(list(loras), output, mode=mode, **rules, metadata=metadata_policy, to=to, dtype=dtype,
-                     family=family, overwrite=overwrite)  # fmt: skip
+        sources = [spec.rsplit(":", 1)[0] if ":" in spec else spec for spec in loras]
+        with (
+            destination(output, dry_run, inputs=sources, overwrite=overwrite) as dest,
+            module_progress("blending", enabled=not as_json) as advance,
+        ):
+            report = run(list(loras), dest.path, mode=mode, **rules, metadata=metadata_policy, to=to, dtype=dtype,
+                         family=family, overwrite=overwrite, progress=advance)  # fmt: skip
         if as_json:
-            print_json(Console(), report.to_dict())
+            print_json(Console(), {**report.to_dict(), **json_fields(dest)})
             return
         if not quiet and mode == "svd":
             table = Table(show_edge=False, header_style="bold")
@@ -259,11 +275,13 @@ def blend(loras: tuple[str, ...], mode: str, metadata_policy: str, output: str, 
                               _limit_note(m.limited_by))  # fmt: skip
             print_table(console, table)
         inputs = ", ".join(f"{i['source']}×{i['weight']:g}" for i in report.inputs)
-        ranks = ", ".join(
-            f"{r}×{n}" for r, n in sorted(report.to_dict()["ranks_after"].items(), key=lambda x: int(x[0]))
-        )  # type: ignore[union-attr]
-        console.print(f"wrote {output}: {len(report.modules)} modules ({mode}; ranks {ranks}) from {inputs}")
+        ranks_after = cast("dict[str, int]", report.to_dict()["ranks_after"])
+        ranks = ", ".join(f"{r}×{n}" for r, n in sorted(ranks_after.items(), key=lambda x: int(x[0])))
+        console.print(
+            f"{say_written(console, dest)}: {len(report.modules)} modules ({mode}; ranks {ranks}) from {inputs}"
+        )
         _warnings(console, report.warnings)
+        print_dry_run(console, dest)
 
 
 @click.command(epilog=RULES_HELP)
@@ -284,8 +302,8 @@ def blend(loras: tuple[str, ...], mode: str, metadata_policy: str, output: str, 
 @output_options
 @click.option("--quiet", "-q", is_flag=True, help="Summary only, no per-module table.")
 def extract(base: str, tuned: str, min_diff: float, oversample: int, power_iterations: int, output: str,
-            to: str | None, dtype: str | None, family: str | None, overwrite: bool, as_json: bool, quiet: bool,
-            **kwargs: Any) -> None:  # fmt: skip
+            to: str | None, dtype: str | None, family: str | None, overwrite: bool, dry_run: bool, as_json: bool,
+            quiet: bool, **kwargs: Any) -> None:  # fmt: skip
     """Extract a LoRA from a fine-tuned checkpoint: TUNED − BASE, truncated per module.
 
     \b
@@ -305,12 +323,15 @@ def extract(base: str, tuned: str, min_diff: float, oversample: int, power_itera
         from ..ops.extract import extract as run
 
         rules = _rules(kwargs)
-        with byte_progress(console, "extracting", enabled=not as_json) as advance:
-            report = run(base, tuned, output, **rules, min_diff=min_diff, oversample=oversample,
+        with (
+            destination(output, dry_run, inputs=[base, tuned], overwrite=overwrite) as dest,
+            byte_progress(console, "extracting", enabled=not as_json) as advance,
+        ):
+            report = run(base, tuned, dest.path, **rules, min_diff=min_diff, oversample=oversample,
                          power_iterations=power_iterations, to=to or "kohya", dtype=dtype, family=family,
                          overwrite=overwrite, progress=advance)  # fmt: skip
         if as_json:
-            print_json(Console(), report.to_dict())
+            print_json(Console(), {**report.to_dict(), **json_fields(dest)})
             return
         if not quiet:
             table = Table(show_edge=False, header_style="bold")
@@ -324,7 +345,7 @@ def extract(base: str, tuned: str, min_diff: float, oversample: int, power_itera
         parts = ", ".join(
             f"{c}: {v['extracted']} extracted, {v['skipped']} skipped" for c, v in report.components().items()
         )
-        console.print(f"wrote {output}: {len(report.modules)} modules by {report.rule} ({parts})")
+        console.print(f"{say_written(console, dest)}: {len(report.modules)} modules by {report.rule} ({parts})")
         if report.skipped:
             names = list(report.skipped)
             console.print(
@@ -332,6 +353,7 @@ def extract(base: str, tuned: str, min_diff: float, oversample: int, power_itera
                 f"{' …' if len(names) > 6 else ''}[/dim]"
             )
         _warnings(console, report.warnings)
+        print_dry_run(console, dest)
 
 
 def demo_resize(workdir: Path, console: Console) -> Any:
@@ -363,9 +385,8 @@ def demo_resize(workdir: Path, console: Console) -> Any:
         f"parameters, ‖ΔW‖_F kept: mean {fixed.mean_fro_kept:.1%}, min {fixed.min_fro_kept:.1%}"
     )
     dynamic = run(source, workdir / "sample-lora-fro90.safetensors", sv_fro=0.9, family=spec, overwrite=True)
-    ranks = ", ".join(
-        f"rank {r}×{n}" for r, n in sorted(dynamic.to_dict()["ranks_after"].items(), key=lambda x: int(x[0]))
-    )  # type: ignore[union-attr]
+    ranks_after = cast("dict[str, int]", dynamic.to_dict()["ranks_after"])
+    ranks = ", ".join(f"rank {r}×{n}" for r, n in sorted(ranks_after.items(), key=lambda x: int(x[0])))
     console.print(f"sv-fro 0.9: every module keeps ≥ 90% of ‖ΔW‖_F with the fewest ranks ({ranks})")
     before, after = load_lora(source, spec), load_lora(workdir / "sample-lora-r4.safetensors", spec)
     worst = 0.0

@@ -90,10 +90,10 @@ def resolve(path: str | os.PathLike[str]) -> Path:
     cache_only = not offline and not reachable(_endpoint())
     try:
         if ref.is_file:
-            local = hub.hf_hub_download(
+            downloaded = hub.hf_hub_download(
                 ref.repo_id, ref.path, revision=ref.revision, repo_type=ref.repo_type, local_files_only=cache_only
             )
-            return Path(str(local))
+            return Path(str(downloaded))
         patterns = [f"{ref.path}/**"] if ref.path else None
         root = Path(
             str(

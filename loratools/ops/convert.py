@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,8 +37,24 @@ class LoraConvertReport:
     baked: int = 0
     refactorized: int = 0
     max_relative_error: float = 0.0  # of re-factorized modules (Frobenius)
+    capped: int = 0  # re-factorized modules whose rank --max-rank cut
+    estimated_bytes: int = 0  # tensor bytes of the output, known before writing (header not included)
+    input_bytes: int = 0
     embeddings: int = 0
     warnings: list[str] = field(default_factory=list)
+
+
+DEFAULT_MAX_RANK = 64  # what --to-lora keeps at most per module unless told (a LoKr can need hundreds)
+SIZE_WARNING = 4  # warn when the output's tensors outweigh the input file this many times
+
+
+def tensor_bytes(lora: LoraFile, dtype: torch.dtype | None = None) -> int:
+    """Bytes of a LoRA's factor tensors as they would be written (``dtype`` overrides each factor's)."""
+    total = 0
+    for adapter in lora.adapters.values():
+        size = torch.finfo(dtype or factor_dtype(adapter)).bits // 8
+        total += adapter.parameters() * size
+    return total
 
 
 def _needs_plain(fmt: str) -> bool:
@@ -52,23 +69,39 @@ def prepare(
     to_lora: bool = False,
     rank: int | None = None,
     error: float | None = None,
+    max_rank: int | None = None,
     report: LoraConvertReport | None = None,
 ) -> LoraFile:
-    """The LoRA as ``fmt`` can hold it, or an InputError naming the way out."""
+    """The LoRA as ``fmt`` can hold it, or an InputError naming the way out.
+
+    ``to_lora`` re-factorizes non-plain modules with one rule, ``rank`` or ``error``, never both,
+    capped by ``max_rank`` (default: none with ``rank``, :data:`DEFAULT_MAX_RANK` with ``error``;
+    a rank per module chosen from its spectrum is `loratools resize`).
+    """
     if fmt not in FORMATS:
         raise InputError(f"unknown LoRA format {fmt!r} (choose from {', '.join(FORMATS)})")
     adapters = dict(lora.adapters)
     if to_lora:
         if rank is None and error is None:
             raise InputError("--to-lora needs --rank N or --error E")
+        if rank is not None and error is not None:
+            raise InputError(
+                "--rank and --error are two rules for one choice: give one",
+                hint="--error E with --max-rank N caps the rank; for dynamic ranks per module use `loratools resize`",
+            )
+        cap = max_rank if max_rank is not None else (None if rank is not None else DEFAULT_MAX_RANK)
         worst = 0.0
         # plain LoRAs are kept (resizing those is `loratools resize`); the rest are SVD'd on every
         # core, one thread each (loratools/threads.py)
         todo = [(m, a) for m, a in adapters.items() if not (isinstance(a, LowRank) and a.mid is None)]
-        done = map_modules(lambda item: to_lowrank(item[1], rank=rank, error=error, dtype=factor_dtype(item[1])), todo)
+        done = map_modules(
+            lambda item: to_lowrank(item[1], rank=rank, error=error, dtype=factor_dtype(item[1]), max_rank=cap), todo
+        )
         for (module, _), (new, err) in zip(todo, done, strict=True):
             adapters[module] = new
             worst = max(worst, err)
+            if report is not None and cap is not None and adapters[module].rank == cap:
+                report.capped += 1
             if report is not None:
                 report.refactorized += 1
         if report is not None:
@@ -100,6 +133,14 @@ def prepare(
     return lora.with_adapters(adapters)
 
 
+def _input_bytes(source: str | Path) -> int:
+    """Size of a local input (file or folder); 0 for hub references (not resolved twice)."""
+    path = Path(source)
+    if str(source).startswith("hf://") or not path.exists():
+        return 0
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
 def convert_lora(
     source: str | Path,
     output: str | Path,
@@ -111,9 +152,15 @@ def convert_lora(
     to_lora: bool = False,
     rank: int | None = None,
     error: float | None = None,
+    max_rank: int | None = None,
     overwrite: bool = False,
+    notify: Callable[[str], None] | None = None,
 ) -> LoraConvertReport:
-    """Read a LoRA in any dialect and write it as ``to`` (kohya, diffusers, peft, cloneofsimo)."""
+    """Read a LoRA in any dialect and write it as ``to`` (kohya, diffusers, peft, cloneofsimo).
+
+    ``notify`` hears, before anything is written, the size the output will have and a warning
+    when that is more than 4× the input (re-factorizing LoKr/LoHa at a high rank can be).
+    """
     if same_path(output, source):
         raise InputError(f"{output}: output is the input; write elsewhere")
     if error is not None and not 0 <= error < 1:
@@ -131,7 +178,27 @@ def convert_lora(
         embeddings=len(lora.embeddings),
         warnings=list(lora.warnings),
     )
-    prepared = prepare(lora, to, bake_scale=bake_scale, to_lora=to_lora, rank=rank, error=error, report=report)
+    prepared = prepare(
+        lora, to, bake_scale=bake_scale, to_lora=to_lora, rank=rank, error=error, max_rank=max_rank, report=report
+    )
+    report.estimated_bytes = tensor_bytes(prepared, parse_dtype(dtype))
+    report.input_bytes = _input_bytes(source)
+    if report.capped:
+        cap = max_rank or DEFAULT_MAX_RANK
+        report.warnings.append(
+            f"{report.capped} re-factorized modules at the --max-rank cap ({cap}; max relative error "
+            f"{report.max_relative_error:.2e}): raise --max-rank for a closer fit"
+        )
+    if report.input_bytes and report.estimated_bytes > SIZE_WARNING * report.input_bytes:
+        report.warnings.append(
+            f"the output (~{report.estimated_bytes / 2**20:.1f} MiB of tensors) is "
+            f"{report.estimated_bytes / report.input_bytes:.1f}× the input ({report.input_bytes / 2**20:.1f} MiB): "
+            "a lower --rank/--max-rank or a larger --error makes it smaller"
+        )
+    if notify is not None:
+        notify(f"output: ~{report.estimated_bytes / 2**20:.1f} MiB of tensors ({len(prepared.adapters)} modules)")
+        if report.input_bytes and report.estimated_bytes > SIZE_WARNING * report.input_bytes:
+            notify(f"warning: {report.warnings[-1]}")
     out = Path(output)
     # diffusers/peft LoRA files have no place for tokens: they are kept beside, never dropped
     sidecar = out.with_name(f"{out.name.split('.')[0]}.embeddings.safetensors")

@@ -475,13 +475,21 @@ def lowrank_from(
 
 
 def to_lowrank(
-    adapter: Adapter, *, rank: int | None = None, error: float | None = None, dtype: torch.dtype | None = None
+    adapter: Adapter,
+    *,
+    rank: int | None = None,
+    error: float | None = None,
+    dtype: torch.dtype | None = None,
+    max_rank: int | None = None,
 ) -> tuple[LowRank, float]:
     """The best rank-k LoRA approximation of any adapter, and its relative Frobenius error.
 
     The result has ``alpha = k`` (scale 1, singular values in ``up``); conv modules get the
-    LoCon shapes ``down (k, in, kh, kw)``, ``up (out, k, 1, 1)``.
+    LoCon shapes ``down (k, in, kh, kw)``, ``up (out, k, 1, 1)``. ``max_rank`` caps k (the error
+    returned is then the error at the cap).
     """
     svd, shape = adapter_svd(adapter)
     k = choose_rank(svd.singular_values, rank=rank, error=error)
+    if max_rank is not None:
+        k = min(k, max_rank)
     return lowrank_from(svd, k, shape, dtype=dtype), lost_fraction(svd.singular_values, k)
