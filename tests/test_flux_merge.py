@@ -14,7 +14,7 @@ from loratools.formats.io import load_lora
 from loratools.io.safetensors import save_tensors
 from loratools.ops.checkpoint import convert_checkpoint
 from loratools.ops.merge import merge
-from loratools.synthetic import TINY, TINY_FLUX, make_lora, write_checkpoint
+from loratools.synthetic import TINY, TINY_FLUX, make_lora, write_checkpoint, write_single_file
 
 SPEC = TINY_FLUX["dev"]
 TRANSFORMER = Path("transformer") / "diffusion_pytorch_model.safetensors"
@@ -23,9 +23,11 @@ TRANSFORMER = Path("transformer") / "diffusion_pytorch_model.safetensors"
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("flux-merge")
-    (root / "bf").mkdir()
     out = {f"{k} fp32": v for k, v in write_flux_fixtures(root, dtype=torch.float32).items()}
-    out |= {f"{k} bf16": v for k, v in write_flux_fixtures(root / "bf", dtype=torch.bfloat16).items() if k == "bfl"}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp8", torch.float8_e4m3fn)):
+        (root / name).mkdir()
+        spec_kw = {"components": ("transformer",), "bare": True}
+        out[f"bfl {name}"] = write_single_file(SPEC, root / name / "b.safetensors", dtype=dtype, **spec_kw)  # type: ignore[arg-type]
     return out
 
 
@@ -83,16 +85,17 @@ def test_kohya_fused_lora_merges_to_its_exact_delta(bases: dict[str, Path], base
         torch.testing.assert_close(ours[key], base_sd[key] + adapter.delta(), rtol=0, atol=1e-7)
 
 
-def test_bf16_base_is_rounded_once_from_fp32(bases: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp8"])
+def test_low_precision_base_is_rounded_once_from_fp32(bases: dict[str, Path], dtype: str, tmp_path: Path) -> None:
     lora_path = tmp_path / "l.safetensors"
     save_tensors(lora_path, flux_lora_dialect(SPEC, "kohya", seed=5), {})
-    merge(bases["bfl bf16"], [lora_path], tmp_path / "m.safetensors")
-    merged, base = load_file(tmp_path / "m.safetensors"), load_file(bases["bfl bf16"])
+    merge(bases[f"bfl {dtype}"], [lora_path], tmp_path / "m.safetensors")
+    merged, base = load_file(tmp_path / "m.safetensors"), load_file(bases[f"bfl {dtype}"])
     lora = load_lora(lora_path, family=SPEC)
     w = "double_blocks.0.img_attn.qkv.weight"
     parts = [lora.adapters[f"transformer.transformer_blocks.0.attn.to_{x}"].delta() for x in "qkv"]
-    expected = (base[w].float() + torch.cat(parts)).to(torch.bfloat16)
-    assert merged[w].dtype == torch.bfloat16 and torch.equal(merged[w], expected)
+    expected = (base[w].float() + torch.cat(parts)).to(base[w].dtype)
+    assert merged[w].dtype == base[w].dtype and torch.equal(merged[w].float(), expected.float())
 
 
 def test_flux_lora_onto_sdxl_and_sdxl_lora_onto_flux_are_refused_by_name(
