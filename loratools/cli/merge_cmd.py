@@ -10,13 +10,17 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from ..classify import classify
 from ..families import FAMILIES
+from ..formats.lookalike import lora_not_checkpoint
 from ..io.checkpoint import open_checkpoint
+from ..io.hub import is_hub
 from ..io.safetensors import FLOAT_DTYPES, ITEMSIZE
 from .errors import user_errors
 from .options import dtype_option, family_option, overwrite_option
 from .progress import byte_progress
 from .render import human_bytes, print_json
+from .render_accounting import render_accounting
 
 LORA_SYNTAX = """\b
 LORA arguments (any format loratools reads; repeat for several):
@@ -99,6 +103,8 @@ def _run(operation: str, base: str, loras: tuple[str, ...], options: dict[str, A
         options["budget"] = options.pop("batch_mb") * 2**20
         options["verify"] = options["verify"] or 0
         output = options.pop("output")
+        if not is_hub(base) and classify(base) == "lora":  # the arguments swapped: say so, by name
+            raise lora_not_checkpoint(Path(base).name)
         total = _output_total(base, options["dtype"])
         label = "merging" if operation == "merge" else "unmerging"
         with byte_progress(console, label, enabled=not as_json and not options["dry_run"], total=total) as advance:
@@ -158,8 +164,7 @@ def render_merge(console: Console, report: Any) -> None:
         console.print(
             f"residual vs base, {component}: max |Δ| {stats['max_abs']:.3g}, relative {stats['relative']:.3g}"
         )
-    if report.missing:
-        console.print(f"[yellow]warning:[/yellow] {len(report.missing)} output tensors could not be filled")
+    render_accounting(console, report)
     for warning in report.warnings[:10]:
         console.print(f"[yellow]warning:[/yellow] {warning}")
 

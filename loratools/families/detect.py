@@ -1,6 +1,6 @@
 """Family and layout of a checkpoint, told from key names and tensor shapes alone.
 
-Evidence, each part voting for a set of families (FORMATS.md §5.4):
+Evidence, each part voting for a set of families (docs/FORMATS.md §5.4):
 - single file: ``conditioner.embedders.1.model.`` (OpenCLIP-bigG) ⇒ SDXL, ``cond_stage_model.model.``
   (OpenCLIP-H) ⇒ SD2, ``cond_stage_model.transformer.`` (CLIP-L) ⇒ SD1; U-Net ``label_emb`` ⇒ SDXL,
   ``proj_in`` as a 1×1 conv ⇒ SD1, as a Linear ⇒ SD2 or SDXL;

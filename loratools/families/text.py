@@ -3,7 +3,7 @@
 OpenCLIP stores q, k and v fused as ``attn.in_proj_weight = cat([q, k, v], dim=0)`` (same for the
 bias) and ``text_projection`` as the transpose of HF's Linear weight
 (huggingface/diffusers:src/diffusers/loaders/single_file_utils.py (convert_open_clip_checkpoint);
-scripts/convert_diffusers_to_original_stable_diffusion.py (code2idx q=0, k=1, v=2)). FORMATS.md §5.2.
+scripts/convert_diffusers_to_original_stable_diffusion.py (code2idx q=0, k=1, v=2)). docs/FORMATS.md §5.2.
 """
 
 from __future__ import annotations
