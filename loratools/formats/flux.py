@@ -34,10 +34,11 @@ from ..errors import InputError
 from ..families import FLUX1, keymap
 from ..families.spec import DIFFUSERS_FOLDERS, FamilySpec
 from .adapters import Adapter, Full, LoraFile, LowRank, factor_dtype
+from .keys import configs_from_metadata, pattern_value
 from .lycoris import adapter_from_params, adapter_params
 
-FORMAT_KOHYA = "kohya-flux"
-FORMAT_PEFT = "diffusers-flux"
+FORMAT_KOHYA = "kohya"  # the project's format names: operations write a LoRA back in its own
+FORMAT_PEFT = "diffusers"  # format, and save_lora picks the FLUX.1 spelling by the family
 KOHYA_TE = {"te1": "lora_te1", "te2": "lora_te2"}  # writer prefixes (sd-scripts @0087a46)
 _UNDERSCORE = re.compile(r"^(lora_unet|lora_transformer|lycoris|lora_te\d?)_([^.]+)\.(.+)$")
 _PARAMS = {  # dotted-dialect parameter suffix → kohya parameter name
@@ -122,7 +123,11 @@ def is_flux_lora(keys: list[str]) -> bool:
     """Keys that only FLUX.1 LoRAs use (BFL or FLUX.1-diffusers module names, any dialect)."""
     return any(
         ("double_blocks" in k or "single_blocks" in k or "single_transformer_blocks" in k)
-        or ("transformer_blocks" in k and ("add_q_proj" in k or "ff_context" in k or "norm1_context" in k))
+        # double-stream names FLUX.1 shares with SD3: the reader's shape check decides (None if no fit)
+        or (
+            "transformer_blocks" in k
+            and any(n in k for n in ("add_q_proj", "to_add_out", "ff_context", "norm1_context"))
+        )
         or "SelfAttention" in k  # T5 (FLUX.1's second text encoder; no SD family has one)
         or "DenseReluDense" in k
         for k in keys
@@ -210,11 +215,15 @@ def split_fused(name: str, adapter: Adapter, parts: list[Part], warnings: list[s
 
 def read_flux_lora(
     tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], family: str | FamilySpec | None = None
-) -> LoraFile:
-    """A FLUX.1 LoRA of any dialect above, as canonical adapters (unknown keys listed, not dropped silently)."""
+) -> LoraFile | None:
+    """A FLUX.1 LoRA of any dialect above, as canonical adapters (unknown keys listed, not dropped silently).
+
+    None when no module fits this FLUX.1 spec (full size unless one is given; an SD3 file with the
+    same double-stream names, a tiny or unusual model): the caller then reads it by its names.
+    """
     spec = family if isinstance(family, FamilySpec) else FLUX1
-    if spec.transformer is None:
-        spec = FLUX1  # a FLUX.1 LoRA resolves to FLUX.1; merge refuses it by name against another base
+    if spec.transformer is None:  # read against an SD family (merge into an SD base): refused by name
+        raise InputError(f"a FLUX.1 LoRA (BFL/FLUX.1 module names); it does not apply to {spec.title}")
     names = flux_names(spec)
     groups: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     unknown: list[str] = []
@@ -230,8 +239,14 @@ def read_flux_lora(
     warnings: list[str] = []
     adapters: dict[str, Adapter] = {}
     unmatched: dict[str, str] = {}
+    configs = configs_from_metadata(metadata)  # diffusers' lora_adapter_metadata (peft LoraConfig)
     for (space, module), params in groups.items():
         shape = names.bfl_shapes[module] if space == "bfl" else names.shapes[module]
+        component, path = module.split(".", 1)
+        config = configs.get(DIFFUSERS_FOLDERS.get(component, ""), {}) if space == "canonical" else {}
+        if "alpha" not in params and "lora_alpha" in config:
+            alpha = pattern_value(config.get("alpha_pattern") or {}, path)
+            params["alpha"] = torch.tensor(float(config["lora_alpha"] if alpha is None else alpha))
         try:
             adapter = adapter_from_params(module, dict(params), shape, warnings)
         except InputError as error:
@@ -245,8 +260,7 @@ def read_flux_lora(
     for key in unknown:
         unmatched[key] = "not a FLUX.1 module in any known dialect"
     if not adapters:
-        sample = ", ".join(list(tensors)[:4])
-        raise InputError(f"no key of this file is a FLUX.1 LoRA module of {spec.title} (first keys: {sample})")
+        return None  # nothing fits FLUX.1 at these widths: read by names like any unfitted LoRA
     if unmatched:
         warnings.append(f"{len(unmatched)} keys/modules not matched, e.g. {next(iter(unmatched))}")
     fmt = FORMAT_KOHYA if dialects == {"kohya"} else FORMAT_PEFT
@@ -330,8 +344,8 @@ def flux_kohya_state_dict(lora: LoraFile, *, dtype: torch.dtype | None = None) -
 def flux_peft_state_dict(lora: LoraFile, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """diffusers/peft keys (``transformer.…lora_A.weight``), as ai-toolkit writes them.
 
-    That form carries no alpha (scale 1), so a module whose scale alpha/r is not 1 gets it folded
-    into ``lora_B`` in float32 before rounding (exact only at scale 1 or a power of two).
+    Alphas go where the SD peft writer puts them (``lora_adapter_metadata``,
+    formats/peft.py diffusers_metadata), which this module's reader reads back: exact.
     """
     out: dict[str, torch.Tensor] = {}
     for module, adapter in lora.adapters.items():
@@ -340,7 +354,6 @@ def flux_peft_state_dict(lora: LoraFile, *, dtype: torch.dtype | None = None) ->
         component, path = module.split(".", 1)
         key = f"{DIFFUSERS_FOLDERS[component]}.{path}"
         stored = dtype or adapter.up.dtype
-        up = adapter.up.to(torch.float32) * adapter.scale if adapter.scale != 1 else adapter.up
         out[f"{key}.lora_A.weight"] = adapter.down.to(stored)
-        out[f"{key}.lora_B.weight"] = up.to(stored)
+        out[f"{key}.lora_B.weight"] = adapter.up.to(stored)
     return dict(sorted(out.items()))

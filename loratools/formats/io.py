@@ -132,8 +132,10 @@ def _read_dict(
                 "conflicting duplicates are not guessed at"
             )
         raise InputError(f"{path.name}: unknown keys beside kohya ones: {', '.join(others[:5])}")
-    if flux.is_flux_lora(keys):  # BFL or FLUX.1 module names, any dialect (docs/FLUX.md §2)
-        lora = flux.read_flux_lora(lora_tensors, metadata, family)
+    # BFL or FLUX.1 module names, any dialect (docs/FLUX.md §2); None: widths fit no FLUX.1
+    flux_lora = flux.read_flux_lora(lora_tensors, metadata, family) if flux.is_flux_lora(keys) else None
+    if flux_lora is not None:
+        lora = flux_lora
     elif kohya_keys:
         lora = kohya.read_kohya(lora_tensors, metadata, family, require_fit=require_fit)
     elif cloneofsimo.is_safeloras(keys):
@@ -159,8 +161,11 @@ def save_lora(
     """
     path = Path(path)
     if lora.family is not None and lora.family.transformer is not None and fmt in ("kohya", "diffusers"):  # FLUX.1 spellings
-        write = flux.flux_kohya_state_dict if fmt == "kohya" else flux.flux_peft_state_dict
-        save_tensors(path, write(lora, dtype=dtype), {"format": "pt"}, overwrite=overwrite)
+        if fmt == "kohya":
+            tensors, meta = flux.flux_kohya_state_dict(lora, dtype=dtype), kohya.kohya_metadata(lora)
+        else:
+            tensors, meta = flux.flux_peft_state_dict(lora, dtype=dtype), peft.diffusers_metadata(lora)
+        save_tensors(path, tensors, meta, overwrite=overwrite)
     elif fmt == "kohya":
         tensors = kohya.kohya_state_dict(lora, dtype=dtype)
         # embeddings beside kohya keys go in A1111's bundle form, the one loader that reads them there
