@@ -11,7 +11,7 @@ from ..io.checkpoint import open_checkpoint
 from ..ops.checkpoint import convert_checkpoint
 from .batch import batchable
 from .errors import user_errors
-from .options import dtype_option, family_option, overwrite_option
+from .options import dtype_option, family_option, overwrite_option, threads_option
 from .progress import byte_progress
 from .render import human_bytes, print_json
 from .render_accounting import render_accounting
@@ -34,6 +34,7 @@ CHECKPOINT_TARGETS = ("single", "diffusers")
 )
 @dtype_option
 @family_option
+@threads_option
 @click.option(
     "--bake", is_flag=True, help="LoRA: fold each module's alpha/rank scale into its up factor (alpha = rank)."
 )

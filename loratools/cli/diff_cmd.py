@@ -8,7 +8,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .errors import user_errors
-from .options import family_option
+from .options import family_option, threads_option
 from .render_inspect import echo_json
 
 
@@ -16,6 +16,7 @@ from .render_inspect import echo_json
 @click.argument("a", type=click.Path(path_type=str))
 @click.argument("b", type=click.Path(path_type=str))
 @family_option
+@threads_option
 @click.option("--top", type=click.IntRange(0), default=15, show_default=True, help="Largest differences listed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the facts as JSON (schema loratools.diff/1).")
 def diff_command(a: str, b: str, family: str | None, top: int, as_json: bool) -> None:

@@ -17,7 +17,7 @@ from ..io.hub import resolve as resolve_hub
 from ..report import LoraReport, inspect_checkpoint, inspect_lora
 from .batch import batchable
 from .errors import user_errors
-from .options import family_option
+from .options import family_option, threads_option
 from .render import render_checkpoint
 from .render_inspect import echo_json
 
@@ -120,6 +120,7 @@ class Skipped:
 @click.command("inspect")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
 @family_option
+@threads_option
 @click.option("--norms", is_flag=True, help="Also compute ‖ΔW‖_F per module and block (factor space; reads tensors).")
 @click.option("--hashes", is_flag=True, help="Also hash the files: AutoV2/sha256, legacy, addnet; check stored sshs_*.")
 @click.option("--keys", "show_keys", is_flag=True, help="List every stored key with its shape and dtype.")

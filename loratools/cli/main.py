@@ -1,27 +1,83 @@
-"""``loratools`` — the click group; one module per command."""
+"""``loratools`` — the click group; one module per command, imported only when it runs."""
 
 from __future__ import annotations
 
-import click
+from .. import threads
 
-from .. import __version__
-from .batch import batch_group
-from .census_cmd import census
-from .check_cmd import check_command
-from .convert_cmd import convert
-from .demo_cmd import demo
-from .diff_cmd import diff_command
-from .inspect_cmd import inspect_command
-from .merge_cmd import merge, unmerge
-from .rank_cmds import blend, extract, rescale, resize
+# Before any command module loads torch or numpy: their BLAS/OpenMP pools start with one thread
+# unless the user set OMP_NUM_THREADS/MKL_NUM_THREADS (loratools/threads.py raises it where it pays).
+threads.prepare_environment()
+
+import importlib  # noqa: E402
+
+import click  # noqa: E402
+
+from .. import __version__  # noqa: E402
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
+# Command name → "module:attribute" under loratools.cli, imported on first use: `loratools inspect`
+# never loads the merge engine (or torch). One line per command; `--help` lists them in this order.
+COMMANDS: dict[str, str] = {
+    "inspect": "inspect_cmd:inspect_command",
+    "check": "check_cmd:check_command",
+    "diff": "diff_cmd:diff_command",
+    "convert": "convert_cmd:convert",
+    "merge": "merge_cmd:merge",
+    "unmerge": "merge_cmd:unmerge",
+    "rescale": "rank_cmds:rescale",
+    "resize": "rank_cmds:resize",
+    "blend": "rank_cmds:blend",
+    "extract": "rank_cmds:extract",
+    "demo": "demo_cmd:demo",
+    "batch": "batch:batch_group",
+    "census": "census_cmd:census",
+}
 
-@click.group(
-    context_settings=CONTEXT,
-    epilog="Formats reference (cited as docs/FORMATS.md §N): docs/FORMATS.md in the source tree.",
-)
+
+class LazyCommands(dict):  # type: ignore[type-arg]
+    """``click.Group.commands`` that imports a :data:`COMMANDS` entry when it is looked up.
+
+    ``name in cli.commands`` and iteration see every registered name without importing anything;
+    commands added with ``add_command`` are kept as by a plain dict.
+    """
+
+    def __missing__(self, name: str) -> click.Command:
+        if name not in COMMANDS:
+            raise KeyError(name)
+        module, attribute = COMMANDS[name].split(":")
+        command = getattr(importlib.import_module(f"{__package__}.{module}"), attribute)
+        assert isinstance(command, click.Command)
+        self[name] = command
+        return command
+
+    def get(self, name: str, default: click.Command | None = None) -> click.Command | None:  # type: ignore[override]
+        try:
+            return self[name]  # type: ignore[no-any-return]
+        except KeyError:
+            return default
+
+    def __contains__(self, name: object) -> bool:
+        return name in COMMANDS or dict.__contains__(self, name)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        yield from COMMANDS
+        yield from (name for name in dict.keys(self) if name not in COMMANDS)
+
+    def __len__(self) -> int:
+        return len(list(iter(self)))
+
+    def keys(self):  # type: ignore[no-untyped-def,override]
+        return list(iter(self))
+
+    def values(self):  # type: ignore[no-untyped-def,override]
+        return [self[name] for name in self]
+
+    def items(self):  # type: ignore[no-untyped-def,override]
+        return [(name, self[name]) for name in self]
+
+
+@click.group(context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="loratools")
 def cli() -> None:
     """LoRA weight surgery for Stable Diffusion (SD 1.x, 2.x, SDXL), directly on state dicts.
@@ -38,19 +94,7 @@ def cli() -> None:
     """
 
 
-cli.add_command(inspect_command)
-cli.add_command(check_command)
-cli.add_command(diff_command)
-cli.add_command(convert)
-cli.add_command(merge)
-cli.add_command(unmerge)
-cli.add_command(rescale)
-cli.add_command(resize)
-cli.add_command(blend)
-cli.add_command(extract)
-cli.add_command(demo)
-cli.add_command(batch_group)
-cli.add_command(census)
+cli.commands = LazyCommands()
 
 
 def main() -> None:

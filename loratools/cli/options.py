@@ -19,3 +19,20 @@ dtype_option = click.option(
     default=None,
     help="Float dtype of the output (default: keep each tensor's own).",
 )
+
+
+def _set_threads(ctx: click.Context, param: click.Parameter, value: int | None) -> None:
+    from .. import threads
+
+    threads.set_threads(value)
+
+
+threads_option = click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    expose_value=False,
+    is_eager=True,
+    callback=_set_threads,
+    help="Use at most N threads (default: every free core; OMP_NUM_THREADS/MKL_NUM_THREADS are respected).",
+)

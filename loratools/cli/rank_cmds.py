@@ -12,7 +12,7 @@ from rich.table import Table
 
 from .batch import batchable
 from .errors import user_errors
-from .options import dtype_option, family_option, overwrite_option
+from .options import dtype_option, family_option, overwrite_option, threads_option
 from .progress import byte_progress
 from .render import print_json
 
@@ -59,6 +59,7 @@ def output_options(command: Callable[..., Any]) -> Callable[..., Any]:
         ),
         dtype_option,
         family_option,
+        threads_option,
         overwrite_option,
         click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
     ]

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import CorruptFileError, InputError
-from .atomic import AtomicFile, describe_os_error
+from .atomic import WRITEBACK_CHUNK, AtomicFile, describe_os_error, start_writeback
 from .files import regular_file
 
 if TYPE_CHECKING:
@@ -138,6 +138,11 @@ class Header:
 
 
 def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    # dict() in C first: a header has thousands of small objects, and only a file with a
+    # duplicate key needs the per-key loop below (which names the key)
+    fast = dict(pairs)
+    if len(fast) == len(pairs):
+        return fast
     seen: dict[str, object] = {}
     for key, value in pairs:
         if key in seen:
@@ -402,11 +407,14 @@ class StreamingWriter:
         self._next = 0
         self.total_bytes = len(self._header) + sum(i.nbytes for i in self._placed.values())
         self._atomic = AtomicFile(self.path, overwrite=overwrite, size_hint=self.total_bytes)
+        self._written = 0  # bytes of the file written so far
+        self._flushed = 0  # bytes whose writeback has been started
 
     def __enter__(self) -> StreamingWriter:
         self._fd = self._atomic.open()
         try:
             _write_all(self._fd, memoryview(self._header), self.path)
+            self._written = len(self._header)
         except BaseException as exc:
             self._atomic.abort()
             if isinstance(exc, OSError):
@@ -445,6 +453,14 @@ class StreamingWriter:
                 f"tensor {name!r} is {dtype_name(tensor.dtype)}{list(tensor.shape)}, plan says {info.dtype}{list(info.shape)}"
             )
         _write_all(self._fd, tensor_bytes(tensor), self.path)
+        self._grew(info.nbytes)
+
+    def _grew(self, nbytes: int) -> None:
+        """Start writeback of each full chunk as the file grows (one short fsync at the end)."""
+        self._written += nbytes
+        if self._written - self._flushed >= WRITEBACK_CHUNK:
+            start_writeback(self._fd, self._flushed, self._written - self._flushed)
+            self._flushed = self._written
 
     def copy_raw(self, name: str, source: SafetensorsFile, source_name: str | None = None) -> None:
         """Copy the next tensor of the plan byte for byte from an open source file."""
@@ -453,6 +469,7 @@ class StreamingWriter:
         if nbytes != info.nbytes:
             raise RuntimeError(f"raw copy of {name!r}: source has {nbytes} bytes, plan needs {info.nbytes}")
         copy_range(source.fileno, offset, self._fd, nbytes, source.path, self.path)
+        self._grew(nbytes)
 
 
 def _write_all(fd: int, data: memoryview, path: Path) -> None:

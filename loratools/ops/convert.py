@@ -18,6 +18,7 @@ from ..io.atomic import check_destination
 from ..io.files import same_path
 from .checkpoint import parse_dtype
 from .lowrank import to_lowrank
+from .parallel import map_modules
 
 
 @dataclass
@@ -61,10 +62,12 @@ def prepare(
         if rank is None and error is None:
             raise InputError("--to-lora needs --rank N or --error E")
         worst = 0.0
-        for module, adapter in adapters.items():
-            if isinstance(adapter, LowRank) and adapter.mid is None:
-                continue  # already a plain LoRA (resizing those is `loratools resize`)
-            adapters[module], err = to_lowrank(adapter, rank=rank, error=error, dtype=factor_dtype(adapter))
+        # plain LoRAs are kept (resizing those is `loratools resize`); the rest are SVD'd on every
+        # core, one thread each (loratools/threads.py)
+        todo = [(m, a) for m, a in adapters.items() if not (isinstance(a, LowRank) and a.mid is None)]
+        done = map_modules(lambda item: to_lowrank(item[1], rank=rank, error=error, dtype=factor_dtype(item[1])), todo)
+        for (module, _), (new, err) in zip(todo, done, strict=True):
+            adapters[module] = new
             worst = max(worst, err)
             if report is not None:
                 report.refactorized += 1

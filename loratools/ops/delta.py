@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import threads
 from ..errors import InputError
 from ..formats.adapters import Adapter, Full, LoHa, LowRank, apply_dora
 
@@ -63,6 +64,22 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise InputError(f"unsupported device {device!r} (use auto, cpu or cuda)")
     return dev
+
+
+def cpu_threads(jobs: Mapping[str, Job]) -> int:
+    """Intra-op threads for one CPU call (loratools/threads.py decides from the free cores).
+
+    The batched products split along the output rows, never along the rank, and the rest is
+    elementwise, so their bits are the same on any thread count; a DoRA row norm is a reduction
+    whose order could follow the threads, so a call with DoRA terms runs on one thread.
+    """
+    if any(t.is_dora for job in jobs.values() for t in job.terms):
+        return 1
+    flops = 0
+    for job in jobs.values():
+        out, inp = _flat(job.weight.shape)
+        flops += out * inp * max(1, sum(int(getattr(t.adapter, "rank", 1) or 1) for t in job.terms))
+    return threads.gemm_threads(flops)
 
 
 def _flat(shape: Sequence[int]) -> tuple[int, int]:
@@ -156,7 +173,8 @@ class DeltaEngine:
     # -- the work -----------------------------------------------------------------------------------
     def _run(self, jobs: Mapping[str, Job], add_base: bool, to_host: bool = True) -> dict[str, torch.Tensor]:
         if not self.cuda:
-            return self._compute(jobs, add_base, to_host)
+            with threads.torch_threads(cpu_threads(jobs)):
+                return self._compute(jobs, add_base, to_host)
         # The merge math is float32: TF32 tensor-core matmuls (10-bit mantissa) are switched off
         # for the call, whatever the process enabled.
         tf32 = torch.backends.cuda.matmul.allow_tf32

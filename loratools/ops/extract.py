@@ -29,8 +29,7 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -44,6 +43,7 @@ from ..formats.names import name_tables
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from .checkpoint import CanonicalSource, parse_dtype
 from .lowrank import F64, Factored, RankRule, kept_fraction, lowrank_from, randomized_svd
+from .parallel import map_ordered
 from .rank_common import check_output, output_format, rank_rule, write_lora
 from .resize import is_conv_kxk
 
@@ -163,6 +163,16 @@ def truncate_difference(
     return svd, choice.rank, kept_fraction(svd.singular_values, choice.rank, total), method, choice.limited_by
 
 
+@dataclass
+class _Outcome:
+    """What one module's extraction gave: an adapter and its report row, or a skip."""
+
+    module: str
+    adapter: LowRank | None = None
+    row: ExtractedModule | None = None
+    skipped: float | None = None  # largest |diff| of a module at or below min_diff
+
+
 def _extract_one(
     module: str,
     a: torch.Tensor,
@@ -173,13 +183,8 @@ def _extract_one(
     min_diff: float,
     oversample: int,
     power_iterations: int,
-    adapters: dict[str, LowRank],
-    report: ExtractReport,
-    progress: Callable[[int], None] | None,
-) -> None:
-    """One module: the difference, its max, the skip test, the truncation; results into adapters/report."""
-    if progress:
-        progress(a.numel() * a.element_size() + b.numel() * b.element_size())
+) -> _Outcome:
+    """One module: the difference, its max, the skip test, the truncation."""
     if a.shape != b.shape:
         raise InputError(f"{module}: base {tuple(a.shape)} and tuned {tuple(b.shape)} differ in shape")
     out_dtype = dtype or (b.dtype if b.is_floating_point() else torch.float32)
@@ -191,15 +196,14 @@ def _extract_one(
     if not math.isfinite(largest):
         raise InputError(f"{module}: the difference holds NaN or inf")
     if largest <= min_diff:
-        report.skipped[module] = largest
-        return
+        return _Outcome(module, skipped=largest)
     shape = tuple(weight_shape)
     svd, k, kept, method, limited = truncate_difference(
         diff, rule, conv=is_conv_kxk(shape), oversample=oversample, power_iterations=power_iterations
     )
     del diff
-    adapters[module] = lowrank_from(svd, k, shape, dtype=out_dtype)
-    report.modules.append(ExtractedModule(module, list(shape), k, kept, largest, method, limited))
+    adapter = lowrank_from(svd, k, shape, dtype=out_dtype)
+    return _Outcome(module, adapter, ExtractedModule(module, list(shape), k, kept, largest, method, limited))
 
 
 def _open(path: str | os.PathLike[str], family: str | None) -> tuple[Checkpoint, CanonicalSource, str, FamilySpec]:
@@ -255,20 +259,30 @@ def extract_lora(
             else:
                 report.missing.append(module)
 
-        def read(module: str) -> tuple[torch.Tensor, torch.Tensor]:
-            weight = f"{module}.weight"
-            return base_src.canonical(weight), tuned_src.canonical(weight)
+        def pairs() -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+            for module in present:
+                weight = f"{module}.weight"
+                a, b = base_src.canonical(weight), tuned_src.canonical(weight)
+                if progress:
+                    progress(a.numel() * a.element_size() + b.numel() * b.element_size())
+                yield module, a, b
 
-        # The next module's tensors are read (pread, no Python work) while this one is decomposed;
-        # one worker keeps the reads in order and at most two modules in memory.
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(read, present[0]) if present else None
-            for i, module in enumerate(present):
-                a, b = pending.result()  # type: ignore[union-attr]
-                pending = pool.submit(read, present[i + 1]) if i + 1 < len(present) else None
-                _extract_one(module, a, b, rule, modules[module].shape, dtype, min_diff, oversample,
-                             power_iterations, adapters, report, progress)  # fmt: skip
-                del a, b
+        def work(item: tuple[str, torch.Tensor, torch.Tensor]) -> _Outcome:
+            module, a, b = item
+            return _extract_one(module, a, b, rule, modules[module].shape, dtype, min_diff, oversample,
+                                power_iterations)  # fmt: skip
+
+        # Modules are decomposed on every core, one thread each (loratools/threads.py): a
+        # randomized SVD of one module is mostly small GEMMs and QRs whose OpenMP teams collapse
+        # when another process holds a core, and one thread per module makes the bits independent
+        # of the core count. The next modules are read (pread, no Python work) while these are
+        # decomposed; at most workers + 1 pairs are in memory.
+        for outcome in map_ordered(work, pairs()):
+            if outcome.adapter is not None and outcome.row is not None:
+                adapters[outcome.module] = outcome.adapter
+                report.modules.append(outcome.row)
+            elif outcome.skipped is not None:
+                report.skipped[outcome.module] = outcome.skipped
     if report.missing:
         report.warnings.append(
             f"{len(report.missing)} target modules are missing from a checkpoint (e.g. {report.missing[0]})"

@@ -17,6 +17,8 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from ..threads import module_workers, numpy_blas_threads, torch_threads
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -85,17 +87,20 @@ def scan_norms(scan: LoraScan) -> dict[str, float]:
         down = _array(view, header.data_start, down_ref).reshape(rank, -1)
         return module.module, gram_norm(up, down, module.scale)
 
-    # numpy releases the GIL in the fp16→fp32 casts and the Grams: one thread per core halves the wall
-    workers = min(len(plain), os.cpu_count() or 1)
-    if workers > 1:
-        from concurrent.futures import ThreadPoolExecutor
+    # numpy releases the GIL in the fp16→fp32 casts and the Grams: one single-threaded worker per
+    # core (loratools/threads.py) halves the wall, and a busy core costs only its share
+    workers = module_workers(len(plain))
+    with numpy_blas_threads(1):
+        if workers > 1:
+            from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            norms.update(pool.map(one, plain, chunksize=16))
-    else:
-        norms.update(map(one, plain))
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                norms.update(pool.map(one, plain, chunksize=16))
+        else:
+            norms.update(map(one, plain))
     if others:
-        norms.update(_torch_norms(scan, others, view, header.data_start))
+        with torch_threads(1):
+            norms.update(_torch_norms(scan, others, view, header.data_start))
     return {name: norms[name] for name in scan.modules}
 
 
@@ -145,5 +150,6 @@ def adapter_norm(adapter: Adapter) -> float:
 
 
 def adapters_norms(adapters: Mapping[str, Adapter]) -> dict[str, float]:
-    """‖ΔW‖_F of every adapter of a LoRA read through torch."""
-    return {name: adapter_norm(adapter) for name, adapter in adapters.items()}
+    """‖ΔW‖_F of every adapter of a LoRA read through torch (one thread: small products)."""
+    with torch_threads(1):
+        return {name: adapter_norm(adapter) for name, adapter in adapters.items()}

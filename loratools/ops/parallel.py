@@ -11,12 +11,12 @@ bits do not depend on the core count.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TypeVar
 
-import torch
+from .. import threads
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -25,15 +25,8 @@ R = TypeVar("R")
 @contextmanager
 def intra_op_threads(count: int) -> Iterator[None]:
     """Set torch's intra-op thread count for the block and restore it after (process-wide)."""
-    before = torch.get_num_threads()
-    if count == before:
+    with threads.torch_threads(count):
         yield
-        return
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def map_modules(
@@ -43,14 +36,14 @@ def map_modules(
     workers: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[R]:
-    """``[fn(x) for x in items]`` on ``workers`` threads (default: torch's thread count), in order.
+    """``[fn(x) for x in items]`` on ``workers`` threads (default: :func:`loratools.threads.module_workers`), in order.
 
     Every call of ``fn`` runs with one intra-op thread (also with one worker, so results do not
     depend on the core count). While it runs, torch's intra-op thread count is 1 (process-wide, restored after), so other
     torch work in the process runs single-threaded meanwhile. The first exception, in item
     order, is raised once the items before it are done; ``progress(1)`` is called per result.
     """
-    count = torch.get_num_threads() if workers is None else workers
+    count = threads.module_workers(len(items)) if workers is None else workers
     results: list[R] = []
     if count <= 1 or len(items) < 2:
         with intra_op_threads(1):
@@ -70,3 +63,37 @@ def map_modules(
             for future in futures:
                 future.cancel()
     return results
+
+
+def map_ordered(
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    *,
+    workers: int | None = None,
+    ahead: int | None = None,
+) -> Iterator[R]:
+    """``fn(x)`` for each item, yielded in item order, on ``workers`` single-threaded workers.
+
+    Like :func:`map_modules` but lazy and bounded: at most ``ahead`` (default ``workers + 1``)
+    items are in flight, so a stream of large inputs (extract's pairs of dense weights) keeps a
+    few in memory at a time. ``items`` is consumed in order from the caller's thread only.
+    """
+    count = threads.module_workers() if workers is None else max(1, workers)
+    window = max(1, ahead if ahead is not None else count + 1)
+    with intra_op_threads(1):
+        if count <= 1:
+            for item in items:
+                yield fn(item)
+            return
+        with ThreadPoolExecutor(count, thread_name_prefix="loratools") as pool:
+            pending: list[Future[R]] = []
+            try:
+                for item in items:
+                    pending.append(pool.submit(fn, item))
+                    if len(pending) >= window:
+                        yield pending.pop(0).result()
+                while pending:
+                    yield pending.pop(0).result()
+            finally:
+                for future in pending:
+                    future.cancel()

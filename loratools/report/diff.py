@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError
+from ..threads import torch_threads
 
 DIFF_SCHEMA = "loratools.diff/1"
 SAME_RTOL = 1e-6  # below this relative difference two modules count as the same (float32 rounding)
@@ -380,10 +381,12 @@ def diff(path_a: str | os.PathLike[str], path_b: str | os.PathLike[str], *, fami
             f"A is a {kinds[0]}, B is a {kinds[1]}: diff compares two LoRAs or two checkpoints",
             hint="to see what a LoRA changes in a checkpoint, use inspect --norms",
         )
-    report = (
-        diff_loras(local_a, local_b, family=family)
-        if kinds[0] == "lora"
-        else diff_checkpoints(local_a, local_b, family=family)
-    )
+    # one thread (loratools/threads.py): small factor products, and norms summed in one order
+    with torch_threads(1):
+        report = (
+            diff_loras(local_a, local_b, family=family)
+            if kinds[0] == "lora"
+            else diff_checkpoints(local_a, local_b, family=family)
+        )
     report.a["path"], report.b["path"] = str(path_a), str(path_b)
     return report
