@@ -46,3 +46,97 @@ def real_flat(name: str, *variants: str) -> dict[str, tuple[tuple[int, ...], str
         for c, added in spec.get("add", {}).items():
             tables.setdefault(c, {}).update({k: (tuple(s), d) for k, (s, d) in added.items()})
     return {(f"{c}.{k}" if folder else k): v for c, keys in tables.items() for k, v in keys.items()}
+
+
+# --- FLUX.1 LoRAs in every dialect, generated from the real module names -----------------------------
+
+
+def flux_lora_dialect(spec, dialect: str, *, rank: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+    """A random FLUX.1 LoRA state dict in one dialect, over the attention and MLP Linears of every block.
+
+    Dialects: kohya, kohya-split-qkv, ai-toolkit (diffusers names, peft), ai-toolkit-bfl
+    (``diffusion_model.`` + BFL names), xlabs, onetrainer, lycoris-full (``diff``/``diff_b``),
+    kohya-te (CLIP-L ``lora_te1_`` + T5 ``lora_te2_``), kohya-te3 (T5 as ``lora_te3_``).
+    """
+    from loratools.formats.flux import flux_names
+
+    names = flux_names(spec)
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * 0.1
+
+    out: dict[str, torch.Tensor] = {}
+    bfl_targets = [p for p in names.bfl if p.endswith(("qkv", "proj", "linear1", "linear2", "mlp.0", "mlp.2"))]
+    canonical_targets = [
+        m
+        for m in names.shapes
+        if m.startswith("transformer.")
+        and m.endswith(("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "proj_mlp", "proj_out", "ff.net.2"))
+    ]
+    if dialect in ("kohya", "kohya-split-qkv", "ai-toolkit-bfl", "xlabs"):
+        for path in bfl_targets:
+            if (dialect == "xlabs" and not path.startswith("double_blocks.")) or (dialect == "xlabs" and "mlp" in path):
+                continue
+            out_rows, inp = names.bfl_shapes[path]
+            parts = names.bfl[path]
+            if dialect == "kohya-split-qkv" and len(parts) > 1:
+                down = rnd(len(parts) * rank, inp)
+                up = torch.zeros(out_rows, len(parts) * rank)
+                for i, p in enumerate(parts):
+                    ((a, b),) = p.rows
+                    up[a:b, i * rank : (i + 1) * rank] = rnd(b - a, rank)
+            else:
+                down, up = rnd(rank, inp), rnd(out_rows, rank)
+            if dialect.startswith("kohya"):
+                name = "lora_unet_" + path.replace(".", "_")
+                out |= {
+                    f"{name}.lora_down.weight": down,
+                    f"{name}.lora_up.weight": up,
+                    f"{name}.alpha": torch.tensor(1.0),
+                }
+            elif dialect == "ai-toolkit-bfl":
+                out |= {f"diffusion_model.{path}.lora_A.weight": down, f"diffusion_model.{path}.lora_B.weight": up}
+            else:
+                block, child = ".".join(path.split(".")[:2]), ".".join(path.split(".")[2:])
+                xl = {
+                    "img_attn.qkv": "qkv_lora1",
+                    "img_attn.proj": "proj_lora1",
+                    "txt_attn.qkv": "qkv_lora2",
+                    "txt_attn.proj": "proj_lora2",
+                }[child]
+                out |= {f"{block}.processor.{xl}.down.weight": down, f"{block}.processor.{xl}.up.weight": up}
+    elif dialect in ("ai-toolkit", "onetrainer", "lycoris-full"):
+        for module in canonical_targets:
+            o, i = names.shapes[module]
+            path = module.split(".", 1)[1]
+            if dialect == "ai-toolkit":
+                out |= {
+                    f"transformer.{path}.lora_A.weight": rnd(rank, i),
+                    f"transformer.{path}.lora_B.weight": rnd(o, rank),
+                }
+            elif dialect == "onetrainer":
+                name = "lora_transformer_" + path.replace(".", "_")
+                out |= {
+                    f"{name}.lora_down.weight": rnd(rank, i),
+                    f"{name}.lora_up.weight": rnd(o, rank),
+                    f"{name}.alpha": torch.tensor(float(rank)),
+                }
+            else:
+                name = "lycoris_" + path.replace(".", "_")
+                out |= {f"{name}.diff": rnd(o, i), f"{name}.diff_b": rnd(o)}
+    elif dialect in ("kohya-te", "kohya-te3"):
+        t5 = "lora_te3" if dialect == "kohya-te3" else "lora_te2"
+        for module, (o, i) in names.shapes.items():
+            if module.startswith("transformer."):
+                continue
+            prefix = "lora_te1" if module.startswith("te1.") else t5
+            name = f"{prefix}_{module.split('.', 1)[1].replace('.', '_')}"
+            out |= {
+                f"{name}.lora_down.weight": rnd(rank, i),
+                f"{name}.lora_up.weight": rnd(o, rank),
+                f"{name}.alpha": torch.tensor(1.0),
+            }
+    else:
+        raise ValueError(dialect)
+    return out

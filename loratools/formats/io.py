@@ -20,7 +20,7 @@ from ..io.files import regular_file
 from ..io.hub import resolve as resolve_hub
 from ..io.pickle import PICKLE_SUFFIXES, load_pickle_raw, split_tensors, unwrap_state_dict
 from ..io.safetensors import SafetensorsFile, save_tensors
-from . import cloneofsimo, kohya, peft
+from . import cloneofsimo, flux, kohya, peft
 from .adapters import LoraFile, is_finite
 from .keys import EMBEDDING_KEYS, bundle_key, is_embedding_key, normalize_peft_key  # noqa: F401 (EMBEDDING_KEYS re-exported)
 from .lookalike import check_not_lfs_pointer, flatten_embedding, not_a_lora
@@ -124,7 +124,7 @@ def _read_dict(
         raise InputError(f"{path.name}: holds no tensors")
     keys = list(lora_tensors)
     kohya_keys = [k for k in keys if kohya.KEY.match(k)]
-    if kohya_keys and len(kohya_keys) != len(keys):
+    if kohya_keys and len(kohya_keys) != len(keys) and not flux.is_flux_lora(keys):
         others = [k for k in keys if not kohya.KEY.match(k)]
         if peft.is_peft_like(others):
             raise InputError(
@@ -132,7 +132,11 @@ def _read_dict(
                 "conflicting duplicates are not guessed at"
             )
         raise InputError(f"{path.name}: unknown keys beside kohya ones: {', '.join(others[:5])}")
-    if kohya_keys:
+    # BFL or FLUX.1 module names, any dialect (docs/FLUX.md §2); None: widths fit no FLUX.1
+    flux_lora = flux.read_flux_lora(lora_tensors, metadata, family) if flux.is_flux_lora(keys) else None
+    if flux_lora is not None:
+        lora = flux_lora
+    elif kohya_keys:
         lora = kohya.read_kohya(lora_tensors, metadata, family, require_fit=require_fit)
     elif cloneofsimo.is_safeloras(keys):
         lora = cloneofsimo.read_safeloras(lora_tensors, metadata, family)
@@ -156,7 +160,13 @@ def save_lora(
     plain-LoRA formats, per-module alphas into cloneofsimo): use ``bake`` or ``to_lowrank`` first.
     """
     path = Path(path)
-    if fmt == "kohya":
+    if lora.family is not None and lora.family.transformer is not None and fmt in ("kohya", "diffusers"):  # FLUX.1 spellings
+        if fmt == "kohya":
+            tensors, meta = flux.flux_kohya_state_dict(lora, dtype=dtype), kohya.kohya_metadata(lora)
+        else:
+            tensors, meta = flux.flux_peft_state_dict(lora, dtype=dtype), peft.diffusers_metadata(lora)
+        save_tensors(path, tensors, meta, overwrite=overwrite)
+    elif fmt == "kohya":
         tensors = kohya.kohya_state_dict(lora, dtype=dtype)
         # embeddings beside kohya keys go in A1111's bundle form, the one loader that reads them there
         tensors.update({bundle_key(k): v for k, v in lora.embeddings.items()})

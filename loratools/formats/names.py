@@ -71,7 +71,7 @@ def name_tables(spec: FamilySpec) -> NameTables:
     modules: dict[str, Module] = {}
     for w in km.weights:
         if (
-            w.component not in ("unet", "te1", "te2")
+            w.component not in ("unet", "transformer", "te1", "te2")
             or not w.canonical.endswith(".weight")
             or len(w.shape) not in (2, 4)
         ):
@@ -85,7 +85,8 @@ def name_tables(spec: FamilySpec) -> NameTables:
 
     kohya: dict[str, str] = {}
     peft: dict[str, str] = {}
-    text_aliases = {"te1": ["lora_te", "lora_te1"], "te2": ["lora_te2"]}
+    # "transformer": a DiT (FLUX.1) under OneTrainer's prefix; formats/flux.py reads its other dialects
+    text_aliases = {"te1": ["lora_te", "lora_te1"], "te2": ["lora_te2"], "transformer": ["lora_transformer"]}
     for m in modules.values():
         if m.component == "unet":
             kohya[f"{KOHYA_UNET}_{m.path.replace('.', '_')}"] = m.name

@@ -27,7 +27,7 @@ from ..errors import InputError, LoratoolsError, OutputError
 from ..families import FAMILIES, keymap
 from ..families.detect import Detection, detect
 from ..families.keymap import KeyMap
-from ..families.spec import FamilySpec
+from ..families.spec import DENOISERS, FamilySpec
 from ..formats.adapters import Full, LoraFile, all_finite, apply_dora, is_finite
 from ..formats.io import load_lora
 from ..formats.resolve import claimed_family
@@ -242,7 +242,7 @@ def _own_family(path: str | Path) -> FamilySpec | None:
 
 def _strength(lora_input: LoraInput, module: str, blocks: BlockWeights | None, spec: FamilySpec) -> float:
     base = lora_input.weight
-    if module.startswith("unet."):
+    if _component(module) in DENOISERS:  # the U-Net or a DiT's transformer
         base = lora_input.unet if lora_input.unet is not None else base
     else:
         base = lora_input.text if lora_input.text is not None else base

@@ -1,0 +1,359 @@
+"""FLUX.1 LoRA dialects: every key spelling → canonical (diffusers) modules, fused slices included.
+
+Pure name and row facts plus one reader and two writers; the family rules (families/flux.py) say
+which rows of a BFL fused Linear each diffusers module is, so nothing here types a module list.
+Dialects read (docs/FLUX.md §2 cites where each spelling was checked):
+
+- kohya sd-scripts ``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`` (BFL module names,
+  underscores; kohya-ss/sd-scripts networks/lora_flux.py LoRANetwork, ``LORA_PREFIX_FLUX``), its
+  ``split_qkv`` form (down [3r, in], block-diagonal up; same file, LoRANetwork.state_dict), CLIP-L
+  ``lora_te1_…`` and T5 ``lora_te2_…`` / ``lora_te3_…`` (told apart by module name and shape);
+- ai-toolkit / diffusers / peft ``transformer.transformer_blocks.0.attn.to_q.lora_A.weight``, the
+  ``diffusion_model.`` + BFL-name form, ``lora_down``/``lora_up`` spellings of both;
+- XLabs ``double_blocks.0.processor.qkv_lora1.down.weight`` (img) / ``…lora2…`` (txt);
+- OneTrainer ``lora_transformer_transformer_blocks_0_attn_to_q`` and SimpleTuner/LyCORIS
+  ``lycoris_transformer_blocks_0_attn_to_q`` (diffusers module names, underscores; LoRA, LoHa,
+  LoKr, full ``diff``/``diff_b``).
+
+A LoRA on a fused BFL Linear becomes one adapter per canonical part (the up rows of that part and
+the shared down: exact); a LoRA on a diffusers-split module patches its rows of a fused base
+through the key map. Writers re-join parts: identical downs share one down, others become
+kohya's block-diagonal split-qkv form (exact ΔW).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+
+from ..errors import InputError
+from ..families import FLUX1, keymap
+from ..families.spec import DIFFUSERS_FOLDERS, FamilySpec
+from .adapters import Adapter, Full, LoraFile, LowRank, factor_dtype
+from .keys import configs_from_metadata, pattern_value
+from .lycoris import adapter_from_params, adapter_params
+
+FORMAT_KOHYA = "kohya"  # the project's format names: operations write a LoRA back in its own
+FORMAT_PEFT = "diffusers"  # format, and save_lora picks the FLUX.1 spelling by the family
+KOHYA_TE = {"te1": "lora_te1", "te2": "lora_te2"}  # writer prefixes (sd-scripts @0087a46)
+_UNDERSCORE = re.compile(r"^(lora_unet|lora_transformer|lycoris|lora_te\d?)_([^.]+)\.(.+)$")
+_PARAMS = {  # dotted-dialect parameter suffix → kohya parameter name
+    "lora_A.weight": "lora_down.weight",
+    "lora_B.weight": "lora_up.weight",
+    "lora_down.weight": "lora_down.weight",
+    "lora_up.weight": "lora_up.weight",
+    "down.weight": "lora_down.weight",
+    "up.weight": "lora_up.weight",
+    "alpha": "alpha",
+    "diff": "diff",
+    "diff_b": "diff_b",
+    "dora_scale": "dora_scale",
+}
+_XLABS = {"qkv_lora1": "img_attn.qkv", "proj_lora1": "img_attn.proj", "qkv_lora2": "txt_attn.qkv"}
+_XLABS |= {"proj_lora2": "txt_attn.proj", "qkv_lora": "linear1", "proj_lora": "linear2"}
+_BFL_ROOTS: tuple[str, ...] = ("double_blocks.", "single_blocks.", "img_in", "txt_in", "time_in.", "vector_in.")
+_BFL_ROOTS += ("guidance_in.", "final_layer.")
+
+
+@dataclass(frozen=True)
+class Part:
+    """A canonical module fed by rows of a BFL module's ΔW (in canonical row order)."""
+
+    module: str  # canonical, e.g. "transformer.transformer_blocks.0.attn.to_q"
+    rows: tuple[tuple[int, int], ...]  # row ranges of the BFL ΔW, concatenated
+
+
+@dataclass(frozen=True)
+class FluxNames:
+    """Name facts of one FLUX.1 spec (widths matter: rows of fused parts)."""
+
+    shapes: dict[str, tuple[int, ...]]  # canonical module → weight shape
+    bfl: dict[str, list[Part]]  # BFL module path ("double_blocks.0.img_attn.qkv") → parts
+    bfl_shapes: dict[str, tuple[int, ...]]
+    underscore: dict[str, str]  # "transformer_blocks_0_attn_to_q" / "encoder_block_0_…" → canonical
+    bfl_underscore: dict[str, str]  # "double_blocks_0_img_attn_qkv" → BFL path
+    home: dict[str, tuple[str, Part]]  # canonical transformer module → (BFL path, its part)
+
+    def bfl_of(self, module: str) -> tuple[str, Part] | None:
+        """The BFL module (and this module's part of it) holding a canonical transformer module."""
+        return self.home.get(module)
+
+
+@cache
+def flux_names(spec: FamilySpec) -> FluxNames:
+    """Every LoRA-patchable Linear of a FLUX.1 spec and its names, derived from the key map."""
+    km = keymap(spec)
+    prefix = spec.transformer.single_prefix if spec.transformer else ""
+    shapes: dict[str, tuple[int, ...]] = {}
+    bfl: dict[str, list[Part]] = {}
+    bfl_shapes: dict[str, tuple[int, ...]] = {}
+    underscore: dict[str, str] = {}
+    for w in km.weights:
+        if not w.canonical.endswith(".weight") or len(w.shape) != 2 or "embed_tokens" in w.canonical:
+            continue
+        if w.component not in ("transformer", "te1", "te2") or "embeddings." in w.canonical:
+            continue
+        if w.canonical.endswith(("shared.weight", "relative_attention_bias.weight")):
+            continue
+        shapes[w.module] = w.shape
+        underscore[w.module.split(".", 1)[1].replace(".", "_")] = w.module
+        if w.component != "transformer" or w.single is None:
+            continue
+        path = w.single.removeprefix(prefix).removesuffix(".weight")
+        total = w.single_shape[0] if w.single_shape else w.shape[0]
+        bfl_shapes[path] = (total, w.shape[1])
+        if w.single_swapped:
+            half = total // 2
+            rows: tuple[tuple[int, int], ...] = ((half, total), (0, half))
+        else:
+            rows = (w.single_rows or (0, total),)
+        bfl.setdefault(path, []).append(Part(w.module, rows))
+    for parts in bfl.values():
+        parts.sort(key=lambda p: p.rows[0][0])
+    bfl_underscore = {p.replace(".", "_"): p for p in bfl}
+    home = {p.module: (b, p) for b, parts in bfl.items() for p in parts}
+    return FluxNames(shapes, bfl, bfl_shapes, underscore, bfl_underscore, home)
+
+
+def is_flux_lora(keys: list[str]) -> bool:
+    """Keys that only FLUX.1 LoRAs use (BFL or FLUX.1-diffusers module names, any dialect)."""
+    return any(
+        ("double_blocks" in k or "single_blocks" in k or "single_transformer_blocks" in k)
+        # double-stream names FLUX.1 shares with SD3: the reader's shape check decides (None if no fit)
+        or (
+            "transformer_blocks" in k
+            and any(n in k for n in ("add_q_proj", "to_add_out", "ff_context", "norm1_context"))
+        )
+        or "SelfAttention" in k  # T5 (FLUX.1's second text encoder; no SD family has one)
+        or "DenseReluDense" in k
+        for k in keys
+    )
+
+
+def _parse(key: str, names: FluxNames) -> tuple[str, str, str] | None:
+    """(space, module, kohya param) of a key: space "bfl" (BFL path) or "canonical"; None if unknown."""
+    if (m := _UNDERSCORE.match(key)) is not None:
+        prefix, body, param = m.groups()
+        if prefix == "lora_unet" and body in names.bfl_underscore:
+            return "bfl", names.bfl_underscore[body], param
+        if prefix in ("lora_transformer", "lycoris", "lora_unet"):
+            module = names.underscore.get(body)
+            return ("canonical", module, param) if module and module.startswith("transformer.") else None
+        module = names.underscore.get(body)  # text encoders: the module name tells CLIP from T5
+        return ("canonical", module, param) if module and not module.startswith("transformer.") else None
+    stem, param = next(((key[: -len(s) - 1], s) for s in _PARAMS if key.endswith("." + s)), (key, ""))
+    if not param:
+        return None
+    for strip in ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "lora_unet."):
+        stem = stem.removeprefix(strip)
+    xlabs = re.match(r"^((?:double|single)_blocks\.\d+)\.processor\.(\w+)$", stem)
+    if xlabs is not None and xlabs.group(2) in _XLABS:
+        stem = f"{xlabs.group(1)}.{_XLABS[xlabs.group(2)]}"
+    if stem.startswith(_BFL_ROOTS) and stem in names.bfl:
+        return "bfl", stem, _PARAMS[param]
+    for folder, component in (("transformer", "transformer"), ("text_encoder", "te1"), ("text_encoder_2", "te2")):
+        if stem.startswith(folder + "."):
+            module = f"{component}.{stem[len(folder) + 1 :]}"
+            return ("canonical", module, _PARAMS[param]) if module in names.shapes else None
+    module = f"transformer.{stem}"
+    return ("canonical", module, _PARAMS[param]) if module in names.shapes else None
+
+
+def _take_rows(t: torch.Tensor, rows: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    pieces = [t[a:b] for a, b in rows]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+
+
+def _block_diagonal(up: torch.Tensor, parts: list[Part]) -> int | None:
+    """The per-part rank if ``up`` is kohya's block-diagonal split-qkv up (zeros off its blocks)."""
+    count = len(parts)
+    if count < 2 or up.shape[1] % count:
+        return None
+    r = up.shape[1] // count
+    for i, part in enumerate(parts):
+        rows = _take_rows(up, part.rows)
+        off = torch.cat([rows[:, : i * r], rows[:, (i + 1) * r :]], dim=1)
+        if bool(off.any()):
+            return None
+    return r
+
+
+def split_fused(name: str, adapter: Adapter, parts: list[Part], warnings: list[str]) -> dict[str, Adapter]:
+    """One adapter per canonical part of a LoRA on a fused BFL Linear; ΔW of each part exact."""
+    if len(parts) == 1 and len(parts[0].rows) == 1 and isinstance(adapter, LowRank | Full):
+        a, b = parts[0].rows[0]
+        if a == 0 and b == adapter.delta_shape()[0]:
+            return {parts[0].module: adapter}
+    out: dict[str, Adapter] = {}
+    if isinstance(adapter, LowRank) and adapter.mid is None and adapter.dora_scale is None:
+        up = adapter.up.reshape(adapter.up.shape[0], -1)
+        r = _block_diagonal(up, parts)
+        live = [bool(_take_rows(up, p.rows).any()) for p in parts]
+        for i, part in enumerate(parts):
+            if any(live) and not live[i]:
+                continue  # all-zero rows: the writer's padding for a part the LoRA does not train
+            rows = _take_rows(up, part.rows)
+            if r is None:  # one down shared by every part: the up rows split, alpha/r unchanged
+                out[part.module] = LowRank(rows, adapter.down, adapter.alpha)
+            else:  # split-qkv: each part its own rank-r block; keep the file's scale alpha/(P·r)
+                down = adapter.down[i * r : (i + 1) * r]
+                out[part.module] = LowRank(rows[:, i * r : (i + 1) * r], down, adapter.alpha / len(parts))
+        return out
+    if isinstance(adapter, Full):
+        for part in parts:
+            bias = _take_rows(adapter.diff_b, part.rows) if adapter.diff_b is not None else None
+            out[part.module] = Full(_take_rows(adapter.diff, part.rows), bias)
+        return out
+    warnings.append(f"{name}: a {adapter.kind} module on a fused weight, split into full ΔW parts (float32)")
+    delta = adapter.delta()  # float32, scale included
+    return {part.module: Full(_take_rows(delta, part.rows)) for part in parts}
+
+
+def read_flux_lora(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], family: str | FamilySpec | None = None
+) -> LoraFile | None:
+    """A FLUX.1 LoRA of any dialect above, as canonical adapters (unknown keys listed, not dropped silently).
+
+    None when no module fits this FLUX.1 spec (full size unless one is given; an SD3 file with the
+    same double-stream names, a tiny or unusual model): the caller then reads it by its names.
+    """
+    spec = family if isinstance(family, FamilySpec) else FLUX1
+    if spec.transformer is None:  # read against an SD family (merge into an SD base): refused by name
+        raise InputError(f"a FLUX.1 LoRA (BFL/FLUX.1 module names); it does not apply to {spec.title}")
+    names = flux_names(spec)
+    groups: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    unknown: list[str] = []
+    dialects: set[str] = set()
+    for key, tensor in tensors.items():
+        parsed = _parse(key, names)
+        if parsed is None:
+            unknown.append(key)
+            continue
+        space, module, param = parsed
+        groups.setdefault((space, module), {})[param] = tensor
+        dialects.add("kohya" if _UNDERSCORE.match(key) else "peft")
+    warnings: list[str] = []
+    adapters: dict[str, Adapter] = {}
+    unmatched: dict[str, str] = {}
+    configs = configs_from_metadata(metadata)  # diffusers' lora_adapter_metadata (peft LoraConfig)
+    for (space, module), params in groups.items():
+        shape = names.bfl_shapes[module] if space == "bfl" else names.shapes[module]
+        component, path = module.split(".", 1)
+        config = configs.get(DIFFUSERS_FOLDERS.get(component, ""), {}) if space == "canonical" else {}
+        if "alpha" not in params and "lora_alpha" in config:
+            alpha = pattern_value(config.get("alpha_pattern") or {}, path)
+            params["alpha"] = torch.tensor(float(config["lora_alpha"] if alpha is None else alpha))
+        try:
+            adapter = adapter_from_params(module, dict(params), shape, warnings)
+        except InputError as error:
+            unmatched[module] = str(error)
+            continue
+        pieces = split_fused(module, adapter, names.bfl[module], warnings) if space == "bfl" else {module: adapter}
+        for canonical, piece in pieces.items():
+            if canonical in adapters:
+                raise InputError(f"{canonical} is given twice (as {module} and under another spelling)")
+            adapters[canonical] = piece
+    for key in unknown:
+        unmatched[key] = "not a FLUX.1 module in any known dialect"
+    if not adapters:
+        return None  # nothing fits FLUX.1 at these widths: read by names like any unfitted LoRA
+    if unmatched:
+        warnings.append(f"{len(unmatched)} keys/modules not matched, e.g. {next(iter(unmatched))}")
+    fmt = FORMAT_KOHYA if dialects == {"kohya"} else FORMAT_PEFT
+    return LoraFile(adapters, spec, fmt, dict(metadata), warnings=warnings, unmatched=unmatched)
+
+
+def _join(parts: list[Part], present: dict[str, LowRank], total: int) -> LowRank:
+    """One LowRank on a fused BFL Linear from its parts' LowRanks (exact ΔW)."""
+    first = next(iter(present.values()))
+    same_down = all(torch.equal(a.down, first.down) and a.alpha == first.alpha for a in present.values())
+    if same_down:
+        up = torch.zeros(total, first.rank, dtype=first.up.dtype)
+        for p in parts:
+            if p.module in present:
+                _put_rows(up, p.rows, present[p.module].up.reshape(-1, first.rank))
+        return LowRank(up, first.down, first.alpha)
+    ranks = {a.rank for a in present.values()}
+    scales = {a.scale for a in present.values()}
+    if len(ranks) != 1 or len(scales) != 1:
+        raise InputError(
+            f"{parts[0].module}: parts of one fused weight with different ranks or scales cannot be "
+            "written as one kohya module exactly; write the diffusers/peft form"
+        )
+    r, scale = ranks.pop(), scales.pop()
+    down = torch.zeros(len(parts) * r, first.down.shape[1], dtype=first.down.dtype)
+    up = torch.zeros(total, len(parts) * r, dtype=first.up.dtype)
+    for i, p in enumerate(parts):
+        if p.module in present:
+            down[i * r : (i + 1) * r] = present[p.module].down
+            block = torch.zeros(total, r, dtype=up.dtype)
+            _put_rows(block, p.rows, present[p.module].up.reshape(-1, r))
+            up[:, i * r : (i + 1) * r] = block
+    return LowRank(up, down, scale * len(parts) * r)
+
+
+def _put_rows(target: torch.Tensor, rows: tuple[tuple[int, int], ...], values: torch.Tensor) -> None:
+    start = 0
+    for a, b in rows:
+        target[a:b] = values[start : start + b - a]
+        start += b - a
+
+
+def flux_kohya_state_dict(lora: LoraFile, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """sd-scripts' FLUX.1 keys: BFL module names under ``lora_unet_``, fused parts re-joined."""
+    names = flux_names(lora.family)
+    out: dict[str, torch.Tensor] = {}
+    done: set[str] = set()
+
+    def emit(name: str, adapter: Adapter) -> None:
+        stored = dtype or factor_dtype(adapter)
+        for param, tensor in adapter_params(adapter, stored).items():
+            out[f"{name}.{param}"] = tensor.to(stored) if dtype is not None and tensor.is_floating_point() else tensor
+
+    for module, adapter in lora.adapters.items():
+        if module in done:
+            continue
+        home = names.bfl_of(module)
+        if home is None:
+            emit(f"{KOHYA_TE[module.split('.', 1)[0]]}_{module.split('.', 1)[1].replace('.', '_')}", adapter)
+            continue
+        path, _ = home
+        parts = names.bfl[path]
+        present = {p.module: lora.adapters[p.module] for p in parts if p.module in lora.adapters}
+        done.update(present)
+        name = f"lora_unet_{path.replace('.', '_')}"
+        if len(parts) == 1 and len(parts[0].rows) == 1:
+            emit(name, adapter)
+        elif all(isinstance(a, LowRank) and a.mid is None and a.dora_scale is None for a in present.values()):
+            emit(name, _join(parts, present, names.bfl_shapes[path][0]))  # type: ignore[arg-type]
+        elif all(isinstance(a, Full) for a in present.values()):
+            diff = torch.zeros(names.bfl_shapes[path], dtype=factor_dtype(adapter))
+            for p in parts:
+                if p.module in present:
+                    _put_rows(diff, p.rows, present[p.module].diff)  # type: ignore[union-attr]
+            emit(name, Full(diff))
+        else:
+            raise InputError(f"{path}: mixed adapter kinds on one fused weight cannot be written as kohya")
+    return dict(sorted(out.items()))
+
+
+def flux_peft_state_dict(lora: LoraFile, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """diffusers/peft keys (``transformer.…lora_A.weight``), as ai-toolkit writes them.
+
+    Alphas go where the SD peft writer puts them (``lora_adapter_metadata``,
+    formats/peft.py diffusers_metadata), which this module's reader reads back: exact.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for module, adapter in lora.adapters.items():
+        if not isinstance(adapter, LowRank) or adapter.mid is not None or adapter.dora_scale is not None:
+            raise InputError(f"{module}: only plain LoRA modules have a diffusers/peft form (bake it first)")
+        component, path = module.split(".", 1)
+        key = f"{DIFFUSERS_FOLDERS[component]}.{path}"
+        stored = dtype or adapter.up.dtype
+        out[f"{key}.lora_A.weight"] = adapter.down.to(stored)
+        out[f"{key}.lora_B.weight"] = adapter.up.to(stored)
+    return dict(sorted(out.items()))
