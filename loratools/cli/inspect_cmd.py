@@ -15,6 +15,7 @@ from ..io.checkpoint import is_diffusers_folder
 from ..io.hub import is_hub
 from ..io.hub import resolve as resolve_hub
 from ..report import LoraReport, inspect_checkpoint, inspect_lora
+from .batch import batchable
 from .errors import user_errors
 from .options import family_option
 from .render import render_checkpoint
@@ -115,6 +116,7 @@ class Skipped:
         self.path, self.reason = path, reason
 
 
+@batchable("inspect")
 @click.command("inspect")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
 @family_option

@@ -20,6 +20,7 @@ from .errors import user_errors
 from .options import dtype_option, family_option, overwrite_option
 from .progress import byte_progress
 from .render import human_bytes, print_json
+from .render_accounting import render_accounting
 
 LORA_SYNTAX = """\b
 LORA arguments (any format loratools reads; repeat for several):
@@ -163,8 +164,7 @@ def render_merge(console: Console, report: Any) -> None:
         console.print(
             f"residual vs base, {component}: max |Δ| {stats['max_abs']:.3g}, relative {stats['relative']:.3g}"
         )
-    if report.missing:
-        console.print(f"[yellow]warning:[/yellow] {len(report.missing)} output tensors could not be filled")
+    render_accounting(console, report)
     for warning in report.warnings[:10]:
         console.print(f"[yellow]warning:[/yellow] {warning}")
 

@@ -1,7 +1,7 @@
 """One representation for every LoRA dialect: adapters keyed by canonical module name.
 
 Every adapter carries an explicit ``alpha`` with the kohya/LyCORIS convention ``scale = alpha / r``
-(FORMATS.md §0). Readers translate other conventions into it — peft's rsLoRA ``alpha / √r`` becomes
+(docs/FORMATS.md §0). Readers translate other conventions into it — peft's rsLoRA ``alpha / √r`` becomes
 ``alpha·√r``, a missing alpha becomes ``alpha = r`` (scale 1, reported), cloneofsimo's raw product
 becomes ``alpha = r`` — so every operation sees one rule. Factor tensors keep their file dtype;
 ΔW is always computed in float32.
@@ -182,7 +182,7 @@ class LoKr:
     files, a factorisation of ``in·kh·kw`` as a whole — is reshaped to the weight
     (ComfyUI comfy/weight_adapter/lokr.py (calculate_weight): ``kron(w1, w2).reshape(weight.shape)``).
     Scale ``alpha / r`` with ``r`` the inner width of ``w1b`` if present, else of ``w2b``; both
-    halves full ⇒ scale 1 (FORMATS.md §4.3, §4.8).
+    halves full ⇒ scale 1 (docs/FORMATS.md §4.3, §4.8).
     """
 
     alpha: float
@@ -209,7 +209,7 @@ class LoKr:
 
     @property
     def scale(self) -> float:
-        # Both halves full: LyCORIS forces alpha = r, ComfyUI uses 1.0 (FORMATS.md §4.3, §4.8).
+        # Both halves full: LyCORIS forces alpha = r, ComfyUI uses 1.0 (docs/FORMATS.md §4.3, §4.8).
         return 1.0 if self.rank is None else self.alpha / self.rank
 
     def _w1_shape(self) -> tuple[int, int]:
@@ -330,7 +330,7 @@ def dora_magnitude(adapter: Adapter, weight_shape: tuple[int, ...]) -> torch.Ten
 
     ``dora_axis == "out"``: one value per output row, shaped ``(out, 1, …)``; ``"in"``: one per
     input column, ``(1, in, 1, …)``. Reshaped explicitly — never left to broadcasting a 1-D vector,
-    the ComfyUI ``(N,)`` → ``(N, N)`` bug (FORMATS.md §4.8).
+    the ComfyUI ``(N,)`` → ``(N, N)`` bug (docs/FORMATS.md §4.8).
     """
     scale = getattr(adapter, "dora_scale", None)
     axis = getattr(adapter, "dora_axis", None)
@@ -365,11 +365,11 @@ def apply_dora(weight: torch.Tensor, adapter: Adapter, strength: float = 1.0) ->
     (KohakuBlueleaf/LyCORIS:lycoris/functional/general.py (weight_decompose): ``norm + finfo.eps``;
     ComfyUI comfy/weight_adapter/base.py (weight_decompose) divides without it). ΔW is the
     adapter's full, alpha-scaled delta — only ``strength == 1`` is defined here, the one point where
-    LyCORIS, ComfyUI and A1111 agree (FORMATS.md §4.7); other strengths raise ValueError.
+    LyCORIS, ComfyUI and A1111 agree (docs/FORMATS.md §4.7); other strengths raise ValueError.
     """
     if strength != 1.0:
         raise ValueError(
-            f"DoRA at strength {strength:g} differs between LyCORIS and ComfyUI (FORMATS.md §4.7); only 1 is supported"
+            f"DoRA at strength {strength:g} differs between LyCORIS and ComfyUI (docs/FORMATS.md §4.7); only 1 is supported"
         )
     base = _f32(weight)
     magnitude = dora_magnitude(adapter, tuple(base.shape))

@@ -18,7 +18,7 @@ from typing import Any
 from ..errors import InputError
 from ..families.spec import DIFFUSERS_FOLDERS
 
-# --- kohya / LyCORIS: ``<lora_name>.<param>``, lora_name without dots (FORMATS.md §1.1) ------------
+# --- kohya / LyCORIS: ``<lora_name>.<param>``, lora_name without dots (docs/FORMATS.md §1.1) ------------
 
 # lora_transformer_: OneTrainer/SimpleTuner FLUX.1 and SD3 LoRAs in kohya naming
 KOHYA_KEY = re.compile(r"^(lora_(?:unet|te\d?|transformer)_[^.]+)\.(.+)$")
@@ -28,7 +28,7 @@ def is_kohya(keys: list[str]) -> bool:
     return bool(keys) and all(KOHYA_KEY.match(k) for k in keys)
 
 
-# Parameter suffixes of each LyCORIS algorithm in kohya naming (FORMATS.md §4).
+# Parameter suffixes of each LyCORIS algorithm in kohya naming (docs/FORMATS.md §4).
 LORA_PARAMS = {"lora_down.weight", "lora_up.weight", "lora_mid.weight"}
 LOHA_PARAMS = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"}
 LOKR_PARAMS = {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"}
@@ -79,7 +79,7 @@ def adapter_kind_of(name: str, params: set[str]) -> str:
     return kinds[0]
 
 
-# --- peft / diffusers (FORMATS.md §2) --------------------------------------------------------------
+# --- peft / diffusers (docs/FORMATS.md §2) --------------------------------------------------------------
 
 PEFT_METADATA_KEY = "lora_adapter_metadata"  # diffusers loaders/lora_base.py (LORA_ADAPTER_METADATA_KEY)
 PEFT_PARAM = re.compile(r"^(.*)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_magnitude_vector)$")
@@ -196,7 +196,7 @@ def configs_from_metadata(metadata: Mapping[str, str]) -> dict[str, dict[str, An
     return configs
 
 
-# --- cloneofsimo safeloras (FORMATS.md §3) ----------------------------------------------------------
+# --- cloneofsimo safeloras (docs/FORMATS.md §3) ----------------------------------------------------------
 
 SAFELORAS_KEY = re.compile(r"^([^:]+):(\d+):(up|down)$")
 EMBED_FLAG = "<embed>"  # lora_diffusion's metadata value for textual-inversion tensors

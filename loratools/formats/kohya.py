@@ -1,6 +1,6 @@
 """kohya sd-scripts LoRA / LoCon (and LyCORIS in kohya naming): ``lora_unet_…``, ``lora_te…``.
 
-Keys are ``<lora_name>.<param>`` where ``lora_name`` has no dots (FORMATS.md §1). Writers use each
+Keys are ``<lora_name>.<param>`` where ``lora_name`` has no dots (docs/FORMATS.md §1). Writers use each
 family's native U-Net spelling — diffusers names for SD1/SD2, SGM names for SDXL, which is what
 sd-scripts itself trains and loads (kohya-ss/sd-scripts:networks/lora.py) — and write an ``alpha``
 for every module.

@@ -3,7 +3,7 @@ old diffusers spellings (attention processors, ``.lora.down``, ``lora_linear_lay
 
 Scale: these files carry no alpha tensors. ``lora_adapter_metadata`` (diffusers ≥ 0.34) or
 ``adapter_config.json`` (peft) give ``lora_alpha``/``r`` with per-module ``alpha_pattern``/
-``rank_pattern`` and ``use_rslora``; without either the scale is 1 (FORMATS.md §2). We turn every
+``rank_pattern`` and ``use_rslora``; without either the scale is 1 (docs/FORMATS.md §2). We turn every
 module's scale into the kohya convention ``alpha = scale · r``.
 """
 

@@ -25,7 +25,7 @@ from .verdict import SHAPES, ModelVerdict, model_by_names, sd_verdict, unknown_v
 if TYPE_CHECKING:
     import torch
 
-# kohya ss_base_model_version / modelspec.architecture prefixes → family (FORMATS.md §1.4, §5.4)
+# kohya ss_base_model_version / modelspec.architecture prefixes → family (docs/FORMATS.md §1.4, §5.4)
 _CLAIMS = (
     ("sdxl", "sdxl"),
     ("sd_v1", "sd1"),

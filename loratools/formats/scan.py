@@ -272,7 +272,7 @@ def _unmatched_warnings(unmatched: Mapping[str, str], warnings: list[str], *, mo
 
 
 def _context_dim(groups: Mapping[str, Mapping[str, ParamRef]], marker: str) -> int | None:
-    """In-dim of a cross-attention ``to_k`` LoRA: 768 SD1, 1024 SD2, 2048 SDXL (FORMATS.md §1.1)."""
+    """In-dim of a cross-attention ``to_k`` LoRA: 768 SD1, 1024 SD2, 2048 SDXL (docs/FORMATS.md §1.1)."""
     for name, params in groups.items():
         down = params.get("lora_down.weight")
         if marker in name and down is not None and len(down.shape) >= 2:
@@ -295,7 +295,7 @@ def _resolve(
     Anything less than a full fit takes the general path, warnings and ties included.
     """
     width = _context_dim(groups, marker) if family is None else None
-    guess = next((s for s in FAMILIES.values() if s.unet.context_dim == width), None)
+    guess = next((s for s in FAMILIES.values() if s.unet is not None and s.unet.context_dim == width), None)
     if guess is not None:
         try:
             found = resolve(groups, table, metadata, guess)  # type: ignore[arg-type]

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 # The diffusers pipeline subfolders holding weights, in pipeline order
 # (huggingface/diffusers: pipelines' model_index.json for SD1/SD2/SDXL).
-DIFFUSERS_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
+DIFFUSERS_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "vae")
 # Weight file names, preferred first (diffusers utils/constants.py; transformers' model.safetensors).
 WEIGHT_NAMES = ("diffusion_pytorch_model", "model", "pytorch_model")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -51,6 +51,10 @@ class Checkpoint:
     metadata: dict[str, str] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)  # non-tensor entries of pickles
+    # per weight file, the view's names in the file's own order, and the file's own metadata: what
+    # a same-layout rewrite needs to give every file back as it was (a folder's files each have theirs)
+    file_keys: dict[Path, list[str]] = field(default_factory=dict)
+    file_metadata: dict[Path, dict[str, str]] = field(default_factory=dict)
     _handles: list[SafetensorsFile] = field(default_factory=list, repr=False)
 
     def __repr__(self) -> str:
@@ -113,11 +117,14 @@ def _add_safetensors(ckpt: Checkpoint, path: Path, prefix: str) -> None:
     handle = SafetensorsFile(path)
     ckpt._handles.append(handle)
     ckpt.files.append(path)
+    ckpt.file_keys[path] = names = []
+    ckpt.file_metadata[path] = dict(handle.metadata)
     for key, info in handle.header.tensors.items():
         name = prefix + key
         if name in ckpt.slots:
             raise CorruptFileError(f"{path.name}: tensor {key!r} also appears in another shard")
         ckpt.slots[name] = _Slot(handle, key, info)
+        names.append(name)
 
 
 def _add_pickle(ckpt: Checkpoint, path: Path, prefix: str) -> None:
@@ -128,6 +135,8 @@ def _add_pickle(ckpt: Checkpoint, path: Path, prefix: str) -> None:
     tensors, others = split_tensors(obj, path.name)
     ckpt.files.append(path)
     ckpt.dropped.extend(prefix + o for o in others)
+    ckpt.file_keys[path] = [prefix + key for key in tensors]
+    ckpt.file_metadata[path] = {}
     for key, tensor in tensors.items():  # split_tensors refused dtypes safetensors cannot hold
         ckpt.slots[prefix + key] = _Slot(tensors, key, TensorInfo(dtype_name(tensor.dtype), tuple(tensor.shape)))
 

@@ -5,7 +5,7 @@
 on down (balanced magnitudes for fp16 storage; the square root is only ever taken of ``|cᵢ|``), and
 ``alpha = Σ rᵢ`` (scale 1). Ranks add. This is what kohya's ``merge_lora.py --concat`` aims at, but
 it keeps the first model's alpha and multiplies *both* factors by ``√(ratio·alphaᵢ/alpha₀)``, which
-rescales every part and squares the ratio (FORMATS.md §1.5).
+rescales every part and squares the ratio (docs/FORMATS.md §1.5).
 
 ``svd`` truncates the same stacked factors in factor space (:func:`~loratools.ops.lowrank.matrix_svd`):
 the result is the optimal rank-k approximation of the dense ``Σ wᵢ·ΔWᵢ`` — what kohya's

@@ -17,16 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import InputError
-from ..families import keymap
 from ..families.configs import diffusers_configs
-from ..families.detect import Detection, detect
+from ..families.detect import Detection
 from ..families.keymap import KeyMap
 from ..families.spec import DIFFUSERS_FOLDERS
 from ..io.atomic import AtomicFolder
-from ..io.checkpoint import WEIGHT_NAMES, Checkpoint, open_checkpoint
-from ..io.files import same_path
-from ..io.hub import resolve as resolve_hub
-from ..io.safetensors import DTYPES, FLOAT_DTYPES, StreamingWriter, TensorInfo, dtype_name
+from ..io.checkpoint import WEIGHT_NAMES, Checkpoint
+from ..io.safetensors import DTYPES, FLOAT_DTYPES, TensorInfo, dtype_name
 
 if TYPE_CHECKING:
     import torch
@@ -46,8 +43,10 @@ class ConvertReport:
     tensors_written: int = 0
     bytes_written: int = 0
     raw_copied: int = 0  # tensors copied byte for byte
-    dropped: list[str] = field(default_factory=list)  # source keys with no home in the output layout
-    missing: list[str] = field(default_factory=list)  # output keys the source could not supply
+    dropped: dict[str, str] = field(default_factory=dict)  # source keys with no home in the output layout → why
+    missing: dict[str, str] = field(default_factory=dict)  # output keys the source could not supply → why
+    not_carried: dict[str, str] = field(default_factory=dict)  # source folder files not carried as they were
+    files_carried: int = 0  # non-weight files of a source folder copied verbatim
 
 
 def output_dtype_name(info: TensorInfo, dtype: torch.dtype | None) -> str:
@@ -87,31 +86,6 @@ def plan_layout(source: CanonicalSource, layout: str, keys: list[str]) -> tuple[
     return plan, missing
 
 
-def _write_same_layout(
-    ckpt: Checkpoint,
-    out: Path,
-    dtype: torch.dtype | None,
-    report: ConvertReport,
-    progress: Progress | None,
-    overwrite: bool,
-) -> None:
-    names = ckpt.keys()
-    plan = {n: TensorInfo(output_dtype_name(ckpt.info(n), dtype), ckpt.info(n).shape) for n in names}
-    with StreamingWriter(out, plan, ckpt.metadata or None, overwrite=overwrite) as writer:
-        for name in names:
-            info = plan[name]
-            raw = ckpt.raw(name)
-            if raw is not None and info.dtype == ckpt.info(name).dtype:
-                writer.copy_raw(name, raw[0], raw[1])
-                report.raw_copied += 1
-            else:
-                writer.write(name, ckpt.read(name).to(info.torch_dtype))
-            report.tensors_written += 1
-            report.bytes_written += info.nbytes
-            if progress:
-                progress(info.nbytes)
-
-
 def planned_info(
     source: CanonicalSource, parts: list[str], layout: str, key: str, dtype: torch.dtype | None
 ) -> TensorInfo:
@@ -131,40 +105,6 @@ def planned_info(
     return TensorInfo(output_dtype_name(first, dtype), shape)
 
 
-def _write_planned(
-    src: CanonicalSource,
-    out: Path,
-    plan: dict[str, list[str]],
-    layout: str,
-    dtype: torch.dtype | None,
-    metadata: dict[str, str] | None,
-    report: ConvertReport,
-    progress: Progress | None,
-    *,
-    prefix: str = "",
-    overwrite: bool = False,
-) -> None:
-    """Write one file of ``layout`` keys (stored without ``prefix``), each built from its canonical parts.
-
-    A key whose source is the very same key of the same layout and dtype is copied as raw bytes.
-    """
-    infos = {k: planned_info(src, parts, layout, prefix + k, dtype) for k, parts in plan.items()}
-    with StreamingWriter(out, infos, metadata, overwrite=overwrite) as writer:
-        for key, parts in plan.items():
-            source_key = src.home[parts[0]]
-            raw = src.ckpt.raw(source_key) if src.layout == layout and source_key == prefix + key else None
-            if raw is not None and src.ckpt.info(source_key).dtype == infos[key].dtype:
-                writer.copy_raw(key, raw[0], raw[1])
-                report.raw_copied += 1
-            else:
-                tensor = src.km.join(layout, prefix + key, {p: src.canonical(p) for p in parts})
-                writer.write(key, tensor.to(infos[key].torch_dtype).contiguous())
-            report.tensors_written += 1
-            report.bytes_written += infos[key].nbytes
-            if progress:
-                progress(infos[key].nbytes)
-
-
 def convert_checkpoint(
     source: str | Path,
     output: str | Path,
@@ -179,36 +119,33 @@ def convert_checkpoint(
 
     ``layout``: ``"single"`` (LDM/SGM single file) or ``"diffusers"`` (folder); default: the
     source's. ``dtype``: ``"fp16"``, ``"bf16"``, ``"fp32"`` or a torch dtype, applied to float
-    tensors only. Returns a :class:`ConvertReport`; nothing is left at ``output`` on failure.
+    tensors only. In the source's own layout every tensor keeps its name, spelling and order and
+    a folder keeps every file; across layouts, what has no place is listed with the reason.
+    Returns a :class:`ConvertReport`; nothing is left at ``output`` on failure.
     """
-    source, output = resolve_hub(source), Path(output)  # hf:// before Path(), which folds its '//'
-    torch_dtype = parse_dtype(dtype)
-    with open_checkpoint(source) as ckpt:
-        found = detect(ckpt.shapes(), ckpt.metadata, family=family)
-        target = target_layout(found, layout)
-        report = ConvertReport(str(source), str(output), found.family.name, found.layout, target)
-        if same_path(output, source):
-            raise InputError(f"{output}: output is the input; write elsewhere")
-        if target == found.layout and ckpt.container == "single_file":
-            _write_same_layout(ckpt, output, torch_dtype, report, progress, overwrite)
-            return report
-        km = keymap(found.family)
-        src = CanonicalSource(ckpt, km, found.layout)
-        report.dropped = [k for k in ckpt if not any(w.layout_name(target) for w in km.lookup(found.layout, k))]
-        if target == "diffusers":
-            _write_folder(src, output, found, torch_dtype, report, progress, overwrite)
-        else:
-            plan, report.missing = plan_layout(src, target, km.layout_keys(target))
-            _write_planned(
-                src, output, plan, target, torch_dtype, ckpt.metadata or None, report, progress, overwrite=overwrite
-            )
-        return report
+    from .merge import rewrite  # the one executor: a conversion is a merge with no LoRAs
+
+    done = rewrite(source, output, layout=layout, dtype=dtype, family=family, overwrite=overwrite, progress=progress)
+    return ConvertReport(
+        done.base,
+        str(output),
+        done.family,
+        done.layout,
+        done.output_layout,
+        tensors_written=done.tensors,
+        bytes_written=done.tensor_bytes,
+        raw_copied=done.raw_copied,
+        dropped=done.dropped,
+        missing=done.missing,
+        not_carried=done.not_carried,
+        files_carried=done.files_carried,
+    )
 
 
 def target_layout(found: Detection, layout: str | None) -> str:
     if layout is None:
         return found.layout
-    if layout in ("single", "ldm", "sgm"):
+    if layout in ("single", "ldm", "sgm", "bfl"):
         return found.family.single_layout
     if layout == "diffusers":
         return "diffusers"
@@ -253,27 +190,12 @@ def write_folder(
                 shutil.copy2(config_src, tmp / folder / "config.json")
             else:
                 (tmp / folder / "config.json").write_text(json.dumps(configs[folder], indent=2))
-            stem = WEIGHT_NAMES[0] if component in ("unet", "vae") else WEIGHT_NAMES[1]
+            stem = WEIGHT_NAMES[0] if component in ("unet", "transformer", "vae") else WEIGHT_NAMES[1]
             inner = {k[len(prefix) :]: v for k, v in keys.items()}
             write_file(tmp / folder / f"{stem}.safetensors", inner, prefix)
         if check is not None:
             check(tmp)
     return missing
-
-
-def _write_folder(
-    src: CanonicalSource,
-    output: Path,
-    found: Detection,
-    dtype: torch.dtype | None,
-    report: ConvertReport,
-    progress: Progress | None,
-    overwrite: bool,
-) -> None:
-    def write_file(path: Path, plan: dict[str, list[str]], prefix: str) -> None:
-        _write_planned(src, path, plan, "diffusers", dtype, {"format": "pt"}, report, progress, prefix=prefix)
-
-    report.missing = write_folder(src, output, found, write_file, overwrite=overwrite)
 
 
 DTYPE_ALIASES = {

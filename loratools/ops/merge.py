@@ -12,7 +12,9 @@ to the rounding of the merged file.
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,7 +31,8 @@ from ..families.spec import FamilySpec
 from ..formats.adapters import Full, LoraFile, all_finite, apply_dora, is_finite
 from ..formats.io import load_lora
 from ..formats.resolve import claimed_family
-from ..io.checkpoint import Checkpoint, open_checkpoint
+from ..io.atomic import AtomicFolder
+from ..io.checkpoint import DIFFUSERS_COMPONENTS, SAFETENSORS_SUFFIX, Checkpoint, open_checkpoint
 from ..io.files import same_path
 from ..io.hub import resolve
 from ..io.safetensors import FLOAT_DTYPES, StreamingWriter, TensorInfo, file_size
@@ -158,10 +161,13 @@ class MergeReport:
     patched: dict[str, int] = field(default_factory=dict)  # component → tensors patched
     tensors: int = 0
     raw_copied: int = 0
+    tensor_bytes: int = 0
     output_bytes: int = 0
     dtype_plan: dict[str, int] = field(default_factory=dict)  # "F16→F16" → tensors
-    dropped: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
+    dropped: dict[str, str] = field(default_factory=dict)  # base tensor with no place in the output → why
+    missing: dict[str, str] = field(default_factory=dict)  # output tensor that could not be filled → why
+    not_carried: dict[str, str] = field(default_factory=dict)  # base folder file not carried as it was → why
+    files_carried: int = 0  # non-weight files of a base folder copied verbatim
     verified: list[dict[str, object]] = field(default_factory=list)
     residual: dict[str, dict[str, float]] = field(default_factory=dict)  # unmerge --base: component → errors
     warnings: list[str] = field(default_factory=list)
@@ -308,7 +314,7 @@ def _match(
             if getattr(adapter, "dora_scale", None) is not None and strength != 1.0:
                 raise InputError(
                     f"{Path(lora_input.name).name}: {module} is a DoRA module; only weight 1 is defined for it "
-                    "(LyCORIS and ComfyUI disagree elsewhere, FORMATS.md §4.7)"
+                    "(LyCORIS and ComfyUI disagree elsewhere, docs/FORMATS.md §4.7)"
                     + ("; a DoRA merge cannot be undone" if sign < 0 else "")
                 )
             for target, is_bias in targets:
@@ -331,18 +337,6 @@ class _Entry:
     source: str  # source key of the first part, or of the tensor itself
     info: TensorInfo  # output dtype and shape
     patched: bool
-
-
-def _same_layout_entries(
-    ckpt: Checkpoint, km: KeyMap, layout: str, dtype: torch.dtype | None, terms: Mapping[str, list[Term]]
-) -> list[_Entry]:
-    entries = []
-    for key in ckpt:
-        info = ckpt.info(key)
-        parts = [w.canonical for w in km.lookup(layout, key)]
-        out = TensorInfo(output_dtype_name(info, dtype), info.shape)
-        entries.append(_Entry(key, key, parts, key, out, any(p in terms for p in parts)))
-    return entries
 
 
 def _planned_entries(
@@ -477,7 +471,7 @@ class _Merger:
         check: Callable[[Path], None] | None = None,
     ) -> None:
         plan = {e.key: e.info for e in entries}
-        windows = _windows(entries, self.engine.budget)
+        windows = _windows(entries, self.engine.budget) or [[]]
         with (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="loratools-delta") as pool,
             StreamingWriter(path, plan, metadata, overwrite=overwrite, check=check) as writer,
@@ -516,6 +510,7 @@ class _Merger:
                 tensor = self.km.join(self.out_layout, entry.layout_key, parts)
                 writer.write(entry.key, tensor.to(entry.info.torch_dtype).contiguous())
         report.tensors += 1
+        report.tensor_bytes += entry.info.nbytes
         if self.progress:
             self.progress(entry.info.nbytes)
 
@@ -635,6 +630,30 @@ def unmerge(
     return _run("unmerge", merged, loras, output, original=base, **options)
 
 
+def rewrite(
+    base: str | Path,
+    output: str | Path | None,
+    *,
+    layout: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    family: str | None = None,
+    dry_run: bool = False,
+    verify: int = 0,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> MergeReport:
+    """A merge with no LoRAs: ``base`` written to ``output`` in ``layout`` and/or ``dtype``.
+
+    The one executor behind :func:`merge`, :func:`unmerge` and checkpoint conversion: the same
+    plan (what is copied as raw bytes, what is cast, what is rebuilt across layouts, what has no
+    place in the target and why), the same folder preservation, the same ``dry_run``.
+    """
+    options = _options(
+        {**locals(), "device": "cpu", "strict": False, "skip_nonfinite": False, "budget": DEFAULT_BUDGET}
+    )
+    return _run("convert", base, [], output, **options)
+
+
 def _options(scope: dict[str, object]) -> dict[str, object]:
     keys = ("layout", "dtype", "family", "device", "strict", "dry_run", "verify", "skip_nonfinite", "overwrite")
     return {k: scope[k] for k in (*keys, "budget", "progress")}
@@ -674,7 +693,7 @@ def _run(
     original: str | Path | None = None,
 ) -> MergeReport:
     started = time.perf_counter()
-    if not lora_items:
+    if not lora_items and operation != "convert":
         raise InputError("no LoRA given")
     base_path = resolve(base_path)  # hf:// references become their cached local files
     if original is not None:
@@ -688,7 +707,8 @@ def _run(
         if original is not None:
             protected.append(Path(original))
         if any(same_path(out_path, p) for p in protected):
-            raise InputError(f"{out_path}: output is one of the inputs; write elsewhere")
+            what = "the input" if operation == "convert" else "one of the inputs"
+            raise InputError(f"{out_path}: output is {what}; write elsewhere")
     torch_dtype = parse_dtype(dtype)
     engine = DeltaEngine(device, budget)
 
@@ -719,7 +739,7 @@ def _run(
                 f"--strict: {report.unmatched} LoRA modules patch nothing (e.g. {Path(first.path).name}: "
                 f"{module}: {reason})"
             )
-        if not plan.terms:
+        if not plan.terms and operation != "convert":
             raise InputError("none of the LoRAs' modules patch this checkpoint; nothing to do")
         for target in plan.terms:
             stored = ckpt.info(source.home[target]).dtype
@@ -729,16 +749,18 @@ def _run(
                     hint="a damaged or quantized checkpoint",
                 )
 
-        files = _plan_files(ckpt, km, found, source, out_layout, torch_dtype, plan.terms, report)
-        report.output_bytes = sum(file_size({e.key: e.info for e in entries}, meta) for _, entries, meta in files)
-        for _, entries, _ in files:
-            for e in entries:
+        outputs = _plan_files(ckpt, km, found, source, out_layout, torch_dtype, plan.terms, report)
+        report.not_carried = dict(outputs.not_carried)
+        report.files_carried = len(outputs.copies) + len(outputs.indexes)
+        report.output_bytes = sum(file_size({e.key: e.info for e in f.entries}, f.metadata) for f in outputs.files)
+        for f in outputs.files:
+            for e in f.entries:
                 before = ckpt.info(e.source).dtype if e.source in ckpt else e.info.dtype
                 key = f"{before}→{e.info.dtype}"
                 report.dtype_plan[key] = report.dtype_plan.get(key, 0) + 1
         if dry_run:
-            for _, entries, _ in files:
-                for e in entries:
+            for f in outputs.files:
+                for e in f.entries:
                     for p in e.parts:
                         if p in plan.terms:
                             report.patched[_component(p)] = report.patched.get(_component(p), 0) + 1
@@ -759,7 +781,7 @@ def _run(
             merger = _Merger(ckpt, km, found.layout, out_layout, plan.terms, engine, report, progress, base_source)
             check = _verifier(km, out_layout, source, plan.terms, verify, report) if verify else None
             assert out_path is not None
-            _write(merger, out_path, files, ckpt, found, source, overwrite, check)
+            _write(merger, out_path, outputs, ckpt, found, source, overwrite, check)
         finally:
             if base_ckpt is not None:
                 base_ckpt.close()
@@ -775,7 +797,123 @@ def _run(
     return report
 
 
-_FileSpec = tuple[str, list[_Entry], dict[str, str] | None]  # (file key prefix, entries, metadata)
+@dataclass
+class _OutFile:
+    """One output weight file and what goes into it."""
+
+    rel: str  # its path inside the output folder ("" when the output is a single file)
+    prefix: str  # the checkpoint-name prefix of its keys ("unet." …; "" for a single file)
+    entries: list[_Entry]
+    metadata: dict[str, str] | None
+
+
+@dataclass
+class _Outputs:
+    """Every output file, and for a folder written in the base's own layout, the rest of the base."""
+
+    files: list[_OutFile]
+    kind: str  # "file", "same_folder" (the base's folder, file for file) or "new_folder"
+    copies: list[str] = field(default_factory=list)  # the base folder's other files, carried verbatim
+    indexes: dict[str, dict[str, object]] = field(default_factory=dict)  # shard indexes rewritten (new sizes)
+    not_carried: dict[str, str] = field(default_factory=dict)  # base folder files left out → why
+
+
+# Files in a component folder that hold weights (of some variant or framework). One the checkpoint
+# was not read from would still hold the unpatched values after a merge, so it is not carried.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".onnx", ".h5", ".gguf")
+_NOT_COPIED = (".git",)
+
+
+def _file_entries(
+    ckpt: Checkpoint,
+    km: KeyMap,
+    layout: str,
+    names: Sequence[str],
+    prefix: str,
+    dtype: torch.dtype | None,
+    terms: Mapping[str, list[Term]],
+) -> list[_Entry]:
+    """One output file in the base's own layout: its names, spelling, order; only dtypes may change."""
+    entries = []
+    for name in names:
+        info = ckpt.info(name)
+        parts = [w.canonical for w in km.lookup(layout, name)]
+        out = TensorInfo(output_dtype_name(info, dtype), info.shape)
+        entries.append(_Entry(name[len(prefix) :], name, parts, name, out, any(p in terms for p in parts)))
+    return entries
+
+
+def _same_folder(
+    ckpt: Checkpoint, km: KeyMap, layout: str, dtype: torch.dtype | None, terms: Mapping[str, list[Term]]
+) -> _Outputs:
+    """A diffusers base rewritten file for file: every weight file at its own path (a pickle
+    becomes safetensors beside it), shard indexes and every other file of the folder carried."""
+    root = ckpt.path
+    read = set(ckpt.files)
+    outputs = _Outputs([], "same_folder")
+    sizes: dict[Path, int] = {}
+    for path in ckpt.files:
+        rel = path.relative_to(root)
+        prefix = f"{rel.parts[0]}."
+        entries = _file_entries(ckpt, km, layout, ckpt.file_keys[path], prefix, dtype, terms)
+        sizes[path] = sum(e.info.nbytes for e in entries)
+        metadata = ckpt.file_metadata.get(path) or None
+        if path.suffix != SAFETENSORS_SUFFIX:
+            rel = rel.with_suffix(SAFETENSORS_SUFFIX)
+            metadata = metadata or {"format": "pt"}
+            outputs.not_carried[path.relative_to(root).as_posix()] = f"a pickle; written as {rel.as_posix()}"
+        outputs.files.append(_OutFile(rel.as_posix(), prefix, entries, metadata))
+    components = set(DIFFUSERS_COMPONENTS)
+    for item in sorted(root.rglob("*")):
+        rel = item.relative_to(root)
+        if rel.parts[0] in _NOT_COPIED or item.is_dir() or item in read:
+            continue
+        name = rel.as_posix()
+        in_component = len(rel.parts) > 1 and rel.parts[0] in components
+        if in_component and item.name.endswith(".index.json"):
+            try:
+                index = json.loads(item.read_text())
+                shards = {item.parent / s for s in index["weight_map"].values()}
+            except (ValueError, KeyError, TypeError, AttributeError):
+                shards = set()
+            if shards and shards <= read:
+                total = sum(sizes[s] for s in shards)
+                meta = index.get("metadata")
+                if isinstance(meta, dict) and meta.get("total_size") not in (None, total):
+                    outputs.indexes[name] = {**index, "metadata": {**meta, "total_size": total}}
+                    continue
+            elif shards and terms:
+                outputs.not_carried[name] = "the shard index of weights the checkpoint was not read from"
+                continue
+        elif in_component and item.suffix in WEIGHT_SUFFIXES and terms:
+            outputs.not_carried[name] = (
+                "weights the checkpoint was not read from (another variant or framework); they would still "
+                "hold the unpatched values"
+            )
+            continue
+        outputs.copies.append(name)
+    return outputs
+
+
+def _dropped_reason(km: KeyMap, layout: str, key: str, target: str) -> str:
+    """Why a base tensor has no place in the target layout, in words."""
+    if key.startswith("model_ema.") or key.startswith("ema_"):
+        return "an EMA copy of the weights; the target layout keeps only the model itself"
+    if key in km.extras:
+        return "a training-time buffer (noise schedule, EMA bookkeeping) the target layout does not store"
+    weights = km.lookup(layout, key)
+    if not weights:
+        return f"not a tensor of the {km.spec.title} architecture as loratools knows it, so it cannot be placed"
+    return f"{weights[0].canonical} has no name in the {target} layout"
+
+
+def _missing_reason(source: CanonicalSource, km: KeyMap, layout: str, key: str) -> str:
+    absent = [w.canonical for w in km.lookup(layout, key) if w.canonical not in source.home]
+    if absent:
+        return f"the base has no {absent[0]}" + (
+            f" (nor {len(absent) - 1} more of its parts)" if len(absent) > 1 else ""
+        )
+    return "the base cannot supply it"
 
 
 def _plan_files(
@@ -787,40 +925,64 @@ def _plan_files(
     dtype: torch.dtype | None,
     terms: Mapping[str, list[Term]],
     report: MergeReport,
-) -> list[_FileSpec]:
+) -> _Outputs:
     """Every output file's entries, in write order."""
-    if out_layout != "diffusers" and out_layout == found.layout and ckpt.container == "single_file":
-        return [("", _same_layout_entries(ckpt, km, out_layout, dtype, terms), ckpt.metadata or None)]
-    report.dropped = [k for k in ckpt if not any(w.layout_name(out_layout) for w in km.lookup(found.layout, k))]
-    plan, report.missing = plan_layout(source, out_layout, km.layout_keys(out_layout))
+    if out_layout == found.layout:
+        if ckpt.container == "single_file":
+            entries = _file_entries(ckpt, km, out_layout, ckpt.keys(), "", dtype, terms)
+            return _Outputs([_OutFile("", "", entries, ckpt.metadata or None)], "file")
+        return _same_folder(ckpt, km, out_layout, dtype, terms)
+    target = "diffusers" if out_layout == "diffusers" else "single-file"
+    report.dropped = {
+        k: _dropped_reason(km, found.layout, k, target)
+        for k in ckpt
+        if not any(w.layout_name(out_layout) for w in km.lookup(found.layout, k))
+    }
+    plan, missing = plan_layout(source, out_layout, km.layout_keys(out_layout))
+    report.missing = {k: _missing_reason(source, km, out_layout, k) for k in missing}
     if out_layout != "diffusers":
-        return [("", _planned_entries(source, plan, out_layout, dtype, terms, ""), ckpt.metadata or None)]
-    files: list[_FileSpec] = []
+        entries = _planned_entries(source, plan, out_layout, dtype, terms, "")
+        return _Outputs([_OutFile("", "", entries, ckpt.metadata or None)], "file")
+    files: list[_OutFile] = []
     for folder in dict.fromkeys(k.split(".", 1)[0] for k in plan):
         prefix = f"{folder}."
         inner = {k[len(prefix) :]: v for k, v in plan.items() if k.startswith(prefix)}
-        files.append((prefix, _planned_entries(source, inner, out_layout, dtype, terms, prefix), {"format": "pt"}))
-    return files
+        entries = _planned_entries(source, inner, out_layout, dtype, terms, prefix)
+        files.append(_OutFile(folder, prefix, entries, {"format": "pt"}))
+    return _Outputs(files, "new_folder")
 
 
 def _write(
     merger: _Merger,
     out_path: Path,
-    files: list[_FileSpec],
+    outputs: _Outputs,
     ckpt: Checkpoint,
     found: Detection,
     source: CanonicalSource,
     overwrite: bool,
     check: Callable[[Path], None] | None,
 ) -> None:
-    if merger.out_layout != "diffusers":
-        ((_, entries, metadata),) = files
-        merger.write_file(out_path, entries, metadata, overwrite, check)
+    if outputs.kind == "file":
+        (one,) = outputs.files
+        merger.write_file(out_path, one.entries, one.metadata, overwrite, check)
         return
-    by_prefix = {prefix: (entries, metadata) for prefix, entries, metadata in files}
+    if outputs.kind == "same_folder":
+        with AtomicFolder(out_path, overwrite=overwrite) as tmp:
+            for rel in outputs.copies:
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ckpt.path / rel, tmp / rel)  # follows links (a hub cache's blobs)
+            for out in outputs.files:
+                (tmp / out.rel).parent.mkdir(parents=True, exist_ok=True)
+                merger.write_file(tmp / out.rel, out.entries, out.metadata, False)
+            for rel, index in outputs.indexes.items():
+                (tmp / rel).write_text(json.dumps(index, indent=2) + "\n")
+            if check is not None:
+                check(tmp)
+        return
+    by_prefix = {out.prefix: out for out in outputs.files}
 
     def write_file(path: Path, plan: dict[str, list[str]], prefix: str) -> None:
-        entries, metadata = by_prefix[prefix]
-        merger.write_file(path, entries, metadata, False)
+        out = by_prefix[prefix]
+        merger.write_file(path, out.entries, out.metadata, False)
 
     write_folder(source, out_path, found, write_file, overwrite=overwrite, check=check)

@@ -33,7 +33,7 @@ from .tree import Leaf, Node, build_tree
 
 LORA_SCHEMA = "loratools.inspect.lora/1"
 TOP_TAGS = 15  # tags kept from ss_tag_frequency
-# sd-scripts metadata worth a line of its own (FORMATS.md §1.4); the rest stays in `metadata`
+# sd-scripts metadata worth a line of its own (docs/FORMATS.md §1.4); the rest stays in `metadata`
 TRAINING_KEYS = (
     "ss_output_name",
     "ss_network_module",

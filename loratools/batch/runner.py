@@ -1,0 +1,149 @@
+"""Running a batch's tasks: in this process, in a pool of worker processes, or on Ray.
+
+Files are independent, so the parallelism is over files: ``jobs`` worker processes, each doing
+one file at a time with **one** intra-op torch thread (``torch.set_num_threads(1)`` in every
+worker), so ``-j 2`` keeps two cores busy without four threads fighting over them. ``jobs=1``
+runs in this process with the command's usual threads (the single-file command's path, bit for
+bit: :mod:`loratools.ops.parallel` computes every module on one thread whatever the count).
+
+A worker that dies (a crash, the OOM killer) takes only its own file down: the pool is rebuilt,
+the files it had in flight are retried, and a file that kills a worker twice is a failed row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+
+from .plan import Task
+from .records import Result
+from .work import run_task
+
+MAX_ATTEMPTS = 2  # a file whose worker dies this many times is reported failed
+
+
+def free_cores() -> int:
+    """Cores this process may use that are not already busy: the affinity mask's size minus the
+    one-minute load average (other processes' runnable threads), at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # pragma: no cover
+        load = 0.0
+    return max(1, min(cores, round(cores - load)))
+
+
+def default_jobs(tasks: int) -> int:
+    """``-j`` when not given: the free cores, never more than there are files."""
+    return max(1, min(free_cores(), tasks))
+
+
+def _init_worker(settings: dict[str, str]) -> None:
+    """Each worker does one file at a time on one intra-op thread, with the parent's current
+    ``LORATOOLS_*`` settings (a forkserver's children inherit the server's environment, which
+    may be older than the parent's)."""
+    os.environ.update(settings)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    with contextlib.suppress(ImportError):
+        import torch
+
+        torch.set_num_threads(1)
+        with contextlib.suppress(RuntimeError):
+            torch.set_num_interop_threads(1)
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    """forkserver: workers fork from a clean server process that has imported loratools and torch
+    once, never from a parent whose torch thread pools may already run (fork would copy them)."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["loratools.batch.work", "torch"])
+        return ctx
+    return multiprocessing.get_context("spawn")  # pragma: no cover - not POSIX
+
+
+def run_tasks(
+    tasks: list[Task],
+    *,
+    jobs: int = 1,
+    engine: str = "local",
+    address: str | None = None,
+    progress: Callable[[Result], None] | None = None,
+) -> list[Result]:
+    """Run every task; one :class:`Result` per task, in task order. ``progress(result)`` is called
+    as each finishes. ``engine``: ``"local"`` (this machine, ``jobs`` processes) or ``"ray"``
+    (Ray tasks on the cluster at ``address``, a local one when None; see :mod:`.ray_engine`)."""
+    if engine == "ray":
+        from .ray_engine import run_on_ray
+
+        return run_on_ray(tasks, address=address, progress=progress)
+    if engine != "local":
+        raise ValueError(f"unknown engine {engine!r}")
+    if jobs <= 1 or len(tasks) <= 1:
+        results = []
+        for task in tasks:
+            results.append(run_task(task))
+            if progress:
+                progress(results[-1])
+        return results
+    return _run_pool(tasks, jobs, progress)
+
+
+def _run_pool(tasks: list[Task], jobs: int, progress: Callable[[Result], None] | None) -> list[Result]:
+    done: dict[int, Result] = {}
+    attempts = dict.fromkeys(range(len(tasks)), 0)
+    pending = list(range(len(tasks)))
+    settings = {k: v for k, v in os.environ.items() if k.startswith("LORATOOLS_")}
+    while pending:
+        crashed: list[int] = []
+        with ProcessPoolExecutor(
+            max_workers=min(jobs, len(pending)), mp_context=_context(), initializer=_init_worker, initargs=(settings,)
+        ) as pool:
+            futures: dict[Future[Result], int] = {}
+            for i in pending:
+                attempts[i] += 1
+                futures[pool.submit(run_task, tasks[i], attempt=attempts[i])] = i
+            for future in as_completed(futures):
+                i = futures[future]
+                try:
+                    result = future.result()
+                except BrokenProcessPool:
+                    crashed.append(i)
+                    continue
+                except Exception as exc:  # pickling trouble and the like: still this file's row only
+                    result = Result(
+                        tasks[i].command,
+                        tasks[i].source,
+                        tasks[i].output,
+                        "failed",
+                        error=f"internal error: {type(exc).__name__}: {exc}",
+                        exit_code=70,
+                    )
+                done[i] = result
+                if progress:
+                    progress(result)
+        pending = []
+        for i in sorted(crashed):
+            if attempts[i] >= MAX_ATTEMPTS:
+                task = tasks[i]
+                done[i] = Result(
+                    task.command,
+                    task.source,
+                    task.output,
+                    "failed",
+                    attempts=attempts[i],
+                    error="its worker process died (killed or crashed) on every attempt",
+                    exit_code=70,
+                )
+                if progress:
+                    progress(done[i])
+            else:
+                pending.append(i)
+    return [done[i] for i in range(len(tasks))]
