@@ -83,7 +83,7 @@ def _refusals(lora: LoraFile, table: Table, dialect: str, to_lora: bool) -> None
 def _complete_attention(lora: LoraFile, table: Table) -> tuple[LoraFile, list[str]]:
     """Add zero out_proj LoRAs where ``table`` applies q/k/v only beside an out_proj."""
     needs = {
-        entry.split(":", 1)[1] for entry in table.qkv_needs_out if entry.split(":", 1)[0] in ("*", lora.family.name)
+        entry.split(":", 1)[1] for entry in table.qkv_needs_out if entry.split(":", 1)[0] in ("*", lora.family_name)
     }
     if not needs or table.target == "diffusers":  # the diffusers file is peft-spelled: no such rule
         return lora, []

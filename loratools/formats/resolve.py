@@ -20,7 +20,7 @@ from ..families import FAMILIES, FamilySpec, get_family
 from ..io.safetensors import FLOAT_DTYPES
 from .keys import KNOWN_PARAMS
 from .names import NameTables, name_tables
-from .verdict import SHAPES, ModelVerdict, model_by_names, sd_verdict, unknown_verdict
+from .verdict import MODEL, SD, SHAPES, ModelVerdict, model_by_names, sd_verdict, unknown_verdict
 
 if TYPE_CHECKING:
     import torch
@@ -164,9 +164,15 @@ class Resolution:
         return self.tables.modules[canonical].shape
 
 
+# the families told apart by names *and shapes* when none is given; others (FLUX.1) are named by
+# their own module names first (verdict.model_by_names) and use their family map when it names
+# every module of the file
+SD_FAMILIES = ("sd1", "sd2", "sdxl")
+
+
 def _candidates(family: str | FamilySpec | None) -> list[FamilySpec]:
     if family is None:
-        return list(FAMILIES.values())
+        return [spec for name, spec in FAMILIES.items() if name in SD_FAMILIES]
     return [family if isinstance(family, FamilySpec) else get_family(family)]
 
 
@@ -208,7 +214,11 @@ def resolve(
     if family is None and not require_fit:
         other = model_by_names(groups, _widths(groups))
         if other is not None:
-            return Resolution(None, None, {}, {}, [], other)
+            mapped = FAMILIES.get(other.family)
+            names = table(name_tables(mapped)) if mapped is not None else {}
+            if mapped is None or not all(n in names for n in groups):
+                return Resolution(None, None, {}, {}, [], other)  # no (complete) family map: verbatim
+            family = mapped
     scored = []
     for spec in _candidates(family):
         tables = name_tables(spec)
@@ -237,7 +247,13 @@ def resolve(
             dims = adapter_dims(groups[name])
             unmatched[name] = f"shape {dims} does not fit {canonical} {tables.modules[canonical].shape}"
             del hits[name]
-    return Resolution(spec, tables, hits, unmatched, warnings, sd_verdict(spec.name, spec.title, full_size=True))
+    return Resolution(
+        spec, tables, hits, unmatched, warnings, sd_verdict(spec.name, spec.title, full_size=True, kind=_kind(spec))
+    )
+
+
+def _kind(spec: FamilySpec) -> str:
+    return SD if spec.name in SD_FAMILIES else MODEL
 
 
 def _by_names(
@@ -272,6 +288,7 @@ def _by_names(
     verdict = sd_verdict(
         spec.name,
         spec.title,
+        kind=_kind(spec),
         full_size=False,
         note=f"{spec.title} names; widths fit no {widths} — a tiny or distilled model",
     )
