@@ -54,7 +54,7 @@ def claim_warning(metadata: Mapping[str, str], spec: FamilySpec) -> str | None:
     if claim is None or claim == spec.name:
         return None
     return (
-        f"metadata {claim_key}={metadata.get(claim_key)!r} claims {FAMILIES[claim].title}, "
+        f"metadata {claim_key}={metadata.get(claim_key or '')!r} claims {FAMILIES[claim].title}, "
         f"but the shapes say {spec.title}; using {spec.title}"
     )
 
@@ -88,7 +88,7 @@ def adapter_dims(params: Mapping[str, torch.Tensor]) -> tuple[int, int] | None:
         a, c = _rows(params, "lokr_w1", "lokr_w1_a"), _cols(params, "lokr_w1", "lokr_w1_b")
         if "lokr_t2" in params and "lokr_w2_a" in params and "lokr_w2_b" in params:
             # Tucker w2: t2 (r, r, kh, kw), w2_a (r, b), w2_b (r, d) (LyCORIS LokrModule)
-            b = int(params["lokr_w2_a"].shape[1])
+            b: int | None = int(params["lokr_w2_a"].shape[1])
             d: int | None = int(params["lokr_w2_b"].shape[1]) * math.prod(params["lokr_t2"].shape[2:])
         else:
             b, d = _rows(params, "lokr_w2", "lokr_w2_a"), _cols(params, "lokr_w2", "lokr_w2_b")
