@@ -95,6 +95,10 @@ class FakeHub:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # one write per response and no Nagle: otherwise headers and body leave in two
+            # packets and the client's delayed ACK stalls every keep-alive request by ~40 ms
+            wbufsize = 1 << 16
+            disable_nagle_algorithm = True
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -149,6 +153,8 @@ class FakeHub:
         url = urlparse(h.path)
         query = {k: v[0] for k, v in parse_qs(url.query).items()}
         path = unquote(url.path)
+        if path == "/_stats":  # for benchmarks that run the hub in another process
+            return self._json(h, {"bytes_served": self.bytes_served, "resolve_requests": self.resolve_requests}, head)
         if path == "/api/models":
             found = [
                 {"id": rid, "modelId": rid, "sha": r.sha, "tags": r.tags}

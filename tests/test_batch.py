@@ -144,3 +144,13 @@ def test_worker_uses_one_thread(tmp_path: Path, corpus: Path) -> None:
     task = Task("inspect", str(corpus / "a.safetensors"), None)
     (result,) = run_tasks([task])
     assert result.status == "ok" and result.output is None
+
+
+def test_check_batch_is_one_registration(corpus: Path) -> None:
+    code, stdout, _ = run("check", corpus, "--for", "comfyui", "-j", "1", "--json")
+    rows = by_name(json.loads(stdout))
+    assert (
+        code == EXIT_SOME_FAILED and rows["a.safetensors"]["status"] == "ok" and rows["a.safetensors"]["output"] is None
+    )
+    assert rows["a.safetensors"]["report"]["schema"].startswith("loratools.check")
+    assert rows["broken.safetensors"]["status"] == "failed"

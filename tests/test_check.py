@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from helpers import REAL_LORAS, needs_real
-from helpers_check import subset, with_kind, write_diffusers, write_kohya
+from helpers_check import subset, with_kind, write_diffusers, write_kohya, write_raw
 
 from loratools.check import check_lora
 from loratools.check.schema import CHECK_SCHEMA
@@ -206,3 +206,49 @@ def test_real_pickle_matches_its_safetensors_twin() -> None:
     a = check_lora(REAL_LORAS / "catundchat_sd15" / "pytorch_lora_weights.bin")
     b = check_lora(REAL_LORAS / "catundchat_sd15" / "pytorch_lora_weights.safetensors")
     assert [r.verdict for r in a.reports] == [r.verdict for r in b.reports]
+
+
+def test_done_when_full_size_sd15(tmp_path: Path) -> None:
+    """The issue's cases on a full SD1.5 module set (264 modules, rank 2): kohya per-module alphas
+    vs diffusers; the diffusers file (alphas only in lora_adapter_metadata) vs ComfyUI, and the
+    convert --for comfyui that fixes it."""
+    from loratools.synthetic import make_lora
+
+    lora = make_lora(SD1, rank=2, alphas="varied")
+    kohya = write_kohya(lora, tmp_path / "kohya.safetensors")
+    (report,) = check_lora(kohya, "diffusers").reports
+    assert report.verdict == "diffusers 0.42: 175 of 264 modules at the wrong strength (per-module alphas)"
+    peft = write_diffusers(lora, tmp_path / "pytorch_lora_weights.safetensors")
+    (report,) = check_lora(peft, "comfyui").reports
+    (attention,) = [g for g in report.ignored if g.short == "attention modules ignored"]
+    assert len(attention.names) == 128 and all(".attn" in n for n in attention.names)
+    assert all("alpha only in metadata" in m.why for m in report.misapplied) and report.misapplied
+    fixed = tmp_path / "fixed.safetensors"
+    result = CliRunner().invoke(cli, ["convert", str(peft), str(fixed), "--for", "comfyui"])
+    assert result.exit_code == 0, result.output
+    assert "ComfyUI: loads all 264 modules at the right strength" in result.output
+
+
+def test_inspect_shows_loads_in(files: dict[str, Path]) -> None:
+    result = CliRunner().invoke(cli, ["inspect", str(files["peft"])])
+    assert result.exit_code == 0, result.output
+    assert "loads in: ComfyUI: " in result.output and "diffusers 0.42 ✓" in result.output
+
+
+def test_base_checkpoint_key_set(tiny_checkpoints: dict[tuple[str, str], Path], tmp_path: Path) -> None:
+    """--base: the checkpoint's real modules decide; a base without the middle block's attention
+    (an SSD-1B-like pruned model) leaves those LoRA modules out."""
+    from safetensors.torch import load_file
+
+    from loratools.synthetic import TINY, make_lora
+
+    spec = TINY["sd1"]
+    path = write_kohya(make_lora(spec, rank=2), tmp_path / "tiny.safetensors")
+    full = tiny_checkpoints[("sd1", "single")]
+    assert check_lora(path, "comfyui", base=full).clean
+    tensors = {k: v for k, v in load_file(str(full)).items() if "middle_block.1." not in k}
+    pruned = write_raw(tensors, tmp_path / "pruned.safetensors")
+    (report,) = check_lora(path, "comfyui", base=pruned).reports
+    (group,) = report.ignored
+    assert group.short == "modules not in the base ignored" and group.names
+    assert all(n.startswith("unet.mid_block.attentions.0.") for n in group.names)

@@ -23,7 +23,7 @@ from .plan import Task
 from .records import Result
 from .work import run_task
 
-MAX_ATTEMPTS = 2  # a file whose worker dies this many times is reported failed
+MAX_ATTEMPTS = 2  # a file whose own worker dies this many times (alone in its pool) is failed
 
 
 def free_cores() -> int:
@@ -97,53 +97,66 @@ def run_tasks(
 
 
 def _run_pool(tasks: list[Task], jobs: int, progress: Callable[[Result], None] | None) -> list[Result]:
-    done: dict[int, Result] = {}
-    attempts = dict.fromkeys(range(len(tasks)), 0)
-    pending = list(range(len(tasks)))
+    """All tasks in one pool; the files in flight when a worker died are then retried one at a
+    time, each in a pool of its own, so the file that kills its worker is known (a bystander is
+    never charged) and is failed after :data:`MAX_ATTEMPTS` deaths of its own."""
     settings = {k: v for k, v in os.environ.items() if k.startswith("LORATOOLS_")}
-    while pending:
-        crashed: list[int] = []
-        with ProcessPoolExecutor(
-            max_workers=min(jobs, len(pending)), mp_context=_context(), initializer=_init_worker, initargs=(settings,)
-        ) as pool:
-            futures: dict[Future[Result], int] = {}
-            for i in pending:
-                attempts[i] += 1
-                futures[pool.submit(run_task, tasks[i], attempt=attempts[i])] = i
-            for future in as_completed(futures):
-                i = futures[future]
-                try:
-                    result = future.result()
-                except BrokenProcessPool:
-                    crashed.append(i)
-                    continue
-                except Exception as exc:  # pickling trouble and the like: still this file's row only
-                    result = Result(
-                        tasks[i].command,
-                        tasks[i].source,
-                        tasks[i].output,
-                        "failed",
-                        error=f"internal error: {type(exc).__name__}: {exc}",
-                        exit_code=70,
-                    )
-                done[i] = result
-                if progress:
-                    progress(result)
-        pending = []
-        for i in sorted(crashed):
-            if attempts[i] >= MAX_ATTEMPTS:
+    done: dict[int, Result] = {}
+    crashed = _pool_round(tasks, list(range(len(tasks))), jobs, settings, done, progress, attempt=1)
+    for i in crashed:
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            if not _pool_round(tasks, [i], 1, settings, done, progress, attempt=attempt + 1):
+                break
+        else:
+            task = tasks[i]
+            done[i] = Result(
+                task.command,
+                task.source,
+                task.output,
+                "failed",
+                attempts=MAX_ATTEMPTS + 1,
+                error="its worker process died (killed or crashed) on every attempt",
+                exit_code=70,
+            )
+            if progress:
+                progress(done[i])
+    return [done[i] for i in range(len(tasks))]
+
+
+def _pool_round(
+    tasks: list[Task],
+    indices: list[int],
+    jobs: int,
+    settings: dict[str, str],
+    done: dict[int, Result],
+    progress: Callable[[Result], None] | None,
+    *,
+    attempt: int,
+) -> list[int]:
+    """Run ``indices`` in one pool, filling ``done``; returns those whose worker died."""
+    crashed: list[int] = []
+    with ProcessPoolExecutor(
+        max_workers=min(jobs, len(indices)), mp_context=_context(), initializer=_init_worker, initargs=(settings,)
+    ) as pool:
+        futures: dict[Future[Result], int] = {pool.submit(run_task, tasks[i], attempt=attempt): i for i in indices}
+        for future in as_completed(futures):
+            i = futures[future]
+            try:
+                result = future.result()
+            except BrokenProcessPool:
+                crashed.append(i)
+                continue
+            except Exception as exc:  # pickling trouble and the like: still this file's row only
                 task = tasks[i]
-                done[i] = Result(
+                result = Result(
                     task.command,
                     task.source,
                     task.output,
                     "failed",
-                    attempts=attempts[i],
-                    error="its worker process died (killed or crashed) on every attempt",
+                    error=f"internal error: {type(exc).__name__}: {exc}",
                     exit_code=70,
                 )
-                if progress:
-                    progress(done[i])
-            else:
-                pending.append(i)
-    return [done[i] for i in range(len(tasks))]
+            done[i] = result
+            if progress:
+                progress(result)
+    return sorted(crashed)

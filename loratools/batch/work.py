@@ -105,13 +105,23 @@ def work_inspect(source: str, output: str | None, options: dict[str, Any], overw
     return inspect_checkpoint(source, family=options.get("family"), **flags).to_dict()
 
 
+def work_check(source: str, output: str | None, options: dict[str, Any], overwrite: bool) -> dict[str, Any]:
+    """:func:`loratools.check.check_lora` on one file; writes nothing."""
+    from ..check import check_lora
+
+    target = options.get("target") or "all"
+    return check_lora(source, target, base=options.get("base"), family=options.get("family")).to_dict()
+
+
 WORK: dict[str, Work] = {
     "rescale": work_rescale,
     "resize": work_resize,
     "blend": work_blend,
     "convert": work_convert,
     "inspect": work_inspect,
+    "check": work_check,
 }
+READ_ONLY = frozenset({"inspect", "check"})  # commands that write no output file
 
 
 def output_suffix(command: str, options: dict[str, Any]) -> str:

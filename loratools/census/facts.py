@@ -89,14 +89,30 @@ def _loads_in(path: Path) -> Any:
         result = verdicts(path)
     except LoratoolsError:
         return None
-    return result.to_dict() if hasattr(result, "to_dict") else result
+    data = result.to_dict() if hasattr(result, "to_dict") else result
+    if not isinstance(data, dict) or not isinstance(data.get("targets"), list):
+        return data
+    # one verdict per loader for the row; the full report is ``loratools check``'s
+    compact: dict[str, Any] = {}
+    for target in data["targets"]:
+        name = next((target[k] for k in ("target", "name", "loader") if k in target), None)
+        verdict = next((target[k] for k in ("verdict", "status", "loads", "clean") if k in target), target)
+        compact[str(name)] = verdict
+    return {"clean": data.get("clean"), "targets": compact}
 
 
 def describe(
-    entry: Entry, local: Path, row: dict[str, Any], *, alphas_read: bool = True, stand_in: bool = False
+    entry: Entry,
+    local: Path,
+    row: dict[str, Any],
+    *,
+    alphas_read: bool = True,
+    stand_in: bool = False,
+    check: bool = False,
 ) -> dict[str, Any]:
     """Fill ``row`` with the facts of ``local`` (the file itself, or with ``stand_in`` its sparse
-    header stand-in, whose data section is a hole)."""
+    header stand-in, whose data section is a hole). ``check``: also fill ``loads_in`` from
+    loratools.check (about 1 s per SDXL file today, so opt-in)."""
     from ..classify import classify
     from ..report import inspect_lora
 
@@ -155,7 +171,7 @@ def describe(
         training=summary.get("training") or {},
         stored_hashes={k: metadata[k] for k in HASH_KEYS if k in metadata},
         warnings=list(report["warnings"])[:20],  # type: ignore[call-overload]
-        loads_in=_loads_in(local),
+        loads_in=_loads_in(local) if check else None,
     )
     if row["size"] is None:
         row["size"] = report["file_bytes"]

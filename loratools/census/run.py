@@ -45,7 +45,7 @@ class CensusSummary:
         return {"schema": SUMMARY_SCHEMA, **self.__dict__, "problems": [list(p) for p in self.problems]}
 
 
-def one_file(entry: Entry, scratch: str, *, alphas: bool) -> dict[str, Any]:
+def one_file(entry: Entry, scratch: str, *, alphas: bool, check: bool = False) -> dict[str, Any]:
     """The row of one entry; never raises for the file's own failures."""
     from .remote import RangeReader, fetch_header
 
@@ -56,7 +56,7 @@ def one_file(entry: Entry, scratch: str, *, alphas: bool) -> dict[str, Any]:
         return row
     try:
         if entry.is_local:
-            describe(entry, Path(entry.path), row, alphas_read=True)
+            describe(entry, Path(entry.path), row, alphas_read=True, check=check)
         elif entry.path.lower().endswith(PICKLE_SUFFIXES):
             row["kind"] = "pickle"
             row["problems"].append("pickle: not opened (a pickle can run code; convert it to safetensors)")
@@ -68,7 +68,7 @@ def one_file(entry: Entry, scratch: str, *, alphas: bool) -> dict[str, Any]:
                 row["problems"].append(fetched.problem)
             if fetched.path is not None:
                 try:
-                    describe(entry, fetched.path, row, alphas_read=fetched.alphas_read, stand_in=True)
+                    describe(entry, fetched.path, row, alphas_read=fetched.alphas_read, stand_in=True, check=check)
                 finally:
                     fetched.path.unlink(missing_ok=True)
     except Exception as exc:  # HTTP errors, a vanished file, a bug: this row only
@@ -102,13 +102,14 @@ def run_census(
     alphas: bool = False,
     limit: int | None = None,
     restart: bool = False,
+    check: bool = False,
     progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> CensusSummary:
     """Describe every LoRA-like file of ``sources`` into ``output`` (``.jsonl``/``.parquet``).
 
     Resumes by default: keys already in ``output`` are skipped (``restart`` starts anew).
     ``alphas``: also fetch remote alpha scalars (one range request per module; local files
-    always have theirs read). ``limit``: at most this many repositories per Hub search/author.
+    always have theirs read). ``check``: fill ``loads_in`` with loratools.check's verdicts. ``limit``: at most this many repositories per Hub search/author.
     """
     store = Store(output, restart=restart)
     done = store.done
@@ -120,7 +121,7 @@ def run_census(
     try:
         todo = (e for e in expand(sources, limit=limit) if e.key not in done)
         with ThreadPoolExecutor(workers, thread_name_prefix="census") as pool:
-            for row in _bounded(pool, todo, lambda e: one_file(e, scratch, alphas=alphas), workers * 4):
+            for row in _bounded(pool, todo, lambda e: one_file(e, scratch, alphas=alphas, check=check), workers * 4):
                 store.append(row)
                 summary.new += 1
                 summary.bytes_read += row["bytes_read"] or 0

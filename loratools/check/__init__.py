@@ -35,6 +35,7 @@ __all__ = [
     "build_view",
     "check_lora",
     "check_view",
+    "loads_in",
     "tables_for",
 ]
 
@@ -113,3 +114,28 @@ def check_lora(
         str(base) if base is not None else None,
         view.loratools_error,
     )
+
+
+def loads_in(path: str | os.PathLike[str], family: str | FamilySpec | None = None) -> list[str]:
+    """One short entry per target for ``inspect``'s "loads in" line, from the tables only
+    ("ComfyUI ✓", "diffusers 0.42: 175 wrong strength", "Forge: refuses"); ``[]`` when the file
+    cannot be viewed."""
+    from ..errors import LoratoolsError
+
+    try:
+        view = build_view(path, family)
+    except LoratoolsError:
+        return []
+    out = []
+    for table in tables_for("all"):
+        report = check_view(view, table)
+        if report.clean:
+            out.append(f"{table.label} ✓")
+        elif report.refused or report.unsupported:
+            out.append(f"{table.label}: refuses" if report.refused else f"{table.label}: unsupported")
+        else:
+            ignored = sum(len(g.names) for g in report.ignored)
+            parts = [f"{len(report.misapplied)} wrong"] if report.misapplied else []
+            parts += [f"{ignored} ignored"] if ignored else []
+            out.append(f"{table.label}: {', '.join(parts)}")
+    return out

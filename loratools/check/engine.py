@@ -265,7 +265,11 @@ def check_view(view: FileView, table: Table, base: set[str] | None = None) -> Ta
     report = TargetReport(table.target, table.label, table.source, len(counted))
     out = _Collector(report)
     if view.family is None:
-        report.unsupported = "cannot tell the model family, so not what it maps"
+        report.unsupported = (
+            f"not a LoRA loratools can read ({view.loratools_error})"
+            if view.loratools_error
+            else "cannot tell the model family, so not what it maps"
+        )
         return report
     if view.family.name not in table.families:
         report.unsupported = f"does not load {view.family.name} LoRAs"

@@ -82,16 +82,17 @@ def _refusals(lora: LoraFile, table: Table, dialect: str, to_lora: bool) -> None
 
 def _complete_attention(lora: LoraFile, table: Table) -> tuple[LoraFile, list[str]]:
     """Add zero out_proj LoRAs where ``table`` applies q/k/v only beside an out_proj."""
-    needs = {
-        entry.split(":", 1)[1] for entry in table.qkv_needs_out if entry.split(":", 1)[0] in ("*", lora.family_name)
-    }
+    family = lora.family
+    if family is None:  # no family map: nothing known about its attention layout
+        return lora, []
+    needs = {e.split(":", 1)[1] for e in table.qkv_needs_out if e.split(":", 1)[0] in ("*", family.name)}
     if not needs or table.target == "diffusers":  # the diffusers file is peft-spelled: no such rule
         return lora, []
     import torch
 
     from ..formats.names import name_tables
 
-    modules = name_tables(lora.family).modules
+    modules = name_tables(family).modules
     adapters: dict[str, Adapter] = dict(lora.adapters)
     added = []
     for module in list(lora.adapters):

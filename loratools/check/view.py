@@ -193,6 +193,8 @@ def build_view(path: str | os.PathLike[str], family: str | FamilySpec | None = N
         view.family, view.format = scan.family, scan.format
         by_name = {(ms.module): ms for ms in scan.modules.values()}
         _fill_alphas(view, source, header)
+        if scan.family is None:  # no family map applies (issue 13): the engine says so per target
+            return view
         tables = name_tables(scan.family)
         for g in groups:
             g.module = _canonical(g, tables)
@@ -237,6 +239,8 @@ def _loaded_view(source: Path, spec: FamilySpec | None) -> FileView:
         lora = load_lora(source, spec)
     except InputError as exc:
         return FileView(str(source), spec, "unknown", [], loratools_error=str(exc), container="pickle-dict")
+    if lora.family is None:
+        return FileView(str(source), None, lora.source_format, [], dict(lora.metadata))
     tables = name_tables(lora.family)
     raw: dict[str, object] = {}
     container = "peft-folder" if source.is_dir() else "pickle-dict"

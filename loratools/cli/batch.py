@@ -27,7 +27,7 @@ from ..errors import InputError
 from .errors import user_errors
 
 # options of the single-file commands that are the batch's own business, not the per-file work's
-_NOT_WORK_OPTIONS = ("output", "overwrite", "as_json", "quiet", "dry_run", "threads", "jobs")
+_NOT_WORK_OPTIONS = ("output", "overwrite", "as_json", "quiet", "dry_run", "threads", "jobs", "show_schema")
 BATCH_COMMANDS: dict[str, click.Command] = {}  # name → the command forced into batch mode
 
 
@@ -180,7 +180,7 @@ def run_batch_cli(
     """Plan, run and report a batch; exits with the batch's status."""
     from ..batch import default_jobs, plan_tasks
     from ..batch.records import exit_status
-    from ..batch.work import WORK, output_suffix
+    from ..batch.work import READ_ONLY, WORK, output_suffix
 
     as_json = bool(kwargs.get("as_json"))
     console = Console(stderr=as_json)
@@ -201,8 +201,8 @@ def run_batch_cli(
                 raise InputError("batch blend: give every input the same :WEIGHT (or none)")
             inputs = [p for p, _ in weighted]
             options["weight"] = weights.pop()
-        output = kwargs.get("output") if command != "inspect" else None
-        if command != "inspect" and output is None:
+        output = kwargs.get("output") if command not in READ_ONLY else None
+        if command not in READ_ONLY and output is None:
             raise InputError(f"{command} over many files needs -o FOLDER")
         dry_run = bool(kwargs.get("dry_run"))
         tasks = plan_tasks(

@@ -6,6 +6,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
+from .batch import batchable
 from .errors import user_errors
 from .options import family_option
 from .render import print_json
@@ -13,6 +14,7 @@ from .render import print_json
 SHOWN = 5
 
 
+@batchable("check")
 @click.command("check")
 @click.argument("lora", type=click.Path(path_type=str))
 @click.option(

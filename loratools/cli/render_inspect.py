@@ -166,6 +166,8 @@ def render_lora_report(console: Console, report: LoraReport, *, norms: bool, key
         + ", ".join(f"{d}×{n}" for d, n in report.dtypes.items())
         + f" · read: {report.read}"
     )
+    if report.loads_in:
+        console.print("loads in: " + " · ".join(report.loads_in), highlight=False)
     for warning in report.warnings[:10]:
         console.print(f"[yellow]warning:[/yellow] {warning}")
     if len(report.warnings) > 10:

@@ -122,6 +122,7 @@ class LoraReport:
     keys: list[dict[str, object]] | None = None  # --keys
     # added in issue 13: the family as a report (formats.verdict.ModelVerdict.to_dict())
     model: dict[str, str] = field(default_factory=dict)
+    loads_in: list[str] = field(default_factory=list)  # issue 19: one entry per target (loratools.check)
 
     def to_dict(self) -> dict[str, object]:
         # field by field rather than dataclasses.asdict, whose recursive deep copy of ~1,000
@@ -422,6 +423,7 @@ def inspect_lora(
         hashes=hash_facts(local) if hashes and local.is_file() else None,
         keys=all_keys if keys else None,
         model=verdict.to_dict(),
+        loads_in=_loads_in(local, family),
     )
 
 
@@ -513,3 +515,10 @@ def _embedding_report(
         keys=[key_facts(k, i) for k, i in infos.items()] if keys else None,
         model=verdict.to_dict(),
     )
+
+
+def _loads_in(path: Path, family: str | None) -> list[str]:
+    """The per-target "loads in" summary (loratools.check tables, header-only)."""
+    from ..check import loads_in
+
+    return loads_in(path, family)
