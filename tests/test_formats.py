@@ -348,6 +348,9 @@ def test_embeddings_are_never_dropped(tmp_path: Path) -> None:
     report = convert_lora(source, tmp_path / "k.safetensors", "kohya")
     assert report.embeddings == 2
     assert set(load_lora(tmp_path / "k.safetensors").embeddings) == {"<s1>", "<s2>"}
+    # issue 13: the kohya writer stores them in A1111's bundle form, the one loader reading them there
+    bundled = {"bundle_emb.s1.string_to_param.*", "bundle_emb.s2.string_to_param.*"}
+    assert bundled <= set(load_file(tmp_path / "k.safetensors"))
     report = convert_lora(source, tmp_path / "d.safetensors", "diffusers")
     sidecar = load_file(tmp_path / "d.embeddings.safetensors")
     assert set(sidecar) == {"<s1>", "<s2>"} and any("d.embeddings.safetensors" in w for w in report.warnings)

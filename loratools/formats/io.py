@@ -22,7 +22,7 @@ from ..io.pickle import PICKLE_SUFFIXES, load_pickle_raw, split_tensors, unwrap_
 from ..io.safetensors import SafetensorsFile, save_tensors
 from . import cloneofsimo, flux, kohya, peft
 from .adapters import LoraFile, is_finite
-from .keys import EMBEDDING_KEYS, bundle_key, is_embedding_key, normalize_peft_key  # noqa: F401 (EMBEDDING_KEYS re-exported)
+from .keys import EMBEDDING_KEYS, bundle_key, is_embedding_key, normalize_peft_key, token_key  # noqa: F401 (EMBEDDING_KEYS re-exported)
 from .lookalike import check_not_lfs_pointer, flatten_embedding, not_a_lora
 
 FORMATS = ("kohya", "diffusers", "peft", "cloneofsimo")
@@ -47,7 +47,8 @@ def split_embeddings(
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(LoRA tensors, textual-inversion embeddings): embeddings are 1-D/2-D tensors named like tokens."""
     embeddings = {k: v for k, v in tensors.items() if is_embedding_key(k, metadata)}
-    return {k: v for k, v in tensors.items() if k not in embeddings}, embeddings
+    lora = {k: v for k, v in tensors.items() if k not in embeddings}
+    return lora, {token_key(k): v for k, v in embeddings.items()}
 
 
 def load_lora(

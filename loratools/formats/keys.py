@@ -227,6 +227,14 @@ def is_embedding_key(key: str, metadata: Mapping[str, str]) -> bool:
     )
 
 
+def token_key(key: str) -> str:
+    """An A1111 bundled single-vector-set embedding under its token name (``<token>``), the name
+    every other writer stores it by; other keys unchanged (:func:`bundle_key` inverts it)."""
+    if key.startswith(BUNDLE_PREFIX) and key.endswith(".string_to_param.*"):
+        return f"<{key[len(BUNDLE_PREFIX) : -len('.string_to_param.*')]}>"
+    return key
+
+
 _PTI_SIDES = {"text_encoders_0": "clip_l", "text_encoders_1": "clip_g"}
 
 

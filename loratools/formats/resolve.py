@@ -20,7 +20,7 @@ from ..families import FAMILIES, FamilySpec, get_family
 from ..io.safetensors import FLOAT_DTYPES
 from .keys import KNOWN_PARAMS
 from .names import NameTables, name_tables
-from .verdict import SHAPES, ModelVerdict, model_by_names, sd_verdict, unknown_verdict
+from .verdict import MODEL, SD, SHAPES, ModelVerdict, model_by_names, sd_verdict, unknown_verdict
 
 if TYPE_CHECKING:
     import torch
@@ -54,7 +54,7 @@ def claim_warning(metadata: Mapping[str, str], spec: FamilySpec) -> str | None:
     if claim is None or claim == spec.name:
         return None
     return (
-        f"metadata {claim_key}={metadata.get(claim_key)!r} claims {FAMILIES[claim].title}, "
+        f"metadata {claim_key}={metadata.get(claim_key or '')!r} claims {FAMILIES[claim].title}, "
         f"but the shapes say {spec.title}; using {spec.title}"
     )
 
@@ -88,7 +88,7 @@ def adapter_dims(params: Mapping[str, torch.Tensor]) -> tuple[int, int] | None:
         a, c = _rows(params, "lokr_w1", "lokr_w1_a"), _cols(params, "lokr_w1", "lokr_w1_b")
         if "lokr_t2" in params and "lokr_w2_a" in params and "lokr_w2_b" in params:
             # Tucker w2: t2 (r, r, kh, kw), w2_a (r, b), w2_b (r, d) (LyCORIS LokrModule)
-            b = int(params["lokr_w2_a"].shape[1])
+            b: int | None = int(params["lokr_w2_a"].shape[1])
             d: int | None = int(params["lokr_w2_b"].shape[1]) * math.prod(params["lokr_t2"].shape[2:])
         else:
             b, d = _rows(params, "lokr_w2", "lokr_w2_a"), _cols(params, "lokr_w2", "lokr_w2_b")
@@ -164,9 +164,15 @@ class Resolution:
         return self.tables.modules[canonical].shape
 
 
+# the families told apart by names *and shapes* when none is given; others (FLUX.1) are named by
+# their own module names first (verdict.model_by_names) and use their family map when it names
+# every module of the file
+SD_FAMILIES = ("sd1", "sd2", "sdxl")
+
+
 def _candidates(family: str | FamilySpec | None) -> list[FamilySpec]:
     if family is None:
-        return list(FAMILIES.values())
+        return [spec for name, spec in FAMILIES.items() if name in SD_FAMILIES]
     return [family if isinstance(family, FamilySpec) else get_family(family)]
 
 
@@ -208,7 +214,11 @@ def resolve(
     if family is None and not require_fit:
         other = model_by_names(groups, _widths(groups))
         if other is not None:
-            return Resolution(None, None, {}, {}, [], other)
+            mapped = FAMILIES.get(other.family)
+            names = table(name_tables(mapped)) if mapped is not None else {}
+            if mapped is None or not all(n in names for n in groups):
+                return Resolution(None, None, {}, {}, [], other)  # no (complete) family map: verbatim
+            family = mapped
     scored = []
     for spec in _candidates(family):
         tables = name_tables(spec)
@@ -237,7 +247,13 @@ def resolve(
             dims = adapter_dims(groups[name])
             unmatched[name] = f"shape {dims} does not fit {canonical} {tables.modules[canonical].shape}"
             del hits[name]
-    return Resolution(spec, tables, hits, unmatched, warnings, sd_verdict(spec.name, spec.title, full_size=True))
+    return Resolution(
+        spec, tables, hits, unmatched, warnings, sd_verdict(spec.name, spec.title, full_size=True, kind=_kind(spec))
+    )
+
+
+def _kind(spec: FamilySpec) -> str:
+    return SD if spec.name in SD_FAMILIES else MODEL
 
 
 def _by_names(
@@ -272,6 +288,7 @@ def _by_names(
     verdict = sd_verdict(
         spec.name,
         spec.title,
+        kind=_kind(spec),
         full_size=False,
         note=f"{spec.title} names; widths fit no {widths} — a tiny or distilled model",
     )

@@ -40,6 +40,7 @@ from .keys import (
     is_safeloras,
     normalize_peft_key,
     pattern_value,
+    token_key,
 )
 from .lookalike import not_a_lora
 from .names import NameTables
@@ -424,8 +425,9 @@ def scan_lora(path: str | os.PathLike[str], family: str | FamilySpec | None = No
     header = header_of(path)
     metadata = header.metadata
     refs = {k: ParamRef(k, i, header.data_start + i.start) for k, i in header.tensors.items()}
-    embeddings = {k: refs[k].info for k in refs if is_embedding_key(k, metadata)}
-    lora_refs = {k: r for k, r in refs.items() if k not in embeddings}
+    stored_embeddings = {k for k in refs if is_embedding_key(k, metadata)}
+    embeddings = {token_key(k): refs[k].info for k in stored_embeddings}  # as the reader names them
+    lora_refs = {k: r for k, r in refs.items() if k not in stored_embeddings}
     keys = list(lora_refs)
     matches = {k: m for k in keys if (m := KOHYA_KEY.match(k)) is not None}
     kohya_keys = list(matches)

@@ -51,16 +51,17 @@ class ModelVerdict:
 
     @property
     def has_family_map(self) -> bool:
-        """Whether loratools' SD name tables name this LoRA's modules (canonical adapter keys)."""
-        return self.kind == SD
+        """Whether loratools' name tables name this LoRA's modules (canonical adapter keys)."""
+        return self.fit != NONE
 
 
-def sd_verdict(family: str, title: str, *, full_size: bool, note: str = "") -> ModelVerdict:
-    """An SD family: at full size (names and shapes fit), or by names only."""
+def sd_verdict(family: str, title: str, *, full_size: bool, note: str = "", kind: str = SD) -> ModelVerdict:
+    """A family loratools has a map of (SD; ``kind`` MODEL for another one): at full size (names
+    and shapes fit), or by names only."""
     if full_size:
-        return ModelVerdict(SD, family, title, SHAPES, note or f"{title}: names and shapes fit")
+        return ModelVerdict(kind, family, title, SHAPES, note or f"{title}: names and shapes fit")
     return ModelVerdict(
-        SD,
+        kind,
         family,
         title,
         NAMES,
