@@ -35,7 +35,7 @@ COMMANDS: dict[str, str] = {
 }
 
 
-class LazyCommands(dict):  # type: ignore[type-arg]
+class LazyCommands(dict):
     """``click.Group.commands`` that imports a :data:`COMMANDS` entry when it is looked up.
 
     ``name in cli.commands`` and iteration see every registered name without importing anything;
@@ -53,27 +53,27 @@ class LazyCommands(dict):  # type: ignore[type-arg]
 
     def get(self, name: str, default: click.Command | None = None) -> click.Command | None:  # type: ignore[override]
         try:
-            return self[name]  # type: ignore[no-any-return]
+            return self[name]
         except KeyError:
             return default
 
     def __contains__(self, name: object) -> bool:
         return name in COMMANDS or dict.__contains__(self, name)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self):
         yield from COMMANDS
         yield from (name for name in dict.keys(self) if name not in COMMANDS)
 
     def __len__(self) -> int:
         return len(list(iter(self)))
 
-    def keys(self):  # type: ignore[no-untyped-def,override]
+    def keys(self):
         return list(iter(self))
 
-    def values(self):  # type: ignore[no-untyped-def,override]
+    def values(self):
         return [self[name] for name in self]
 
-    def items(self):  # type: ignore[no-untyped-def,override]
+    def items(self):
         return [(name, self[name]) for name in self]
 
 

@@ -161,7 +161,8 @@ def save_lora(
     plain-LoRA formats, per-module alphas into cloneofsimo): use ``bake`` or ``to_lowrank`` first.
     """
     path = Path(path)
-    if lora.family is not None and lora.family.transformer is not None and fmt in ("kohya", "diffusers"):  # FLUX.1 spellings
+    # FLUX.1 LoRAs have spellings of their own (formats/flux.py)
+    if lora.family is not None and lora.family.transformer is not None and fmt in ("kohya", "diffusers"):
         if fmt == "kohya":
             tensors, meta = flux.flux_kohya_state_dict(lora, dtype=dtype), kohya.kohya_metadata(lora)
         else:
