@@ -365,6 +365,7 @@ class LoraFile:
     warnings: list[str] = field(default_factory=list)
     unmatched: dict[str, str] = field(default_factory=dict)  # file module name → why it matched nothing
     path: str | None = None
+    source_order: dict[str, str] = field(default_factory=dict)  # component → pair order (cloneofsimo)
 
     def __repr__(self) -> str:
         return (

@@ -23,6 +23,7 @@ from ..io.safetensors import SafetensorsFile, save_tensors
 from . import cloneofsimo, kohya, peft
 from .adapters import LoraFile, is_finite
 from .keys import EMBEDDING_KEYS, is_embedding_key  # noqa: F401 (EMBEDDING_KEYS re-exported)
+from .metadata import with_hashes
 
 FORMATS = ("kohya", "diffusers", "peft", "cloneofsimo")
 
@@ -144,15 +145,15 @@ def save_lora(
     if fmt == "kohya":
         tensors = kohya.kohya_state_dict(lora, dtype=dtype)
         tensors.update({k: v for k, v in lora.embeddings.items()})
-        save_tensors(path, tensors, kohya.kohya_metadata(lora), overwrite=overwrite)
+        save_tensors(path, tensors, with_hashes(kohya.kohya_metadata(lora), tensors), overwrite=overwrite)
     elif fmt == "diffusers":
         tensors = peft.peft_state_dict(lora, dtype=dtype)
-        save_tensors(path, tensors, peft.diffusers_metadata(lora), overwrite=overwrite)
+        save_tensors(path, tensors, with_hashes(peft.diffusers_metadata(lora), tensors), overwrite=overwrite)
     elif fmt == "peft":
         _save_peft_folder(lora, path, dtype, overwrite)
     elif fmt == "cloneofsimo":
         tensors, metadata = cloneofsimo.safeloras_state_dict(lora, dtype=dtype)
-        save_tensors(path, tensors, metadata, overwrite=overwrite)
+        save_tensors(path, tensors, with_hashes(metadata, tensors), overwrite=overwrite)
     else:
         raise InputError(f"unknown LoRA format {fmt!r} (choose from {', '.join(FORMATS)})")
     return path
@@ -166,5 +167,5 @@ def _save_peft_folder(lora: LoraFile, path: Path, dtype: torch.dtype | None, ove
             (tmp / folder).mkdir()
             prefix = f"{folder}."
             local = {f"base_model.model.{k[len(prefix) :]}": v for k, v in tensors.items() if k.startswith(prefix)}
-            save_tensors(tmp / folder / peft.WEIGHTS_NAME, local, {"format": "pt"})
+            save_tensors(tmp / folder / peft.WEIGHTS_NAME, local, with_hashes(peft.folder_metadata(lora), local))
             (tmp / folder / peft.CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))

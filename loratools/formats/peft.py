@@ -139,6 +139,7 @@ def read_peft_folder(folder: Path, family: str | FamilySpec | None = None) -> Lo
         raise InputError(f"{folder}: no {CONFIG_NAME} found")
     tensors: dict[str, torch.Tensor] = {}
     configs: dict[str, dict[str, Any]] = {}
+    metadata: dict[str, str] = {}  # the weight files' own (training metadata written beside the config)
     for part in parts:
         try:
             config = json.loads((part / CONFIG_NAME).read_text())
@@ -151,12 +152,13 @@ def read_peft_folder(folder: Path, family: str | FamilySpec | None = None) -> Lo
             weights = part / "adapter_model.bin"
         with open_checkpoint(weights) as ckpt:
             local = dict(ckpt.items())
+            metadata.update({k: v for k, v in ckpt.metadata.items() if k not in metadata})
         folder_name = part.name if part.name in FOLDER_OF else _guess_folder(local)
         configs[folder_name] = config
         for key, tensor in local.items():
             bare = key.removeprefix("base_model.model.")
             tensors[bare if bare.startswith(f"{folder_name}.") else f"{folder_name}.{bare}"] = tensor
-    return read_peft(tensors, {}, family, configs=configs, source_format=PEFT_FORMAT)
+    return read_peft(tensors, metadata, family, configs=configs, source_format=PEFT_FORMAT)
 
 
 def _guess_folder(tensors: Mapping[str, torch.Tensor]) -> str:
@@ -230,8 +232,26 @@ def peft_state_dict(lora: LoraFile, *, dtype: torch.dtype | None = None) -> dict
 
 
 def diffusers_metadata(lora: LoraFile) -> dict[str, str]:
+    """diffusers' own keys (``format``, the LoraConfig per folder) beside the source's training
+    metadata, carried whole with its network keys describing this file (formats/metadata.py)."""
+    from .metadata import carried_metadata, describe_network
+
     flat: dict[str, Any] = {}
     for folder, config in peft_configs(lora).items():
         for key, value in config.items():
             flat[f"{folder}.{key}"] = value
-    return {"format": "pt", METADATA_KEY: json.dumps(flat, sort_keys=True)}
+    meta = carried_metadata(lora)
+    if any(k.startswith("ss_") for k in meta):
+        describe_network(meta, lora)
+    return {"format": "pt", **meta, METADATA_KEY: json.dumps(flat, sort_keys=True)}
+
+
+def folder_metadata(lora: LoraFile) -> dict[str, str]:
+    """The ``__metadata__`` of each adapter_model.safetensors of a peft folder: ``format`` and the
+    source's training metadata (peft itself writes only ``format``; extra keys do not disturb it)."""
+    from .metadata import carried_metadata, describe_network
+
+    meta = carried_metadata(lora)
+    if any(k.startswith("ss_") for k in meta):
+        describe_network(meta, lora)
+    return {"format": "pt", **meta}
