@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loratools.families.spec import FamilySpec
+from loratools.ops.provenance import FOLDER_FILE as PROVENANCE_FILE
 from loratools.ops.provenance import KEY as PROVENANCE_KEY
 from loratools.synthetic import write_checkpoint
 
@@ -161,6 +162,7 @@ def compare(base: Path, out: Path, *, dtype: str | None = None) -> set[str]:
     non-weight files and untouched tensors byte-identical (cast only where ``dtype`` says); return
     the tensors (``file:key``) whose bytes changed."""
     before, after = files_of(base), files_of(out)
+    after.pop(PROVENANCE_FILE, None)  # a merge records what went in (tests/test_provenance.py)
     assert set(before) == set(after), set(before) ^ set(after)
     changed: set[str] = set()
     for rel, a in before.items():
