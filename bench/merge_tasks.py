@@ -47,7 +47,7 @@ def _lora_targets(
             if key not in base_keys:
                 break
             down, up = raw[f"{name}.lora_down.weight"], raw[f"{name}.lora_up.weight"]
-            # OpenCLIP's fused in_proj: q, k, v are row thirds of one tensor (FORMATS.md §5.3).
+            # OpenCLIP's fused in_proj: q, k, v are row thirds of one tensor (docs/FORMATS.md §5.2).
             out.append((key, weight.single_part, up, down, float(raw[f"{name}.alpha"]) / down.shape[0]))
         else:
             return out

@@ -1,6 +1,6 @@
 """Full-size synthetic kohya (sd-scripts ``networks.lora``) LoRAs, derived from the family key maps.
 
-Module list (FORMATS.md §1.2): every Linear / 1×1 conv child of a U-Net Transformer2DModel
+Module list (docs/FORMATS.md §1.2): every Linear / 1×1 conv child of a U-Net Transformer2DModel
 (``proj_in``, ``proj_out``; per transformer block ``attn1``/``attn2`` ``to_q``, ``to_k``, ``to_v``,
 ``to_out.0``, ``ff.net.0.proj``, ``ff.net.2``) and per text-encoder layer ``self_attn``
 ``q_proj``/``k_proj``/``v_proj``/``out_proj`` and ``mlp.fc1``/``mlp.fc2``. Nothing is typed by hand:
@@ -36,7 +36,7 @@ _TE_TARGET = re.compile(
     r"^text_model\.encoder\.layers\.(\d+)\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.fc[12])$"
 )
 
-# ss_base_model_version values sd-scripts writes (FORMATS.md §1.4).
+# ss_base_model_version values sd-scripts writes (docs/FORMATS.md §1.4).
 _BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 
 

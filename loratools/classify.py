@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .errors import InputError
 from .families.detect import DIFFUSERS_PREFIXES, SINGLE_PREFIXES
+from .formats.lookalike import check_not_lfs_pointer
 from .io.checkpoint import is_diffusers_folder
 from .io.files import regular_file
 from .io.headers import header_of
@@ -25,6 +26,7 @@ def classify(path: str | Path) -> str:
         if is_diffusers_folder(path):
             return "checkpoint"
         raise InputError(f"{path}: folder holds neither a diffusers model nor a peft adapter")
+    check_not_lfs_pointer(path)
     if path.suffix == ".safetensors" or _is_safetensors(path):
         keys = list(header_of(path).tensors)
         checkpoint_keys = sum(k.startswith(SINGLE_PREFIXES) for k in keys)

@@ -19,6 +19,7 @@ import torch
 
 from .families import FAMILIES, FamilySpec, keymap
 from .families.configs import diffusers_configs
+from .families.keymap import single_prefixes
 from .families.spec import DIFFUSERS_FOLDERS, Weight
 from .io.atomic import AtomicFolder
 from .io.checkpoint import WEIGHT_NAMES
@@ -27,6 +28,7 @@ from .io.safetensors import DTYPES, StreamingWriter, TensorInfo, dtype_name
 
 def _tiny(spec: FamilySpec, text_widths: tuple[int, ...]) -> FamilySpec:
     """Same counts as ``spec``, widths small enough for a test to build models in milliseconds."""
+    assert spec.unet is not None
     texts = []
     for text, width in zip(spec.texts, text_widths, strict=True):
         texts.append(
@@ -63,6 +65,27 @@ TINY: dict[str, FamilySpec] = {
 }
 
 
+def tiny_flux(*, guidance: bool = True) -> FamilySpec:
+    """FLUX.1 with every real block count (19 double, 38 single, 24 T5 and 12 CLIP layers) and tiny widths.
+
+    hidden 16 (2 heads × 8), MLP 64, the real packed-latent input 64, CLIP-L 12 wide, T5 20 wide: every width
+    differs, so a swapped dimension cannot hide. ``guidance=False`` is [schnell].
+    """
+    spec = FAMILIES["flux1"]
+    assert spec.transformer is not None and spec.t5 is not None
+    clip = replace(spec.texts[0], hidden=12, intermediate=24, vocab=1000, heads=2)
+    t5 = replace(spec.t5, d_model=20, d_ff=24, heads=2, d_kv=4, vocab=1000)
+    flux = replace(
+        spec.transformer, heads=2, head_dim=8, in_channels=64, context_dim=20, vec_dim=12, guidance_embed=guidance
+    )
+    vae = replace(spec.vae, channels=(8, 16, 32, 32), norm_groups=8)
+    return replace(spec, transformer=flux, texts=(clip,), t5=t5, vae=vae)
+
+
+# Kept apart from TINY (whose families every SD-LoRA test table runs over): FLUX.1 fixtures.
+TINY_FLUX: dict[str, FamilySpec] = {"dev": tiny_flux(), "schnell": tiny_flux(guidance=False)}
+
+
 def _seed_for(name: str, seed: int) -> int:
     return zlib.crc32(name.encode()) ^ (seed * 0x9E3779B1 & 0xFFFFFFFF)
 
@@ -95,14 +118,28 @@ def _extra_tensor(name: str, shape: tuple[int, ...], fixed: str | None, dtype: t
 
 
 def single_file_plan(
-    spec: FamilySpec, dtype: torch.dtype = torch.float32, *, extras: bool = True
+    spec: FamilySpec,
+    dtype: torch.dtype = torch.float32,
+    *,
+    extras: bool = True,
+    components: tuple[str, ...] | None = None,
+    bare: bool = False,
 ) -> dict[str, TensorInfo]:
-    """Key → dtype/shape of a synthetic single file, sorted by name as real files are."""
+    """Key → dtype/shape of a synthetic single file, sorted by name as real files are.
+
+    ``components``: only these (``("transformer",)`` is a BFL transformer file); ``bare``: without
+    the all-in-one prefix (flux1-dev.safetensors, ae.safetensors).
+    """
     km = keymap(spec)
     layout = spec.single_layout
+    prefixes = single_prefixes(spec)
     plan: dict[str, TensorInfo] = {}
     for w in km.weights:
         name = w.layout_name(layout)
+        if components is not None and w.component not in components:
+            continue
+        if name is not None and bare:
+            name = next((name[len(p) :] for p in prefixes if name.startswith(p)), name)
         if name is not None and name not in plan:
             plan[name] = TensorInfo(w.dtype or dtype_name(dtype), w.layout_shape(layout))
     if extras:
@@ -135,10 +172,12 @@ def write_single_file(
     extras: bool = True,
     metadata: Mapping[str, str] | None = None,
     overwrite: bool = False,
+    components: tuple[str, ...] | None = None,
+    bare: bool = False,
 ) -> Path:
-    """Write a synthetic single-file (LDM/SGM) checkpoint, streamed tensor by tensor."""
+    """Write a synthetic single-file (LDM/SGM/BFL) checkpoint, streamed tensor by tensor."""
     path = Path(path)
-    plan = single_file_plan(spec, dtype, extras=extras)
+    plan = single_file_plan(spec, dtype, extras=extras, components=components, bare=bare)
     with StreamingWriter(path, plan, {"format": "pt", **(metadata or {})}, overwrite=overwrite) as writer:
         for name, tensor in iter_single_file(spec, dtype, seed, plan):
             writer.write(name, tensor)
@@ -165,7 +204,7 @@ def write_diffusers_folder(
                 continue
             (tmp / folder).mkdir()
             (tmp / folder / "config.json").write_text(json.dumps(configs[folder], indent=2))
-            stem = WEIGHT_NAMES[0] if component in ("unet", "vae") else WEIGHT_NAMES[1]
+            stem = WEIGHT_NAMES[0] if component in ("unet", "transformer", "vae") else WEIGHT_NAMES[1]
             prefix = f"{folder}."
             plan = {
                 w.diffusers[len(prefix) :]: TensorInfo(w.dtype or dtype_name(dtype), w.shape)

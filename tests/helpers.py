@@ -24,7 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"
 KEYSETS = DATA / "keysets"
 REAL_LORAS = Path(os.environ.get("LORATOOLS_REAL_LORAS") or REPO.parent / "shared" / "real_loras")
-REAL_LORAS_REASON = f"real third-party LoRA files not found at {REAL_LORAS} (set LORATOOLS_REAL_LORAS to their folder)"
+# Every real-file skip reason starts with this; under CI=true conftest turns such skips into failures.
+REAL_SKIP = "real third-party LoRA files not found"
+REAL_LORAS_REASON = f"{REAL_SKIP} at {REAL_LORAS} (set LORATOOLS_REAL_LORAS to their folder)"
 KEYSET_FILES = {
     "sd1": ("sd15-ldm", "sd15-diffusers"),
     "sd2": ("sd21-ldm", "sd21-diffusers"),
@@ -41,6 +43,19 @@ def needs_real(*parts: str) -> pytest.MarkDecorator:
     """Skip marker for tests that read ``REAL_LORAS/parts…``; the reason says where it was looked for."""
     path = real_lora(*parts)
     return pytest.mark.skipif(not path.exists(), reason=f"{REAL_LORAS_REASON}: {'/'.join(parts) or '.'} missing")
+
+
+def require_real(*parts: str) -> Path:
+    """``REAL_LORAS/parts…``, or skip the running test (for fixtures) with the same reason as ``needs_real``."""
+    path = real_lora(*parts)
+    if not path.exists():
+        pytest.skip(f"{REAL_LORAS_REASON}: {'/'.join(parts) or '.'} missing")
+    return path
+
+
+def under_ci() -> bool:
+    """CI sets ``CI=true``: there the real files must be present and no real-file test may skip."""
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 @cache

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REAL_LORAS
+from helpers import REAL_LORAS, needs_real
 from safetensors import safe_open
 
 from loratools.errors import InputError
@@ -35,7 +35,7 @@ REAL = {
     "lora_disney_inpainting.safetensors": ("sd1", {"unet": 144, "te1": 48}, 1, 2),
 }
 
-needs_real = pytest.mark.skipif(not CLONEOFSIMO.is_dir(), reason="shared/real_loras not present")
+real_files = needs_real("cloneofsimo_lora")
 
 
 def _factors_equal(a: LoraFile, b: LoraFile) -> bool:
@@ -78,7 +78,7 @@ def _cloneofsimo_lora(spec, *, geglu: bool = True, text: bool = True, rank: int 
 # --- real files -----------------------------------------------------------------------------------
 
 
-@needs_real
+@real_files
 @pytest.mark.parametrize("name", list(REAL))
 def test_real_files(name: str) -> None:
     family, components, rank, embeddings = REAL[name]
@@ -92,7 +92,7 @@ def test_real_files(name: str) -> None:
     assert len(lora.embeddings) == embeddings
 
 
-@needs_real
+@real_files
 def test_real_dtypes_and_embeddings() -> None:
     analog = load_lora(CLONEOFSIMO / "analog_svd_rank4.safetensors")
     assert {a.up.dtype for a in analog.adapters.values()} == {torch.float16}
@@ -104,7 +104,7 @@ def test_real_dtypes_and_embeddings() -> None:
     assert {a.up.dtype for a in disney.adapters.values()} == {torch.float32}
 
 
-@needs_real
+@real_files
 @pytest.mark.parametrize(
     ("name", "component", "order"),
     [
@@ -124,13 +124,13 @@ def test_real_orders(name: str, component: str, order: str) -> None:
     assert match.order == order
 
 
-@needs_real
+@real_files
 def test_textual_inversion_pt_is_refused() -> None:
     with pytest.raises(InputError, match="textual-inversion"):
         load_lora(CLONEOFSIMO / "lora_kiriko2.ti.pt")
 
 
-@needs_real
+@real_files
 def test_unet_pt_companions(tmp_path: Path) -> None:
     shutil.copy(CLONEOFSIMO / "lora_disney.pt", tmp_path / "x.pt")
     assert load_lora(tmp_path / "x.pt").components() == {"unet": 128}
@@ -147,7 +147,7 @@ def test_unet_pt_companions(tmp_path: Path) -> None:
         load_lora(tmp_path / "x.pt")
 
 
-@needs_real
+@real_files
 @pytest.mark.parametrize(
     "name", ["analog_svd_rank4.safetensors", "lora_disney_inpainting.safetensors", "lora_kiriko.pt"]
 )
@@ -162,7 +162,7 @@ def test_real_round_trip(name: str, tmp_path: Path) -> None:
         assert back.embeddings[token].dtype == tensor.dtype and torch.equal(back.embeddings[token], tensor)
 
 
-@needs_real
+@real_files
 @pytest.mark.parametrize(("name", "component"), [("lora_disney.pt", "unet"), ("lora_kiriko.text_encoder.pt", "te1")])
 def test_pt_list_reproduces_real_file(name: str, component: str) -> None:
     original = load_pickle(CLONEOFSIMO / name)

@@ -9,7 +9,7 @@ Nobody here wrote these loaders, so they are an independent check of what lorato
    ``fuse_lora``, every fused weight minus the base weight (read from the checkpoint files) is
    loratools' ``delta()``.
 2. Per-module alphas (``alphas="varied"``): diffusers mis-scales *kohya* files with varied alphas
-   (FORMATS.md §2.5), so diffusers is not the judge there; the math is. loratools' value is checked
+   (docs/FORMATS.md §2.5), so diffusers is not the judge there; the math is. loratools' value is checked
    against ``alpha/r · up @ down`` computed here from the raw file tensors. Our diffusers-format file
    (alphas in ``lora_adapter_metadata`` ``alpha_pattern``) is loaded by diffusers with every module at
    the right scale. The diffusers mis-scaling of the kohya file is pinned down exactly: mis-scaled
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FAMILY_NAMES, REAL_LORAS
+from helpers import FAMILY_NAMES, REAL_LORAS, needs_real
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -382,7 +382,7 @@ def _mis_scaled_alpha(fused: torch.Tensor, alpha: float, delta: torch.Tensor) ->
 def test_varied_alphas_kohya_file_diffusers_misscales_math_sides_with_us(
     family: str, tiny_checkpoints: dict[tuple[str, str], Path], tmp_path: Path
 ) -> None:
-    """Documents FORMATS.md §2.5 with diffusers 0.42.1 / peft 0.21.2 / transformers 5.23.0.
+    """Documents docs/FORMATS.md §2.5 with diffusers 0.42.1 / peft 0.21.2 / transformers 5.23.0.
 
     The kohya file says ΔW = alpha/r · up @ down per module (sd-scripts networks/lora.py); loratools
     gives exactly that. diffusers gives it only for the modules whose alpha_pattern key happens to
@@ -413,7 +413,7 @@ def test_varied_alphas_kohya_file_diffusers_misscales_math_sides_with_us(
         used[module] = round(_mis_scaled_alpha(fused[module], alpha, delta), 3)
         assert_close(fused[module], delta * (used[module] / alpha), f"{module}: diffusers ΔW is not a rescaled ΔW")
     wrong = {m for m, (alpha, _) in direct.items() if used[m] != pytest.approx(alpha)}
-    assert wrong, "diffusers now applies kohya per-module alphas: update FORMATS.md §2.5 and this test"
+    assert wrong, "diffusers now applies kohya per-module alphas: update docs/FORMATS.md §2.5 and this test"
     assert any("alpha_pattern keys did not match" in p for p in problems), problems[:3]
     # Each component's wrong modules all got one alpha: the default lora_alpha they fell back to.
     default = {}
@@ -503,7 +503,7 @@ def diffusers_adapters(
     return out
 
 
-@pytest.mark.skipif(not CATUNDCHAT.with_suffix(".safetensors").exists(), reason="shared/real_loras not present")
+@needs_real("catundchat_sd15", "pytorch_lora_weights.safetensors")
 @pytest.mark.parametrize("suffix", [".safetensors", ".bin"])
 def test_old_attn_processor_file_matches_diffusers_conversion(suffix: str, tmp_path: Path) -> None:
     path = CATUNDCHAT.with_suffix(suffix)

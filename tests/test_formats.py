@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FAMILY_NAMES, REAL_LORAS
+from helpers import FAMILY_NAMES, REAL_LORAS, needs_real
 from safetensors.torch import load_file, save_file
 
 from loratools.errors import InputError
@@ -230,6 +230,7 @@ def test_bake_preserves_delta_and_sets_alpha_to_rank() -> None:
 # --- real files -----------------------------------------------------------------------------------
 
 
+@needs_real("catundchat_sd15")
 @pytest.mark.parametrize("name", ["pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin"])
 def test_real_old_diffusers_attention_processor_files(name: str) -> None:
     lora = load_lora(REAL_LORAS / "catundchat_sd15" / name)
@@ -240,6 +241,7 @@ def test_real_old_diffusers_attention_processor_files(name: str) -> None:
     assert all(a.scale == 1.0 for a in lora.adapters.values())
 
 
+@needs_real("catundchat_sd15")
 def test_real_files_convert_to_every_format_and_back(tmp_path: Path) -> None:
     source = REAL_LORAS / "catundchat_sd15" / "pytorch_lora_weights.safetensors"
     original = load_lora(source)
@@ -299,6 +301,7 @@ def test_kohya_and_peft_keys_in_one_file_are_refused(tmp_path: Path) -> None:
         load_lora(tmp_path / "a.safetensors")
 
 
+@needs_real("cloneofsimo_lora")
 def test_textual_inversion_is_named_as_such(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="textual-inversion embedding"):
         load_lora(REAL_LORAS / "cloneofsimo_lora" / "lora_kiriko2.ti.pt")
@@ -338,6 +341,7 @@ def test_full_size_family_is_told_from_shapes(tmp_path: Path, family_name: str) 
     assert load_lora(tmp_path / "a.safetensors").family.name == family_name
 
 
+@needs_real("cloneofsimo_lora")
 def test_embeddings_are_never_dropped(tmp_path: Path) -> None:
     """Textual-inversion tokens ride along in kohya/cloneofsimo files and beside diffusers/peft ones."""
     source = REAL_LORAS / "cloneofsimo_lora" / "lora_disney.safetensors"

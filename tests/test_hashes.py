@@ -1,4 +1,4 @@
-"""--hashes: every value recomputed here with hashlib over the byte ranges of FORMATS.md §6."""
+"""--hashes: every value recomputed here with hashlib over the byte ranges of docs/FORMATS.md §6."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import safetensors.torch
 import torch
 from click.testing import CliRunner
-from helpers import REAL_LORAS
+from helpers import REAL_LORAS, needs_real
 
 from loratools.cli.main import cli
 from loratools.ops.hashes import file_hashes
@@ -31,6 +31,7 @@ def independent(path: Path) -> dict[str, str]:
     }
 
 
+@needs_real("lycoris_lokr")
 @pytest.mark.parametrize("rank", [4, 8, 16])
 def test_real_lokr_hashes_and_stored_sshs(rank: int) -> None:
     path = REAL_LORAS / "lycoris_lokr" / f"smart_falcon_{rank}_lokr.safetensors"
@@ -46,7 +47,7 @@ def test_real_lokr_hashes_and_stored_sshs(rank: int) -> None:
     checks = {c.key: c for c in h.checks}
     assert checks["sshs_model_hash"].ok is True  # LyCORIS stored the addnet hash of these very tensors
     assert checks["sshs_legacy_hash"].ok is True
-    if rank == 4:  # 648 KB: the 1 MiB window is empty (FORMATS.md §6.1)
+    if rank == 4:  # 648 KB: the 1 MiB window is empty (docs/FORMATS.md §6.1)
         assert h.legacy == "e3b0c442" and checks["sshs_legacy_hash"].computed == "e3b0c442"
     elif rank == 8:  # written by a safetensors that did not pad headers to 8 bytes
         assert "unpadded" in checks["sshs_legacy_hash"].note
@@ -88,6 +89,7 @@ def test_small_and_pickled_files(tmp_path: Path) -> None:
     assert h.legacy == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
 
 
+@needs_real("lycoris_lokr")
 def test_hashes_in_reports_and_cli(tmp_path: Path, tiny_checkpoints: dict) -> None:
     path = REAL_LORAS / "lycoris_lokr" / "smart_falcon_16_lokr.safetensors"
     report = inspect_lora(path, hashes=True)

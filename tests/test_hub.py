@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from helpers import REAL_LORAS, REPO
+from helpers import REAL_LORAS, REPO, require_real
 
 from loratools.classify import classify
 from loratools.cli.main import cli
@@ -31,6 +31,7 @@ def hub_cache(tmp_path: Path, tiny_checkpoints: dict, monkeypatch: pytest.Monkey
     """``models--alice--sd-loras`` with two revisions (main and an older commit) and a model folder."""
     import huggingface_hub.constants
 
+    require_real("lycoris_lokr")
     cache = tmp_path / "hub"
     repo = cache / "models--alice--sd-loras"
     main = repo / "snapshots" / SHA

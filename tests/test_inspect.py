@@ -13,7 +13,7 @@ import jsonschema
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import REAL_LORAS, REPO
+from helpers import REAL_LORAS, REPO, needs_real, require_real
 from rich.console import Console
 
 from loratools.cli.main import cli
@@ -73,6 +73,7 @@ REAL = [
 ]
 
 
+@needs_real("README.md")
 def test_every_real_file_is_listed() -> None:
     listed = {name for name, *_ in REAL}
     on_disk = {str(p.relative_to(REAL_LORAS)) for p in REAL_LORAS.rglob("*") if p.is_file() and p.name != "README.md"}
@@ -81,6 +82,7 @@ def test_every_real_file_is_listed() -> None:
 
 @pytest.mark.parametrize(("name", "fmt", "family", "modules", "components", "embeddings"), REAL)
 def test_real_files(name: str, fmt: str, family: str, modules: int, components: dict, embeddings: list) -> None:
+    require_real(name)
     code, out, err = run("inspect", "--json", str(REAL_LORAS / name))
     assert code == 0, err
     data = json.loads(out)
@@ -99,6 +101,7 @@ def test_real_files(name: str, fmt: str, family: str, modules: int, components: 
     assert data["family_title"] in " ".join(text.split())
 
 
+@needs_real("lycoris_lokr")
 def test_real_lokr_metadata_summary() -> None:
     report = inspect_lora(REAL_LORAS / "lycoris_lokr" / "smart_falcon_16_lokr.safetensors")
     summary = report.metadata_summary
@@ -202,7 +205,7 @@ SCANNED_REAL = [
 
 
 def test_scan_equals_full_load(tmp_path: Path) -> None:
-    files = [REAL_LORAS / n for n in SCANNED_REAL] + _synthetic(tmp_path)
+    files = [require_real(n) for n in SCANNED_REAL] + _synthetic(tmp_path)
     for path in files:
         scan = scan_lora(path)
         assert scan is not None, path
@@ -346,7 +349,7 @@ def test_norms_every_kind(tmp_path: Path) -> None:
 
 def test_norms_real_lokr_and_loaded_paths() -> None:
     for name in ("lycoris_lokr/smart_falcon_4_lokr.safetensors", "cloneofsimo_lora/lora_disney.safetensors"):
-        path = REAL_LORAS / name
+        path = require_real(name)
         report = inspect_lora(path, norms=True)
         expected = _dense_norms(path, every=7)  # a sample: dense LoKr products are slow to build
         checked = [f for f in report.module_facts if f.module in expected]
@@ -410,7 +413,9 @@ def test_folder_inspect(tmp_path: Path, tiny_checkpoints: dict) -> None:
         "c.safetensors",
         "d-diffusers",
         "e-peft",
+        "notes.txt",  # issue 13: every entry gets a row (this one: skipped, not a weights file)
     ]
+    assert "skipped" in lines[5]
     assert "SD 1.x LoRA" in lines[0] and "SDXL LoRA" in lines[1] and "checkpoint" in lines[2]
     assert "checkpoint · diffusers" in lines[3] and "peft" in lines[4]
     data = json.loads(run("inspect", "--json", str(folder))[1])
@@ -458,10 +463,11 @@ def test_metadata_summary_tags_and_modelspec() -> None:
     assert summary["merged_from"] == "a.safetensors, b.safetensors" and summary["other_keys"] == 1
 
 
-def test_tiny_lora_error_is_one_line(tmp_path: Path) -> None:
+def test_tiny_lora_is_inspected_by_its_names(tmp_path: Path) -> None:
+    """Issue 13: a LoRA of widths no full-size model has is inspected (before: refused, exit 2)."""
     path = save_lora(make_lora(TINY["sd1"]), tmp_path / "tiny.safetensors", "kohya")
-    code, _, err = run("inspect", str(path))
-    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    code, out, err = run("inspect", str(path))
+    assert code == 0 and "SD 1.x names; widths fit no full-size SD 1.x" in out, err
 
 
 def test_peft_folder_lora(tmp_path: Path) -> None:

@@ -157,7 +157,7 @@ def test_vae_attention_is_linear_in_diffusers_and_1x1_conv_in_ldm() -> None:
     [("sd1", 192, 72), ("sd2", 192, 144), ("sdxl", 722, 264)],
 )
 def test_lora_target_module_counts_match_kohya(family: str, unet_modules: int, text_modules: int) -> None:
-    """kohya's default targets (FORMATS.md §1.2): Transformer2D Linears and CLIP attention + MLP.
+    """kohya's default targets (docs/FORMATS.md §1.2): Transformer2D Linears and CLIP attention + MLP.
 
     SD2's single-file OpenCLIP has 24 blocks (144 modules); kohya's 23-layer HF encoder has 138.
     """

@@ -4,7 +4,7 @@ The expected ΔW of every hand-built case is written out independently with expl
 numpy float64 arrays (never with the einsum/kron/matmul the code under test uses), and each
 formula is cross-checked against the function named in the test's docstring. Where the PyPI
 package ``lycoris-lora`` is installed, its modules' *forward* (not its merge, which squares the
-LoHa/LoKr scale: FORMATS.md §4.8) is the oracle for files it writes itself.
+LoHa/LoKr scale: docs/FORMATS.md §4.8) is the oracle for files it writes itself.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import REAL_LORAS
+from helpers import REAL_LORAS, needs_real
 from safetensors.torch import load_file, save_file
 
 from loratools.errors import InputError
@@ -356,7 +356,7 @@ def test_dora(axis: str, conv: bool) -> None:
 
 def test_dora_eps_and_strength() -> None:
     """A zero row of W+ΔW stays zero (eps in the denominator, as LyCORIS' _weight_decompose), not NaN; a
-    strength other than 1 is refused (LyCORIS and ComfyUI disagree there: FORMATS.md §4.7)."""
+    strength other than 1 is refused (LyCORIS and ComfyUI disagree there: docs/FORMATS.md §4.7)."""
     weight = torch.zeros(2, 3)
     weight[1] = 1.0
     adapter = LowRank(torch.zeros(2, 1), torch.zeros(1, 3), 1.0, dora_scale=torch.ones(2, 1), dora_axis="out")
@@ -510,6 +510,7 @@ def test_unsupported_through_reader() -> None:
 # Real LoKr files (KohakuBlueleaf/LyCORIS result/, SD1, kohya names, old 2-D conv layout)
 
 
+@needs_real("lycoris_lokr")
 @pytest.mark.parametrize("rank", [4, 8, 16])
 def test_real_lokr_files(rank: int, tmp_path: Path) -> None:
     path = LOKR_FILES / f"smart_falcon_{rank}_lokr.safetensors"

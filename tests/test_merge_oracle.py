@@ -8,7 +8,7 @@ float32 rounding step of a different summation order, the fp16 values may differ
 count is bounded). Weights are powers of two and alpha/rank = 1/2, so the scale itself rounds
 nothing and both sides compute the same products.
 
-Uniform alphas only: with per-module alphas diffusers mis-scales kohya files (FORMATS.md §2.5,
+Uniform alphas only: with per-module alphas diffusers mis-scales kohya files (docs/FORMATS.md §2.5,
 tests/test_diffusers_lora_oracle.py) and the math, not diffusers, is the judge there — see
 tests/test_merge.py for merges checked against ``alpha/r·up@down`` computed from raw tensors.
 """

@@ -50,7 +50,7 @@ pytestmark = [
 FOLDERS = ("unet", "text_encoder", "text_encoder_2", "vae")
 FOLDER_OF = {folder: component for component, folder in DIFFUSERS_FOLDERS.items()}
 # position_ids is a non-persistent buffer since transformers 4.31: real files carry it or not
-# (SD1.5 single file: yes, its diffusers folder: no; SD2.1 the other way round) — FORMATS.md §5.2.
+# (SD1.5 single file: yes, its diffusers folder: no; SD2.1 the other way round) — docs/FORMATS.md §5.2.
 POSITION_IDS = "embeddings.position_ids"
 # The prefixes diffusers itself hands to convert_open_clip_checkpoint
 # (single_file_utils.create_diffusers_clip_model_from_ldm).
@@ -138,7 +138,7 @@ def build_models(configs: Mapping[str, Mapping], device: str = "meta") -> dict[s
 
 
 def hf_text_key(key: str) -> str:
-    """transformers ≥ 5 keeps CLIPTextModel weights without ``text_model.`` (FORMATS.md §5.5)."""
+    """transformers ≥ 5 keeps CLIPTextModel weights without ``text_model.`` (docs/FORMATS.md §5.5)."""
     return key if key.startswith(("text_model.", "text_projection")) else "text_model." + key
 
 

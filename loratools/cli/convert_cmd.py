@@ -9,6 +9,7 @@ from ..classify import classify
 from ..errors import InputError
 from ..io.checkpoint import open_checkpoint
 from ..ops.checkpoint import convert_checkpoint
+from .batch import batchable
 from .errors import user_errors
 from .options import dtype_option, family_option, overwrite_option
 from .progress import byte_progress
@@ -19,6 +20,7 @@ LORA_TARGETS = ("kohya", "diffusers", "peft", "cloneofsimo")
 CHECKPOINT_TARGETS = ("single", "diffusers")
 
 
+@batchable("convert")
 @click.command()
 @click.argument("source", type=click.Path(path_type=str))
 @click.argument("output", type=click.Path(path_type=str))
@@ -49,6 +51,13 @@ CHECKPOINT_TARGETS = ("single", "diffusers")
     default=None,
     help="With --to-lora: keep the fewest singular values with relative Frobenius error ≤ E.",
 )
+@click.option(
+    "--for",
+    "for_target",
+    default=None,
+    help="LoRA: write the file TARGET (comfyui, a1111, forge, diffusers, invokeai, kohya) loads completely "
+    "at the file's own strength (see loratools check).",
+)
 @overwrite_option
 @click.option("--json", "as_json", is_flag=True, help="Print the conversion report as JSON.")
 def convert(
@@ -61,6 +70,7 @@ def convert(
     to_lora: bool,
     rank: int | None,
     error: float | None,
+    for_target: str | None,
     overwrite: bool,
     as_json: bool,
 ) -> None:
@@ -85,6 +95,13 @@ def convert(
     console = Console(stderr=as_json)
     with user_errors():
         kind = classify(source)
+        if for_target is not None:  # loratools/check/fix.py decides the dialect; --to would contradict it
+            from .check_cmd import convert_for_target
+
+            convert_for_target(
+                source, output, for_target, target, family, dtype, to_lora, rank, error, overwrite, as_json
+            )
+            return
         if kind == "lora":
             from ..ops.convert import convert_lora  # torch is imported only where tensors are touched
 

@@ -74,7 +74,9 @@ def _run(console: Console, folder: Path) -> None:
 
     lora = make_lora(spec, rank=4, alphas="varied", conv=True)
     kohya = save_lora(lora, folder / "sample-lora.safetensors", "kohya", overwrite=True)
-    render_lora(console, inspect_lora(kohya, family=spec))  # type: ignore[arg-type]
+    shown = inspect_lora(kohya)  # no --family: the family is a report (tiny widths: by names)
+    render_lora(console, shown)
+    console.print(f"$ loratools inspect {kohya.name}  →  model: {shown.model['note']}", highlight=False)
     diffusers = folder / "sample-lora-diffusers.safetensors"
     convert_lora(kohya, diffusers, "diffusers", family=spec, overwrite=True)
     peft_folder = folder / "sample-lora-peft"

@@ -15,12 +15,15 @@ from ..io.checkpoint import is_diffusers_folder
 from ..io.hub import is_hub
 from ..io.hub import resolve as resolve_hub
 from ..report import LoraReport, inspect_checkpoint, inspect_lora
+from .batch import batchable
 from .errors import user_errors
 from .options import family_option
 from .render import render_checkpoint
 from .render_inspect import echo_json
 
-WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
+WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft", ".pti")
+# peft adapter subfolders that together are one LoRA (what diffusers and loratools write)
+COMPONENT_FOLDERS = ("unet", "text_encoder", "text_encoder_2", "transformer")
 
 
 def inspect_one(
@@ -38,21 +41,32 @@ def inspect_one(
 
 
 def is_model_folder(path: Path) -> bool:
-    """A diffusers checkpoint or a peft adapter folder is inspected as one model, not file by file."""
-    return (
-        is_diffusers_folder(path)
-        or (path / "adapter_config.json").exists()
-        or any((p / "adapter_config.json").exists() for p in path.iterdir() if p.is_dir())
-    )
+    """A diffusers checkpoint or a peft adapter folder is inspected as one model, not file by file.
+
+    A folder counts as one adapter when it holds ``adapter_config.json`` itself, or when its only
+    contents are component adapters (``unet/``, ``text_encoder/``…: one LoRA split by component).
+    A plain folder that merely holds an adapter folder beside other files is listed entry by entry.
+    """
+    if is_diffusers_folder(path) or (path / "adapter_config.json").exists():
+        return True
+    entries = [p for p in path.iterdir() if not p.name.startswith(".")]
+    adapters = [p for p in entries if p.is_dir() and (p / "adapter_config.json").exists()]
+    return bool(adapters) and all(p in adapters and p.name in COMPONENT_FOLDERS for p in entries)
 
 
 def folder_entries(folder: Path) -> list[Path]:
-    """What a plain folder holds to inspect: weight files and model subfolders, sorted by name."""
-    entries = []
-    for entry in sorted(folder.iterdir()):
-        if (entry.is_file() and entry.suffix.lower() in WEIGHT_SUFFIXES) or (entry.is_dir() and is_model_folder(entry)):
-            entries.append(entry)
-    return entries
+    """Everything a plain folder holds (hidden entries aside), sorted by name: weight files and
+    model folders are inspected, anything else gets a row saying why it is not."""
+    return [entry for entry in sorted(folder.iterdir()) if not entry.name.startswith(".")]
+
+
+def skip_reason(entry: Path) -> str | None:
+    """Why a folder entry is listed but not inspected (None: it is inspected)."""
+    if entry.is_file():
+        return None if entry.suffix.lower() in WEIGHT_SUFFIXES else "not a weights file"
+    if entry.is_dir() and not is_model_folder(entry):
+        return "a folder holding no model or adapter of its own (inspect it by name)"
+    return None
 
 
 def inspect_folder(
@@ -71,6 +85,8 @@ def inspect_folder(
         )
     results: dict[Path, Any] = {}
     errors: list[tuple[Path, LoratoolsError]] = []
+    skipped = {e: reason for e in entries if (reason := skip_reason(e)) is not None}
+    entries = [e for e in entries if e not in skipped]
     stderr = Console(stderr=True)
     columns = (TextColumn("inspecting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with (
@@ -88,9 +104,19 @@ def inspect_folder(
                 progress.advance(task)
 
         list(pool.map(run, entries))
-    return [results[e] for e in entries if e in results], sorted(errors, key=lambda e: str(e[0]))
+    rows = [results[e] for e in entries if e in results]
+    rows += [Skipped(str(e), reason) for e, reason in skipped.items()]
+    return rows, sorted(errors, key=lambda e: str(e[0]))
 
 
+class Skipped:
+    """A folder entry listed without a report (not a weights file, a plain subfolder)."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path, self.reason = path, reason
+
+
+@batchable("inspect")
 @click.command("inspect")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
 @family_option
@@ -142,12 +168,18 @@ def inspect_command(
                 folder_mode = True
                 found, errors = inspect_folder(local, console, jobs=jobs, as_json=as_json, **options)
                 failures += errors
-                if not as_json:
-                    for report in found:
-                        _summary(console, report)
-                    for entry, exc in errors:
-                        console.print(f"[red]{entry.name}[/red]: error: {exc.one_line()}", highlight=False)
-                reports += found
+                if not as_json:  # one row per entry, in name order: reports, errors, skipped
+                    rows: list[tuple[str, Any]] = [(Path(r.path).name, r) for r in found]
+                    rows += [(entry.name, exc) for entry, exc in errors]
+                    for _, row in sorted(rows, key=lambda r: r[0]):
+                        if isinstance(row, Skipped):
+                            console.print(f"[dim]{Path(row.path).name}  skipped: {row.reason}[/dim]", highlight=False)
+                        elif isinstance(row, LoratoolsError):
+                            name = next(e.name for e, x in errors if x is row)
+                            console.print(f"[red]{name}[/red]: error: {row.one_line()}", highlight=False)
+                        else:
+                            _summary(console, row)
+                reports += [r for r in found if not isinstance(r, Skipped)]
             else:
                 reports.append(inspect_one(p, **options))
         if as_json:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import click
 
 from .. import __version__
+from .batch import batch_group
+from .census_cmd import census
+from .check_cmd import check_command
 from .convert_cmd import convert
 from .demo_cmd import demo
 from .diff_cmd import diff_command
@@ -15,7 +18,10 @@ from .rank_cmds import blend, extract, rescale, resize
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-@click.group(context_settings=CONTEXT)
+@click.group(
+    context_settings=CONTEXT,
+    epilog="Formats reference (cited as docs/FORMATS.md §N): docs/FORMATS.md in the source tree.",
+)
 @click.version_option(__version__, prog_name="loratools")
 def cli() -> None:
     """LoRA weight surgery for Stable Diffusion (SD 1.x, 2.x, SDXL), directly on state dicts.
@@ -33,6 +39,7 @@ def cli() -> None:
 
 
 cli.add_command(inspect_command)
+cli.add_command(check_command)
 cli.add_command(diff_command)
 cli.add_command(convert)
 cli.add_command(merge)
@@ -42,6 +49,8 @@ cli.add_command(resize)
 cli.add_command(blend)
 cli.add_command(extract)
 cli.add_command(demo)
+cli.add_command(batch_group)
+cli.add_command(census)
 
 
 def main() -> None:

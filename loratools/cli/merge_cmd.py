@@ -10,8 +10,11 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from ..classify import classify
 from ..families import FAMILIES
+from ..formats.lookalike import lora_not_checkpoint
 from ..io.checkpoint import open_checkpoint
+from ..io.hub import is_hub
 from ..io.safetensors import FLOAT_DTYPES, ITEMSIZE
 from .errors import user_errors
 from .options import dtype_option, family_option, overwrite_option
@@ -100,6 +103,8 @@ def _run(operation: str, base: str, loras: tuple[str, ...], options: dict[str, A
         options["budget"] = options.pop("batch_mb") * 2**20
         options["verify"] = options["verify"] or 0
         output = options.pop("output")
+        if not is_hub(base) and classify(base) == "lora":  # the arguments swapped: say so, by name
+            raise lora_not_checkpoint(Path(base).name)
         total = _output_total(base, options["dtype"])
         label = "merging" if operation == "merge" else "unmerging"
         with byte_progress(console, label, enabled=not as_json and not options["dry_run"], total=total) as advance:

@@ -10,6 +10,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from .batch import batchable
 from .errors import user_errors
 from .options import dtype_option, family_option, overwrite_option
 from .progress import byte_progress
@@ -89,6 +90,7 @@ def _limit_note(limited_by: str | None, unchanged: bool = False) -> str:
     return "unchanged" + (f", {text}" if text else "") if unchanged else text
 
 
+@batchable("rescale")
 @click.command()
 @click.argument("lora", type=click.Path(path_type=str))
 @click.option("--by", "by", type=float, required=True, help="Strength S: ΔW becomes S·ΔW (negative subtracts).")
@@ -158,6 +160,7 @@ def render_retention(console: Console, rows: Sequence[Any]) -> None:
     print_table(console, table)
 
 
+@batchable("resize")
 @click.command(epilog=RULES_HELP)
 @click.argument("lora", type=click.Path(path_type=str))
 @rank_options
@@ -199,6 +202,7 @@ def resize(lora: str, output: str, to: str | None, dtype: str | None, family: st
         _warnings(console, report.warnings)
 
 
+@batchable("blend")
 @click.command(epilog=RULES_HELP)
 @click.argument("loras", nargs=-1, required=True, type=str)
 @click.option(

@@ -64,11 +64,18 @@ def render_checkpoint(console: Console, report: CheckpointReport) -> None:
 
     arch = report.architecture
     texts = ", ".join(f"{t['component']} {t['hidden']}×{t['layers']}" for t in arch["text_encoders"])  # type: ignore[union-attr]
-    console.print(
-        f"U-Net: {arch['unet_model_channels']} channels × {arch['unet_channel_mult']}, "
-        f"{arch['unet_in_channels']} in-channels ({report.variant}), context {arch['cross_attention_dim']}"
-        + (f"; text encoders: {texts}" if texts else "")
-    )
+    if "transformer_hidden" in arch:
+        denoiser = (
+            f"transformer: {arch['transformer_double_blocks']} double + {arch['transformer_single_blocks']} single "
+            f"blocks, hidden {arch['transformer_hidden']} ({arch['transformer_heads']} heads), "
+            f"{arch['transformer_in_channels']} in-channels ({report.variant}), context {arch['cross_attention_dim']}"
+        )
+    else:
+        denoiser = (
+            f"U-Net: {arch['unet_model_channels']} channels × {arch['unet_channel_mult']}, "
+            f"{arch['unet_in_channels']} in-channels ({report.variant}), context {arch['cross_attention_dim']}"
+        )
+    console.print(denoiser + (f"; text encoders: {texts}" if texts else ""))
     for note in report.notes:
         console.print(f"[dim]note:[/dim] {note}")
     if report.missing_count:

@@ -152,16 +152,22 @@ def render_lora_report(console: Console, report: LoraReport, *, norms: bool, key
         head.append(f"  ·  {FORMAT_TITLES.get(report.format, report.format)}")
     head.append(f"  ·  {human_bytes(report.file_bytes)}")
     console.print(head)
+    model = report.model or {}
+    if model.get("fit") not in (None, "shapes"):
+        console.print(f"model: {model['note']}", highlight=False)
     if report.metadata_claims:
         verdict = "[yellow]disagrees: the shapes win[/yellow]" if report.family_mismatch else "[green]agrees[/green]"
         console.print(
-            f"family from shapes: {report.family_title} · metadata claims: {report.metadata_claims} · {verdict}"
+            f"family from {'shapes' if model.get('fit', 'shapes') == 'shapes' else 'names'}: {report.family_title}"
+            f" · metadata claims: {report.metadata_claims} · {verdict}"
         )
     console.print(
         f"{report.modules} modules, {human_count(report.parameters)} parameters, dtypes "
         + ", ".join(f"{d}×{n}" for d, n in report.dtypes.items())
         + f" · read: {report.read}"
     )
+    if report.loads_in:
+        console.print("loads in: " + " · ".join(report.loads_in), highlight=False)
     for warning in report.warnings[:10]:
         console.print(f"[yellow]warning:[/yellow] {warning}")
     if len(report.warnings) > 10:
@@ -249,8 +255,16 @@ def summary_line(report: Any) -> str:
         kinds = "+".join(r.kinds) or r.format
         fmt = FORMAT_TITLES.get(r.format, r.format).split(" (")[0]
         warn = " · [yellow]metadata disagrees[/yellow]" if r.family_mismatch else ""
+        fit = (r.model or {}).get("fit")
+        how = {"names": " (by names; tiny or distilled widths)", "none": " (by names; no family map)"}.get(fit, "")
+        if (r.model or {}).get("kind") == "unknown":
+            how = ""
+        if r.format == "textual-inversion":
+            shown = ", ".join(f"{e.name} {e.vectors}×{e.width}" for e in r.embedding_facts[:3])
+            return f"{r.family_title} textual-inversion embeddings · {shown} · {human_bytes(r.file_bytes)}"
+        what = "LoRA"
         return (
-            f"{r.family_title} LoRA · {fmt} · {r.modules} modules {kinds} r{ranks} α{alphas} · "
+            f"{r.family_title} {what}{how} · {fmt} · {r.modules} modules {kinds} r{ranks} α{alphas} · "
             f"{human_bytes(r.file_bytes)}{warn}"
         )
     return (

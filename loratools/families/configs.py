@@ -10,9 +10,87 @@ from __future__ import annotations
 from .spec import DIFFUSERS_FOLDERS, FamilySpec
 
 
+def _flux_config(spec: FamilySpec) -> dict[str, object]:
+    f = spec.transformer
+    assert f is not None
+    return {
+        "_class_name": "FluxTransformer2DModel",
+        "attention_head_dim": f.head_dim,
+        "axes_dims_rope": _rope_axes(f.head_dim),
+        "guidance_embeds": f.guidance_embed,
+        "in_channels": f.in_channels,
+        "joint_attention_dim": f.context_dim,
+        "num_attention_heads": f.heads,
+        "num_layers": f.double_blocks,
+        "num_single_layers": f.single_blocks,
+        "out_channels": None,
+        "patch_size": 1,
+        "pooled_projection_dim": f.vec_dim,
+    }
+
+
+def _rope_axes(head_dim: int) -> list[int]:
+    """FLUX.1's rotary axes (16, 56, 56) for 128-wide heads; scaled down the same way for tiny heads."""
+    if head_dim == 128:
+        return [16, 56, 56]
+    first = max(2, (head_dim // 8) // 2 * 2)
+    rest = (head_dim - first) // 2 // 2 * 2
+    return [head_dim - 2 * rest, rest, rest]
+
+
+def _t5_config(spec: FamilySpec) -> dict[str, object]:
+    t = spec.t5
+    assert t is not None
+    return {
+        "architectures": ["T5EncoderModel"],
+        "model_type": "t5",
+        "vocab_size": t.vocab,
+        "d_model": t.d_model,
+        "d_kv": t.d_kv,
+        "d_ff": t.d_ff,
+        "num_layers": t.layers,
+        "num_heads": t.heads,
+        "relative_attention_num_buckets": t.buckets,
+        "relative_attention_max_distance": 128,
+        "feed_forward_proj": "gated-gelu",
+        "dense_act_fn": "gelu_new",
+        "is_gated_act": True,
+        "layer_norm_epsilon": 1e-6,
+        "tie_word_embeddings": True,
+        "is_encoder_decoder": False,
+        "use_cache": False,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+    }
+
+
 def diffusers_configs(spec: FamilySpec) -> dict[str, dict[str, object]]:
     """config.json contents per diffusers subfolder (and model_index.json) for a spec."""
+    configs: dict[str, dict[str, object]] = {}
+    if spec.transformer is not None:
+        configs["transformer"] = _flux_config(spec)
+    if spec.unet is not None:
+        configs["unet"] = _unet_config(spec)
+    _text_configs(spec, configs)
+    if spec.t5 is not None:
+        configs[DIFFUSERS_FOLDERS[spec.t5.component]] = _t5_config(spec)
+    configs["vae"] = _vae_config(spec)
+    if spec.transformer is not None:
+        pipeline = "FluxPipeline"
+    else:
+        pipeline = "StableDiffusionXLPipeline" if spec.name == "sdxl" else "StableDiffusionPipeline"
+    index: dict[str, object] = {"_class_name": pipeline}
+    for folder in configs:
+        library = "diffusers" if folder in ("unet", "transformer", "vae") else "transformers"
+        cls = configs[folder].get("_class_name") or configs[folder]["architectures"][0]  # type: ignore[index]
+        index[folder] = [library, cls]
+    configs["model_index"] = index
+    return configs
+
+
+def _unet_config(spec: FamilySpec) -> dict[str, object]:
     u = spec.unet
+    assert u is not None
     attended = u.attention_levels
     unet: dict[str, object] = {
         "_class_name": "UNet2DConditionModel",
@@ -37,7 +115,10 @@ def diffusers_configs(spec: FamilySpec) -> dict[str, dict[str, object]]:
             addition_time_embed_dim=(u.adm_in_channels - pooled) // 6,
             projection_class_embeddings_input_dim=u.adm_in_channels,
         )
-    configs: dict[str, dict[str, object]] = {"unet": unet}
+    return unet
+
+
+def _text_configs(spec: FamilySpec, configs: dict[str, dict[str, object]]) -> None:
     for text in spec.texts:
         eos = text.vocab - 1
         configs[DIFFUSERS_FOLDERS[text.component]] = {
@@ -56,8 +137,11 @@ def diffusers_configs(spec: FamilySpec) -> dict[str, dict[str, object]]:
             "bos_token_id": eos - 1,
             "eos_token_id": eos,
         }
+
+
+def _vae_config(spec: FamilySpec) -> dict[str, object]:
     v = spec.vae
-    configs["vae"] = {
+    vae: dict[str, object] = {
         "_class_name": "AutoencoderKL",
         "in_channels": v.image_channels,
         "out_channels": v.image_channels,
@@ -70,11 +154,8 @@ def diffusers_configs(spec: FamilySpec) -> dict[str, dict[str, object]]:
         "scaling_factor": v.scaling_factor,
         "sample_size": spec.image_size,
     }
-    pipeline = "StableDiffusionXLPipeline" if spec.name == "sdxl" else "StableDiffusionPipeline"
-    index: dict[str, object] = {"_class_name": pipeline}
-    for folder in configs:
-        library = "diffusers" if folder in ("unet", "vae") else "transformers"
-        cls = configs[folder].get("_class_name") or configs[folder]["architectures"][0]  # type: ignore[index]
-        index[folder] = [library, cls]
-    configs["model_index"] = index
-    return configs
+    if not v.quant_convs:
+        vae.update(use_quant_conv=False, use_post_quant_conv=False)
+    if v.shift_factor is not None:
+        vae["shift_factor"] = v.shift_factor
+    return vae

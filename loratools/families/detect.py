@@ -1,11 +1,16 @@
 """Family and layout of a checkpoint, told from key names and tensor shapes alone.
 
-Evidence, each part voting for a set of families (FORMATS.md §5.4):
+Evidence, each part voting for a set of families (docs/FORMATS.md §5.4):
 - single file: ``conditioner.embedders.1.model.`` (OpenCLIP-bigG) ⇒ SDXL, ``cond_stage_model.model.``
   (OpenCLIP-H) ⇒ SD2, ``cond_stage_model.transformer.`` (CLIP-L) ⇒ SD1; U-Net ``label_emb`` ⇒ SDXL,
   ``proj_in`` as a 1×1 conv ⇒ SD1, as a Linear ⇒ SD2 or SDXL;
 - diffusers folder: ``text_encoder_2`` or ``add_embedding`` ⇒ SDXL, a 23-layer text encoder ⇒ SD2,
   a 12-layer one ⇒ SD1 or SDXL, and the same ``proj_in`` rule.
+- FLUX.1: BFL ``double_blocks.N.img_attn.qkv`` (bare, ``model.diffusion_model.``-prefixed or in a
+  ComfyUI all-in-one file) or diffusers ``transformer.single_transformer_blocks`` ⇒ FLUX.1, [dev]
+  when ``guidance_in`` / ``guidance_embedder`` is present, else [schnell]; SD3 (``joint_blocks``,
+  ``pos_embed`` without single blocks) and FLUX.2 (shared ``double_stream_modulation``) are named and
+  refused (docs/FLUX.md §1).
 Widths (channels, context and text widths, in-channels) are then read off the shapes, the family's
 rules are re-run at those widths and every shape is compared — so a tiny test model and a full-size
 one are recognised the same way, and an inpainting U-Net (9 input channels) is named as such.
@@ -25,9 +30,18 @@ from . import FAMILIES, keymap
 from .keymap import KeyMap
 from .spec import FamilySpec, Weight
 
-SINGLE_PREFIXES = ("model.diffusion_model.", "cond_stage_model.", "conditioner.", "first_stage_model.")
-DIFFUSERS_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.", "vae.")
+# Bare BFL transformer names (flux1-dev.safetensors) and the ComfyUI all-in-one text-encoder prefix.
+FLUX_SINGLE_PREFIXES = ("double_blocks.", "single_blocks.", "final_layer.", "img_in.", "text_encoders.")
+SINGLE_PREFIXES = (
+    "model.diffusion_model.",
+    "cond_stage_model.",
+    "conditioner.",
+    "first_stage_model.",
+    *FLUX_SINGLE_PREFIXES,
+)
+DIFFUSERS_PREFIXES = ("unet.", "transformer.", "text_encoder.", "text_encoder_2.", "vae.")
 IN_CHANNEL_VARIANTS = {4: "base", 9: "inpainting", 8: "instruct-pix2pix"}
+FLUX_IN_CHANNEL_VARIANTS = {64: "", 384: " Fill", 128: " Depth"}  # diffusers infer_diffusers_model_type
 
 
 @dataclass(repr=False)
@@ -89,7 +103,12 @@ def _candidates(layout: str, shapes: Mapping[str, tuple[int, ...]]) -> dict[str,
     keys = list(shapes)
     votes: dict[str, set[str]] = {}
     ndim = _proj_in_ndim(shapes)
+    _refuse_other_dits(keys)
+    if any(".img_attn.qkv." in k or k.startswith("transformer.single_transformer_blocks.") for k in keys):
+        votes["transformer (FLUX.1 double/single blocks)"] = {"flux1"}
     if layout == "single":
+        if any(k.startswith("text_encoders.t5xxl.") for k in keys):
+            votes["text encoders (CLIP-L + T5-XXL)"] = {"flux1"}
         if any(k.startswith("conditioner.embedders.0.model.") for k in keys) and not any(
             k.startswith("conditioner.embedders.1.") for k in keys
         ):
@@ -103,7 +122,9 @@ def _candidates(layout: str, shapes: Mapping[str, tuple[int, ...]]) -> dict[str,
         if "model.diffusion_model.label_emb.0.0.weight" in shapes:
             votes["U-Net (label_emb)"] = {"sdxl"}
     else:
-        if any(k.startswith("text_encoder_2.") for k in keys):
+        if any(k.startswith("text_encoder_2.encoder.block.") for k in keys):
+            votes["text_encoder_2 (T5)"] = {"flux1"}
+        elif any(k.startswith("text_encoder_2.") for k in keys):
             votes["text_encoder_2"] = {"sdxl"}
         layers = _layer_count(keys, "text_encoder.text_model.encoder.layers.") or _layer_count(
             keys, "text_encoder.encoder.layers."
@@ -111,7 +132,7 @@ def _candidates(layout: str, shapes: Mapping[str, tuple[int, ...]]) -> dict[str,
         if layers == 23:
             votes["text encoder (23 layers)"] = {"sd2"}
         elif layers == 12:
-            votes["text encoder (12 layers)"] = {"sd1", "sdxl"}
+            votes["text encoder (12 layers)"] = {"sd1", "sdxl", "flux1"}
         if "unet.add_embedding.linear_1.weight" in shapes:
             votes["U-Net (add_embedding)"] = {"sdxl"}
     if ndim == 4:
@@ -119,6 +140,17 @@ def _candidates(layout: str, shapes: Mapping[str, tuple[int, ...]]) -> dict[str,
     elif ndim == 2:
         votes["U-Net (linear proj_in)"] = {"sd2", "sdxl"} - ({"sdxl"} if _lacks_sdxl_unet(layout, shapes) else set())
     return votes
+
+
+def _refuse_other_dits(keys: list[str]) -> None:
+    """SD3 and FLUX.2 transformers are named, and refused: their rules are not written yet."""
+    if any(".joint_blocks." in f".{k}" for k in keys) or (
+        any(k.startswith("transformer.transformer_blocks.") and ".attn.add_q_proj." in k for k in keys)
+        and any(k.startswith("transformer.pos_embed.") for k in keys)
+    ):
+        raise UnknownModelError("a Stable Diffusion 3 (MMDiT) checkpoint: SD3 is not supported yet")
+    if any("double_stream_modulation" in k or "single_stream_modulation" in k for k in keys):
+        raise UnknownModelError("a FLUX.2 checkpoint: FLUX.2 is not supported yet (only FLUX.1)")
 
 
 def _lacks_sdxl_unet(layout: str, shapes: Mapping[str, tuple[int, ...]]) -> bool:
@@ -132,7 +164,9 @@ def _lacks_sdxl_unet(layout: str, shapes: Mapping[str, tuple[int, ...]]) -> bool
 def _canonical_shape(w: Weight, layout: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     if layout == "diffusers":
         return shape
-    if w.single_part is not None:
+    if w.single_rows is not None:
+        shape = (w.single_rows[1] - w.single_rows[0], *shape[1:])
+    elif w.single_part is not None:
         shape = (shape[0] // w.single_part[1], *shape[1:])
     if w.single_transposed:
         shape = tuple(reversed(shape))
@@ -153,8 +187,8 @@ def infer_widths(spec: FamilySpec, layout: str, shapes: Mapping[str, tuple[int, 
         return None
 
     unet = spec.unet
-    conv_in = shape("unet.conv_in.weight")
-    if conv_in:
+    conv_in = shape("unet.conv_in.weight") if unet is not None else None
+    if unet is not None and conv_in:
         mc = conv_in[0]
         mult = []
         for level in range(len(unet.channel_mult)):
@@ -198,9 +232,59 @@ def infer_widths(spec: FamilySpec, layout: str, shapes: Mapping[str, tuple[int, 
         for i in range(len(vae.channels)):
             s = shape(f"vae.encoder.down_blocks.{i}.resnets.0.conv1.weight")
             channels.append(s[0] if s else vae.channels[i])
-        latent = shape("vae.post_quant_conv.weight")
-        vae = replace(vae, channels=tuple(channels), latent_channels=latent[0] if latent else vae.latent_channels)
-    return replace(spec, unet=unet, texts=tuple(texts), vae=vae)
+        latent = shape("vae.post_quant_conv.weight") or shape("vae.decoder.conv_in.weight")
+        latent_channels = (latent[0] if vae.quant_convs else latent[1]) if latent else vae.latent_channels
+        vae = replace(vae, channels=tuple(channels), latent_channels=latent_channels)
+    flux = spec.transformer
+    if flux is not None and (x_in := shape("transformer.x_embedder.weight")):
+        qn = shape("transformer.transformer_blocks.0.attn.norm_q.weight") or shape(
+            "transformer.single_transformer_blocks.0.attn.norm_q.weight"
+        )
+        head_dim = qn[0] if qn else flux.head_dim
+        mlp = shape("transformer.transformer_blocks.0.ff.net.0.proj.weight")
+        ctx = shape("transformer.context_embedder.weight")
+        vec = shape("transformer.time_text_embed.text_embedder.linear_1.weight")
+        t_in = shape("transformer.time_text_embed.timestep_embedder.linear_1.weight")
+        double = "transformer_blocks." if layout == "diffusers" else "double_blocks."
+        single = "single_transformer_blocks." if layout == "diffusers" else "single_blocks."
+        flux = replace(
+            flux,
+            heads=x_in[0] // head_dim,
+            head_dim=head_dim,
+            mlp_ratio=mlp[0] // x_in[0] if mlp else flux.mlp_ratio,
+            in_channels=x_in[1],
+            context_dim=ctx[1] if ctx else flux.context_dim,
+            vec_dim=vec[1] if vec else flux.vec_dim,
+            time_dim=t_in[1] if t_in else flux.time_dim,
+            guidance_embed=shape("transformer.time_text_embed.guidance_embedder.linear_1.weight") is not None,
+            double_blocks=_block_count(shapes, double) or flux.double_blocks,
+            single_blocks=_block_count(shapes, single) or flux.single_blocks,
+        )
+    t5 = spec.t5
+    if t5 is not None and (shared := shape(f"{t5.component}.shared.weight")):
+        wi = shape(f"{t5.component}.encoder.block.0.layer.1.DenseReluDense.wi_0.weight")
+        q = shape(f"{t5.component}.encoder.block.0.layer.0.SelfAttention.q.weight")
+        bias = shape(f"{t5.component}.encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
+        heads = bias[1] if bias else t5.heads
+        t5 = replace(
+            t5,
+            vocab=shared[0],
+            d_model=shared[1],
+            d_ff=wi[0] if wi else t5.d_ff,
+            heads=heads,
+            d_kv=q[0] // heads if q else t5.d_kv,
+            buckets=bias[0] if bias else t5.buckets,
+            layers=_block_count(shapes, "encoder.block.") or t5.layers,
+            tied_embedding=any(k.endswith("encoder.embed_tokens.weight") for k in shapes),
+        )
+    return replace(spec, unet=unet, texts=tuple(texts), vae=vae, transformer=flux, t5=t5)
+
+
+def _block_count(shapes: Mapping[str, tuple[int, ...]], marker: str) -> int:
+    """How many numbered blocks follow ``marker`` anywhere in a key (whatever prefix precedes it)."""
+    pattern = re.compile(r"(?:^|\.)" + re.escape(marker) + r"(\d+)\.")
+    found = {int(m.group(1)) for k in shapes if (m := pattern.search(k))}
+    return max(found) + 1 if found else 0
 
 
 def component_of_key(km: KeyMap, layout: str, key: str) -> str:
@@ -226,6 +310,15 @@ def _prediction(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, st
     if "v_pred" in shapes:
         return "v", "marker tensor v_pred"
     return "unknown", None
+
+
+def flux_variant(spec: FamilySpec) -> str:
+    """``dev`` / ``schnell`` (guidance embedding or not), plus Fill / Depth from the input width."""
+    flux = spec.transformer
+    if flux is None:
+        return "base"
+    name = "dev" if flux.guidance_embed else "schnell"
+    return name + FLUX_IN_CHANNEL_VARIANTS.get(flux.in_channels, f" ({flux.in_channels} input channels)")
 
 
 def detect(
@@ -274,7 +367,7 @@ def detect(
                 mismatches.append(f"{key}: {list(shape)}, expected {list(expected)}")
         elif component == "other":
             unknown.append(key)
-    present_components = {c for c in counts if c in ("unet", "te1", "te2", "vae")}
+    present_components = {c for c in counts if c in ("unet", "transformer", "te1", "te2", "vae")}
     missing = [
         w.layout_name(layout) or ""
         for w in km.weights
@@ -285,14 +378,20 @@ def detect(
     ]
     missing = list(dict.fromkeys(missing))
 
-    variant = IN_CHANNEL_VARIANTS.get(spec.unet.in_channels, f"{spec.unet.in_channels} input channels")
+    if spec.unet is not None:
+        variant = IN_CHANNEL_VARIANTS.get(spec.unet.in_channels, f"{spec.unet.in_channels} input channels")
+    else:
+        variant = flux_variant(spec) if spec.transformer is not None else "base"
     prediction, source = _prediction(shapes, metadata)
     notes = []
-    if prediction == "unknown":
+    if spec.transformer is not None:
+        prediction = "flow matching"
+        notes.append("FLUX.1 is a rectified-flow model (no epsilon/v prediction)")
+    elif prediction == "unknown":
         notes.append("prediction type (epsilon or v) cannot be told from weights")
     else:
         notes.append(f"prediction type {prediction} (from {source})")
-    absent = [c for c in ("unet", *(t.component for t in spec.texts), "vae") if c not in present_components]
+    absent = [c for c in (spec.denoiser, *spec.text_components, "vae") if c not in present_components]
     if absent:
         notes.append("partial checkpoint: no " + ", ".join(absent))
     return Detection(spec, layout, dict(counts), missing, unknown, mismatches, variant, prediction, notes)

@@ -16,7 +16,9 @@ from functools import cached_property
 from typing import TYPE_CHECKING
 
 from ..errors import InputError
+from .flux import flux_weights
 from .spec import FamilySpec, Weight
+from .t5 import t5_weights
 from .text import text_weights
 from .unet import unet_weights
 from .vae import legacy_diffusers_name, vae_weights
@@ -24,23 +26,42 @@ from .vae import legacy_diffusers_name, vae_weights
 if TYPE_CHECKING:
     import torch
 
-LAYOUTS = ("diffusers", "ldm", "sgm")
+LAYOUTS = ("diffusers", "ldm", "sgm", "bfl")
 
 
 def family_weights(spec: FamilySpec) -> list[Weight]:
-    """Every canonical tensor of a family, U-Net first, then text encoders, then VAE."""
-    weights = unet_weights(spec.unet)
+    """Every canonical tensor of a family: denoiser first, then text encoders, then VAE."""
+    weights = unet_weights(spec.unet) if spec.unet is not None else []
+    if spec.transformer is not None:
+        weights += flux_weights(spec.transformer)
     for text in spec.texts:
         weights += text_weights(text)
+    if spec.t5 is not None:
+        weights += t5_weights(spec.t5)
     return weights + vae_weights(spec.vae)
 
 
-def _single_aliases(name: str) -> Iterable[str]:
+def single_prefixes(spec: FamilySpec) -> tuple[str, ...]:
+    """The prefix each component has inside a family's all-in-one single file."""
+    prefixes = [t.single_prefix for t in spec.texts] + [spec.vae.single_prefix]
+    if spec.transformer is not None:
+        prefixes.append(spec.transformer.single_prefix)
+    if spec.t5 is not None:
+        prefixes.append(spec.t5.single_prefix)
+    return tuple(prefixes)
+
+
+def _single_aliases(name: str, bare_prefixes: tuple[str, ...] = ()) -> Iterable[str]:
     # Old SD1 files omit "text_model." inside the CLIP prefix (A1111 sd_models.py
     # checkpoint_dict_replacements rewrites them the same way).
     marker = "cond_stage_model.transformer.text_model."
     if name.startswith(marker):
         yield "cond_stage_model.transformer." + name[len(marker) :]
+    # Families whose components are distributed as standalone files without the all-in-one prefix
+    # (flux1-dev.safetensors, ae.safetensors, t5xxl_fp16.safetensors, clip_l.safetensors).
+    for prefix in bare_prefixes:
+        if name.startswith(prefix):
+            yield name[len(prefix) :]
 
 
 def _diffusers_aliases(name: str) -> Iterable[str]:
@@ -51,6 +72,16 @@ def _diffusers_aliases(name: str) -> Iterable[str]:
     for folder in ("text_encoder.", "text_encoder_2."):
         if name.startswith(folder + "text_model."):
             yield folder + name[len(folder) + len("text_model.") :]
+
+
+def swap_halves(t: torch.Tensor) -> torch.Tensor:
+    """The two halves of dim 0 in the other order (its own inverse): BFL shift|scale ↔ diffusers scale|shift."""
+    import torch
+
+    if t.shape[0] % 2:
+        raise InputError(f"a tensor of {t.shape[0]} rows has no halves to swap")
+    first, second = t.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
 
 
 @dataclass
@@ -92,10 +123,11 @@ class KeyMap:
                 if name is not None:
                     table[name].append(w)
             for parts in table.values():
-                parts.sort(key=lambda w: w.single_part or (0, 1))
-            aliases = _diffusers_aliases if layout == "diffusers" else _single_aliases
+                parts.sort(key=lambda w: w.single_rows or w.single_part or (0, 1))
+            bare = single_prefixes(self.spec) if self.spec.bare_components else ()
             for name in list(table):
-                for alias in aliases(name):
+                aliases = _diffusers_aliases(name) if layout == "diffusers" else _single_aliases(name, bare)
+                for alias in aliases:
                     table.setdefault(alias, table[name])
             index[layout] = dict(table)
         return index
@@ -157,11 +189,15 @@ class KeyMap:
         single = self._check_layout(layout) != "diffusers"
         for w in weights:
             t = tensor
-            if single and w.single_part is not None:
-                index, count = w.single_part
-                if t.shape[0] % count:
-                    raise InputError(f"{key}: fused tensor of {t.shape[0]} rows does not split into {count}")
-                t = t.chunk(count, dim=0)[index]
+            if single and w.single_part is not None and t.shape[0] % w.single_part[1]:
+                raise InputError(f"{key}: fused tensor of {t.shape[0]} rows does not split into {w.single_part[1]}")
+            rows = w.single_slice(int(t.shape[0])) if single and t.dim() else None
+            if rows is not None:
+                if rows[1] > t.shape[0]:
+                    raise InputError(f"{key}: fused tensor of {t.shape[0]} rows has no rows {rows[0]}:{rows[1]}")
+                t = t[rows[0] : rows[1]]
+            if single and w.single_swapped:
+                t = swap_halves(t)
             if single and w.single_transposed:
                 t = t.t()
             if single and w.single_shape is not None and len(w.single_shape) > len(w.shape):
@@ -180,6 +216,8 @@ class KeyMap:
             t = parts[w.canonical]
             if single and w.single_transposed:
                 t = t.t()
+            if single and w.single_swapped:
+                t = swap_halves(t)
             pieces.append(t)
         if len(pieces) == 1:
             joined = pieces[0]

@@ -30,19 +30,21 @@ LDM_EXTRAS: tuple[tuple[str, tuple[int, ...], str | None], ...] = (
     ("model_ema.num_updates", (), "I32"),
 )
 
+SD1_UNET = UNetSpec(
+    model_channels=320,
+    channel_mult=(1, 2, 4, 4),
+    attention_levels=(True, True, True, False),
+    transformer_depth=(1, 1, 1, 0),
+    mid_transformer_depth=1,
+    context_dim=768,
+    linear_projection=False,
+)
+
 SD1 = FamilySpec(
     name="sd1",
     title="SD 1.x",
     single_layout="ldm",
-    unet=UNetSpec(
-        model_channels=320,
-        channel_mult=(1, 2, 4, 4),
-        attention_levels=(True, True, True, False),
-        transformer_depth=(1, 1, 1, 0),
-        mid_transformer_depth=1,
-        context_dim=768,
-        linear_projection=False,
-    ),
+    unet=SD1_UNET,
     texts=(
         TextSpec(
             component="te1",

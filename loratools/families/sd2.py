@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .sd1 import LDM_EXTRAS, SD1
+from .sd1 import LDM_EXTRAS, SD1_UNET
 from .spec import FamilySpec, TextSpec
 
 SD2 = FamilySpec(
@@ -18,7 +18,7 @@ SD2 = FamilySpec(
     single_layout="ldm",
     # The SD1 U-Net with a 1024-wide context, Linear proj_in/proj_out and 64-wide heads.
     unet=replace(
-        SD1.unet,
+        SD1_UNET,
         context_dim=1024,
         linear_projection=True,
         attention_heads=(5, 10, 20, 20),

@@ -1,12 +1,13 @@
 """The numbers that define an architecture, and the one record every key map is made of.
 
-A family (SD1, SD2, SDXL) is a :class:`FamilySpec`: block channels, layers per block, transformer
-depth per level, text-encoder sizes. The rule modules (:mod:`.unet`, :mod:`.text`, :mod:`.vae`)
-turn a spec into :class:`Weight` records — one per canonical tensor, with its shape and its name in
+A family (SD1, SD2, SDXL, FLUX.1) is a :class:`FamilySpec`: its denoiser (a U-Net's block
+channels, layers per block and transformer depth per level, or a DiT's block counts and widths),
+its text encoders and its VAE. The rule modules (:mod:`.unet`, :mod:`.flux`, :mod:`.text`,
+:mod:`.t5`, :mod:`.vae`) turn a spec into :class:`Weight` records — one per canonical tensor, with its shape and its name in
 each checkpoint layout. Nothing downstream ever types a key name by hand.
 
-Canonical names are ``<component>.<diffusers key>`` with components ``unet``, ``te1``, ``te2`` and
-``vae``: ``unet.down_blocks.0.attentions.0.proj_in.weight``,
+Canonical names are ``<component>.<diffusers key>`` with components ``unet`` (or ``transformer``
+for a DiT), ``te1``, ``te2`` and ``vae``: ``unet.down_blocks.0.attentions.0.proj_in.weight``,
 ``te1.text_model.encoder.layers.3.self_attn.q_proj.weight``.
 """
 
@@ -15,9 +16,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 # Canonical component → diffusers pipeline subfolder.
-DIFFUSERS_FOLDERS = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2", "vae": "vae"}
+DIFFUSERS_FOLDERS = {
+    "unet": "unet",
+    "transformer": "transformer",
+    "te1": "text_encoder",
+    "te2": "text_encoder_2",
+    "vae": "vae",
+}
+DENOISERS = ("unet", "transformer")  # the component a LoRA's "unet" strength and block weights address
 COMPONENT_TITLES = {
     "unet": "U-Net",
+    "transformer": "transformer",
     "te1": "text encoder",
     "te2": "text encoder 2",
     "vae": "VAE",
@@ -31,6 +40,10 @@ class Weight:
 
     ``single_part`` = (index, count): the tensor is rows ``[index·n, (index+1)·n)`` of a fused
     single-file tensor split into ``count`` equal parts along dim 0 (OpenCLIP ``in_proj``).
+    ``single_rows`` = (start, stop): the same for parts of unequal size (FLUX.1 ``linear1`` holds
+    q, k, v and the MLP input). ``single_swapped``: the single file stores the two halves of the
+    rows in the other order (FLUX.1 ``final_layer.adaLN_modulation.1`` is shift, scale where
+    diffusers' ``norm_out.linear`` is scale, shift).
     ``single_shape``: the single-file shape when it differs (fused tensors, VAE 1×1 convs that
     diffusers stores as Linear). ``single_transposed``: the single file stores the transpose
     (OpenCLIP ``text_projection``). ``None`` for a layout name means the layout lacks the tensor.
@@ -42,6 +55,8 @@ class Weight:
     single: str | None
     dtype: str | None = None  # None: the checkpoint's float dtype; else a fixed safetensors dtype
     single_part: tuple[int, int] | None = None
+    single_rows: tuple[int, int] | None = None
+    single_swapped: bool = False
     single_shape: tuple[int, ...] | None = None
     single_transposed: bool = False
     optional: bool = False  # buffers real files sometimes omit (position_ids)
@@ -57,6 +72,16 @@ class Weight:
 
     def layout_name(self, layout: str) -> str | None:
         return self.diffusers if layout == "diffusers" else self.single
+
+    def single_slice(self, fused_rows: int) -> tuple[int, int] | None:
+        """The rows ``[start, stop)`` of the single-file tensor this weight is (None: all of it)."""
+        if self.single_rows is not None:
+            return self.single_rows
+        if self.single_part is not None:
+            index, count = self.single_part
+            n = fused_rows // count
+            return index * n, (index + 1) * n
+        return None
 
     def layout_shape(self, layout: str) -> tuple[int, ...]:
         if layout != "diffusers" and self.single_shape is not None:
@@ -124,21 +149,99 @@ class VaeSpec:
     image_channels: int = 3
     norm_groups: int = 32
     scaling_factor: float = 0.18215
+    shift_factor: float | None = None
+    quant_convs: bool = True  # FLUX.1's autoencoder has no quant_conv / post_quant_conv
+    single_prefix: str = "first_stage_model."
+
+
+@dataclass(frozen=True)
+class T5Spec:
+    """A T5 v1.1 encoder (HF ``T5EncoderModel`` names, the same in the diffusers folder and single files)."""
+
+    component: str  # "te2" for FLUX.1
+    single_prefix: str  # "text_encoders.t5xxl.transformer." inside a ComfyUI checkpoint
+    d_model: int = 4096
+    d_ff: int = 10240
+    layers: int = 24
+    heads: int = 64
+    d_kv: int = 64
+    vocab: int = 32128
+    buckets: int = 32
+    tied_embedding: bool = False  # encoder.embed_tokens.weight stored beside shared.weight (t5xxl_fp16)
+
+
+@dataclass(frozen=True)
+class FluxSpec:
+    """A FLUX.1 transformer: double-stream (MMDiT) blocks, then single-stream blocks."""
+
+    double_blocks: int = 19
+    single_blocks: int = 38
+    heads: int = 24
+    head_dim: int = 128
+    mlp_ratio: int = 4
+    in_channels: int = 64  # packed 2×2 latent patches of 16 channels (Fill 384, Depth 128)
+    context_dim: int = 4096  # T5 width
+    vec_dim: int = 768  # pooled CLIP-L width
+    time_dim: int = 256  # sinusoidal timestep embedding width
+    guidance_embed: bool = True  # [dev] has guidance_in; [schnell] has not
+    single_prefix: str = "model.diffusion_model."
+
+    @property
+    def hidden(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def mlp_hidden(self) -> int:
+        return self.hidden * self.mlp_ratio
 
 
 @dataclass(frozen=True)
 class FamilySpec:
-    """A model family: its U-Net, text encoders and VAE, and what its single file is called."""
+    """A model family: its denoiser (U-Net or DiT), text encoders and VAE, and its single-file layout."""
 
-    name: str  # "sd1", "sd2", "sdxl"
+    name: str  # "sd1", "sd2", "sdxl", "flux1"
     title: str
-    single_layout: str  # "ldm" or "sgm"
-    unet: UNetSpec
+    single_layout: str  # "ldm", "sgm" or "bfl"
+    unet: UNetSpec | None
     texts: tuple[TextSpec, ...]
     vae: VaeSpec = field(default_factory=VaeSpec)
+    transformer: FluxSpec | None = None
+    t5: T5Spec | None = None
     single_extras: tuple[tuple[str, tuple[int, ...], str | None], ...] = ()  # buffers without a canonical home
+    bare_components: bool = False  # standalone component files without the all-in-one prefix exist
     metadata_versions: tuple[str, ...] = ()  # kohya ss_base_model_version values naming this family
     image_size: int = 512  # native resolution: diffusers' sample sizes (U-Net = image / 8, VAE = image)
+
+    @property
+    def denoiser(self) -> str:
+        """The canonical component of the denoiser: ``unet`` or ``transformer``."""
+        return "unet" if self.unet is not None else "transformer"
+
+    @property
+    def text_components(self) -> tuple[str, ...]:
+        return tuple(t.component for t in self.texts) + ((self.t5.component,) if self.t5 is not None else ())
+
+    def denoiser_facts(self) -> dict[str, object]:
+        """The denoiser's defining numbers, for reports (U-Net channels, or DiT blocks and widths)."""
+        if self.unet is not None:
+            u = self.unet
+            return {
+                "unet_model_channels": u.model_channels,
+                "unet_channel_mult": list(u.channel_mult),
+                "unet_in_channels": u.in_channels,
+                "cross_attention_dim": u.context_dim,
+            }
+        f = self.transformer
+        assert f is not None
+        return {
+            "transformer_double_blocks": f.double_blocks,
+            "transformer_single_blocks": f.single_blocks,
+            "transformer_hidden": f.hidden,
+            "transformer_heads": f.heads,
+            "transformer_in_channels": f.in_channels,
+            "guidance_embed": f.guidance_embed,
+            "cross_attention_dim": f.context_dim,
+        }
 
     def scaled(self, **changes: object) -> FamilySpec:
         """A copy with some numbers changed (tiny fixtures keep every count, shrink widths)."""

@@ -3,7 +3,7 @@
 OpenCLIP stores q, k and v fused as ``attn.in_proj_weight = cat([q, k, v], dim=0)`` (same for the
 bias) and ``text_projection`` as the transpose of HF's Linear weight
 (huggingface/diffusers:src/diffusers/loaders/single_file_utils.py (convert_open_clip_checkpoint);
-scripts/convert_diffusers_to_original_stable_diffusion.py (code2idx q=0, k=1, v=2)). FORMATS.md §5.2.
+scripts/convert_diffusers_to_original_stable_diffusion.py (code2idx q=0, k=1, v=2)). docs/FORMATS.md §5.2.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ def text_weights(spec: TextSpec) -> list[Weight]:
                 shape,
                 f"{folder}.{hf}" if in_diffusers else None,
                 pre + single if single is not None else None,
-                **extra,
+                **extra,  # type: ignore[arg-type]
             )
-        )  # type: ignore[arg-type]
+        )
 
     def openclip_or_hf(hf: str, openclip: str) -> str:
         return openclip if spec.openclip else hf

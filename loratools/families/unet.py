@@ -2,7 +2,7 @@
 
 Rules checked against kohya-ss/sd-scripts:library/model_util.py (convert_unet_state_dict_to_sd),
 library/sdxl_model_util.py (make_unet_conversion_map) and diffusers'
-UNet2DConditionModel.__init__ (channel bookkeeping of the skip connections); see FORMATS.md §5.1.
+UNet2DConditionModel.__init__ (channel bookkeeping of the skip connections); see docs/FORMATS.md §5.1.
 """
 
 from __future__ import annotations

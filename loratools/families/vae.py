@@ -22,14 +22,15 @@ LEGACY_ATTENTION_NAMES = {
 
 
 class _VaeEmitter:
-    def __init__(self) -> None:
+    def __init__(self, single_prefix: str = SINGLE_PREFIX) -> None:
         self.weights: list[Weight] = []
+        self.prefix = single_prefix
 
     def layer(self, d: str, s: str, shape: tuple[int, ...], single_shape: tuple[int, ...] | None = None) -> None:
         self.weights.append(
-            Weight(f"vae.{d}.weight", shape, f"vae.{d}.weight", f"{SINGLE_PREFIX}{s}.weight", single_shape=single_shape)
+            Weight(f"vae.{d}.weight", shape, f"vae.{d}.weight", f"{self.prefix}{s}.weight", single_shape=single_shape)
         )
-        self.weights.append(Weight(f"vae.{d}.bias", shape[:1], f"vae.{d}.bias", f"{SINGLE_PREFIX}{s}.bias"))
+        self.weights.append(Weight(f"vae.{d}.bias", shape[:1], f"vae.{d}.bias", f"{self.prefix}{s}.bias"))
 
     def resnet(self, d: str, s: str, cin: int, cout: int) -> None:
         self.layer(f"{d}.norm1", f"{s}.norm1", (cin,))
@@ -51,7 +52,7 @@ class _VaeEmitter:
 
 def vae_weights(spec: VaeSpec) -> list[Weight]:
     """All VAE weights of a spec, in diffusers module order."""
-    e = _VaeEmitter()
+    e = _VaeEmitter(spec.single_prefix)
     chans, levels, z = spec.channels, len(spec.channels), spec.latent_channels
 
     e.layer("encoder.conv_in", "encoder.conv_in", (chans[0], spec.image_channels, 3, 3))
@@ -66,8 +67,9 @@ def vae_weights(spec: VaeSpec) -> list[Weight]:
     e.layer("encoder.conv_norm_out", "encoder.norm_out", (ch,))
     e.layer("encoder.conv_out", "encoder.conv_out", (2 * z, ch, 3, 3))
 
-    e.layer("quant_conv", "quant_conv", (2 * z, 2 * z, 1, 1))
-    e.layer("post_quant_conv", "post_quant_conv", (z, z, 1, 1))
+    if spec.quant_convs:
+        e.layer("quant_conv", "quant_conv", (2 * z, 2 * z, 1, 1))
+        e.layer("post_quant_conv", "post_quant_conv", (z, z, 1, 1))
 
     ch = chans[-1]
     e.layer("decoder.conv_in", "decoder.conv_in", (ch, z, 3, 3))

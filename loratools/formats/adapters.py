@@ -1,7 +1,7 @@
 """One representation for every LoRA dialect: adapters keyed by canonical module name.
 
 Every adapter carries an explicit ``alpha`` with the kohya/LyCORIS convention ``scale = alpha / r``
-(FORMATS.md §0). Readers translate other conventions into it — peft's rsLoRA ``alpha / √r`` becomes
+(docs/FORMATS.md §0). Readers translate other conventions into it — peft's rsLoRA ``alpha / √r`` becomes
 ``alpha·√r``, a missing alpha becomes ``alpha = r`` (scale 1, reported), cloneofsimo's raw product
 becomes ``alpha = r`` — so every operation sees one rule. Factor tensors keep their file dtype;
 ΔW is always computed in float32.
@@ -16,6 +16,7 @@ from typing import Union
 import torch
 
 from ..families.spec import FamilySpec
+from .verdict import VERBATIM, ModelVerdict, sd_verdict, unknown_verdict
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
@@ -69,6 +70,15 @@ class LowRank:
         if self.down.dim() == 4:
             return (self.out_features, *self.down.shape[1:])
         return (self.out_features, int(self.down.shape[1]))
+
+    @property
+    def label(self) -> str:
+        """The kind as inspect and diff show it: lora, locon (k×k conv), tucker, dora."""
+        if self.dora_scale is not None:
+            return "dora"
+        if self.mid is not None:
+            return "tucker"
+        return "locon" if self.down.dim() == 4 and self.down.shape[-1] > 1 else "lora"
 
     def delta(self) -> torch.Tensor:
         """ΔW in float32, shaped like the weight (without DoRA, which needs the base weight)."""
@@ -141,6 +151,11 @@ class LoHa:
     def delta_shape(self) -> tuple[int, ...]:
         return tuple(self.shape) if self.shape is not None else self.natural_shape()
 
+    @property
+    def label(self) -> str:
+        """The kind as inspect and diff show it (``+dora`` with a magnitude)."""
+        return self.kind + ("+dora" if self.dora_scale is not None else "")
+
     def delta(self) -> torch.Tensor:
         if self.t1 is not None and self.t2 is not None:
             delta = _tucker(self.t1, self.w1a, self.w1b) * _tucker(self.t2, self.w2a, self.w2b)
@@ -167,7 +182,7 @@ class LoKr:
     files, a factorisation of ``in·kh·kw`` as a whole — is reshaped to the weight
     (ComfyUI comfy/weight_adapter/lokr.py (calculate_weight): ``kron(w1, w2).reshape(weight.shape)``).
     Scale ``alpha / r`` with ``r`` the inner width of ``w1b`` if present, else of ``w2b``; both
-    halves full ⇒ scale 1 (FORMATS.md §4.3, §4.8).
+    halves full ⇒ scale 1 (docs/FORMATS.md §4.3, §4.8).
     """
 
     alpha: float
@@ -194,7 +209,7 @@ class LoKr:
 
     @property
     def scale(self) -> float:
-        # Both halves full: LyCORIS forces alpha = r, ComfyUI uses 1.0 (FORMATS.md §4.3, §4.8).
+        # Both halves full: LyCORIS forces alpha = r, ComfyUI uses 1.0 (docs/FORMATS.md §4.3, §4.8).
         return 1.0 if self.rank is None else self.alpha / self.rank
 
     def _w1_shape(self) -> tuple[int, int]:
@@ -216,6 +231,11 @@ class LoKr:
 
     def delta_shape(self) -> tuple[int, ...]:
         return tuple(self.shape) if self.shape is not None else self.natural_shape()
+
+    @property
+    def label(self) -> str:
+        """The kind as inspect and diff show it (``+dora`` with a magnitude)."""
+        return self.kind + ("+dora" if self.dora_scale is not None else "")
 
     def _w1(self) -> torch.Tensor:
         if self.w1 is not None:
@@ -264,6 +284,10 @@ class Full:
     def delta_shape(self) -> tuple[int, ...]:
         return tuple(self.diff.shape)
 
+    @property
+    def label(self) -> str:
+        return self.kind
+
     def delta(self) -> torch.Tensor:
         return _f32(self.diff)
 
@@ -306,7 +330,7 @@ def dora_magnitude(adapter: Adapter, weight_shape: tuple[int, ...]) -> torch.Ten
 
     ``dora_axis == "out"``: one value per output row, shaped ``(out, 1, …)``; ``"in"``: one per
     input column, ``(1, in, 1, …)``. Reshaped explicitly — never left to broadcasting a 1-D vector,
-    the ComfyUI ``(N,)`` → ``(N, N)`` bug (FORMATS.md §4.8).
+    the ComfyUI ``(N,)`` → ``(N, N)`` bug (docs/FORMATS.md §4.8).
     """
     scale = getattr(adapter, "dora_scale", None)
     axis = getattr(adapter, "dora_axis", None)
@@ -341,11 +365,11 @@ def apply_dora(weight: torch.Tensor, adapter: Adapter, strength: float = 1.0) ->
     (KohakuBlueleaf/LyCORIS:lycoris/functional/general.py (weight_decompose): ``norm + finfo.eps``;
     ComfyUI comfy/weight_adapter/base.py (weight_decompose) divides without it). ΔW is the
     adapter's full, alpha-scaled delta — only ``strength == 1`` is defined here, the one point where
-    LyCORIS, ComfyUI and A1111 agree (FORMATS.md §4.7); other strengths raise ValueError.
+    LyCORIS, ComfyUI and A1111 agree (docs/FORMATS.md §4.7); other strengths raise ValueError.
     """
     if strength != 1.0:
         raise ValueError(
-            f"DoRA at strength {strength:g} differs between LyCORIS and ComfyUI (FORMATS.md §4.7); only 1 is supported"
+            f"DoRA at strength {strength:g} differs between LyCORIS and ComfyUI (docs/FORMATS.md §4.7); only 1 is supported"
         )
     base = _f32(weight)
     magnitude = dora_magnitude(adapter, tuple(base.shape))
@@ -358,7 +382,7 @@ class LoraFile:
     """A LoRA read from any dialect: adapters by canonical module name, plus what came with them."""
 
     adapters: dict[str, Adapter]
-    family: FamilySpec
+    family: FamilySpec | None  # None: no family map applies; adapters keep the file's own names
     source_format: str  # the dialect it was read from: kohya, diffusers, peft, cloneofsimo, …
     metadata: dict[str, str] = field(default_factory=dict)
     embeddings: dict[str, torch.Tensor] = field(default_factory=dict)  # textual-inversion tokens
@@ -366,12 +390,48 @@ class LoraFile:
     unmatched: dict[str, str] = field(default_factory=dict)  # file module name → why it matched nothing
     path: str | None = None
     source_order: dict[str, str] = field(default_factory=dict)  # component → pair order (cloneofsimo)
+    model: ModelVerdict | None = None  # what model it is for (formats.verdict); derived when not given
+
+    def __post_init__(self) -> None:
+        if self.model is None:
+            if self.family is not None:
+                self.model = sd_verdict(self.family.name, self.family.title, full_size=True)
+            else:
+                self.model = unknown_verdict(self.adapters)
 
     def __repr__(self) -> str:
         return (
-            f"LoraFile({self.source_format}, {self.family.name}, {len(self.adapters)} modules, "
+            f"LoraFile({self.source_format}, {self.family_name}, {len(self.adapters)} modules, "
             f"{len(self.embeddings)} embeddings)"
         )
+
+    @property
+    def verdict(self) -> ModelVerdict:
+        assert self.model is not None  # set in __post_init__
+        return self.model
+
+    @property
+    def family_name(self) -> str:
+        """sd1/sd2/sdxl, or the verdict's family (flux1, sd3, language-model, unknown)."""
+        return self.family.name if self.family is not None else self.verdict.family
+
+    @property
+    def family_title(self) -> str:
+        return self.family.title if self.family is not None else self.verdict.title
+
+    @property
+    def names(self) -> str:
+        """How adapters are keyed: "canonical" (SD name tables) or, with no family map, verbatim in
+        the source dialect's namespace ("kohya" lora_names, "peft" dotted module paths)."""
+        if self.family is not None:
+            return "canonical"
+        return VERBATIM[0] if self.source_format == "kohya" else VERBATIM[1]
+
+    def same_naming(self, other: LoraFile) -> bool:
+        """Whether two LoRAs' adapter keys name the same modules (blend, diff)."""
+        if self.family is not None and other.family is not None:
+            return self.family.name == other.family.name
+        return self.family is None and other.family is None and self.names == other.names
 
     @property
     def kinds(self) -> dict[str, int]:
@@ -386,7 +446,7 @@ class LoraFile:
     def components(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for module in self.adapters:
-            component = module.split(".", 1)[0]
+            component = module.split(".", 1)[0] if self.family is not None else "other"
             counts[component] = counts.get(component, 0) + 1
         return counts
 

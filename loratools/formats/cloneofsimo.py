@@ -2,7 +2,7 @@
 
 A ``.pt`` file is a pickled list ``[up_0, down_0, up_1, down_1, …]``; a safeloras file holds the same
 pairs as ``unet:<i>:up`` / ``unet:<i>:down`` (and ``text_encoder:<i>:…``). In both the index is the
-position in lora_diffusion's module discovery order (FORMATS.md §3.2): every Linear under each
+position in lora_diffusion's module discovery order (docs/FORMATS.md §3.2): every Linear under each
 ``CrossAttention``/``Attention``/``GEGLU`` module of the U-Net, every Linear under each
 ``CLIPAttention`` of the text encoder, in registration order. We never look at class names: the
 candidate orders are built from the family's module table, and the one whose every (out, in) fits
@@ -37,6 +37,7 @@ from .adapters import Adapter, LoraFile, LowRank
 from .keys import EMBED_FLAG, is_safeloras  # noqa: F401 (re-exported)
 from .keys import SAFELORAS_KEY as KEY
 from .names import name_tables
+from .verdict import needs_family_map
 
 FORMAT = "cloneofsimo"
 TEXT_SUFFIX = ".text_encoder.pt"
@@ -46,7 +47,7 @@ UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ATTENTION = ("k_proj", "v_proj", "q_proj", "out_proj")  # CLIPAttention registers k, v, q, out
 GEGLU = "ff.net.0.proj"
 
-# Orders a component's pairs may come in (FORMATS.md §3.2), and what each means.
+# Orders a component's pairs may come in (docs/FORMATS.md §3.2), and what each means.
 ORDERS: dict[str, str] = {
     "attention": "attn1 q,k,v,out, attn2 q,k,v,out per transformer block (no GEGLU)",
     "geglu-0.15": "attn1, attn2, GEGLU per transformer block (diffusers >= 0.15)",
@@ -404,6 +405,8 @@ def _unwritable_kind(adapter: Adapter) -> str | None:
 
 
 def _check_writable(lora: LoraFile) -> None:
+    if lora.family is None:  # its pairs are told apart only by a family's module order
+        raise needs_family_map(lora.verdict, "a cloneofsimo file (positional pairs in a family's module order)")
     if lora.family.name == "sdxl":
         raise InputError(
             "cloneofsimo lora_diffusion files exist for SD 1.x and SD 2.x only; an SDXL LoRA cannot be written as one",

@@ -22,7 +22,8 @@ from ..io.pickle import PICKLE_SUFFIXES, load_pickle_raw, split_tensors, unwrap_
 from ..io.safetensors import SafetensorsFile, save_tensors
 from . import cloneofsimo, kohya, peft
 from .adapters import LoraFile, is_finite
-from .keys import EMBEDDING_KEYS, is_embedding_key  # noqa: F401 (EMBEDDING_KEYS re-exported)
+from .keys import EMBEDDING_KEYS, bundle_key, is_embedding_key, normalize_peft_key  # noqa: F401 (EMBEDDING_KEYS re-exported)
+from .lookalike import check_not_lfs_pointer, flatten_embedding, not_a_lora
 from .metadata import with_hashes
 
 FORMATS = ("kohya", "diffusers", "peft", "cloneofsimo")
@@ -33,7 +34,7 @@ def _read_tensors(path: Path) -> tuple[object, dict[str, str]]:
         with SafetensorsFile(path) as handle:
             return handle.read_all(), dict(handle.metadata)
     obj, _ = unwrap_state_dict(load_pickle_raw(path))
-    return obj, {}
+    return flatten_embedding(obj), {}
 
 
 def _looks_safetensors(path: Path) -> bool:
@@ -51,7 +52,11 @@ def split_embeddings(
 
 
 def load_lora(
-    path: str | os.PathLike[str], family: str | FamilySpec | None = None, *, allow_nonfinite: bool = False
+    path: str | os.PathLike[str],
+    family: str | FamilySpec | None = None,
+    *,
+    allow_nonfinite: bool = False,
+    require_fit: bool = False,
 ) -> LoraFile:
     """Read a LoRA of any supported dialect into a :class:`LoraFile`.
 
@@ -61,22 +66,25 @@ def load_lora(
     ``path`` may also be an ``hf://owner/repo/path[@revision]`` reference (:mod:`loratools.io.hub`).
     A module with NaN or inf factors is refused (InputError) unless ``allow_nonfinite``: nothing
     sound can be made of it, and a caller that can leave it out (merge --skip-nonfinite) asks.
+    The model it is for is a report (``lora.model``, :mod:`.verdict`), never a refusal, unless
+    ``require_fit``: then no module fitting the family's shapes is an error (merge into a base).
     """
     path = resolve_hub(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     if path.is_dir():
-        lora = peft.read_peft_folder(path, family)
+        lora = peft.read_peft_folder(path, family, require_fit=require_fit)
         lora.path = str(path)
         return _checked(lora, path, allow_nonfinite)
     if regular_file(path).st_size == 0:
         raise InputError(f"{path.name}: empty file")
+    check_not_lfs_pointer(path)
     obj, metadata = _read_tensors(path)
     if isinstance(obj, list):
         lora = cloneofsimo.read_pt(path, obj, family)
     elif isinstance(obj, dict):
         tensors, dropped = split_tensors(obj, path.name)
-        lora = _read_dict(path, tensors, metadata, family)
+        lora = _read_dict(path, tensors, metadata, family, require_fit)
         if dropped:
             lora.warnings.append(f"non-tensor entries ignored: {', '.join(dropped[:5])}")
     else:
@@ -101,7 +109,11 @@ def _checked(lora: LoraFile, path: Path, allow_nonfinite: bool) -> LoraFile:
 
 
 def _read_dict(
-    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], family: str | FamilySpec | None
+    path: Path,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    family: str | FamilySpec | None,
+    require_fit: bool = False,
 ) -> LoraFile:
     lora_tensors, embeddings = split_embeddings(tensors, metadata)
     if not lora_tensors:
@@ -122,12 +134,15 @@ def _read_dict(
             )
         raise InputError(f"{path.name}: unknown keys beside kohya ones: {', '.join(others[:5])}")
     if kohya_keys:
-        lora = kohya.read_kohya(lora_tensors, metadata, family)
+        lora = kohya.read_kohya(lora_tensors, metadata, family, require_fit=require_fit)
     elif cloneofsimo.is_safeloras(keys):
         lora = cloneofsimo.read_safeloras(lora_tensors, metadata, family)
     elif peft.is_peft_like(keys):
-        lora = peft.read_peft(lora_tensors, metadata, family)
+        lora = peft.read_peft(lora_tensors, metadata, family, require_fit=require_fit)
     else:
+        verdict = not_a_lora(path.name, keys)
+        if verdict is not None:
+            raise verdict
         raise InputError(f"{path.name}: unknown LoRA key layout; first keys: {', '.join(keys[:5])}")
     lora.embeddings.update(embeddings)
     return lora
@@ -144,7 +159,8 @@ def save_lora(
     path = Path(path)
     if fmt == "kohya":
         tensors = kohya.kohya_state_dict(lora, dtype=dtype)
-        tensors.update({k: v for k, v in lora.embeddings.items()})
+        # embeddings beside kohya keys go in A1111's bundle form, the one loader that reads them there
+        tensors.update({bundle_key(k): v for k, v in lora.embeddings.items()})
         save_tensors(path, tensors, with_hashes(kohya.kohya_metadata(lora), tensors), overwrite=overwrite)
     elif fmt == "diffusers":
         tensors = peft.peft_state_dict(lora, dtype=dtype)
@@ -163,9 +179,15 @@ def _save_peft_folder(lora: LoraFile, path: Path, dtype: torch.dtype | None, ove
     configs = peft.peft_configs(lora)
     tensors = peft.peft_state_dict(lora, dtype=dtype)
     with AtomicFolder(path, overwrite=overwrite) as tmp:
+        by_folder: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in tensors.items():
+            module, param, _ = normalize_peft_key(key)
+            folder, inner = peft.split_folder(module)
+            by_folder.setdefault(folder, {})[f"base_model.model.{inner}.{param}"] = tensor
         for folder, config in configs.items():
-            (tmp / folder).mkdir()
-            prefix = f"{folder}."
-            local = {f"base_model.model.{k[len(prefix) :]}": v for k, v in tensors.items() if k.startswith(prefix)}
-            save_tensors(tmp / folder / peft.WEIGHTS_NAME, local, with_hashes(peft.folder_metadata(lora), local))
-            (tmp / folder / peft.CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+            # folder "": a LoRA with no family map whose modules sit at the adapter's root
+            where = tmp / folder if folder else tmp
+            where.mkdir(exist_ok=True)
+            local = by_folder.get(folder, {})
+            save_tensors(where / peft.WEIGHTS_NAME, local, with_hashes(peft.folder_metadata(lora), local))
+            (where / peft.CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))

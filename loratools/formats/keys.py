@@ -18,16 +18,17 @@ from typing import Any
 from ..errors import InputError
 from ..families.spec import DIFFUSERS_FOLDERS
 
-# --- kohya / LyCORIS: ``<lora_name>.<param>``, lora_name without dots (FORMATS.md §1.1) ------------
+# --- kohya / LyCORIS: ``<lora_name>.<param>``, lora_name without dots (docs/FORMATS.md §1.1) ------------
 
-KOHYA_KEY = re.compile(r"^(lora_(?:unet|te\d?)_[^.]+)\.(.+)$")
+# lora_transformer_: OneTrainer/SimpleTuner FLUX.1 and SD3 LoRAs in kohya naming
+KOHYA_KEY = re.compile(r"^(lora_(?:unet|te\d?|transformer)_[^.]+)\.(.+)$")
 
 
 def is_kohya(keys: list[str]) -> bool:
     return bool(keys) and all(KOHYA_KEY.match(k) for k in keys)
 
 
-# Parameter suffixes of each LyCORIS algorithm in kohya naming (FORMATS.md §4).
+# Parameter suffixes of each LyCORIS algorithm in kohya naming (docs/FORMATS.md §4).
 LORA_PARAMS = {"lora_down.weight", "lora_up.weight", "lora_mid.weight"}
 LOHA_PARAMS = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"}
 LOKR_PARAMS = {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"}
@@ -78,7 +79,7 @@ def adapter_kind_of(name: str, params: set[str]) -> str:
     return kinds[0]
 
 
-# --- peft / diffusers (FORMATS.md §2) --------------------------------------------------------------
+# --- peft / diffusers (docs/FORMATS.md §2) --------------------------------------------------------------
 
 PEFT_METADATA_KEY = "lora_adapter_metadata"  # diffusers loaders/lora_base.py (LORA_ADAPTER_METADATA_KEY)
 PEFT_PARAM = re.compile(r"^(.*)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_magnitude_vector)$")
@@ -120,10 +121,10 @@ def normalize_peft_key(key: str, default_component: str | None = None) -> tuple[
         spelling = "diffusers-old"
     if key.startswith(UNET_ROOTS):
         key = "unet." + key
-    elif not key.startswith(tuple(f"{f}." for f in DIFFUSERS_FOLDERS.values())):
-        if default_component is None:
-            raise InputError(f"cannot tell which model {key!r} belongs to")
+    elif not key.startswith(tuple(f"{f}." for f in DIFFUSERS_FOLDERS.values())) and default_component is not None:
         key = f"{DIFFUSERS_FOLDERS[default_component]}.{key}"
+    # any other root (FLUX.1's "transformer.", a language model's "model.") is kept as it is: the
+    # module path is the adapter's name when no family map applies (formats.verdict)
     match = PEFT_PARAM.match(key)
     if match is None:
         raise InputError(f"not a LoRA key: {key!r}")
@@ -144,6 +145,29 @@ def pattern_value(patterns: Mapping[str, Any], path: str) -> Any:
         if found:
             return value
     return None
+
+
+def check_config_rank(config: Mapping[str, Any], folder: str, path: str, rank: int) -> None:
+    """The config's r (rank_pattern first) must be the weights' rank: peft scales by the config's r,
+    and peft and diffusers both refuse to load weights of another rank, so a mismatch has no scale."""
+    claimed = pattern_value(config.get("rank_pattern") or {}, path)
+    claimed = config.get("r") if claimed is None else claimed
+    if claimed is None:
+        return
+    if isinstance(claimed, bool) or not isinstance(claimed, int | float) or claimed != rank:
+        raise InputError(
+            f"{folder}: the adapter config says r={claimed!r} for {path}, its weights have rank {rank}",
+            hint="peft and diffusers refuse such an adapter too; fix r/rank_pattern in its config",
+        )
+
+
+def config_of(module: str, configs: Mapping[str, Any]) -> tuple[str, str, Any]:
+    """(folder, path inside it, its LoraConfig or None) of a peft module path. A module of an
+    adapter folder saved at the root (no component folder) belongs to the config keyed ""."""
+    folder, _, path = module.partition(".")
+    if folder in configs or "" not in configs:
+        return folder, path, configs.get(folder)
+    return "", module, configs[""]
 
 
 def config_number(value: object, what: str) -> float:
@@ -172,7 +196,7 @@ def configs_from_metadata(metadata: Mapping[str, str]) -> dict[str, dict[str, An
     return configs
 
 
-# --- cloneofsimo safeloras (FORMATS.md §3) ----------------------------------------------------------
+# --- cloneofsimo safeloras (docs/FORMATS.md §3) ----------------------------------------------------------
 
 SAFELORAS_KEY = re.compile(r"^([^:]+):(\d+):(up|down)$")
 EMBED_FLAG = "<embed>"  # lora_diffusion's metadata value for textual-inversion tensors
@@ -184,10 +208,37 @@ def is_safeloras(keys: list[str]) -> bool:
 
 # --- textual-inversion embeddings carried inside LoRA files --------------------------------------
 
-EMBEDDING_KEYS = ("string_to_param", "emb_params", "clip_l", "clip_g")
+# text_encoders_0/1: pivotal-tuning .pti files (replicate/cog-sdxl: CLIP-L and OpenCLIP bigG)
+EMBEDDING_KEYS = ("string_to_param", "emb_params", "clip_l", "clip_g", "text_encoders_0", "text_encoders_1")
+EMBEDDING_PREFIXES = ("string_to_param.", BUNDLE_PREFIX := "bundle_emb.")
 
 
 def is_embedding_key(key: str, metadata: Mapping[str, str]) -> bool:
     """A token embedding rather than a LoRA factor: ``<token>`` names, safeloras' ``<embed>`` flag,
-    A1111/kohya embedding keys (``emb_params``, SDXL ``clip_l``/``clip_g``)."""
-    return (key.startswith("<") and key.endswith(">")) or metadata.get(key) == EMBED_FLAG or key in EMBEDDING_KEYS
+    A1111/kohya embedding keys (``emb_params``, A1111 ``string_to_param.*``, SDXL
+    ``clip_l``/``clip_g``, pivotal-tuning ``text_encoders_0/1``) and A1111's bundled embeddings
+    beside kohya keys (``bundle_emb.<token>.string_to_param.*``, ``bundle_emb.<token>.clip_l``:
+    AUTOMATIC1111 extensions-builtin/Lora/networks.py (load_network, bundle_embeddings))."""
+    return (
+        (key.startswith("<") and key.endswith(">"))
+        or metadata.get(key) == EMBED_FLAG
+        or key in EMBEDDING_KEYS
+        or key.startswith(EMBEDDING_PREFIXES)
+    )
+
+
+_PTI_SIDES = {"text_encoders_0": "clip_l", "text_encoders_1": "clip_g"}
+
+
+def bundle_key(key: str, token: str = "embedding") -> str:
+    """The A1111 bundle name of an embedding tensor, as the kohya writer stores it beside the LoRA:
+    ``bundle_emb.<token>.string_to_param.*`` (SD1/SD2), ``bundle_emb.<token>.clip_l``/``clip_g``
+    (SDXL). ``token`` names a file's single embedding (``emb_params``, ``clip_l``…)."""
+    if key.startswith(BUNDLE_PREFIX):
+        return key
+    if key.startswith("<") and key.endswith(">"):
+        token, key = key[1:-1], "string_to_param.*"
+    elif key in ("emb_params", "string_to_param"):
+        key = "string_to_param.*"
+    key = _PTI_SIDES.get(key, key)
+    return f"{BUNDLE_PREFIX}{token.replace('.', '_') or 'embedding'}.{key}"

@@ -1,6 +1,6 @@
 """kohya sd-scripts LoRA / LoCon (and LyCORIS in kohya naming): ``lora_unet_…``, ``lora_te…``.
 
-Keys are ``<lora_name>.<param>`` where ``lora_name`` has no dots (FORMATS.md §1). Writers use each
+Keys are ``<lora_name>.<param>`` where ``lora_name`` has no dots (docs/FORMATS.md §1). Writers use each
 family's native U-Net spelling — diffusers names for SD1/SD2, SGM names for SDXL, which is what
 sd-scripts itself trains and loads (kohya-ss/sd-scripts:networks/lora.py) — and write an ``alpha``
 for every module.
@@ -21,6 +21,7 @@ from .lycoris import adapter_from_params, adapter_params
 from .metadata import carried_metadata, describe_network
 from .names import kohya_text_prefixes, name_tables
 from .resolve import claimed_family, resolve
+from .verdict import needs_family_map
 
 FORMAT = "kohya"
 
@@ -36,19 +37,27 @@ def group(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tens
 
 
 def read_kohya(
-    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], family: str | FamilySpec | None = None
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    family: str | FamilySpec | None = None,
+    *,
+    require_fit: bool = False,
 ) -> LoraFile:
-    """Adapters of a kohya/LyCORIS state dict, matched to a family by names and shapes."""
+    """Adapters of a kohya/LyCORIS state dict: canonical where an SD family's names apply (shapes
+    checked at full size), else keyed by their own lora_names (:mod:`.verdict`)."""
     groups = group(tensors)
-    found = resolve(groups, lambda t: t.kohya, metadata, family)
+    found = resolve(groups, lambda t: t.kohya, metadata, family, require_fit=require_fit)
     warnings = list(found.warnings)
     adapters = {}
+    if found.family is None:
+        for name, params in groups.items():
+            adapters[name] = adapter_from_params(name, params, None, warnings)
     for name, canonical in found.matched.items():
         if canonical in adapters:
             raise InputError(f"{canonical} is given twice (as {name} and under another spelling)")
-        shape = found.tables.modules[canonical].shape
-        adapters[canonical] = adapter_from_params(name, groups[name], shape, warnings)
-    missing_alpha = [n for n in found.matched if "alpha" not in groups[n] and "diff" not in groups[n]]
+        adapters[canonical] = adapter_from_params(name, groups[name], found.weight_shape(canonical), warnings)
+    named = found.matched if found.family is not None else groups
+    missing_alpha = [n for n in named if "alpha" not in groups[n] and "diff" not in groups[n]]
     if missing_alpha:
         warnings.append(
             f"{len(missing_alpha)} modules have no alpha (e.g. {missing_alpha[0]}); assumed alpha = rank, scale 1"
@@ -57,17 +66,34 @@ def read_kohya(
         warnings.append(f"{name}: not matched ({reason})")
     if len(found.unmatched) > 20:
         warnings.append(f"… and {len(found.unmatched) - 20} more modules not matched")
-    return LoraFile(adapters, found.family, FORMAT, dict(metadata), warnings=warnings, unmatched=dict(found.unmatched))
+    return LoraFile(
+        adapters,
+        found.family,
+        FORMAT,
+        dict(metadata),
+        warnings=warnings,
+        unmatched=dict(found.unmatched),
+        model=found.verdict,
+    )
 
 
 def kohya_state_dict(lora: LoraFile, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The kohya keys and tensors of a LoRA (native spelling of its family)."""
-    tables = name_tables(lora.family)
-    prefixes = kohya_text_prefixes(lora.family)
-    sgm = lora.family.single_layout == "sgm"
+    """The kohya keys and tensors of a LoRA (native spelling of its family; a LoRA with no family
+    map keeps its own lora_names, and one named in another dialect is refused by what it lacks)."""
+    if lora.family is None:
+        if lora.names != "kohya":
+            raise needs_family_map(
+                lora.verdict, f"writing a {lora.names}-named {lora.family_title} LoRA in kohya naming"
+            )
+        names = {module: module for module in lora.adapters}
+    else:
+        tables = name_tables(lora.family)
+        prefixes = kohya_text_prefixes(lora.family)
+        sgm = lora.family.single_layout == "sgm"
+        names = {m: tables.kohya_name(m, sgm_unet=sgm, text_prefixes=prefixes) for m in lora.adapters}
     out: dict[str, torch.Tensor] = {}
     for module, adapter in lora.adapters.items():
-        name = tables.kohya_name(module, sgm_unet=sgm, text_prefixes=prefixes)
+        name = names[module]
         stored = dtype or factor_dtype(adapter)
         for param, tensor in adapter_params(adapter, stored).items():
             out[f"{name}.{param}"] = tensor.to(stored) if dtype is not None and tensor.is_floating_point() else tensor
@@ -78,7 +104,7 @@ def kohya_metadata(lora: LoraFile) -> dict[str, str]:
     """sd-scripts metadata: the source's carried whole, the network keys set to what the file holds
     (formats/metadata.py); ``sshs_*`` are recomputed by :func:`save_lora` once the tensors are known."""
     meta = describe_network(carried_metadata(lora), lora)
-    if claimed_family(meta)[0] != lora.family.name:  # missing or wrong: say what the shapes say
+    if lora.family is not None and claimed_family(meta)[0] != lora.family.name:  # missing or wrong  # missing or wrong: say what the shapes say
         meta["ss_base_model_version"] = lora.family.metadata_versions[0]
         meta["ss_v2"] = str(lora.family.name == "sd2")
     return meta

@@ -2,7 +2,7 @@
 
 LyCORIS writes every algorithm into the kohya name space (``lora_unet_…``); which algorithm a
 module uses is told purely by which parameter suffixes exist, as ComfyUI does
-(comfyanonymous/ComfyUI:comfy/lora.py (load_lora)). FORMATS.md §4.
+(comfyanonymous/ComfyUI:comfy/lora.py (load_lora)). docs/FORMATS.md §4.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def read_alpha(params: dict[str, torch.Tensor], rank: int | None, name: str, war
 
 
 def dora_axis(scale: torch.Tensor, out_features: int, in_features: int | None = None) -> str:
-    """Which axis a stored DoRA magnitude normalises: ComfyUI's shape rule (FORMATS.md §4.7).
+    """Which axis a stored DoRA magnitude normalises: ComfyUI's shape rule (docs/FORMATS.md §4.7).
 
     ``(out, 1[, 1, 1])`` (LyCORIS ≥ 3.2) or ``(out,)`` ⇒ "out"; ``(1, in[, 1, 1])`` (LyCORIS
     2.2–3.1) ⇒ "in". With ``in_features`` given, a vector that fits neither raises InputError.
@@ -193,7 +193,7 @@ def _read_lokr(name: str, params: dict[str, torch.Tensor], shape: tuple[int, ...
 def adapter_from_params(
     name: str, params: dict[str, torch.Tensor], weight_shape: tuple[int, ...] | None, warnings: list[str]
 ) -> Adapter:
-    """Build the adapter a kohya/LyCORIS parameter group describes (FORMATS.md §4).
+    """Build the adapter a kohya/LyCORIS parameter group describes (docs/FORMATS.md §4).
 
     ``weight_shape``: the target module's weight shape; the factors must describe a ΔW that fills
     it (InputError otherwise), and LoHa/LoKr reshape their product to it (kernel axes folded in

@@ -2,7 +2,7 @@
 
 Underscore names are not invertible by string rules (``to_q``, ``ff_net_0_proj``…), so, as
 sd-scripts and ComfyUI do, we enumerate the family's modules and build ``name → module`` tables
-(FORMATS.md §1.6). U-Net modules answer to both spellings — diffusers (``down_blocks_0_…``) and
+(docs/FORMATS.md §1.6). U-Net modules answer to both spellings — diffusers (``down_blocks_0_…``) and
 LDM/SGM (``input_blocks_1_1_…``) — for every family; writers use each ecosystem's native one.
 """
 

@@ -3,7 +3,7 @@ old diffusers spellings (attention processors, ``.lora.down``, ``lora_linear_lay
 
 Scale: these files carry no alpha tensors. ``lora_adapter_metadata`` (diffusers ≥ 0.34) or
 ``adapter_config.json`` (peft) give ``lora_alpha``/``r`` with per-module ``alpha_pattern``/
-``rank_pattern`` and ``use_rslora``; without either the scale is 1 (FORMATS.md §2). We turn every
+``rank_pattern`` and ``use_rslora``; without either the scale is 1 (docs/FORMATS.md §2). We turn every
 module's scale into the kohya convention ``alpha = scale · r``.
 """
 
@@ -23,10 +23,11 @@ from ..families.spec import DIFFUSERS_FOLDERS, FamilySpec
 from .adapters import LoraFile, LowRank
 from .keys import PEFT_METADATA_KEY as METADATA_KEY
 from .keys import UNET_ROOTS as _UNET_ROOTS
-from .keys import config_number, configs_from_metadata, is_peft_like  # noqa: F401 (re-exported)
+from .keys import check_config_rank, config_number, config_of, configs_from_metadata, is_peft_like  # noqa: F401
 from .keys import normalize_peft_key as normalize_key
 from .keys import pattern_value as _pattern_value
 from .resolve import resolve
+from .verdict import ModelVerdict, config_verdict, needs_family_map
 
 FORMAT = "diffusers"
 PEFT_FORMAT = "peft"
@@ -43,6 +44,8 @@ def read_peft(
     configs: Mapping[str, Mapping[str, Any]] | None = None,
     default_component: str | None = None,
     source_format: str = FORMAT,
+    require_fit: bool = False,
+    verdict: ModelVerdict | None = None,
 ) -> LoraFile:
     """Adapters of a peft/diffusers state dict (any spelling), with their scales from configs."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
@@ -54,15 +57,21 @@ def read_peft(
             raise InputError(f"{module}.{param} is given twice (in two spellings)")
         groups[module][param] = tensor
     kohya_style = {m: _as_kohya_params(m, p) for m, p in groups.items()}
-    found = resolve(kohya_style, lambda t: t.peft, metadata, family)
+    found = resolve(kohya_style, lambda t: t.peft, metadata, family, require_fit=require_fit)
     configs = configs if configs is not None else configs_from_metadata(metadata)
     for folder, config in configs.items():
         if not isinstance(config, Mapping):
             raise InputError(f"the LoraConfig of {folder} is a {type(config).__name__}, not an object")
+    if found.family is None:  # no family map: every module keeps its own path
+        named = {m: m for m in groups}
+        if verdict is not None and found.verdict is not None and found.verdict.kind == "unknown":
+            found.verdict = verdict
+    else:
+        named = found.matched
     warnings = list(found.warnings)
     adapters = {}
     no_config = set()
-    for module, canonical in found.matched.items():
+    for module, canonical in named.items():
         params = groups[module]
         if "lora_A.weight" not in params or "lora_B.weight" not in params:
             raise InputError(f"{module}: lora_A/lora_B pair incomplete ({sorted(params)})")
@@ -72,23 +81,22 @@ def read_peft(
             raise InputError(f"{module}: rank mismatch: lora_A {tuple(down.shape)}, lora_B {tuple(up.shape)}")
         if "lora_B.bias" in params:
             raise InputError(f"{module}: lora_B.bias (peft lora_bias=True) cannot be represented; not supported")
-        folder, path = module.split(".", 1)
-        config = configs.get(folder)
+        folder, path, config = config_of(module, configs)
         alpha = float(rank)
         if config is None:
-            no_config.add(folder)
+            no_config.add(folder or "the adapter")
         else:
-            _check_rank(config, folder, path, rank)
+            check_config_rank(config, folder or "the adapter", path, rank)
             lora_alpha = _pattern_value(config.get("alpha_pattern") or {}, path)
             lora_alpha = config.get("lora_alpha", rank) if lora_alpha is None else lora_alpha
-            lora_alpha = config_number(lora_alpha, f"{folder} lora_alpha for {path}")
+            lora_alpha = config_number(lora_alpha, f"{folder or 'the adapter'} lora_alpha for {path}")
             scale = lora_alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
             alpha = scale * rank
         adapter = LowRank(up, down, alpha)
         magnitude = params.get("lora_magnitude_vector")
         if magnitude is not None:
             # peft stores (out,); LyCORIS' output-axis dora_scale is (out, 1[, 1, 1]) — keep that one form
-            ndim = len(found.tables.modules[canonical].shape)
+            ndim = down.dim()
             adapter.dora_scale, adapter.dora_axis = magnitude.reshape(-1, *[1] * (ndim - 1)), "out"
         adapters[canonical] = adapter
     if no_config:
@@ -99,21 +107,15 @@ def read_peft(
     for name, reason in list(found.unmatched.items())[:20]:
         warnings.append(f"{name}: not matched ({reason})")
     fmt = source_format if spellings.most_common(1)[0][0] == "peft" else spellings.most_common(1)[0][0]
-    return LoraFile(adapters, found.family, fmt, dict(metadata), warnings=warnings, unmatched=dict(found.unmatched))
-
-
-def _check_rank(config: Mapping[str, Any], folder: str, path: str, rank: int) -> None:
-    """The config's r (rank_pattern first) must be the weights' rank: peft scales by the config's r,
-    and peft and diffusers both refuse to load weights of another rank, so a mismatch has no scale."""
-    claimed = _pattern_value(config.get("rank_pattern") or {}, path)
-    claimed = config.get("r") if claimed is None else claimed
-    if claimed is None:
-        return
-    if isinstance(claimed, bool) or not isinstance(claimed, int | float) or claimed != rank:
-        raise InputError(
-            f"{folder}: the adapter config says r={claimed!r} for {path}, its weights have rank {rank}",
-            hint="peft and diffusers refuse such an adapter too; fix r/rank_pattern in its config",
-        )
+    return LoraFile(
+        adapters,
+        found.family,
+        fmt,
+        dict(metadata),
+        warnings=warnings,
+        unmatched=dict(found.unmatched),
+        model=found.verdict,
+    )
 
 
 def _as_kohya_params(module: str, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -126,7 +128,7 @@ def _as_kohya_params(module: str, params: Mapping[str, torch.Tensor]) -> dict[st
     return out
 
 
-def read_peft_folder(folder: Path, family: str | FamilySpec | None = None) -> LoraFile:
+def read_peft_folder(folder: Path, family: str | FamilySpec | None = None, *, require_fit: bool = False) -> LoraFile:
     """A peft ``save_pretrained`` folder, or a folder of them (``unet/``, ``text_encoder/``…)."""
     from ..io.checkpoint import open_checkpoint  # local: formats sit above io only here
 
@@ -140,6 +142,7 @@ def read_peft_folder(folder: Path, family: str | FamilySpec | None = None) -> Lo
     tensors: dict[str, torch.Tensor] = {}
     configs: dict[str, dict[str, Any]] = {}
     metadata: dict[str, str] = {}  # the weight files' own (training metadata written beside the config)
+    verdict: ModelVerdict | None = None
     for part in parts:
         try:
             config = json.loads((part / CONFIG_NAME).read_text())
@@ -155,17 +158,26 @@ def read_peft_folder(folder: Path, family: str | FamilySpec | None = None) -> Lo
             metadata.update({k: v for k, v in ckpt.metadata.items() if k not in metadata})
         folder_name = part.name if part.name in FOLDER_OF else _guess_folder(local)
         configs[folder_name] = config
+        verdict = verdict or config_verdict(config)
         for key, tensor in local.items():
             bare = key.removeprefix("base_model.model.")
-            tensors[bare if bare.startswith(f"{folder_name}.") else f"{folder_name}.{bare}"] = tensor
-    return read_peft(tensors, metadata, family, configs=configs, source_format=PEFT_FORMAT)
+            if folder_name and not bare.startswith(f"{folder_name}."):
+                bare = f"{folder_name}.{bare}"
+            tensors[bare] = tensor
+    return read_peft(
+        tensors, metadata, family, configs=configs, source_format=PEFT_FORMAT, require_fit=require_fit, verdict=verdict
+    )
 
 
 def _guess_folder(tensors: Mapping[str, torch.Tensor]) -> str:
-    sample = next(iter(tensors)).removeprefix("base_model.model.")
+    """The component an adapter saved at the root of its folder is for: "" when it is no SD
+    component's (a FLUX.1 transformer, a language model): its module paths are kept as they are."""
+    sample = next(iter(tensors), "").removeprefix("base_model.model.")
     if sample.startswith(_UNET_ROOTS):
         return "unet"
-    return "text_encoder"
+    if sample.startswith("text_model."):
+        return "text_encoder"
+    return ""
 
 
 # --- writing ------------------------------------------------------------------------------------
@@ -175,17 +187,39 @@ def _text_free(path: str) -> str:
     return path.removeprefix("text_model.")
 
 
-def peft_configs(lora: LoraFile) -> dict[str, dict[str, Any]]:
-    """LoraConfig fields per folder: the most common r/alpha, exceptions as patterns."""
+# module roots a verbatim peft LoRA keeps as its own component folders (diffusers pipelines' names)
+VERBATIM_FOLDERS = (*DIFFUSERS_FOLDERS.values(), "transformer", "text_encoder_3")
+
+
+def split_folder(base: str) -> tuple[str, str]:
+    """(folder, path) of a written module path: its first part when that names a pipeline
+    component, else ("", the whole path) — an adapter saved at its folder's root."""
+    folder, _, path = base.partition(".")
+    return (folder, path) if folder in VERBATIM_FOLDERS and path else ("", base)
+
+
+def peft_folder_of(lora: LoraFile, module: str) -> tuple[str, str]:
+    """(component folder, path inside it) a peft writer gives a module; "" is the adapter root."""
+    if lora.family is None:
+        if lora.names != "peft":
+            raise needs_family_map(
+                lora.verdict, f"writing a {lora.names}-named {lora.family_title} LoRA in peft naming"
+            )
+        return split_folder(module)
     from .names import name_tables
 
-    tables = name_tables(lora.family)
+    m = name_tables(lora.family).modules[module]
+    return DIFFUSERS_FOLDERS[m.component], _text_free(m.path)
+
+
+def peft_configs(lora: LoraFile) -> dict[str, dict[str, Any]]:
+    """LoraConfig fields per folder: the most common r/alpha, exceptions as patterns."""
     per_folder: dict[str, list[tuple[str, LowRank]]] = {}
     for module, adapter in lora.adapters.items():
         if not isinstance(adapter, LowRank):
             raise InputError(f"{module}: a {adapter.kind} module has no peft form")
-        m = tables.modules[module]
-        per_folder.setdefault(DIFFUSERS_FOLDERS[m.component], []).append((_text_free(m.path), adapter))
+        folder, path = peft_folder_of(lora, module)
+        per_folder.setdefault(folder, []).append((path, adapter))
     configs: dict[str, dict[str, Any]] = {}
     for folder, items in per_folder.items():
         rank = Counter(a.rank for _, a in items).most_common(1)[0][0]
@@ -210,7 +244,9 @@ def peft_state_dict(lora: LoraFile, *, dtype: torch.dtype | None = None) -> dict
     """``<folder>.<module path>.lora_A.weight`` … tensors (diffusers' current layout)."""
     from .names import name_tables
 
-    tables = name_tables(lora.family)
+    tables = name_tables(lora.family) if lora.family is not None else None
+    if tables is None and lora.names != "peft":
+        raise needs_family_map(lora.verdict, f"writing a {lora.names}-named {lora.family_title} LoRA in peft naming")
     out: dict[str, torch.Tensor] = {}
     for module, adapter in lora.adapters.items():
         if not isinstance(adapter, LowRank):
@@ -219,7 +255,7 @@ def peft_state_dict(lora: LoraFile, *, dtype: torch.dtype | None = None) -> dict
             raise InputError(f"{module}: a Tucker (lora_mid) module has no peft form")
         if adapter.dora_scale is not None and adapter.dora_axis != "out":
             raise InputError(f"{module}: input-axis DoRA (old LyCORIS) has no peft equivalent")
-        base = tables.peft_name(module)
+        base = tables.peft_name(module) if tables is not None else module
 
         def cast(t: torch.Tensor) -> torch.Tensor:
             return t.to(dtype) if dtype is not None else t

@@ -1,9 +1,11 @@
-"""Matching a LoRA's module names to a family: names first, then shapes, then what metadata claims.
+"""Which model a LoRA's module names are for: names first, then shapes, then what metadata claims.
 
-Each candidate family (the one given, or SD1/SD2/SDXL at full size) is scored by how many of the
-file's modules its name tables resolve and how many of those have the shapes of that family's
-weights. The shapes win over names (SD1 and SD2 share every U-Net name) and over metadata (which
-can lie): a metadata claim that disagrees becomes a warning.
+A report, never a gate (docs/FAMILY.md): each SD family (the one given, or SD1/SD2/SDXL at full
+size) is scored by how many of the file's modules its name tables resolve and how many of those
+have the shapes of that family's weights. The shapes win over names (SD1 and SD2 share every U-Net
+name) and over metadata (which can lie): a metadata claim that disagrees becomes a warning. When
+no full-size family's shapes fit, the names still tell an SD family (a tiny or distilled model),
+a recognised non-SD model, or nothing; the result's :class:`~.verdict.ModelVerdict` says which.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from ..families import FAMILIES, FamilySpec, get_family
 from ..io.safetensors import FLOAT_DTYPES
 from .keys import KNOWN_PARAMS
 from .names import NameTables, name_tables
+from .verdict import SHAPES, ModelVerdict, model_by_names, sd_verdict, unknown_verdict
 
 if TYPE_CHECKING:
     import torch
 
-# kohya ss_base_model_version / modelspec.architecture prefixes → family (FORMATS.md §1.4, §5.4)
+# kohya ss_base_model_version / modelspec.architecture prefixes → family (docs/FORMATS.md §1.4, §5.4)
 _CLAIMS = (
     ("sdxl", "sdxl"),
     ("sd_v1", "sd1"),
@@ -72,14 +75,23 @@ def adapter_dims(params: Mapping[str, torch.Tensor]) -> tuple[int, int] | None:
     """(out, in) of the ΔW a parameter group describes; ``in`` may include the kernel (in·kh·kw)."""
     if "lora_up.weight" in params and "lora_down.weight" in params:
         return int(params["lora_up.weight"].shape[0]), int(params["lora_down.weight"].shape[1])
-    if "hada_w1_a" in params and "hada_w1_b" in params and "hada_t1" not in params:
+    if "hada_w1_a" in params and "hada_w1_b" in params and "hada_t1" in params:
+        # Tucker LoHa: w1_a (r, out), w1_b (r, in), t1 (r, r, kh, kw) (LyCORIS LohaModule)
+        kernel = math.prod(params["hada_t1"].shape[2:])
+        return int(params["hada_w1_a"].shape[1]), int(params["hada_w1_b"].shape[1]) * kernel
+    if "hada_w1_a" in params and "hada_w1_b" in params:
         return int(params["hada_w1_a"].shape[0]), math.prod(params["hada_w1_b"].shape[1:])
     if "diff" in params:
         shape = params["diff"].shape
         return int(shape[0]), (int(shape[1]) if len(shape) > 1 else -1)
-    if any(k.startswith("lokr_") for k in params) and "lokr_t2" not in params:
-        a, b = _rows(params, "lokr_w1", "lokr_w1_a"), _rows(params, "lokr_w2", "lokr_w2_a")
-        c, d = _cols(params, "lokr_w1", "lokr_w1_b"), _cols(params, "lokr_w2", "lokr_w2_b")
+    if any(k.startswith("lokr_") for k in params):
+        a, c = _rows(params, "lokr_w1", "lokr_w1_a"), _cols(params, "lokr_w1", "lokr_w1_b")
+        if "lokr_t2" in params and "lokr_w2_a" in params and "lokr_w2_b" in params:
+            # Tucker w2: t2 (r, r, kh, kw), w2_a (r, b), w2_b (r, d) (LyCORIS LokrModule)
+            b = int(params["lokr_w2_a"].shape[1])
+            d: int | None = int(params["lokr_w2_b"].shape[1]) * math.prod(params["lokr_t2"].shape[2:])
+        else:
+            b, d = _rows(params, "lokr_w2", "lokr_w2_a"), _cols(params, "lokr_w2", "lokr_w2_b")
         if None not in (a, b, c, d):
             return a * b, c * d  # type: ignore[operator]
     return None
@@ -131,13 +143,25 @@ def shape_fits(dims: tuple[int, int] | None, weight: tuple[int, ...]) -> bool:
 
 @dataclass
 class Resolution:
-    """Modules of a file matched to one family."""
+    """Modules of a file matched to one family — or, with ``family`` None, to none (``verdict`` says why)."""
 
-    family: FamilySpec
-    tables: NameTables
+    family: FamilySpec | None
+    tables: NameTables | None
     matched: dict[str, str]  # file module name → canonical module
     unmatched: dict[str, str] = field(default_factory=dict)  # file module name → reason
     warnings: list[str] = field(default_factory=list)
+    verdict: ModelVerdict | None = None
+
+    @property
+    def checks_shapes(self) -> bool:
+        """Whether the family's weight shapes apply (full size); by names only, they do not."""
+        return self.verdict is None or self.verdict.fit == SHAPES
+
+    def weight_shape(self, canonical: str) -> tuple[int, ...] | None:
+        """The target weight's shape when shapes were checked, else None (the factors' own shape)."""
+        if self.tables is None or not self.checks_shapes:
+            return None
+        return self.tables.modules[canonical].shape
 
 
 def _candidates(family: str | FamilySpec | None) -> list[FamilySpec]:
@@ -146,31 +170,61 @@ def _candidates(family: str | FamilySpec | None) -> list[FamilySpec]:
     return [family if isinstance(family, FamilySpec) else get_family(family)]
 
 
+def _ndim(params: Mapping[str, torch.Tensor]) -> int | None:
+    for key in ("lora_down.weight", "diff"):
+        if key in params:
+            return len(params[key].shape)
+    return None
+
+
+def _widths(groups: Mapping[str, Mapping[str, torch.Tensor]]) -> set[int]:
+    out: set[int] = set()
+    for params in groups.values():
+        dims = adapter_dims(params)
+        if dims is not None:
+            out.update(d for d in dims if d > 0)
+    return out
+
+
 def resolve(
     groups: Mapping[str, Mapping[str, torch.Tensor]],
     table: Callable[[NameTables], Mapping[str, str]],
     metadata: Mapping[str, str],
     family: str | FamilySpec | None = None,
+    *,
+    require_fit: bool = False,
 ) -> Resolution:
-    """Pick the family whose names and shapes fit the file's modules best, and match them."""
+    """Which model a file's modules are for, and their canonical names where an SD family's apply.
+
+    In order: an SD family whose names and shapes fit (the best of SD1/SD2/SDXL at full size, or
+    the one given); a recognised non-SD model by its names (FLUX.1, SD3, a language model:
+    :func:`~.verdict.model_by_names`); an SD family by names alone, whose widths fit no full-size
+    model (tiny or distilled: the shape check is dropped, the name tables still apply); else
+    unknown. Only ``require_fit`` (merge: the widths must be the base's) makes a file that fits
+    no family's shapes an error.
+    """
     for name, params in groups.items():
         check_factors(name, params)
+    if family is None and not require_fit:
+        other = model_by_names(groups, _widths(groups))
+        if other is not None:
+            return Resolution(None, None, {}, {}, [], other)
     scored = []
     for spec in _candidates(family):
         tables = name_tables(spec)
         names = table(tables)
         hits = {n: names[n] for n in groups if n in names}
         fits = sum(shape_fits(adapter_dims(groups[n]), tables.modules[c].shape) for n, c in hits.items())
-        scored.append((fits, len(hits), spec, tables, hits))
+        structure = sum(_ndim(groups[n]) == len(tables.modules[c].shape) for n, c in hits.items())
+        scored.append((fits, len(hits), structure, spec, tables, hits))
     claim, claim_key = claimed_family(metadata)
-    scored.sort(key=lambda s: (s[0], s[1], s[2].name == claim), reverse=True)
-    fits, hits_count, spec, tables, hits = scored[0]
-    if not hits_count:
-        sample = ", ".join(list(groups)[:4])
-        raise InputError(f"no module of this file belongs to SD 1.x, SD 2.x or SDXL (first modules: {sample})")
+    if not any(s[0] for s in scored):
+        return _by_names(groups, scored, metadata, family, require_fit)
+    scored.sort(key=lambda s: (s[0], s[1], s[3].name == claim), reverse=True)
+    fits, hits_count, _, spec, tables, hits = scored[0]
     warnings = []
     if family is None and len(scored) > 1 and scored[1][:2] == (fits, hits_count):
-        tied = sorted({spec.name, scored[1][2].name})
+        tied = sorted({spec.name, scored[1][3].name})
         warnings.append(
             f"names and shapes fit {' and '.join(tied)} equally; chose {spec.title}"
             + (f" (metadata {claim_key} says so)" if claim == spec.name else "; pass --family to choose")
@@ -183,10 +237,46 @@ def resolve(
             dims = adapter_dims(groups[name])
             unmatched[name] = f"shape {dims} does not fit {canonical} {tables.modules[canonical].shape}"
             del hits[name]
-    if not hits:
-        name, reason = next(iter(unmatched.items()))
+    return Resolution(spec, tables, hits, unmatched, warnings, sd_verdict(spec.name, spec.title, full_size=True))
+
+
+def _by_names(
+    groups: Mapping[str, Mapping[str, torch.Tensor]],
+    scored: list[tuple[int, int, int, FamilySpec, NameTables, dict[str, str]]],
+    metadata: Mapping[str, str],
+    family: str | FamilySpec | None,
+    require_fit: bool,
+) -> Resolution:
+    """No family's shapes fit: an SD family by names (shapes unchecked), a named model, or unknown."""
+    claim, _ = claimed_family(metadata)
+    # SD1 and SD2 share every U-Net name: the weights' ranks (a conv 1x1 proj_in is SD1's) and
+    # then the metadata's claim break the tie, then the order SD1, SD2, SDXL
+    order = {name: i for i, name in enumerate(FAMILIES)}
+    scored = sorted(scored, key=lambda s: (-s[1], -s[2], s[3].name != claim, order.get(s[3].name, 9)))
+    _, hits_count, _, spec, tables, hits = scored[0]
+    if require_fit:
+        if not hits_count:
+            sample = ", ".join(list(groups)[:4])
+            raise InputError(f"no module of this file belongs to {spec.title} (first modules: {sample})")
+        name = next(iter(hits))
+        dims = adapter_dims(groups[name])
         raise InputError(
-            f"no module of this file fits {spec.title}'s weights (e.g. {name}: {reason})",
+            f"no module of this file fits {spec.title}'s weights (e.g. {name}: shape {dims} does not fit "
+            f"{hits[name]} {tables.modules[hits[name]].shape})",
             hint="a LoRA for another model, or a damaged file",
         )
-    return Resolution(spec, tables, hits, unmatched, warnings)
+    if not hits_count:
+        other = model_by_names(groups, _widths(groups)) or unknown_verdict(groups)
+        return Resolution(None, None, {}, {}, [], other)
+    widths = "full-size " + spec.title if family is None else spec.title + " as given"
+    verdict = sd_verdict(
+        spec.name,
+        spec.title,
+        full_size=False,
+        note=f"{spec.title} names; widths fit no {widths} — a tiny or distilled model",
+    )
+    warnings = []
+    if claim is not None and claim != spec.name:
+        warnings.append(f"metadata claims {FAMILIES[claim].title}, but the names say {spec.title}; using {spec.title}")
+    unmatched = {n: "no such module in " + spec.title for n in groups if n not in hits}
+    return Resolution(spec, tables, dict(hits), unmatched, warnings, verdict)

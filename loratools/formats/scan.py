@@ -32,6 +32,7 @@ from ..io.safetensors import _TORCH_NAMES, FLOAT_DTYPES, Header, TensorInfo
 from .keys import (
     KOHYA_KEY,
     adapter_kind_of,
+    check_config_rank,
     config_number,
     configs_from_metadata,
     is_embedding_key,
@@ -40,8 +41,10 @@ from .keys import (
     normalize_peft_key,
     pattern_value,
 )
+from .lookalike import not_a_lora
 from .names import NameTables
 from .resolve import Resolution, claim_warning, resolve
+from .verdict import ModelVerdict
 
 # struct codes of the dtypes an alpha scalar is stored in (kohya casts alpha to the save dtype)
 _SCALAR = {"F64": "<d", "F32": "<f", "F16": "<e", "I64": "<q", "I32": "<i", "I16": "<h", "I8": "<b", "U8": "<B"}
@@ -82,13 +85,18 @@ class LoraScan:
 
     path: Path
     format: str
-    family: FamilySpec
+    family: FamilySpec | None
     metadata: dict[str, str]
     modules: dict[str, ModuleScan]
     embeddings: dict[str, TensorInfo] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     unmatched: dict[str, str] = field(default_factory=dict)
     header: Header | None = None
+    verdict: ModelVerdict | None = None
+
+
+class _NeedsTensors(Exception):
+    """The header scan covers full-size SD LoRAs; anything else goes through the readers."""
 
 
 def read_scalar(fd: int, ref: ParamRef) -> float:
@@ -263,7 +271,7 @@ def _unmatched_warnings(unmatched: Mapping[str, str], warnings: list[str], *, mo
 
 
 def _context_dim(groups: Mapping[str, Mapping[str, ParamRef]], marker: str) -> int | None:
-    """In-dim of a cross-attention ``to_k`` LoRA: 768 SD1, 1024 SD2, 2048 SDXL (FORMATS.md §1.1)."""
+    """In-dim of a cross-attention ``to_k`` LoRA: 768 SD1, 1024 SD2, 2048 SDXL (docs/FORMATS.md §1.1)."""
     for name, params in groups.items():
         down = params.get("lora_down.weight")
         if marker in name and down is not None and len(down.shape) >= 2:
@@ -286,17 +294,20 @@ def _resolve(
     Anything less than a full fit takes the general path, warnings and ties included.
     """
     width = _context_dim(groups, marker) if family is None else None
-    guess = next((s for s in FAMILIES.values() if s.unet.context_dim == width), None)
+    guess = next((s for s in FAMILIES.values() if s.unet is not None and s.unet.context_dim == width), None)
     if guess is not None:
         try:
             found = resolve(groups, table, metadata, guess)  # type: ignore[arg-type]
         except InputError:
             found = None
-        if found is not None and not found.unmatched:
+        if found is not None and not found.unmatched and found.family is not None and found.checks_shapes:
             if (note := claim_warning(metadata, guess)) is not None:
                 found.warnings.append(note)
             return found
-    return resolve(groups, table, metadata, family)  # type: ignore[arg-type]
+    found = resolve(groups, table, metadata, family)  # type: ignore[arg-type]
+    if found.family is None or not found.checks_shapes:
+        raise _NeedsTensors  # names only, or no family map: one code path, the readers'
+    return found
 
 
 def _scan_kohya(
@@ -305,7 +316,7 @@ def _scan_kohya(
     matches: Mapping[str, re.Match[str]],
     metadata: Mapping[str, str],
     family: str | FamilySpec | None,
-) -> tuple[FamilySpec, dict[str, ModuleScan], list[str], dict[str, str]]:
+) -> tuple[FamilySpec | None, dict[str, ModuleScan], list[str], dict[str, str], ModelVerdict | None]:
     groups: dict[str, dict[str, ParamRef]] = {}
     for key, ref in refs.items():
         match = matches[key]
@@ -318,7 +329,8 @@ def _scan_kohya(
     for name, canonical in found.matched.items():
         if canonical in modules:
             raise InputError(f"{canonical} is given twice (as {name} and under another spelling)")
-        weight = found.tables.modules[canonical].shape
+        weight = found.weight_shape(canonical)
+        assert weight is not None  # _resolve hands over full-size fits only
         modules[canonical] = _kohya_module(fd, name, canonical, groups[name], weight, warnings)
     missing_alpha = [n for n in found.matched if "alpha" not in groups[n] and "diff" not in groups[n]]
     if missing_alpha:
@@ -326,12 +338,12 @@ def _scan_kohya(
             f"{len(missing_alpha)} modules have no alpha (e.g. {missing_alpha[0]}); assumed alpha = rank, scale 1"
         )
     _unmatched_warnings(found.unmatched, warnings, more=True)
-    return found.family, modules, warnings, dict(found.unmatched)
+    return found.family, modules, warnings, dict(found.unmatched), found.verdict
 
 
 def _scan_peft(
     refs: Mapping[str, ParamRef], metadata: Mapping[str, str], family: str | FamilySpec | None
-) -> tuple[FamilySpec, dict[str, ModuleScan], list[str], dict[str, str], str]:
+) -> tuple[FamilySpec | None, dict[str, ModuleScan], list[str], dict[str, str], ModelVerdict | None, str]:
     groups: dict[str, dict[str, ParamRef]] = {}
     spellings: Counter[str] = Counter()
     for key, ref in refs.items():
@@ -367,6 +379,7 @@ def _scan_peft(
         if config is None:
             no_config.add(folder)
         else:
+            check_config_rank(config, folder, path, rank)
             lora_alpha = pattern_value(config.get("alpha_pattern") or {}, path)
             lora_alpha = config.get("lora_alpha", rank) if lora_alpha is None else lora_alpha
             lora_alpha = config_number(lora_alpha, f"{folder} lora_alpha for {path}")
@@ -394,7 +407,8 @@ def _scan_peft(
         )
     _unmatched_warnings(found.unmatched, warnings, more=False)
     top = spellings.most_common(1)[0][0]
-    return found.family, modules, warnings, dict(found.unmatched), "diffusers" if top == "peft" else top
+    fmt = "diffusers" if top == "peft" else top
+    return found.family, modules, warnings, dict(found.unmatched), found.verdict, fmt
 
 
 def scan_lora(path: str | os.PathLike[str], family: str | FamilySpec | None = None) -> LoraScan | None:
@@ -428,14 +442,18 @@ def scan_lora(path: str | os.PathLike[str], family: str | FamilySpec | None = No
     fd = os.open(path, os.O_RDONLY)
     try:
         if kohya_keys:
-            spec, modules, warnings, unmatched = _scan_kohya(fd, lora_refs, matches, metadata, family)
+            spec, modules, warnings, unmatched, verdict = _scan_kohya(fd, lora_refs, matches, metadata, family)
             fmt = "kohya"
         elif is_peft_like(keys):
-            spec, modules, warnings, unmatched, fmt = _scan_peft(lora_refs, metadata, family)
+            spec, modules, warnings, unmatched, verdict, fmt = _scan_peft(lora_refs, metadata, family)
         else:
-            raise InputError(f"{path.name}: unknown LoRA key layout; first keys: {', '.join(keys[:5])}")
+            raise not_a_lora(path.name, keys) or InputError(
+                f"{path.name}: unknown LoRA key layout; first keys: {', '.join(keys[:5])}"
+            )
+    except _NeedsTensors:
+        return None
     finally:
         os.close(fd)
     if embeddings:
         warnings.append(f"also holds {len(embeddings)} textual-inversion embeddings: {', '.join(list(embeddings)[:5])}")
-    return LoraScan(path, fmt, spec, dict(metadata), modules, embeddings, warnings, unmatched, header)
+    return LoraScan(path, fmt, spec, dict(metadata), modules, embeddings, warnings, unmatched, header, verdict)

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 # The diffusers pipeline subfolders holding weights, in pipeline order
 # (huggingface/diffusers: pipelines' model_index.json for SD1/SD2/SDXL).
-DIFFUSERS_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
+DIFFUSERS_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "vae")
 # Weight file names, preferred first (diffusers utils/constants.py; transformers' model.safetensors).
 WEIGHT_NAMES = ("diffusion_pytorch_model", "model", "pytorch_model")
 SAFETENSORS_SUFFIX = ".safetensors"

@@ -10,19 +10,31 @@ huggingface_hub is imported only when a reference is given.
 
 Also accepted: the revision after the repository (``hf://owner/repo@rev/path``) and
 ``hf://datasets/…`` / ``hf://spaces/…`` for other repository types.
+
+Offline without ``HF_HUB_OFFLINE``: huggingface_hub retries a refused or silent connection with
+backoff (23.6 s and six "Retrying in …" lines for one file, huggingface_hub 2.4). So before a
+download, one TCP connection to the endpoint (or the proxy in the way) is tried for at most
+:data:`PROBE_SECONDS`; when it fails, the cache alone answers (``local_files_only=True``, at once)
+and a reference not in it is one line saying the Hub cannot be reached.
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import threading
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 from ..errors import InputError
 
 SCHEME = "hf://"
 FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".json", ".sft")
 _REPO_TYPES = {"datasets": "dataset", "spaces": "space", "models": "model"}
+PROBE_SECONDS = 1.5  # a reachable Hub answers a TCP connect in well under this
 
 
 @dataclass(frozen=True)
@@ -74,15 +86,23 @@ def resolve(path: str | os.PathLike[str]) -> Path:
         from huggingface_hub import errors
     except ImportError:  # pragma: no cover - a declared dependency
         raise InputError(f"{ref_text}: hf:// needs huggingface_hub (pip install huggingface_hub)") from None
+    offline = _offline()
+    cache_only = not offline and not reachable(_endpoint())
     try:
         if ref.is_file:
-            local = hub.hf_hub_download(ref.repo_id, ref.path, revision=ref.revision, repo_type=ref.repo_type)
+            local = hub.hf_hub_download(
+                ref.repo_id, ref.path, revision=ref.revision, repo_type=ref.repo_type, local_files_only=cache_only
+            )
             return Path(str(local))
         patterns = [f"{ref.path}/**"] if ref.path else None
         root = Path(
             str(
                 hub.snapshot_download(
-                    ref.repo_id, revision=ref.revision, repo_type=ref.repo_type, allow_patterns=patterns
+                    ref.repo_id,
+                    revision=ref.revision,
+                    repo_type=ref.repo_type,
+                    allow_patterns=patterns,
+                    local_files_only=cache_only,
                 )
             )
         )
@@ -93,6 +113,11 @@ def resolve(path: str | os.PathLike[str]) -> Path:
     except errors.RevisionNotFoundError:
         raise InputError(f"{ref_text}: revision {ref.revision!r} not found in {ref.repo_id}") from None
     except errors.LocalEntryNotFoundError:
+        if cache_only:
+            raise InputError(
+                f"{ref_text}: not in the local Hugging Face cache and the Hub cannot be reached (offline?); "
+                "download it first or set HF_HUB_OFFLINE=1"
+            ) from None
         raise InputError(
             f"{ref_text}: not in the local Hugging Face cache, and downloading is off or failed"
             + (" (HF_HUB_OFFLINE is set)" if _offline() else "")
@@ -111,6 +136,41 @@ def resolve(path: str | os.PathLike[str]) -> Path:
     if not local.exists():
         raise InputError(f"{ref_text}: no folder {ref.path!r} in {ref.repo_id}")
     return local
+
+
+def _endpoint() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.ENDPOINT)
+
+
+def reachable(url: str, seconds: float = PROBE_SECONDS) -> bool:
+    """Whether a TCP connection to ``url``'s host (or the proxy configured for it) opens within ``seconds``.
+
+    Name resolution is bounded too: the attempt runs on a daemon thread that is abandoned after
+    ``seconds`` (a resolver with no network can hang far longer than any socket timeout).
+    """
+    parts = urlsplit(url)
+    host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    if not host:
+        return False
+    proxy = urllib.request.getproxies().get(parts.scheme or "https")
+    if proxy and not urllib.request.proxy_bypass(host):
+        via = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = via.hostname or host, via.port or 8080
+    done: dict[str, Any] = {}
+
+    def attempt() -> None:
+        try:
+            socket.create_connection((host, port), timeout=seconds).close()
+            done["ok"] = True
+        except (OSError, ValueError):
+            done["ok"] = False
+
+    worker = threading.Thread(target=attempt, name="loratools-hub-probe", daemon=True)
+    worker.start()
+    worker.join(seconds + 0.1)
+    return bool(done.get("ok"))
 
 
 def _offline() -> bool:

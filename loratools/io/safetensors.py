@@ -73,7 +73,11 @@ class _TorchDtypes(Mapping[str, "torch.dtype"]):
     def __getitem__(self, name: str) -> torch.dtype:
         import torch
 
-        return getattr(torch, _TORCH_NAMES[name])  # type: ignore[no-any-return]
+        dtype = getattr(torch, _TORCH_NAMES[name], None)
+        if not isinstance(dtype, torch.dtype):
+            # torch.uint16/32/64 appeared in torch 2.3 (the declared floor is 2.1): one line, not an AttributeError
+            raise InputError(f"{name} tensors need torch >= 2.3 (this is torch {torch.__version__})")
+        return dtype
 
     def __iter__(self) -> Iterator[str]:
         return iter(_TORCH_NAMES)

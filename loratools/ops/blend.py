@@ -5,7 +5,7 @@
 on down (balanced magnitudes for fp16 storage; the square root is only ever taken of ``|cᵢ|``), and
 ``alpha = Σ rᵢ`` (scale 1). Ranks add. This is what kohya's ``merge_lora.py --concat`` aims at, but
 it keeps the first model's alpha and multiplies *both* factors by ``√(ratio·alphaᵢ/alpha₀)``, which
-rescales every part and squares the ratio (FORMATS.md §1.5).
+rescales every part and squares the ratio (docs/FORMATS.md §1.5).
 
 ``svd`` truncates the same stacked factors in factor space (:func:`~loratools.ops.lowrank.matrix_svd`):
 the result is the optimal rank-k approximation of the dense ``Σ wᵢ·ΔWᵢ`` — what kohya's
@@ -222,11 +222,12 @@ def blend_loras(
             raise InputError(f"blend weights must be finite numbers, got {weight}")
     loras = [lora for lora, _ in inputs]
     weights = [w for _, w in inputs]
-    family = loras[0].family
+    first = loras[0]
     for lora in loras[1:]:
-        if lora.family.name != family.name:
+        if not lora.same_naming(first):
             raise InputError(
-                f"cannot blend a {family.title} LoRA with a {lora.family.title} one "
+                f"cannot blend a {first.family_title} LoRA with a {lora.family_title} one "
+                f"(module names {first.names} and {lora.names}) "
                 f"({Path(loras[0].path or 'input 1').name} and {Path(lora.path or 'input').name})"
             )
     labels = (
@@ -241,7 +242,7 @@ def blend_loras(
         ],
         None,
         None,
-        family.name,
+        first.family_name,
         mode,
         rule.describe() if rule else None,
         metadata,
@@ -281,10 +282,11 @@ def blend_loras(
             embeddings.setdefault(token, tensor)
     merged = LoraFile(
         adapters,
-        family,
-        loras[0].source_format,
+        first.family,
+        first.source_format,
         _merged_metadata(loras, labels, weights, metadata, report.warnings),
         embeddings,
+        model=first.model,
     )
     return merged, report
 

@@ -59,6 +59,8 @@ class BlockWeights:
 
 
 def _input_blocks(spec: FamilySpec) -> int:
+    if spec.unet is None:
+        raise InputError(f"block weights for {spec.title} are not supported yet (U-Net families only)")
     return 1 + len(spec.unet.channel_mult) * (spec.unet.layers_per_block + 1) - 1
 
 

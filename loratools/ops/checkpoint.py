@@ -145,7 +145,7 @@ def convert_checkpoint(
 def target_layout(found: Detection, layout: str | None) -> str:
     if layout is None:
         return found.layout
-    if layout in ("single", "ldm", "sgm"):
+    if layout in ("single", "ldm", "sgm", "bfl"):
         return found.family.single_layout
     if layout == "diffusers":
         return "diffusers"
@@ -190,7 +190,7 @@ def write_folder(
                 shutil.copy2(config_src, tmp / folder / "config.json")
             else:
                 (tmp / folder / "config.json").write_text(json.dumps(configs[folder], indent=2))
-            stem = WEIGHT_NAMES[0] if component in ("unet", "vae") else WEIGHT_NAMES[1]
+            stem = WEIGHT_NAMES[0] if component in ("unet", "transformer", "vae") else WEIGHT_NAMES[1]
             inner = {k[len(prefix) :]: v for k, v in keys.items()}
             write_file(tmp / folder / f"{stem}.safetensors", inner, prefix)
         if check is not None:

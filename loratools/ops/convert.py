@@ -121,7 +121,7 @@ def convert_lora(
         str(output),
         lora.source_format,
         to,
-        lora.family.name,
+        lora.family_name,
         len(lora.adapters),
         lora.kinds,
         exact=False,

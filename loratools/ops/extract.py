@@ -4,7 +4,7 @@ Both checkpoints are streamed tensor by tensor through the family key maps, so t
 differ (single file vs diffusers folder; fused OpenCLIP ``in_proj`` split into q/k/v on the way).
 For every module a kohya LoRA can patch — the U-Net's Transformer2DModel Linear/1×1 modules, its
 ResnetBlock2D/Downsample/Upsample children (3×3 convs become LoCon: ``down (k, in, 3, 3)``,
-``up (out, k, 1, 1)``) and the text encoders' attention and MLP (FORMATS.md §1.2) — the difference
+``up (out, k, 1, 1)``) and the text encoders' attention and MLP (docs/FORMATS.md §1.2) — the difference
 is formed in float32 and its top-k singular triplets are computed:
 
 - by a randomized SVD (Halko, Martinsson & Tropp 2011: Gaussian sketch of width k + oversample,

@@ -1,6 +1,6 @@
 """The hashes model sites and UIs identify files by, streamed (1 MiB reads, one pass), no torch.
 
-FORMATS.md §6, checked against the sources named there:
+docs/FORMATS.md §6, checked against the sources named there:
 
 * **sha256 / AutoV2**: SHA-256 of the whole file; A1111 shows the first 10 hex digits
   (AUTOMATIC1111/stable-diffusion-webui:modules/hashes.py (calculate_sha256); sd_models.py

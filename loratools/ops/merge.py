@@ -194,12 +194,12 @@ def _load_for(lora_input: LoraInput, found: Detection) -> LoraFile:
     """The LoRA read against the base's family; a LoRA of another family is refused by name."""
     if isinstance(lora_input.source, LoraFile):
         lora = lora_input.source
-        if lora.family.name != found.family.name:
-            raise InputError(f"{lora_input.name}: a {lora.family.title} LoRA; the base is {found.family.title}")
+        if lora.family_name != found.family.name:
+            raise InputError(f"{lora_input.name}: a {lora.family_title} LoRA; the base is {found.family.title}")
         return lora
     spec = found.family
     try:
-        lora = load_lora(lora_input.source, family=spec, allow_nonfinite=True)  # _match decides
+        lora = load_lora(lora_input.source, family=spec, allow_nonfinite=True, require_fit=True)  # _match decides
     except InputError as first:
         other = _own_family(lora_input.source)
         if other is not None and other.name != spec.name:
@@ -318,7 +318,7 @@ def _match(
             if getattr(adapter, "dora_scale", None) is not None and strength != 1.0:
                 raise InputError(
                     f"{Path(lora_input.name).name}: {module} is a DoRA module; only weight 1 is defined for it "
-                    "(LyCORIS and ComfyUI disagree elsewhere, FORMATS.md §4.7)"
+                    "(LyCORIS and ComfyUI disagree elsewhere, docs/FORMATS.md §4.7)"
                     + ("; a DoRA merge cannot be undone" if sign < 0 else "")
                 )
             for target, is_bias in targets:

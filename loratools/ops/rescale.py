@@ -4,7 +4,7 @@ Representation: the magnitude ``|S|`` goes into ``alpha`` and the sign of a nega
 the ``up`` factor (LoHa: ``w1a``; LoKr: ``w1``/``w1a``). The factors are therefore kept bit for bit
 (a sign flip is exact in every float format) and no square root is ever taken — kohya's
 ``merge_lora.py`` spreads a ratio over both factors as ``sqrt(ratio)``, which is undefined for a
-negative strength and squares the ratio when factors are summed (FORMATS.md §1.5). Where there is
+negative strength and squares the ratio when factors are summed (docs/FORMATS.md §1.5). Where there is
 no alpha to carry the magnitude — full diffs and LoKr with two full halves (scale fixed at 1) —
 ``S`` multiplies the first factor instead, and the report says so.
 
@@ -14,7 +14,7 @@ an fp16/bf16 file the new alpha is rounded once, to ``2⁻¹¹``/``2⁻⁸`` rel
 that rounding (``alpha_rounding``), and ``--dtype fp32`` or a power-of-two ``S`` avoids it.
 cloneofsimo files have no alpha: the scale is folded into ``up`` there.
 DoRA modules are refused: their output is renormalised against the base weight, so a strength is
-not a scale of ΔW (FORMATS.md §4.7).
+not a scale of ΔW (docs/FORMATS.md §4.7).
 """
 
 from __future__ import annotations
@@ -95,9 +95,9 @@ def rescale_lora(lora: LoraFile, by: float) -> tuple[LoraFile, RescaleReport]:
     if not math.isfinite(by):
         raise InputError(f"--by must be a finite number, got {by}")
     if by == 0:
-        # alpha 0 is read as alpha = rank (full strength) by sd-scripts and LyCORIS (FORMATS.md §1.3)
+        # alpha 0 is read as alpha = rank (full strength) by sd-scripts and LyCORIS (docs/FORMATS.md §1.3)
         raise InputError("--by 0 would write alpha 0, which sd-scripts and LyCORIS read as full strength")
-    report = RescaleReport(None, None, lora.source_format, None, lora.family.name, by, modules=len(lora.adapters))
+    report = RescaleReport(None, None, lora.source_format, None, lora.family_name, by, modules=len(lora.adapters))
     adapters: dict[str, Adapter] = {}
     counts: Counter[str] = Counter()
     for module, adapter in lora.adapters.items():

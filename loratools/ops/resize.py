@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -147,7 +147,7 @@ def resize_lora(
 
     Modules are resized on every core (:func:`~loratools.ops.parallel.map_modules`).
     """
-    report = ResizeReport(None, None, lora.source_format, None, lora.family.name, rule.describe())
+    report = ResizeReport(None, None, lora.source_format, None, lora.family_name, rule.describe())
     adapters: dict[str, Adapter] = {}
     items = list(lora.adapters.items())
     results = map_modules(lambda item: resize_module(*item, rule, dtype=dtype), items, progress=progress)
@@ -159,15 +159,13 @@ def resize_lora(
     metadata = dict(lora.metadata)
     comment = metadata.get("ss_training_comment", "")
     metadata["ss_training_comment"] = f"resized by loratools ({rule.describe()})" + (f"; {comment}" if comment else "")
-    return LoraFile(
-        adapters,
-        lora.family,
-        lora.source_format,
-        metadata,
-        dict(lora.embeddings),
-        list(lora.warnings),
-        dict(lora.unmatched),
-        lora.path,
+    return replace(
+        lora,
+        adapters=adapters,
+        metadata=metadata,
+        embeddings=dict(lora.embeddings),
+        warnings=list(lora.warnings),
+        unmatched=dict(lora.unmatched),
     ), report
 
 

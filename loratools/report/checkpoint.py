@@ -102,11 +102,8 @@ def inspect_checkpoint(
         for f in components:
             dtypes.update(f.dtypes)
         spec = found.family
-        architecture: dict[str, object] = {
-            "unet_model_channels": spec.unet.model_channels,
-            "unet_channel_mult": list(spec.unet.channel_mult),
-            "unet_in_channels": spec.unet.in_channels,
-            "cross_attention_dim": spec.unet.context_dim,
+        architecture: dict[str, object] = spec.denoiser_facts()
+        architecture |= {
             "text_encoders": [
                 {
                     "component": t.component,
@@ -116,6 +113,10 @@ def inspect_checkpoint(
                 for t in spec.texts
             ],
         }
+        if spec.t5 is not None:
+            architecture["text_encoders"].append(  # type: ignore[attr-defined]
+                {"component": spec.t5.component, "hidden": spec.t5.d_model, "layers": spec.t5.layers}
+            )
         return CheckpointReport(
             path=str(path),
             container=ckpt.container,

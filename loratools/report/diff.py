@@ -174,19 +174,17 @@ def _lora_side(lora: Any, path: str) -> dict[str, Any]:
     return {
         "path": path,
         "format": lora.source_format,
-        "family": lora.family.name,
+        "family": lora.family_name,
         "modules": len(lora.adapters),
     }
 
 
 def _module_facts(adapter: Any) -> dict[str, Any]:
-    from .lora import _delta_shape, _kind
-
     return {
-        "kind": _kind(adapter),
+        "kind": adapter.label,
         "rank": adapter.rank,
         "alpha": adapter.alpha if adapter.rank else None,
-        "shape": _delta_shape(adapter),
+        "shape": list(adapter.delta_shape()),
     }
 
 
@@ -198,8 +196,9 @@ def diff_loras(
 
     a, b = load_lora(path_a, family), load_lora(path_b, family)
     notes = []
-    if a.family.name != b.family.name:
-        notes.append(f"A is for {a.family.title}, B for {b.family.title}: no module can be compared")
+    comparable = a.same_naming(b)
+    if not comparable:
+        notes.append(f"A is for {a.family_title}, B for {b.family_title}: no module can be compared")
     only_a = [m for m in a.adapters if m not in b.adapters]
     only_b = [m for m in b.adapters if m not in a.adapters]
     entries: list[DiffEntry] = []
@@ -209,7 +208,7 @@ def diff_loras(
     for name, adapter in a.adapters.items():
         other = b.adapters.get(name)
         facts_a = _module_facts(adapter)
-        if other is None or a.family.name != b.family.name:
+        if other is None or not comparable:
             norm = factored_norm(*_factors(adapter))
             squares += norm * norm
             entries.append(DiffEntry(name, "only_a", facts_a, None, norm, 1.0 if norm else 0.0))
@@ -231,7 +230,7 @@ def diff_loras(
         identical += status == "same"
         entries.append(DiffEntry(name, status, facts_a, facts_b, diff, relative))
     for name in b.adapters:
-        if name not in a.adapters or a.family.name != b.family.name:
+        if name not in a.adapters or not comparable:
             norm = factored_norm(*_factors(b.adapters[name]))
             squares += norm * norm
             entries.append(DiffEntry(name, "only_b", None, _module_facts(b.adapters[name]), norm, 1.0 if norm else 0.0))

@@ -22,8 +22,10 @@ from typing import Any
 
 from ..families import FAMILIES
 from ..formats.keys import EMBED_FLAG, is_embedding_key
+from ..formats.lookalike import check_not_lfs_pointer, flatten_embedding
 from ..formats.names import name_tables
 from ..formats.resolve import claimed_family
+from ..formats.verdict import sd_verdict, unknown_verdict
 from ..io.hub import resolve as resolve_hub
 from ..io.safetensors import TensorInfo
 from .facts import LIST_LIMIT, hash_facts, key_facts
@@ -31,7 +33,7 @@ from .tree import Leaf, Node, build_tree
 
 LORA_SCHEMA = "loratools.inspect.lora/1"
 TOP_TAGS = 15  # tags kept from ss_tag_frequency
-# sd-scripts metadata worth a line of its own (FORMATS.md §1.4); the rest stays in `metadata`
+# sd-scripts metadata worth a line of its own (docs/FORMATS.md §1.4); the rest stays in `metadata`
 TRAINING_KEYS = (
     "ss_output_name",
     "ss_network_module",
@@ -118,6 +120,9 @@ class LoraReport:
     norms: dict[str, Any] | None = None  # --norms: {total, components{}, method}
     hashes: dict[str, object] | None = None  # --hashes
     keys: list[dict[str, object]] | None = None  # --keys
+    # added in issue 13: the family as a report (formats.verdict.ModelVerdict.to_dict())
+    model: dict[str, str] = field(default_factory=dict)
+    loads_in: list[str] = field(default_factory=list)  # issue 19: one entry per target (loratools.check)
 
     def to_dict(self) -> dict[str, object]:
         # field by field rather than dataclasses.asdict, whose recursive deep copy of ~1,000
@@ -137,32 +142,6 @@ class LoraReport:
 # --- facts from a full load (torch) --------------------------------------------------------------
 
 
-def _kind(adapter: object) -> str:
-    from ..formats.adapters import LowRank
-
-    if isinstance(adapter, LowRank):
-        if adapter.dora_scale is not None:
-            return "dora"
-        if adapter.mid is not None:
-            return "tucker"
-        return "locon" if adapter.down.dim() == 4 and adapter.down.shape[-1] > 1 else "lora"
-    dora = "+dora" if getattr(adapter, "dora_scale", None) is not None else ""
-    return adapter.kind + dora  # type: ignore[attr-defined,no-any-return]
-
-
-def _delta_shape(adapter: object) -> list[int]:
-    from ..formats.adapters import LowRank
-
-    if isinstance(adapter, LowRank):
-        return list(adapter.delta_shape())
-    shape = getattr(adapter, "shape", None)
-    if shape:
-        return list(shape)
-    if hasattr(adapter, "diff"):
-        return list(adapter.diff.shape)  # type: ignore[attr-defined]
-    return list(adapter.delta().shape)  # type: ignore[attr-defined]
-
-
 def _facts_of_loaded(lora: Any) -> tuple[list[ModuleFacts], Counter[str], int]:
     facts = []
     dtypes: Counter[str] = Counter()
@@ -173,11 +152,11 @@ def _facts_of_loaded(lora: Any) -> tuple[list[ModuleFacts], Counter[str], int]:
         facts.append(
             ModuleFacts(
                 module,
-                _kind(adapter),
+                adapter.label,
                 adapter.rank,
                 adapter.alpha if adapter.rank else None,
                 adapter.scale,
-                _delta_shape(adapter),
+                list(adapter.delta_shape()),
                 str(tensors[0].dtype).removeprefix("torch."),
             )
         )
@@ -271,8 +250,8 @@ def _embedding_facts(embeddings: Mapping[str, TensorInfo | Any]) -> list[Embeddi
 
 def _family_of_embeddings(facts: list[EmbeddingFacts]) -> str | None:
     """SDXL embeddings carry clip_l + clip_g; otherwise the width names the text encoder."""
-    names = {f.name for f in facts}
-    if {"clip_l", "clip_g"} <= names:
+    names = {f.name.rsplit(".", 1)[-1] for f in facts}
+    if {"clip_l", "clip_g"} <= names or {"text_encoders_0", "text_encoders_1"} <= names:
         return "sdxl"
     widths = {f.width for f in facts}
     for family in ("sd1", "sd2"):
@@ -298,6 +277,7 @@ def _embedding_file(path: Path) -> tuple[dict[str, Any], dict[str, str]] | None:
             obj, _ = unwrap_state_dict(load_pickle_raw(path))
         except Exception:
             return None
+        obj = flatten_embedding(obj)
         if not isinstance(obj, dict):
             return None
         tensors, _ = split_tensors(obj)
@@ -339,6 +319,7 @@ def inspect_lora(
         from ..errors import InputError
 
         raise InputError(f"{local}: no such file or folder")
+    check_not_lfs_pointer(local)
     scan = scan_lora(local, family)
     only_embeddings = None if scan is not None or local.is_dir() else _embedding_file(local)
     if only_embeddings is not None:
@@ -356,7 +337,7 @@ def inspect_lora(
         dtypes: Counter[str] = Counter({_torch_name(d): n for d, n in stored_dtypes.items()})
         per_module = {m.module: m.parameters for m in scan.modules.values()}
         parameters = sum(per_module.values())
-        fmt, spec, metadata = scan.format, scan.family, scan.metadata
+        fmt, spec, metadata, verdict = scan.format, scan.family, scan.metadata, scan.verdict
         warnings, unmatched, embeddings = scan.warnings, scan.unmatched, dict(scan.embeddings)
         stored = dict(scan.header.tensors) if scan.header is not None else {}
         read = "header"
@@ -370,7 +351,7 @@ def inspect_lora(
         lora = load_lora(local, family)
         facts, dtypes, parameters = _facts_of_loaded(lora)
         per_module = {name: a.parameters() for name, a in lora.adapters.items()}
-        fmt, spec, metadata = lora.source_format, lora.family, lora.metadata
+        fmt, spec, metadata, verdict = lora.source_format, lora.family, lora.metadata, lora.verdict
         warnings, unmatched, embeddings = lora.warnings, lora.unmatched, dict(lora.embeddings)
         stored = _stored_tensors(local)
         read = "tensors"
@@ -388,12 +369,15 @@ def inspect_lora(
             module_norms = {m: v for m, v in module_norms.items() if math.isfinite(v)}
         for f in facts:
             f.norm = module_norms.get(f.module)
+    assert verdict is not None  # the scan and the readers always say what model it is
     claim, key = claimed_family(metadata)
-    order = {name: i for i, name in enumerate(name_tables(spec).modules)}  # the model's own order
+    # the model's own order; with no family map, the file's (the tree follows the names' own dots)
+    order = {name: i for i, name in enumerate(name_tables(spec).modules)} if spec is not None else {}
     leaves = sorted(facts, key=lambda f: order.get(f.module, len(order)))
     tree = build_tree(
         (Leaf(f.module, f.kind, f.rank, f.alpha, f.norm, per_module.get(f.module, 0)) for f in leaves),
         fold=module_norms is None,
+        generic=spec is None,
     )
     if keys:
         all_keys = [key_facts(k, i) for k, i in stored.items()]
@@ -410,12 +394,14 @@ def inspect_lora(
     return LoraReport(
         path=str(path),
         format=fmt,
-        family=spec.name,
-        family_title=spec.title,
+        family=verdict.family,
+        family_title=verdict.title,
         metadata_claims=f"{claim} ({key}={metadata.get(key or '', 'True')})" if claim else None,
         file_bytes=_size(local),
         modules=len(facts),
-        components=dict(Counter(f.module.split(".", 1)[0] for f in facts)),
+        components={n.key: n.modules for n in tree}
+        if spec is None
+        else dict(Counter(f.module.split(".", 1)[0] for f in facts)),
         kinds=dict(Counter(f.kind for f in facts)),
         ranks=_counts([f.rank for f in facts], fmt=str),
         alphas={f"{k:g}" if k is not None else "none": v for k, v in Counter(f.alpha for f in facts).items()},
@@ -427,7 +413,7 @@ def inspect_lora(
         unmatched=dict(list(unmatched.items())[:LIST_LIMIT]),
         module_facts=facts,
         read=read,
-        family_mismatch=claim is not None and claim != spec.name,
+        family_mismatch=claim is not None and claim != verdict.family,
         tensors=len(stored),
         file_dtypes=dict(Counter(str(i.dtype) for i in stored.values())),
         embedding_facts=_embedding_facts(embeddings),
@@ -436,6 +422,8 @@ def inspect_lora(
         norms=norm_summary,
         hashes=hash_facts(local) if hashes and local.is_file() else None,
         keys=all_keys if keys else None,
+        model=verdict.to_dict(),
+        loads_in=_loads_in(local, family),
     )
 
 
@@ -489,6 +477,12 @@ def _embedding_report(
         for k, v in tensors.items()
     }
     claim, key = claimed_family(metadata)
+    if spec is not None:
+        verdict = sd_verdict(
+            spec.name, spec.title, full_size=True, note=f"embeddings for {spec.title} (by their width)"
+        )
+    else:
+        verdict = unknown_verdict(tensors)
     return LoraReport(
         path=shown,
         format="textual-inversion",
@@ -519,4 +513,12 @@ def _embedding_report(
         metadata_summary=summarize_metadata(metadata),
         hashes=hash_facts(path) if hashes and path.is_file() else None,
         keys=[key_facts(k, i) for k, i in infos.items()] if keys else None,
+        model=verdict.to_dict(),
     )
+
+
+def _loads_in(path: Path, family: str | None) -> list[str]:
+    """The per-target "loads in" summary (loratools.check tables, header-only)."""
+    from ..check import loads_in
+
+    return loads_in(path, family)

@@ -73,6 +73,19 @@ _NODE: dict[str, Any] = {
     },
 }
 
+# formats.verdict.ModelVerdict: what model a LoRA is for, and how that was told (added in issue 13)
+MODEL_VERDICT: dict[str, Any] = {
+    "type": "object",
+    "required": ["kind", "family", "title", "fit", "note"],
+    "properties": {
+        "kind": {"enum": ["sd", "model", "not-diffusion", "unknown"]},
+        "family": _STR,
+        "title": _STR,
+        "fit": {"enum": ["shapes", "names", "none"]},
+        "note": _STR,
+    },
+}
+
 INSPECT_LORA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "$id": "loratools.inspect.lora/1",
@@ -126,8 +139,9 @@ INSPECT_LORA: dict[str, Any] = {
                 "textual-inversion",
             ]
         },
-        "family": {"enum": ["sd1", "sd2", "sdxl", "unknown"]},
+        "family": {"enum": ["sd1", "sd2", "sdxl", "flux1", "sd3", "language-model", "unknown"]},
         "family_title": _STR,
+        "model": MODEL_VERDICT,
         "metadata_claims": {"type": ["string", "null"]},
         "file_bytes": _INT,
         "modules": _INT,

@@ -11,6 +11,7 @@ fits on one screen. Rendering is the CLI's job; ``to_dict`` is the ``tree`` of t
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -30,7 +31,9 @@ CONTAINERS = {
 PASS_THROUGH = ("text_model", "encoder")  # path tokens folded into the next group's name
 # containers whose identical consecutive members fold into one node; blocks (down/up) never do:
 # they are the view people navigate by
-FOLDABLE = ("layers", "transformer_blocks", "attentions", "resnets")
+FOLDABLE: tuple[str, ...] = ("layers", "transformer_blocks", "attentions", "resnets")
+# … and in module paths no family map knows (FLUX.1, SD3, language models)
+FOLDABLE += ("single_transformer_blocks", "double_blocks", "single_blocks", "joint_blocks", "layer", "h", "blocks")
 
 
 @dataclass
@@ -87,6 +90,44 @@ class Node:
         return out
 
 
+_KOHYA_NAME = re.compile(r"^(lora_(?:unet|te\d?|transformer))_(.+)$")
+_INDEXED = re.compile(r"^(.+?)_(\d+)(?:_(.*))?$")
+
+
+def generic_segments(module: str) -> list[tuple[str, str]]:
+    """Levels of a module name no family map knows, by its own dots: each ``name.N`` pair is one
+    level (``single_transformer_blocks 12``). A kohya lora_name has no dots: its ``_N_`` indices
+    split it the same way (``lora_unet`` → ``double_blocks 0`` → ``img_attn_proj``)."""
+    kohya = _KOHYA_NAME.match(module) if "." not in module else None
+    if kohya is not None:
+        out = [(kohya.group(1), kohya.group(1))]
+        rest: str | None = kohya.group(2)
+        while rest:
+            found = _INDEXED.match(rest)
+            if found is None:
+                break
+            out.append((f"{found.group(1)}.{found.group(2)}", f"{found.group(1)} {found.group(2)}"))
+            rest = found.group(3)
+        if rest:
+            out.append((rest, rest))
+        return out
+    tokens = module.split(".")
+    out, i = [], 0
+    while i < len(tokens) - 1:
+        if tokens[i + 1].isdigit():
+            out.append((f"{tokens[i]}.{tokens[i + 1]}", f"{CONTAINERS.get(tokens[i], tokens[i])} {tokens[i + 1]}"))
+            i += 2
+        elif not out:
+            out.append((tokens[i], tokens[i]))  # the root component ("transformer", "model")
+            i += 1
+        else:
+            break
+    leaf = ".".join(tokens[i:])
+    if leaf:
+        out.append((leaf, leaf))
+    return out
+
+
 def segments(module: str) -> list[tuple[str, str]]:
     """(key, label) of every level from the component down to the module's own leaf."""
     component, _, rest = module.partition(".")
@@ -116,8 +157,10 @@ def segments(module: str) -> list[tuple[str, str]]:
     return out
 
 
-def build_tree(leaves: Iterable[Leaf], *, fold: bool = True) -> list[Node]:
+def build_tree(leaves: Iterable[Leaf], *, fold: bool = True, generic: bool = False) -> list[Node]:
     """Component nodes (U-Net, text encoders) with their groups below, in module order.
+
+    ``generic``: module names no family map knows, grouped by their own dots (:func:`generic_segments`).
 
     Each leaf's facts are counted into every node on its path as it is inserted (one pass, no
     Counter merging: this runs inside inspect's 0.2 s budget for ~1,000 modules).
@@ -133,7 +176,7 @@ def build_tree(leaves: Iterable[Leaf], *, fold: bool = True) -> list[Node]:
             alpha = alpha_text[leaf.alpha] = "none" if leaf.alpha is None else f"{leaf.alpha:g}"
         path = ""
         parent: Node | None = None
-        levels = segments(leaf.module)
+        levels = generic_segments(leaf.module) if generic else segments(leaf.module)
         for depth, (key, label) in enumerate(levels):
             path = f"{path}.{key}" if path else key
             node = index.get(path)

@@ -832,7 +832,8 @@ def _mixed(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
 
 
 _lora_case("unknown-keys", _unknown_keys, match="unknown LoRA key layout|not a Stable Diffusion")
-_lora_case("shapes-fit-nothing", _fits_nothing, match="fits")
+# widths that fit no model: read by its SD names (issue 13: the family is a report); merge needs the base's widths
+_lora_case("shapes-fit-nothing", _fits_nothing, {"*": "accepted", "merge": "refused", "unmerge": "refused"}, match="fits")
 _lora_case(
     "embedding-only", _embedding_only, {"*": "refused", "inspect": "warned"}, match="textual-inversion embedding"
 )

@@ -1,0 +1,152 @@
+"""What model a LoRA is for, as a report: never a reason to refuse a file the readers can parse.
+
+A :class:`ModelVerdict` says which model a file's module names (and, for SD, its shapes) point
+to, and how sure that is: an SD family at full size (names and shapes fit), an SD family by names
+whose widths fit no full-size model (a tiny or distilled model), a recognised non-SD model by its
+names (FLUX.1, SD3/SD3.5), a language-model adapter ("not a diffusion model"), or unknown. The
+readers key adapters by canonical SD names when an SD family's names apply, and verbatim in the
+file's own dialect otherwise (:data:`VERBATIM`); commands that need a family map (merge, and
+conversion between dialects of a non-SD LoRA) say so by name (:func:`needs_family_map`).
+
+Torch-free: census (issue 16) and check (issue 19) reuse it over headers alone.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+
+from ..errors import InputError
+
+# kind
+SD = "sd"  # an SD family (names in loratools' tables)
+MODEL = "model"  # a recognised non-SD diffusion model, by names
+NOT_DIFFUSION = "not-diffusion"  # a language-model (or other non-diffusion) adapter
+UNKNOWN = "unknown"
+
+# fit
+SHAPES = "shapes"  # names and shapes fit a full-size family
+NAMES = "names"  # names fit; shapes were not checked (no full-size model has these widths)
+NONE = "none"  # no family map applies
+
+# Adapter keys of a LoRA with no family map keep the file's own module names, in one of these
+# dialect namespaces: "kohya" (``lora_unet_double_blocks_0_img_attn_proj``) or "peft" (the dotted
+# module path, ``transformer.single_transformer_blocks.12.proj_out``).
+VERBATIM = ("kohya", "peft")
+
+
+@dataclass(frozen=True)
+class ModelVerdict:
+    """The model a LoRA is for, and how that was told (schema field ``model`` of inspect --json)."""
+
+    kind: str  # sd, model, not-diffusion, unknown
+    family: str  # sd1, sd2, sdxl, flux1, sd3, language-model, unknown
+    title: str  # "SD 1.x", "FLUX.1", …
+    fit: str  # shapes, names, none
+    note: str  # one line for people
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+    @property
+    def has_family_map(self) -> bool:
+        """Whether loratools' SD name tables name this LoRA's modules (canonical adapter keys)."""
+        return self.kind == SD
+
+
+def sd_verdict(family: str, title: str, *, full_size: bool, note: str = "") -> ModelVerdict:
+    """An SD family: at full size (names and shapes fit), or by names only."""
+    if full_size:
+        return ModelVerdict(SD, family, title, SHAPES, note or f"{title}: names and shapes fit")
+    return ModelVerdict(
+        SD,
+        family,
+        title,
+        NAMES,
+        note or f"{title} names; widths fit no full-size {title} — a tiny or distilled model",
+    )
+
+
+# --- non-SD models by their module names ----------------------------------------------------------
+
+_FLUX = re.compile(
+    r"(^|[._])(single_transformer_blocks|double_blocks|single_blocks)([._]\d|$)"
+    r"|^lora_unet_(double|single)_blocks_"
+)
+_SD3 = re.compile(r"(^|[._])joint_blocks[._]\d")
+_TRANSFORMER_BLOCKS = re.compile(r"(^|[._])transformer_blocks[._]\d")
+_SD_UNET = re.compile(r"(down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block)[._]")
+# language models: HF module paths of BERT/RoBERTa, Llama/Mistral/Qwen, GPT-2, OPT/BART, T5, …
+_LANGUAGE = re.compile(
+    r"(^|\.)(roberta|bert|deberta|distilbert|electra|albert|xlm_roberta)\.(encoder|embeddings)\."
+    r"|(^|\.)model\.layers\.\d+\.(self_attn|mlp)\."
+    r"|(^|\.)transformer\.h\.\d+\.(attn|mlp)\."
+    r"|(^|\.)model\.(decoder|encoder)\.layers\.\d+\."
+    r"|(^|\.)(encoder|decoder)\.block\.\d+\.layer\."
+    r"|(^|\.)lm_head$"
+)
+FLUX_TITLE = "FLUX.1"
+SD3_TITLE = "SD3/SD3.5"
+
+
+def model_by_names(modules: Iterable[str], widths: Iterable[int] = ()) -> ModelVerdict | None:
+    """A recognised non-SD model from module names (and, where names alone cannot tell, widths).
+
+    FLUX.1: ``single_transformer_blocks``/``double_blocks``/``single_blocks``
+    (diffusers ``FluxTransformer2DModel``; BFL and ComfyUI ``double_blocks``; kohya
+    ``lora_unet_double_blocks_``). SD3/SD3.5: SGM ``joint_blocks``, or diffusers
+    ``transformer_blocks`` beside ``context_embedder`` (``SD3Transformer2DModel``) — Flux's double
+    blocks share that name, so a file holding only ``transformer_blocks`` is FLUX.1 at Flux's
+    3072 width and SD3 otherwise. None when the names are SD's or unknown.
+    """
+    names = list(modules)
+    if any(_FLUX.search(n) for n in names):
+        return ModelVerdict(MODEL, "flux1", FLUX_TITLE, NONE, "FLUX.1 by its module names")
+    if any(_SD3.search(n) for n in names):
+        return ModelVerdict(MODEL, "sd3", SD3_TITLE, NONE, "SD3/SD3.5 by its module names (joint_blocks)")
+    if any(_TRANSFORMER_BLOCKS.search(n) and not _SD_UNET.search(n) for n in names):
+        if any("context_embedder" in n for n in names) or 3072 not in set(widths):
+            return ModelVerdict(MODEL, "sd3", SD3_TITLE, NONE, "SD3/SD3.5 by its module names (transformer_blocks)")
+        return ModelVerdict(MODEL, "flux1", FLUX_TITLE, NONE, "FLUX.1 by its module names and its 3072 width")
+    if any(_LANGUAGE.search(n) for n in names):
+        return ModelVerdict(
+            NOT_DIFFUSION, "language-model", "a language model", NONE, "not a diffusion model: a language-model adapter"
+        )
+    return None
+
+
+def unknown_verdict(sample: Iterable[str]) -> ModelVerdict:
+    """No family loratools knows: the modules are read and kept by their own names."""
+    first = ", ".join(list(sample)[:2])
+    return ModelVerdict(UNKNOWN, "unknown", "unknown model", NONE, f"unknown model (modules such as {first})")
+
+
+def config_verdict(config: Mapping[str, object]) -> ModelVerdict | None:
+    """A peft adapter_config.json whose task type names a language task."""
+    task = config.get("task_type")
+    if isinstance(task, str) and task.upper() in {
+        "CAUSAL_LM",
+        "SEQ_CLS",
+        "SEQ_2_SEQ_LM",
+        "TOKEN_CLS",
+        "QUESTION_ANS",
+        "FEATURE_EXTRACTION",
+    }:
+        return ModelVerdict(
+            NOT_DIFFUSION,
+            "language-model",
+            "a language model",
+            NONE,
+            f"not a diffusion model: a peft {task} adapter"
+            + (f" for {config['base_model_name_or_path']}" if config.get("base_model_name_or_path") else ""),
+        )
+    return None
+
+
+def needs_family_map(verdict: ModelVerdict, what: str) -> InputError:
+    """The one refusal a LoRA without a family map gets: the operation that needs one, by name."""
+    return InputError(
+        f"{what} needs a {verdict.title} family map, which loratools lacks ({verdict.note})",
+        hint="rescale, resize, blend, diff, inspect and convert within the same dialect work on it",
+    )
