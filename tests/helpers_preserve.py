@@ -16,6 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loratools.families.spec import FamilySpec
+from loratools.ops.provenance import FOLDER_FILE as PROVENANCE_FILE
+from loratools.ops.provenance import KEY as PROVENANCE_KEY
 from loratools.synthetic import write_checkpoint
 
 # Unknown to the key map: a VAE resnet shortcut where the architecture has none, and EMA bookkeeping.
@@ -160,6 +162,7 @@ def compare(base: Path, out: Path, *, dtype: str | None = None) -> set[str]:
     non-weight files and untouched tensors byte-identical (cast only where ``dtype`` says); return
     the tensors (``file:key``) whose bytes changed."""
     before, after = files_of(base), files_of(out)
+    after.pop(PROVENANCE_FILE, None)  # a merge records what went in (tests/test_provenance.py)
     assert set(before) == set(after), set(before) ^ set(after)
     changed: set[str] = set()
     for rel, a in before.items():
@@ -171,7 +174,9 @@ def compare(base: Path, out: Path, *, dtype: str | None = None) -> set[str]:
         raw_a, head_a = _header(a)
         raw_b, head_b = _header(b)
         assert list(head_a) == list(head_b), rel  # names, spelling and order
-        assert head_a.get("__metadata__") == head_b.get("__metadata__"), rel
+        meta_b = dict(head_b.get("__metadata__") or {})  # type: ignore[call-overload]
+        recorded = meta_b.pop(PROVENANCE_KEY, None) is not None
+        assert head_a.get("__metadata__") == (meta_b or None), rel
         ta, tb = load_file(str(a)), load_file(str(b))
         for key, tensor in ta.items():
             got = tb[key]
@@ -182,6 +187,6 @@ def compare(base: Path, out: Path, *, dtype: str | None = None) -> set[str]:
                 assert got.dtype == tensor.dtype, (rel, key)
             if not torch.equal(_bytes(tensor), _bytes(got)):
                 changed.add(f"{rel}:{key}")
-        if dtype is None and not changed & {f"{rel}:{k}" for k in ta}:
+        if dtype is None and not recorded and not changed & {f"{rel}:{k}" for k in ta}:
             assert raw_a == raw_b, rel
     return changed

@@ -389,6 +389,7 @@ class LoraFile:
     warnings: list[str] = field(default_factory=list)
     unmatched: dict[str, str] = field(default_factory=dict)  # file module name → why it matched nothing
     path: str | None = None
+    source_order: dict[str, str] = field(default_factory=dict)  # component → pair order (cloneofsimo)
     model: ModelVerdict | None = None  # what model it is for (formats.verdict); derived when not given
 
     def __post_init__(self) -> None:

@@ -57,6 +57,7 @@ ORDERS: dict[str, str] = {
 UNET_TARGETS = {
     "attention": ["CrossAttention", "Attention"],
     "geglu-0.15": ["CrossAttention", "Attention", "GEGLU"],
+    "geglu-0.14": ["CrossAttention", "Attention", "GEGLU"],
 }
 TEXT_TARGETS = ["CLIPAttention"]
 # safeloras model name (the pipeline attribute) ↔ canonical component
@@ -361,7 +362,9 @@ def read_safeloras(
                 f"metadata {name} lists targets {targets}, but the shapes say {ORDERS[match.order]}; used the shapes"
             )
     kept = {k: v for k, v in metadata.items() if v != EMBED_FLAG and not re.match(r"^[^:]+:\d+:rank$", k)}
-    return LoraFile(adapters, spec, FORMAT, kept, warnings=warnings)
+    lora = LoraFile(adapters, spec, FORMAT, kept, warnings=warnings)
+    lora.source_order = {match.component: match.order for match in matches.values()}  # written back alike
+    return lora
 
 
 def _targets(raw: str | None) -> list[str] | None:
@@ -439,7 +442,7 @@ def _check_writable(lora: LoraFile) -> None:
 
 
 def _ordered_pairs(
-    lora: LoraFile, component: str, dtype: torch.dtype | None
+    lora: LoraFile, component: str, dtype: torch.dtype | None, order: str | None = None
 ) -> tuple[str, list[tuple[torch.Tensor, torch.Tensor]]]:
     """(order, [(up, down)…]) of one component in lora_diffusion's order, absent modules zero-padded.
 
@@ -447,10 +450,11 @@ def _ordered_pairs(
     modules this LoRA lacks get zero factors (ΔW = 0, exactly), which our reader leaves out again.
     """
     mine = {m: a for m, a in lora.adapters.items() if m.split(".", 1)[0] == component}
-    if component == "unet":
-        order = "geglu-0.15" if any(m.endswith("." + GEGLU) for m in mine) else "attention"
-    else:
+    has_geglu = any(m.endswith("." + GEGLU) for m in mine)
+    if component != "unet":
         order = "text"
+    elif order is None or (has_geglu and order == "attention"):  # the source's order when it can hold them
+        order = "geglu-0.15" if has_geglu else "attention"
     adapters = [a for a in mine.values() if isinstance(a, LowRank)]
     pad_rank = Counter(a.rank for a in adapters).most_common(1)[0][0] if adapters else 1
     pad_dtype = dtype or (adapters[0].up.dtype if adapters else torch.float32)
@@ -486,13 +490,16 @@ def safeloras_state_dict(
     _check_writable(lora)
     if not lora.adapters:
         raise InputError("this LoRA has no modules to write")
+    from .metadata import carried_metadata
+
     tensors: dict[str, torch.Tensor] = {}
-    metadata: dict[str, str] = {}
+    # lora_diffusion reads only the keys of its tensors' names; the rest is carried as it came
+    metadata: dict[str, str] = {k: v for k, v in carried_metadata(lora).items() if k not in SAFELORAS_NAMES}
     for component in ("unet", "te1", "te2"):
         if component not in lora.components():
             continue
         name = COMPONENT_NAMES[component]
-        order, pairs = _ordered_pairs(lora, component, dtype)
+        order, pairs = _ordered_pairs(lora, component, dtype, lora.source_order.get(component))
         metadata[name] = json.dumps(UNET_TARGETS[order] if component == "unet" else TEXT_TARGETS)
         for i, (up, down) in enumerate(pairs):
             metadata[f"{name}:{i}:rank"] = str(down.shape[0])
@@ -519,5 +526,5 @@ def pt_list(
     _check_writable(lora)
     if component not in lora.components():
         raise InputError(f"this LoRA has no {COMPONENT_TITLES.get(component, component)} modules")
-    _, pairs = _ordered_pairs(lora, component, dtype)
+    _, pairs = _ordered_pairs(lora, component, dtype, lora.source_order.get(component))
     return [t for pair in pairs for t in pair]

@@ -24,6 +24,7 @@ from . import cloneofsimo, flux, kohya, peft
 from .adapters import LoraFile, is_finite
 from .keys import EMBEDDING_KEYS, bundle_key, is_embedding_key, normalize_peft_key, token_key  # noqa: F401 (EMBEDDING_KEYS re-exported)
 from .lookalike import check_not_lfs_pointer, flatten_embedding, not_a_lora
+from .metadata import with_hashes
 
 FORMATS = ("kohya", "diffusers", "peft", "cloneofsimo")
 
@@ -172,15 +173,15 @@ def save_lora(
         tensors = kohya.kohya_state_dict(lora, dtype=dtype)
         # embeddings beside kohya keys go in A1111's bundle form, the one loader that reads them there
         tensors.update({bundle_key(k): v for k, v in lora.embeddings.items()})
-        save_tensors(path, tensors, kohya.kohya_metadata(lora), overwrite=overwrite)
+        save_tensors(path, tensors, with_hashes(kohya.kohya_metadata(lora), tensors), overwrite=overwrite)
     elif fmt == "diffusers":
         tensors = peft.peft_state_dict(lora, dtype=dtype)
-        save_tensors(path, tensors, peft.diffusers_metadata(lora), overwrite=overwrite)
+        save_tensors(path, tensors, with_hashes(peft.diffusers_metadata(lora), tensors), overwrite=overwrite)
     elif fmt == "peft":
         _save_peft_folder(lora, path, dtype, overwrite)
     elif fmt == "cloneofsimo":
         tensors, metadata = cloneofsimo.safeloras_state_dict(lora, dtype=dtype)
-        save_tensors(path, tensors, metadata, overwrite=overwrite)
+        save_tensors(path, tensors, with_hashes(metadata, tensors), overwrite=overwrite)
     else:
         raise InputError(f"unknown LoRA format {fmt!r} (choose from {', '.join(FORMATS)})")
     return path
@@ -199,5 +200,6 @@ def _save_peft_folder(lora: LoraFile, path: Path, dtype: torch.dtype | None, ove
             # folder "": a LoRA with no family map whose modules sit at the adapter's root
             where = tmp / folder if folder else tmp
             where.mkdir(exist_ok=True)
-            save_tensors(where / peft.WEIGHTS_NAME, by_folder.get(folder, {}), {"format": "pt"})
+            local = by_folder.get(folder, {})
+            save_tensors(where / peft.WEIGHTS_NAME, local, with_hashes(peft.folder_metadata(lora), local))
             (where / peft.CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))

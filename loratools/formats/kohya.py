@@ -8,17 +8,17 @@ for every module.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Mapping
 
 import torch
 
 from ..errors import InputError
 from ..families.spec import FamilySpec
-from .adapters import LoraFile, LowRank, factor_dtype
+from .adapters import LoraFile, factor_dtype
 from .keys import KOHYA_KEY as KEY
 from .keys import is_kohya  # noqa: F401 (re-exported)
 from .lycoris import adapter_from_params, adapter_params
+from .metadata import carried_metadata, describe_network
 from .names import kohya_text_prefixes, name_tables
 from .resolve import claimed_family, resolve
 from .verdict import needs_family_map
@@ -101,16 +101,10 @@ def kohya_state_dict(lora: LoraFile, *, dtype: torch.dtype | None = None) -> dic
 
 
 def kohya_metadata(lora: LoraFile) -> dict[str, str]:
-    """sd-scripts metadata, kept from the source and updated to what the file now holds."""
-    meta = {k: v for k, v in lora.metadata.items() if k.startswith(("ss_", "modelspec.")) or k in ("merged_from",)}
-    ranks = Counter(a.rank for a in lora.adapters.values() if isinstance(a, LowRank))
-    alphas = Counter(a.alpha for a in lora.adapters.values() if isinstance(a, LowRank))
-    if ranks:
-        meta["ss_network_dim"] = str(next(iter(ranks))) if len(ranks) == 1 else "Dynamic"
-        alpha = next(iter(alphas))
-        meta["ss_network_alpha"] = f"{alpha:g}" if len(alphas) == 1 else "Dynamic"
-    if lora.family is not None and claimed_family(meta)[0] != lora.family.name:  # missing or wrong
+    """sd-scripts metadata: the source's carried whole, the network keys set to what the file holds
+    (formats/metadata.py); ``sshs_*`` are recomputed by :func:`save_lora` once the tensors are known."""
+    meta = describe_network(carried_metadata(lora), lora)
+    if lora.family is not None and claimed_family(meta)[0] != lora.family.name:  # missing or wrong  # missing or wrong: say what the shapes say
         meta["ss_base_model_version"] = lora.family.metadata_versions[0]
         meta["ss_v2"] = str(lora.family.name == "sd2")
-    meta.setdefault("ss_network_module", "networks.lora" if lora.only_plain_lora() else "lycoris.kohya")
     return meta

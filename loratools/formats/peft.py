@@ -141,6 +141,7 @@ def read_peft_folder(folder: Path, family: str | FamilySpec | None = None, *, re
         raise InputError(f"{folder}: no {CONFIG_NAME} found")
     tensors: dict[str, torch.Tensor] = {}
     configs: dict[str, dict[str, Any]] = {}
+    metadata: dict[str, str] = {}  # the weight files' own (training metadata written beside the config)
     verdict: ModelVerdict | None = None
     for part in parts:
         try:
@@ -154,6 +155,7 @@ def read_peft_folder(folder: Path, family: str | FamilySpec | None = None, *, re
             weights = part / "adapter_model.bin"
         with open_checkpoint(weights) as ckpt:
             local = dict(ckpt.items())
+            metadata.update({k: v for k, v in ckpt.metadata.items() if k not in metadata})
         folder_name = part.name if part.name in FOLDER_OF else _guess_folder(local)
         configs[folder_name] = config
         verdict = verdict or config_verdict(config)
@@ -163,7 +165,7 @@ def read_peft_folder(folder: Path, family: str | FamilySpec | None = None, *, re
                 bare = f"{folder_name}.{bare}"
             tensors[bare] = tensor
     return read_peft(
-        tensors, {}, family, configs=configs, source_format=PEFT_FORMAT, require_fit=require_fit, verdict=verdict
+        tensors, metadata, family, configs=configs, source_format=PEFT_FORMAT, require_fit=require_fit, verdict=verdict
     )
 
 
@@ -266,8 +268,26 @@ def peft_state_dict(lora: LoraFile, *, dtype: torch.dtype | None = None) -> dict
 
 
 def diffusers_metadata(lora: LoraFile) -> dict[str, str]:
+    """diffusers' own keys (``format``, the LoraConfig per folder) beside the source's training
+    metadata, carried whole with its network keys describing this file (formats/metadata.py)."""
+    from .metadata import carried_metadata, describe_network
+
     flat: dict[str, Any] = {}
     for folder, config in peft_configs(lora).items():
         for key, value in config.items():
             flat[f"{folder}.{key}"] = value
-    return {"format": "pt", METADATA_KEY: json.dumps(flat, sort_keys=True)}
+    meta = carried_metadata(lora)
+    if any(k.startswith("ss_") for k in meta):
+        describe_network(meta, lora)
+    return {"format": "pt", **meta, METADATA_KEY: json.dumps(flat, sort_keys=True)}
+
+
+def folder_metadata(lora: LoraFile) -> dict[str, str]:
+    """The ``__metadata__`` of each adapter_model.safetensors of a peft folder: ``format`` and the
+    source's training metadata (peft itself writes only ``format``; extra keys do not disturb it)."""
+    from .metadata import carried_metadata, describe_network
+
+    meta = carried_metadata(lora)
+    if any(k.startswith("ss_") for k in meta):
+        describe_network(meta, lora)
+    return {"format": "pt", **meta}

@@ -47,6 +47,9 @@ from .checkpoint import (
     write_folder,
 )
 from .delta import DEFAULT_BUDGET, DeltaEngine, Job, Term
+from .provenance import FOLDER_FILE as PROVENANCE_FILE
+from .provenance import KEY as PROVENANCE_KEY
+from .provenance import dumps, input_record, provenance
 
 SCHEMA = "loratools.merge/1"
 FP16_MAX = 65504.0
@@ -170,6 +173,7 @@ class MergeReport:
     files_carried: int = 0  # non-weight files of a base folder copied verbatim
     verified: list[dict[str, object]] = field(default_factory=list)
     residual: dict[str, dict[str, float]] = field(default_factory=dict)  # unmerge --base: component → errors
+    provenance: dict[str, object] = field(default_factory=dict)  # what the output records it was made from
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -750,6 +754,13 @@ def _run(
                 )
 
         outputs = _plan_files(ckpt, km, found, source, out_layout, torch_dtype, plan.terms, report)
+        if operation != "convert":
+            record = _provenance(operation, ckpt, inputs, plan.matches)
+            report.provenance = record
+            if outputs.kind == "file":
+                outputs.files[0].metadata = {**(outputs.files[0].metadata or {}), PROVENANCE_KEY: dumps(record)}
+            else:
+                outputs.extra_files[PROVENANCE_FILE] = json.dumps(record, indent=2) + "\n"
         report.not_carried = dict(outputs.not_carried)
         report.files_carried = len(outputs.copies) + len(outputs.indexes)
         report.output_bytes = sum(file_size({e.key: e.info for e in f.entries}, f.metadata) for f in outputs.files)
@@ -816,6 +827,26 @@ class _Outputs:
     copies: list[str] = field(default_factory=list)  # the base folder's other files, carried verbatim
     indexes: dict[str, dict[str, object]] = field(default_factory=dict)  # shard indexes rewritten (new sizes)
     not_carried: dict[str, str] = field(default_factory=dict)  # base folder files left out → why
+    extra_files: dict[str, str] = field(default_factory=dict)  # written at the folder's root (provenance)
+
+
+def _provenance(
+    operation: str, ckpt: Checkpoint, inputs: Sequence[LoraInput], matches: Sequence[LoraMatch]
+) -> dict[str, object]:
+    """Base and LoRAs with their hashes and the options they were applied with."""
+    base = input_record(ckpt.path, ckpt.files)
+    loras = []
+    for lora_input, match in zip(inputs, matches, strict=True):
+        entry: dict[str, object] = {"name": Path(match.path).name}
+        source = lora_input.source
+        path = Path(source.path) if isinstance(source, LoraFile) and source.path else None
+        if not isinstance(source, LoraFile):
+            path = Path(resolve(source))
+        if path is not None and path.exists():
+            entry = input_record(path)
+        entry.update(weight=match.weight, unet=match.unet, text=match.text, blocks=match.blocks, format=match.format)
+        loras.append(entry)
+    return provenance(operation, base, loras)
 
 
 # Files in a component folder that hold weights (of some variant or framework). One the checkpoint
@@ -976,6 +1007,8 @@ def _write(
                 merger.write_file(tmp / out.rel, out.entries, out.metadata, False)
             for rel, index in outputs.indexes.items():
                 (tmp / rel).write_text(json.dumps(index, indent=2) + "\n")
+            for rel, text in outputs.extra_files.items():
+                (tmp / rel).write_text(text)
             if check is not None:
                 check(tmp)
         return
@@ -985,4 +1018,10 @@ def _write(
         out = by_prefix[prefix]
         merger.write_file(path, out.entries, out.metadata, False)
 
-    write_folder(source, out_path, found, write_file, overwrite=overwrite, check=check)
+    def finish(tmp: Path) -> None:
+        for rel, text in outputs.extra_files.items():
+            (tmp / rel).write_text(text)
+        if check is not None:
+            check(tmp)
+
+    write_folder(source, out_path, found, write_file, overwrite=overwrite, check=finish)

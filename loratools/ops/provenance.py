@@ -1,0 +1,63 @@
+"""What a written checkpoint was made from, recorded in it (docs/PROVENANCE.md).
+
+Key ``loratools.provenance`` in a single file's ``__metadata__`` (a JSON string), or the file
+``loratools_provenance.json`` at the root of a diffusers folder output (its weight files keep their
+own metadata as the base had it). Each input is named with its SHA-256 and AutoV2 (first 10 hex,
+AUTOMATIC1111 modules/hashes.py) — hashes that tell a user exactly which files went in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from .. import __version__
+
+KEY = "loratools.provenance"
+FOLDER_FILE = "loratools_provenance.json"
+SCHEMA = "loratools.provenance/1"
+CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file, streamed in 1 MiB reads."""
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as fh:
+        buffer = bytearray(CHUNK)
+        view = memoryview(buffer)
+        while got := fh.readinto(buffer):
+            digest.update(view[:got])
+    return digest.hexdigest()
+
+
+def input_record(path: Path, files: Sequence[Path] | None = None) -> dict[str, object]:
+    """Name and hashes of one input; a folder gets one entry per weight file (relative path)."""
+    path = Path(path)
+    if path.is_dir():
+        return {
+            "name": path.name,
+            "files": {
+                f.relative_to(path).as_posix(): {"sha256": (h := sha256_file(f)), "autov2": h[:10]}
+                for f in (files or [])
+            },
+        }
+    digest = sha256_file(path)
+    return {"name": path.name, "sha256": digest, "autov2": digest[:10]}
+
+
+def provenance(operation: str, base: dict[str, object], loras: Sequence[dict[str, object]]) -> dict[str, object]:
+    """The record written with a merged / unmerged checkpoint."""
+    return {
+        "schema": SCHEMA,
+        "tool": "loratools",
+        "version": __version__,
+        "operation": operation,
+        "base": base,
+        "loras": list(loras),
+    }
+
+
+def dumps(record: dict[str, object]) -> str:
+    return json.dumps(record, sort_keys=False, separators=(",", ":"))
