@@ -30,9 +30,7 @@ def classify(path: str | Path) -> str:
     if path.suffix == ".safetensors" or _is_safetensors(path):
         keys = list(header_of(path).tensors)
         checkpoint_keys = sum(k.startswith(SINGLE_PREFIXES) for k in keys)
-        lora_markers = sum(
-            ("lora" in k or "hada_" in k or "lokr_" in k or ":" in k or k.endswith(".alpha")) for k in keys
-        )
+        lora_markers = sum(map(_lora_marked, keys))
         return "checkpoint" if checkpoint_keys > lora_markers else "lora"
     # pickles: a checkpoint is a dict with model keys; everything else is treated as a LoRA
     from .io.pickle import load_pickle
@@ -50,3 +48,20 @@ def _is_safetensors(path: Path) -> bool:
     with open(path, "rb") as fh:
         head = fh.read(9)
     return len(head) == 9 and head[8:9] == b"{"
+
+
+def _lora_marked(key: str) -> bool:
+    return "lora" in key or "hada_" in key or "lokr_" in key or ":" in key or key.endswith(".alpha")
+
+
+def has_lora_keys(path: str | Path) -> bool:
+    """Whether a local safetensors file holds tensors named like LoRA factors (header only).
+
+    ``classify`` calls everything that is not a checkpoint a LoRA; this tells a real LoRA from a
+    file that is neither (so "did you swap the arguments?" is only said of a real one). Pickles
+    are not opened here: their reader names what they hold.
+    """
+    path = Path(path)
+    if not path.is_file() or not (path.suffix == ".safetensors" or _is_safetensors(path)):
+        return False
+    return any(map(_lora_marked, header_of(path).tensors))

@@ -71,7 +71,9 @@ def _batch_params(existing: set[str], command: str) -> list[click.Parameter]:
 
 
 def _is_folder_output(path: str | None) -> bool:
-    return path is not None and (path.endswith(("/", "\\")) or Path(path).is_dir())
+    # Only a trailing separator asks for a folder of outputs: one input with an existing folder as its
+    # output stays a single-file call, refused as "already exists" (a peft/diffusers output is a folder).
+    return path is not None and path.endswith(("/", "\\"))
 
 
 def _is_pattern(text: str) -> bool:
@@ -146,7 +148,7 @@ def _wrap(original: click.Command, command: str, input_param: str | None, *, for
         elif command == "blend":  # several inputs are one blend; a folder or glob of them is a batch
             many = many or any(_is_many([i]) for i in inputs) or _is_folder_output(output)
         elif two_paths:  # convert's OUTPUT may be a folder of its own (peft, diffusers checkpoint)
-            many = many or _is_many(inputs) or (output is not None and Path(output).is_dir())
+            many = many or _is_many(inputs) or _is_folder_output(output)
         else:
             many = many or _is_many(inputs) or _is_folder_output(output)
         if not many:
@@ -272,10 +274,22 @@ class BatchGroup(click.Group):
     """``loratools batch COMMAND …``: every batchable command, always in batch mode."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
+        from ..batch.work import WORK
+
+        for name in WORK:
+            _load_command(name)
         return sorted(BATCH_COMMANDS)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        _load_command(name)
         return BATCH_COMMANDS.get(name)
+
+
+def _load_command(name: str) -> None:
+    """Import the command's module (the CLI group loads commands lazily), which registers it here."""
+    from .main import cli
+
+    cli.commands.get(name)
 
 
 batch_group = BatchGroup(

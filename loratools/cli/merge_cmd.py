@@ -10,7 +10,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from ..classify import classify
+from ..classify import classify, has_lora_keys
 from ..families import FAMILIES
 from ..formats.lookalike import lora_not_checkpoint
 from ..io.checkpoint import open_checkpoint
@@ -104,7 +104,7 @@ def _run(operation: str, base: str, loras: tuple[str, ...], options: dict[str, A
         options["budget"] = options.pop("batch_mb") * 2**20
         options["verify"] = options["verify"] or 0
         output = options.pop("output")
-        if not is_hub(base) and classify(base) == "lora":  # the arguments swapped: say so, by name
+        if not is_hub(base) and classify(base) == "lora" and has_lora_keys(base):  # arguments swapped: say so
             raise lora_not_checkpoint(Path(base).name)
         total = _output_total(base, options["dtype"])
         label = "merging" if operation == "merge" else "unmerging"

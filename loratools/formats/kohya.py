@@ -104,7 +104,9 @@ def kohya_metadata(lora: LoraFile) -> dict[str, str]:
     """sd-scripts metadata: the source's carried whole, the network keys set to what the file holds
     (formats/metadata.py); ``sshs_*`` are recomputed by :func:`save_lora` once the tensors are known."""
     meta = describe_network(carried_metadata(lora), lora)
-    if lora.family is not None and claimed_family(meta)[0] != lora.family.name:  # missing or wrong  # missing or wrong: say what the shapes say
+    if (
+        lora.family is not None and claimed_family(meta)[0] != lora.family.name
+    ):  # missing or wrong  # missing or wrong: say what the shapes say
         meta["ss_base_model_version"] = lora.family.metadata_versions[0]
         meta["ss_v2"] = str(lora.family.name == "sd2")
     return meta

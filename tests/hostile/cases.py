@@ -486,7 +486,9 @@ def _(ctx: Ctx) -> Path:
     "path-empty-folder",
     FO,
     "any",
-    match="neither a diffusers model nor a peft adapter|no diffusers weights|no adapter_config",
+    # a plain folder is a batch of LoRAs (issue 16): empty, it has none to work on
+    match="neither a diffusers model nor a peft adapter|no diffusers weights|no adapter_config|no LoRA files found"
+    "|needs --with",
 )
 def _(ctx: Ctx) -> Path:
     (ctx.inputs / "empty").mkdir()
@@ -494,7 +496,11 @@ def _(ctx: Ctx) -> Path:
 
 
 @case(
-    "path-folder-named-safetensors", FO, "any", match="neither a diffusers model|no diffusers weights|no adapter_config"
+    "path-folder-named-safetensors",
+    FO,
+    "any",
+    {"*": "refused", "inspect": "accepted"},  # inspect lists the folder row by row: readme.txt "skipped"
+    match="neither a diffusers model|no diffusers weights|no adapter_config|no LoRA files found|needs --with",
 )
 def _(ctx: Ctx) -> Path:
     folder = ctx.inputs / "model.safetensors"
@@ -834,7 +840,11 @@ def _mixed(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
 _lora_case("unknown-keys", _unknown_keys, match="unknown LoRA key layout|not a Stable Diffusion")
 # widths that fit no model: read by its SD names (issue 13: the family is a report); merge needs the base's widths
 _lora_case(
-    "shapes-fit-nothing", _fits_nothing, {"*": "accepted", "merge": "refused", "unmerge": "refused"}, match="fits"
+    "shapes-fit-nothing",
+    _fits_nothing,
+    # blend's partner is a full-size LoRA: the same module at two widths cannot be summed
+    {"*": "accepted", "merge": "refused", "unmerge": "refused", "blend": "refused"},
+    match="fits|shapes differ",
 )
 _lora_case(
     "embedding-only", _embedding_only, {"*": "refused", "inspect": "warned"}, match="textual-inversion embedding"
