@@ -77,10 +77,13 @@ class LazyCommands(dict):
         return [(name, self[name]) for name in self]
 
 
-@click.group(context_settings=CONTEXT)
+@click.group(
+    context_settings=CONTEXT,
+    epilog="Formats reference (cited as docs/FORMATS.md §N): docs/FORMATS.md in the source tree.",
+)
 @click.version_option(__version__, prog_name="loratools")
 def cli() -> None:
-    """LoRA weight surgery for Stable Diffusion (SD 1.x, 2.x, SDXL), directly on state dicts.
+    """LoRA weight surgery for Stable Diffusion (SD 1.x, 2.x, SDXL) and FLUX.1, directly on state dicts.
 
     \b
     Every command reads headers first and tensors one at a time; outputs are written to a
