@@ -119,21 +119,6 @@ def flux_names(spec: FamilySpec) -> FluxNames:
     return FluxNames(shapes, bfl, bfl_shapes, underscore, bfl_underscore, home)
 
 
-def is_flux_lora(keys: list[str]) -> bool:
-    """Keys that only FLUX.1 LoRAs use (BFL or FLUX.1-diffusers module names, any dialect)."""
-    return any(
-        ("double_blocks" in k or "single_blocks" in k or "single_transformer_blocks" in k)
-        # double-stream names FLUX.1 shares with SD3: the reader's shape check decides (None if no fit)
-        or (
-            "transformer_blocks" in k
-            and any(n in k for n in ("add_q_proj", "to_add_out", "ff_context", "norm1_context"))
-        )
-        or "SelfAttention" in k  # T5 (FLUX.1's second text encoder; no SD family has one)
-        or "DenseReluDense" in k
-        for k in keys
-    )
-
-
 def _parse(key: str, names: FluxNames) -> tuple[str, str, str] | None:
     """(space, module, kohya param) of a key: space "bfl" (BFL path) or "canonical"; None if unknown."""
     if (m := _UNDERSCORE.match(key)) is not None:

@@ -25,6 +25,7 @@ from .adapters import LoraFile, is_finite
 from .keys import EMBEDDING_KEYS, bundle_key, is_embedding_key, normalize_peft_key, token_key  # noqa: F401 (EMBEDDING_KEYS re-exported)
 from .lookalike import check_not_lfs_pointer, flatten_embedding, not_a_lora
 from .metadata import with_hashes
+from .verdict import is_flux_lora
 
 FORMATS = ("kohya", "diffusers", "peft", "cloneofsimo")
 
@@ -126,7 +127,7 @@ def _read_dict(
         raise InputError(f"{path.name}: holds no tensors")
     keys = list(lora_tensors)
     kohya_keys = [k for k in keys if kohya.KEY.match(k)]
-    if kohya_keys and len(kohya_keys) != len(keys) and not flux.is_flux_lora(keys):
+    if kohya_keys and len(kohya_keys) != len(keys) and not is_flux_lora(keys):
         others = [k for k in keys if not kohya.KEY.match(k)]
         if peft.is_peft_like(others):
             raise InputError(
@@ -135,7 +136,7 @@ def _read_dict(
             )
         raise InputError(f"{path.name}: unknown keys beside kohya ones: {', '.join(others[:5])}")
     # BFL or FLUX.1 module names, any dialect (docs/FLUX.md §2); None: widths fit no FLUX.1
-    flux_lora = flux.read_flux_lora(lora_tensors, metadata, family) if flux.is_flux_lora(keys) else None
+    flux_lora = flux.read_flux_lora(lora_tensors, metadata, family) if is_flux_lora(keys) else None
     if flux_lora is not None:
         lora = flux_lora
     elif kohya_keys:

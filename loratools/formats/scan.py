@@ -45,7 +45,7 @@ from .keys import (
 from .lookalike import not_a_lora
 from .names import NameTables
 from .resolve import Resolution, claim_warning, resolve
-from .verdict import ModelVerdict
+from .verdict import ModelVerdict, is_flux_lora
 
 # struct codes of the dtypes an alpha scalar is stored in (kohya casts alpha to the save dtype)
 _SCALAR = {"F64": "<d", "F32": "<f", "F16": "<e", "I64": "<q", "I32": "<i", "I16": "<h", "I8": "<b", "U8": "<B"}
@@ -431,8 +431,10 @@ def scan_lora(path: str | os.PathLike[str], family: str | FamilySpec | None = No
     keys = list(lora_refs)
     matches = {k: m for k in keys if (m := KOHYA_KEY.match(k)) is not None}
     kohya_keys = list(matches)
-    if not keys or (len(kohya_keys) != len(keys) and is_safeloras(keys)):
-        return None  # embedding-only files and safeloras go through the full reader
+    if not keys or (len(kohya_keys) != len(keys) and is_safeloras(keys)) or is_flux_lora(keys):
+        # embedding-only files, safeloras and FLUX.1 spellings go through the full reader (one
+        # dispatch rule: formats/io.py asks formats/flux.py the same question)
+        return None
     if kohya_keys and len(kohya_keys) != len(keys):
         others = [k for k in keys if k not in matches]
         if is_peft_like(others):

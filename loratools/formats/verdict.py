@@ -151,3 +151,18 @@ def needs_family_map(verdict: ModelVerdict, what: str) -> InputError:
         f"{what} needs a {verdict.title} family map, which loratools lacks ({verdict.note})",
         hint="rescale, resize, blend, diff, inspect and convert within the same dialect work on it",
     )
+
+
+def is_flux_lora(keys: list[str]) -> bool:
+    """Keys that only FLUX.1 LoRAs use (BFL or FLUX.1-diffusers module names, any dialect)."""
+    return any(
+        ("double_blocks" in k or "single_blocks" in k or "single_transformer_blocks" in k)
+        # double-stream names FLUX.1 shares with SD3: the reader's shape check decides (None if no fit)
+        or (
+            "transformer_blocks" in k
+            and any(n in k for n in ("add_q_proj", "to_add_out", "ff_context", "norm1_context"))
+        )
+        or "SelfAttention" in k  # T5 (FLUX.1's second text encoder; no SD family has one)
+        or "DenseReluDense" in k
+        for k in keys
+    )
