@@ -193,7 +193,8 @@ class DeltaEngine:
             factors = _lowrank_factors(additive, shape)
             if factors is not None:
                 u, d = factors
-                group = groups[("lowrank", *_flat(shape), u.shape[1])]
+                rows, cols = _flat(shape)
+                group = groups[("lowrank", rows, cols, u.shape[1])]
                 group.names.append(name)
                 group.lefts.append(u)
                 group.rights.append(d)
@@ -201,14 +202,14 @@ class DeltaEngine:
                 if _is_batched_loha(term):
                     a = term.adapter
                     assert isinstance(a, LoHa)
-                    out, inp = _flat(shape)
-                    key = ("loha", out, inp, a.w1b.shape[0], a.w2b.shape[0])
+                    rows, cols = _flat(shape)
+                    key = ("loha", rows, cols, a.w1b.shape[0], a.w2b.shape[0])
                     group = groups[key]
                     group.names.append(name)
-                    group.lefts.append(a.w1a.to(torch.float32).reshape(out, -1) * (a.scale * term.strength))
+                    group.lefts.append(a.w1a.to(torch.float32).reshape(rows, -1) * (a.scale * term.strength))
                     group.rights.append(a.w1b.to(torch.float32).reshape(a.w1b.shape[0], -1))
                     group.extra.append(
-                        (a.w2a.to(torch.float32).reshape(out, -1), a.w2b.to(torch.float32).reshape(a.w2b.shape[0], -1))
+                        (a.w2a.to(torch.float32).reshape(rows, -1), a.w2b.to(torch.float32).reshape(a.w2b.shape[0], -1))
                     )
                 elif factors is None or not (
                     isinstance(term.adapter, LowRank) and term.adapter.mid is None and not term.bias

@@ -224,8 +224,8 @@ def _load_for(lora_input: LoraInput, found: Detection) -> LoraFile:
         if other is None:
             # shapes alone cannot tell (a LoRA of test-sized or unusual widths): what the file
             # claims decides, as it does for people — a LoRA that says SDXL is not merged into SD 1.x
-            claim = claimed_family(lora.metadata)[0]
-            other = FAMILIES[claim] if claim is not None else None
+            claimed = claimed_family(lora.metadata)[0]
+            other = FAMILIES[claimed] if claimed is not None else None
         if other is not None and other.name != spec.name:
             raise InputError(
                 f"{Path(lora_input.name).name}: looks like a {other.title} LoRA ({len(lora.unmatched)} of its modules "
@@ -282,7 +282,7 @@ def _match(
         match = LoraMatch(
             path=lora_input.name,
             format=lora.source_format,
-            family=lora.family.name,
+            family=lora.family_name,  # == found.family.name: _load_for refuses any other family
             weight=lora_input.weight,
             unet=lora_input.unet if lora_input.unet is not None else lora_input.weight,
             text=lora_input.text if lora_input.text is not None else lora_input.weight,
@@ -534,7 +534,11 @@ def _reference(weight: torch.Tensor, terms: Sequence[Term]) -> torch.Tensor:
         if term.is_dora:
             continue
         a = term.adapter
-        delta = a.diff_b if term.bias else a.delta()  # type: ignore[union-attr]
+        if term.bias:
+            assert isinstance(a, Full) and a.diff_b is not None  # bias terms come only from Full.diff_b
+            delta = a.diff_b
+        else:
+            delta = a.delta()
         result = result + delta.to(torch.float64).reshape(result.shape) * term.strength
     for term in terms:
         if term.is_dora:
@@ -602,7 +606,23 @@ def merge(
     ``verify``: recompute this many patched tensors from the written file before it is renamed
     into place. Returns a :class:`MergeReport`; on any error nothing is left at ``output``.
     """
-    return _run("merge", base, loras, output, **_options(locals()))
+    return _run(
+        "merge",
+        base,
+        loras,
+        output,
+        layout=layout,
+        dtype=dtype,
+        family=family,
+        device=device,
+        strict=strict,
+        dry_run=dry_run,
+        verify=verify,
+        skip_nonfinite=skip_nonfinite,
+        overwrite=overwrite,
+        budget=budget,
+        progress=progress,
+    )
 
 
 def unmerge(
@@ -630,8 +650,24 @@ def unmerge(
     Same options as :func:`merge`; DoRA modules cannot be unmerged (their renormalisation loses
     the norm) and are refused.
     """
-    options = _options(locals())
-    return _run("unmerge", merged, loras, output, original=base, **options)
+    return _run(
+        "unmerge",
+        merged,
+        loras,
+        output,
+        layout=layout,
+        dtype=dtype,
+        family=family,
+        device=device,
+        strict=strict,
+        dry_run=dry_run,
+        verify=verify,
+        skip_nonfinite=skip_nonfinite,
+        overwrite=overwrite,
+        budget=budget,
+        progress=progress,
+        original=base,
+    )
 
 
 def rewrite(
@@ -652,15 +688,23 @@ def rewrite(
     plan (what is copied as raw bytes, what is cast, what is rebuilt across layouts, what has no
     place in the target and why), the same folder preservation, the same ``dry_run``.
     """
-    options = _options(
-        {**locals(), "device": "cpu", "strict": False, "skip_nonfinite": False, "budget": DEFAULT_BUDGET}
+    return _run(
+        "convert",
+        base,
+        [],
+        output,
+        layout=layout,
+        dtype=dtype,
+        family=family,
+        device="cpu",
+        strict=False,
+        dry_run=dry_run,
+        verify=verify,
+        skip_nonfinite=False,
+        overwrite=overwrite,
+        budget=DEFAULT_BUDGET,
+        progress=progress,
     )
-    return _run("convert", base, [], output, **options)
-
-
-def _options(scope: dict[str, object]) -> dict[str, object]:
-    keys = ("layout", "dtype", "family", "device", "strict", "dry_run", "verify", "skip_nonfinite", "overwrite")
-    return {k: scope[k] for k in (*keys, "budget", "progress")}
 
 
 def _as_input(item: LoraInput | str | Path | LoraFile) -> LoraInput:
