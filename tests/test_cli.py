@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -153,8 +152,14 @@ _SLOW_CONVERT = """
 import sys, time
 from loratools.io import safetensors as st
 original = st.StreamingWriter.write
+calls = []
 def slow(self, name, tensor):
-    time.sleep(0.01)
+    # The first write announces itself and then waits for the test's signal: the signal lands
+    # mid-write however slow the machine is (a fixed per-tensor delay raced the poll loop).
+    if not calls:
+        calls.append(name)
+        print("writing", flush=True)
+        time.sleep(120)
     original(self, name, tensor)
 st.StreamingWriter.write = slow
 from loratools.cli.main import main
@@ -176,9 +181,8 @@ def test_signal_mid_write_leaves_nothing(
         text=True,
     )
     assert proc.stdout is not None and proc.stdout.readline().strip() == "started"
-    deadline = time.time() + 30
-    while not any(p.name.endswith(".partial") for p in tmp_path.iterdir()) and time.time() < deadline:
-        time.sleep(0.05)
+    assert proc.stdout.readline().strip() == "writing"
+    assert any(p.name.endswith(".partial") for p in tmp_path.iterdir())
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode in (130, 143), err

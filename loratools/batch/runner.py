@@ -101,11 +101,17 @@ def _run_pool(tasks: list[Task], jobs: int, progress: Callable[[Result], None] |
     time, each in a pool of its own, so the file that kills its worker is known (a bystander is
     never charged) and is failed after :data:`MAX_ATTEMPTS` deaths of its own."""
     settings = {k: v for k, v in os.environ.items() if k.startswith("LORATOOLS_")}
+    # Outputs already on disk before this run: a retry that finds an output not in this set finds
+    # the work of its own lost attempt (a bystander whose worker finished writing just as the
+    # pool broke), which is "ok", not "skipped".
+    preexisting = {i for i, task in enumerate(tasks) if task.output is not None and os.path.lexists(task.output)}
     done: dict[int, Result] = {}
     crashed = _pool_round(tasks, list(range(len(tasks))), jobs, settings, done, progress, attempt=1)
     for i in crashed:
         for attempt in range(1, MAX_ATTEMPTS + 1):
-            if not _pool_round(tasks, [i], 1, settings, done, progress, attempt=attempt + 1):
+            if not _pool_round(
+                tasks, [i], 1, settings, done, progress, attempt=attempt + 1, written_here=i not in preexisting
+            ):
                 break
         else:
             task = tasks[i]
@@ -132,8 +138,11 @@ def _pool_round(
     progress: Callable[[Result], None] | None,
     *,
     attempt: int,
+    written_here: bool = False,
 ) -> list[int]:
-    """Run ``indices`` in one pool, filling ``done``; returns those whose worker died."""
+    """Run ``indices`` in one pool, filling ``done``; returns those whose worker died.
+    ``written_here``: the (retried) outputs did not exist before the run, so one found complete
+    now was written by this run's lost attempt."""
     crashed: list[int] = []
     with ProcessPoolExecutor(
         max_workers=min(jobs, len(indices)), mp_context=_context(), initializer=_init_worker, initargs=(settings,)
@@ -156,6 +165,8 @@ def _pool_round(
                     error=f"internal error: {type(exc).__name__}: {exc}",
                     exit_code=70,
                 )
+            if written_here and result.status == "skipped":
+                result.status = "ok"
             done[i] = result
             if progress:
                 progress(result)
