@@ -120,6 +120,23 @@ def gemm_threads(flops: float | None = None) -> int:
     return max(1, min(free, limit) if limit is not None else free)
 
 
+def file_workers(files: int) -> int:
+    """Worker processes for a batch over ``files`` files (``-j`` when not given): one per core free
+    now, within the user's limit, never more than there are files. Each worker runs one thread."""
+    limit = user_limit()
+    free = free_cores() if limit is None else min(free_cores(), limit)
+    return max(1, min(free, files))
+
+
+def io_workers(remote: bool, limit: int | None = None) -> int:
+    """Threads for header-only reads over many files (census): they wait on the disk or network,
+    not a core, so the count is not the core count — 4 for local files, 16 for HTTP range
+    requests (latency-bound). ``limit`` (``-j``) wins when given."""
+    if limit:
+        return limit
+    return 16 if remote else 4
+
+
 def prepare_environment() -> None:
     """Before torch/numpy load: their thread pools start with one thread unless the user set one.
 

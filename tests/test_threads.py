@@ -42,6 +42,17 @@ def test_user_env_is_the_limit_and_busy_cores_cut_gemm_threads(monkeypatch: pyte
     assert threads.gemm_threads() == 3
 
 
+def test_batch_and_census_pool_sizes_are_decided_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(threads, "cores", lambda: 8)
+    monkeypatch.setattr(threads, "_USER_ENV", {})
+    monkeypatch.setattr(threads, "busy_elsewhere", lambda: 3)
+    assert threads.file_workers(100) == 5 and threads.file_workers(2) == 2  # free cores, ≤ files
+    threads.set_threads(2)
+    assert threads.file_workers(100) == 2  # --threads caps the worker processes too
+    assert threads.io_workers(remote=False) == 4 and threads.io_workers(remote=True) == 16
+    assert threads.io_workers(remote=True, limit=3) == 3
+
+
 def test_prepare_environment_keeps_what_the_user_set(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(threads, "_USER_ENV", {"OMP_NUM_THREADS": "4"})
     monkeypatch.setenv("OMP_NUM_THREADS", "4")

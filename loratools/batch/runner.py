@@ -19,6 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 
+from ..threads import file_workers
 from .plan import Task
 from .records import Result
 from .work import run_task
@@ -26,23 +27,10 @@ from .work import run_task
 MAX_ATTEMPTS = 2  # a file whose own worker dies this many times (alone in its pool) is failed
 
 
-def free_cores() -> int:
-    """Cores this process may use that are not already busy: the affinity mask's size minus the
-    one-minute load average (other processes' runnable threads), at least 1."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        cores = os.cpu_count() or 1
-    try:
-        load = os.getloadavg()[0]
-    except OSError:  # pragma: no cover
-        load = 0.0
-    return max(1, min(cores, round(cores - load)))
-
-
 def default_jobs(tasks: int) -> int:
-    """``-j`` when not given: the free cores, never more than there are files."""
-    return max(1, min(free_cores(), tasks))
+    """``-j`` when not given: :func:`loratools.threads.file_workers` (the free cores, never more
+    than there are files)."""
+    return file_workers(tasks)
 
 
 def _init_worker(settings: dict[str, str]) -> None:
