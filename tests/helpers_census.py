@@ -95,9 +95,11 @@ def sparse_copy(
     return start + offset
 
 
-def write_corpus(folder: Path, templates: dict[str, Path], files: int, *, broken_every: int = 50) -> list[Path]:
+def write_corpus(
+    folder: Path, templates: dict[str, Path], files: int, *, broken_every: int = 50, alphas_first: bool = True
+) -> list[Path]:
     """``files`` sparse LoRAs cycling through ``templates`` (each with its own ``ss_output_name``,
-    so no two headers are equal), scalars stored first; every ``broken_every``-th file is
+    so no two headers are equal), scalars stored first unless not ``alphas_first``; every ``broken_every``-th file is
     instead a truncated header, a Git LFS pointer or a ``.pt`` pickle name (never opened)."""
     folder.mkdir(parents=True, exist_ok=True)
     names = sorted(templates)
@@ -117,6 +119,6 @@ def write_corpus(folder: Path, templates: dict[str, Path], files: int, *, broken
         else:
             name = names[i % len(names)]
             path = folder / f"{i:06d}-{name}.safetensors"
-            sparse_copy(templates[name], path, metadata={"ss_output_name": f"lora-{i}"}, alphas_first=True)
+            sparse_copy(templates[name], path, metadata={"ss_output_name": f"lora-{i}"}, alphas_first=alphas_first)
         out.append(path)
     return out
