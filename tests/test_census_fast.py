@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 from helpers import real_lora
-from helpers_census import TEMPLATES, sparse_copy, write_templates
+from helpers_census import TEMPLATES, sparse_copy, write_corpus, write_templates
 from helpers_scale import FakeHub, fake_hub, local_sockets
 
 from loratools.census import read_rows, run_census
@@ -118,3 +118,30 @@ def test_remote_alphas_coalesced(
     else:
         assert header_requests + 1 < row["requests"] <= header_requests + alphas
     assert row["bytes_read"] == fake_hub.bytes_served < path.stat().st_size
+
+
+def test_worker_processes_rows_equal_in_process(
+    templates: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches in worker processes give the rows one process gives (timings aside)."""
+    import loratools.census.run as census_run
+
+    monkeypatch.setattr(census_run, "PROCESS_MIN", 8)
+    monkeypatch.setattr(census_run, "BATCH", 3)
+    pools: list[int] = []
+
+    class Counted(census_run.ProcessPoolExecutor):
+        def __init__(self, workers: int, **kwargs: Any) -> None:
+            pools.append(workers)
+            super().__init__(workers, **kwargs)
+
+    monkeypatch.setattr(census_run, "ProcessPoolExecutor", Counted)
+    folder = tmp_path / "corpus"
+    write_corpus(folder, {k: templates[k] for k in ("kohya-sd1", "diffusers-sd1", "loha-sd1")}, 14, broken_every=4)
+    rows = {}
+    for processes in (1, 2):
+        out = tmp_path / f"facts-{processes}.jsonl"
+        summary = run_census([str(folder)], str(out), processes=processes, jobs=2)
+        assert summary.files == 14 and summary.broken == 3
+        rows[processes] = {r["key"]: {k: v for k, v in r.items() if k != "seconds"} for r in read_rows(out)}
+    assert rows[1] == rows[2] and pools == [2]
