@@ -145,3 +145,16 @@ def test_worker_processes_rows_equal_in_process(
         assert summary.files == 14 and summary.broken == 3
         rows[processes] = {r["key"]: {k: v for k, v in r.items() if k != "seconds"} for r in read_rows(out)}
     assert rows[1] == rows[2] and pools == [2]
+
+
+@pytest.mark.parametrize("key", ["emb_params", "<sks>"])
+def test_embedding_only_file_is_an_embedding_row(key: str, tmp_path: Path) -> None:
+    """inspect calls these ``textual-inversion``; the row's kind said ``lora`` before."""
+    import torch
+
+    from loratools.io.safetensors import save_tensors
+
+    path = tmp_path / "emb.safetensors"
+    save_tensors(path, {key: torch.zeros(2, 768)}, {})
+    row = _row(path)
+    assert row["format"] == "textual-inversion" and row["kind"] == "embedding" and row["family"] == "sd1"

@@ -153,7 +153,7 @@ def describe(
     training = report["metadata_summary"]["training"] if "metadata_summary" in report else training_of(metadata)
     dtypes: dict[str, int] = report["dtypes"]
     row.update(
-        kind="embedding" if report["format"] == "embedding" else "lora",
+        kind="embedding" if report["format"] == "textual-inversion" else "lora",  # inspect's name for it
         format=report["format"],
         family=report["family"],
         metadata_claims=report["metadata_claims"],
