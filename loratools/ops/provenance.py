@@ -16,6 +16,7 @@ from pathlib import Path
 from .. import __version__
 
 KEY = "loratools.provenance"
+MODELSPEC_HASH = "modelspec.hash_sha256"  # of the new weights; see ops/merge.py (_modelspec_hash_key)
 FOLDER_FILE = "loratools_provenance.json"
 SCHEMA = "loratools.provenance/1"
 CHUNK = 1 << 20
