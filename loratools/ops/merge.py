@@ -49,8 +49,7 @@ from .checkpoint import (
 from .delta import DEFAULT_BUDGET, DeltaEngine, Job, Term
 from .provenance import FOLDER_FILE as PROVENANCE_FILE
 from .provenance import KEY as PROVENANCE_KEY
-from .provenance import MODELSPEC_HASH
-from .provenance import dumps, input_record, provenance
+from .provenance import MODELSPEC_HASH, dumps, input_record, provenance
 
 SCHEMA = "loratools.merge/1"
 FP16_MAX = 65504.0
