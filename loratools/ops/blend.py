@@ -33,6 +33,7 @@ from ..families.spec import FamilySpec
 from ..formats.adapters import Adapter, LoraFile, LowRank, factor_dtype
 from ..formats.io import load_lora
 from .checkpoint import parse_dtype
+from .hashes import file_hashes
 from .lowrank import F64, RankRule, factorize, kept_fraction, lowrank_from, matrix_svd
 from .parallel import map_modules
 from .rank_common import check_output, output_format, rank_rule, write_lora
@@ -188,8 +189,23 @@ def _merged_metadata(
         raise InputError(f"unknown metadata policy {policy!r} (choose from {', '.join(METADATA_POLICIES)})")
     for stale in ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256"):
         metadata.pop(stale, None)  # hashes of an input are not hashes of the blend
-    metadata["merged_from"] = json.dumps([{"name": n, "weight": w} for n, w in zip(names, weights, strict=True)])
+    metadata["merged_from"] = json.dumps(
+        [{"name": n, "weight": w, **_input_hashes(lora)} for n, w, lora in zip(names, weights, loras, strict=True)]
+    )
     return metadata
+
+
+def _input_hashes(lora: LoraFile) -> dict[str, object]:
+    """SHA-256 and AutoV2 (its first 10 hex, docs/FORMATS.md §6) of the file a LoRA was read from;
+    a folder (peft) gets one entry per weight file; none for a LoRA made in memory."""
+    path = Path(lora.path) if lora.path else None
+    if path is None or not path.exists():
+        return {}
+    if path.is_file():
+        h = file_hashes(path)
+        return {"sha256": h.sha256, "autov2": h.autov2}
+    weights = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin"))
+    return {"files": {p.name: {"sha256": (h := file_hashes(p)).sha256, "autov2": h.autov2} for p in weights}}
 
 
 def blend_loras(
@@ -206,7 +222,8 @@ def blend_loras(
 
     ``mode="concat"``: exact, ranks add; ``mode="svd"``: the optimal truncation by ``rule``.
     ``metadata``: "keep-first" (the first input's), "merge" (all, first wins on conflicts) or
-    "fresh" (none); ``merged_from`` (JSON list of ``{"name", "weight"}``) is always recorded.
+    "fresh" (none); ``merged_from`` (JSON list of ``{"name", "weight", "sha256", "autov2"}``, the
+    hashes of the file each input was read from) is always recorded.
     ``names``: how ``merged_from`` names the inputs (default: their file names).
     """
     if not inputs:
