@@ -60,7 +60,7 @@ def describe(node: Node) -> str:
     parts.append(_spread(node.ranks, "r") if rank != "None" else "")
     parts.append(_spread(node.alphas, "α") if alpha != "none" else "")
     if kind and rank not in (None, "None") and alpha not in (None, "none"):
-        parts.append(f"×{float(alpha) / float(rank):.4g}")  # type: ignore[arg-type]
+        parts.append(f"×{float(alpha) / float(rank):.4g}")
     return " ".join(p for p in parts if p)
 
 
@@ -291,7 +291,9 @@ def summary_line(report: Any) -> str:
         fmt = FORMAT_TITLES.get(r.format, r.format).split(" (")[0]
         warn = " · [yellow]metadata disagrees[/yellow]" if r.family_mismatch else ""
         fit = (r.model or {}).get("fit")
-        how = {"names": " (by names; tiny or distilled widths)", "none": " (by names; no family map)"}.get(fit, "")
+        how = {"names": " (by names; tiny or distilled widths)", "none": " (by names; no family map)"}.get(
+            fit or "", ""
+        )
         if (r.model or {}).get("kind") == "unknown":
             how = ""
         if r.format == "textual-inversion":

@@ -110,6 +110,7 @@ def _part(adapter: Adapter, weight: float) -> tuple[torch.Tensor, torch.Tensor, 
         )
     if isinstance(adapter, LowRank) and adapter.mid is None:
         up, down, shape = factorize(adapter, include_scale=False)
+        assert down is not None  # a plain LowRank always factors into up and down
         return up, down, shape, weight * adapter.scale
     up, down, shape = factorize(adapter)
     if down is None:  # a dense ΔW (Tucker, full diff): its exact factors, zero directions dropped
@@ -146,23 +147,16 @@ def blend_module(
     up_all, down_all = torch.cat(ups, 1), torch.cat(downs, 0)
     if mode == "concat":
         k = up_all.shape[1]
-        lowrank = lowrank_from(_Stacked(up_all, down_all), k, shape, alpha=float(k), dtype=dtype)
+        if len(shape) == 4:  # the LoCon shapes, as lowrank_from writes them
+            up_all, down_all = up_all.reshape(shape[0], k, 1, 1), down_all.reshape(k, *shape[1:])
+        lowrank = LowRank(up_all.contiguous().to(dtype), down_all.contiguous().to(dtype), float(k))
         return lowrank, k, 1.0, None
+    if rule is None:
+        raise ValueError("blend_module: an SVD blend needs a rank rule")
     svd = matrix_svd(up_all, down_all)
-    choice = rule.choose(svd.singular_values, conv=is_conv_kxk(shape))  # type: ignore[union-attr]
+    choice = rule.choose(svd.singular_values, conv=is_conv_kxk(shape))
     kept = kept_fraction(svd.singular_values, choice.rank)
     return lowrank_from(svd, choice.rank, shape, dtype=dtype), choice.rank, kept, choice.limited_by
-
-
-@dataclass
-class _Stacked:
-    """Concatenated factors, truncated to all their columns (the :func:`lowrank_from` interface)."""
-
-    up: torch.Tensor
-    down: torch.Tensor
-
-    def truncated(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.up[:, :j], self.down[:j]
 
 
 def _merged_metadata(

@@ -106,20 +106,17 @@ def inspect_checkpoint(
             dtypes.update(f.dtypes)
         spec = found.family
         architecture: dict[str, object] = spec.denoiser_facts()
-        architecture |= {
-            "text_encoders": [
-                {
-                    "component": t.component,
-                    "hidden": t.hidden,
-                    "layers": t.layers if found.layout != "diffusers" else t.diffusers_layers,
-                }
-                for t in spec.texts
-            ],
-        }
+        text_encoders: list[dict[str, object]] = [
+            {
+                "component": t.component,
+                "hidden": t.hidden,
+                "layers": t.layers if found.layout != "diffusers" else t.diffusers_layers,
+            }
+            for t in spec.texts
+        ]
         if spec.t5 is not None:
-            architecture["text_encoders"].append(  # type: ignore[attr-defined]
-                {"component": spec.t5.component, "hidden": spec.t5.d_model, "layers": spec.t5.layers}
-            )
+            text_encoders.append({"component": spec.t5.component, "hidden": spec.t5.d_model, "layers": spec.t5.layers})
+        architecture["text_encoders"] = text_encoders
         return CheckpointReport(
             path=str(path),
             container=ckpt.container,

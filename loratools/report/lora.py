@@ -135,7 +135,7 @@ class LoraReport:
         data["embedding_facts"] = [{**vars(e), "shape": list(e.shape)} for e in self.embedding_facts]
         data["tree"] = [node.to_dict() for node in self.tree]
         for name in ("components", "kinds", "ranks", "alphas", "dtypes", "metadata", "unmatched", "file_dtypes"):
-            data[name] = dict(data[name])  # type: ignore[call-overload]
+            data[name] = dict(getattr(self, name))
         data["embeddings"] = list(self.embeddings)
         data["warnings"] = list(self.warnings)
         data["metadata_summary"] = json.loads(json.dumps(self.metadata_summary))
@@ -330,6 +330,7 @@ def inspect_lora(
         return _embedding_report(str(path), local, *only_embeddings, hashes=hashes, keys=keys)
     all_keys: list[dict[str, object]] = []
     module_norms: dict[str, float] | None = None
+    embeddings: dict[str, TensorInfo | Any]  # header infos or loaded tensors
     if scan is not None:
         facts = [
             ModuleFacts(m.module, m.kind, m.rank, m.alpha, m.scale, list(m.shape), m.dtype)
