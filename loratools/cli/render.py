@@ -94,6 +94,10 @@ def render_checkpoint(console: Console, report: CheckpointReport) -> None:
         console.print(
             f"metadata: {len(report.metadata)} entries ({', '.join(sorted(report.metadata)[:6])}{', …' if len(report.metadata) > 6 else ''})"
         )
+    if report.provenance is not None:
+        from .render_inspect import render_provenance  # render_inspect imports this module
+
+        render_provenance(console, report.provenance)
 
 
 FORMAT_TITLES = {

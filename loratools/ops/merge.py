@@ -49,7 +49,7 @@ from .checkpoint import (
 from .delta import DEFAULT_BUDGET, DeltaEngine, Job, Term
 from .provenance import FOLDER_FILE as PROVENANCE_FILE
 from .provenance import KEY as PROVENANCE_KEY
-from .provenance import dumps, input_record, provenance
+from .provenance import MODELSPEC_HASH, dumps, input_record, provenance
 
 SCHEMA = "loratools.merge/1"
 FP16_MAX = 65504.0
@@ -478,7 +478,9 @@ class _Merger:
         windows = _windows(entries, self.engine.budget) or [[]]
         with (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="loratools-delta") as pool,
-            StreamingWriter(path, plan, metadata, overwrite=overwrite, check=check) as writer,
+            StreamingWriter(
+                path, plan, metadata, overwrite=overwrite, check=check, data_hash_key=_modelspec_hash_key(metadata)
+            ) as writer,
         ):
             ahead: Future[dict[str, torch.Tensor]] = pool.submit(self.compute, windows[0])
             try:
@@ -517,6 +519,20 @@ class _Merger:
         report.tensor_bytes += entry.info.nbytes
         if self.progress:
             self.progress(entry.info.nbytes)
+
+
+def _modelspec_hash_key(metadata: Mapping[str, str] | None) -> str | None:
+    """``modelspec.hash_sha256`` when the file speaks SAI ModelSpec (has ``modelspec.*`` keys).
+
+    sd-scripts defines the value as ``"0x"`` + SHA-256 over every tensor's bytes in turn, each the
+    data section of a one-tensor safetensors serialization, i.e. its raw bytes
+    (kohya-ss/sd-scripts: library/sai_model_spec.py (precalculate_safetensors_hashes); its own
+    ``build_metadata`` leaves the call commented out and ``update_hash_sha256`` unimplemented).
+    Taken over the tensors in the order the file stores them, that is the SHA-256 of the file's
+    data section, computed while the tensors stream out (io/safetensors.py StreamingWriter)."""
+    if metadata and any(k.startswith("modelspec.") for k in metadata):
+        return MODELSPEC_HASH
+    return None
 
 
 # -- verification -----------------------------------------------------------------------------------------
