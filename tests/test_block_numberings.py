@@ -1,0 +1,167 @@
+"""Block-weight vectors in each tool's numbering (docs/FORMATS.md §7), translated to loratools ids.
+
+The expected orderings are copied as data from each tool's source:
+- lbw: hako-mikan/sd-webui-lora-block-weight scripts/lora_block_weight.py, ``BLOCKID17``,
+  ``BLOCKID26``, ``BLOCKID12``, ``BLOCKID20``, ``BLOCKIDFLUX``.
+- inspire: ltdrdata/ComfyUI-Inspire-Pack inspire/lora_block_weight.py
+  (``LoraLoaderBlockWeight.load_lbw``: BASE, then the populated input, middle, output blocks in
+  order; double/single blocks for FLUX) and resources/lbw-preset.txt (SDXL 12 / SDXL-LyC 21,
+  FLUX 58 values).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loratools.errors import InputError
+from loratools.formats.adapters import LowRank
+from loratools.formats.io import save_lora
+from loratools.ops.blocks import block_keys, parse_block_weights
+from loratools.ops.merge import LoraInput, merge, parse_lora_arg
+from loratools.synthetic import TINY, TINY_FLUX, make_lora, write_checkpoint
+
+IN = [f"IN{i:02d}" for i in range(12)]
+OUT = [f"OUT{i:02d}" for i in range(12)]
+D = [f"D{i:02d}" for i in range(19)]
+S = [f"S{i:02d}" for i in range(38)]
+
+# tool, family, the tool's own labels position by position → the loratools ids each sets
+TABLES: list[tuple[str, str, list[tuple[str, ...]]]] = [
+    # lbw BLOCKID17
+    ("lbw", "sd1", [("BASE",), *[(b,) for b in ("IN01", "IN02", "IN04", "IN05", "IN07", "IN08")], ("M00",), *[(b,) for b in OUT[3:]]]),
+    # lbw BLOCKID26
+    ("lbw", "sd1", [("BASE",), *[(b,) for b in IN], ("M00",), *[(b,) for b in OUT]]),
+    # lbw BLOCKID12
+    ("lbw", "sdxl", [("BASE",), *[(b,) for b in ("IN04", "IN05", "IN07", "IN08")], ("M00",), *[(b,) for b in OUT[:6]]]),
+    # lbw BLOCKID20
+    ("lbw", "sdxl", [("BASE",), *[(b,) for b in IN[:9]], ("M00",), *[(b,) for b in OUT[:9]]]),
+    # inspire SDXL (12): BASE covers every module outside a block
+    ("inspire", "sdxl", [("BASE", "OTHER"), *[(b,) for b in ("IN04", "IN05", "IN07", "IN08")], ("M00.1",), *[(b,) for b in OUT[:6]]]),
+    # inspire SDXL-LyC (21): input blocks 1-8, the middle block's three parts, output 0-8
+    ("inspire", "sdxl", [("BASE", "OTHER"), *[(b,) for b in IN[1:9]], ("M00.0",), ("M00.1",), ("M00.2",), *[(b,) for b in OUT[:9]]]),
+    # inspire SD-LyC (27)
+    ("inspire", "sd1", [("BASE", "OTHER"), *[(b,) for b in IN[1:]], ("M00.0",), ("M00.1",), ("M00.2",), *[(b,) for b in OUT]]),
+    # lbw BLOCKIDFLUX (61)
+    ("lbw", "flux", [("CLIP",), ("T5",), ("IN",), *[(b,) for b in D], *[(b,) for b in S], ("OUT",)]),
+    # inspire FLUX (58): BASE, double, single
+    ("inspire", "flux", [("CLIP", "T5", "IN", "OUT"), *[(b,) for b in D], *[(b,) for b in S]]),
+    # weight helper's vectors are lbw's (read by lbw)
+    ("lycoris", "sdxl", [("BASE",), *[(b,) for b in IN[:9]], ("M00",), *[(b,) for b in OUT[:9]]]),
+    ("lycoris", "flux", [("CLIP",), ("T5",), ("IN",), *[(b,) for b in D], *[(b,) for b in S], ("OUT",)]),
+]
+
+
+def _spec(family: str):  # type: ignore[no-untyped-def]
+    return TINY_FLUX["dev"] if family == "flux" else TINY[family]
+
+
+@pytest.mark.parametrize(("tool", "family", "positions"), TABLES, ids=[f"{t}-{f}-{len(p)}" for t, f, p in TABLES])
+def test_each_position_sets_the_tools_blocks(tool: str, family: str, positions: list[tuple[str, ...]]) -> None:
+    values = [round(0.01 * (i + 1), 2) for i in range(len(positions))]
+    vector = ",".join(f"{v:g}" for v in values) + f"@{tool}"
+    expected = {block: value for position, value in zip(positions, values, strict=True) for block in position}
+    assert parse_block_weights(vector, _spec(family)).weights == expected
+
+
+@pytest.mark.parametrize(
+    ("tool", "family", "lengths"),
+    [("lbw", "sdxl", "12 or 20"), ("inspire", "sdxl", "12 or 21"), ("inspire", "flux", "58"), ("lbw", "flux", "61")],
+)
+def test_a_wrong_length_names_the_tools_lengths(tool: str, family: str, lengths: str) -> None:
+    with pytest.raises(InputError, match=f"@{tool} takes {lengths}"):
+        parse_block_weights("1,1,1@" + tool, _spec(family))
+
+
+def test_blocks_from_sets_the_default_tool() -> None:
+    vector = ",".join(["1"] * 21)
+    assert parse_lora_arg(f"a.safetensors:lbw={vector}", "inspire").blocks_from == "inspire"
+    assert parse_block_weights(vector, TINY["sdxl"], "inspire").tool == "inspire"
+    with pytest.raises(InputError, match="12 or 20"):
+        parse_block_weights(vector, TINY["sdxl"])
+
+
+@pytest.mark.parametrize(
+    ("preset", "on"),
+    [
+        ("INALL", {"BASE", "IN04", "IN05", "IN07", "IN08"}),
+        ("INS", {"BASE", "IN04", "IN05"}),
+        ("IND", {"BASE", "IN07", "IN08"}),
+        ("MIDD", {"BASE", "IN07", "IN08", "M00", "OUT00", "OUT01", "OUT02"}),
+        ("OUTD", {"BASE", "OUT00", "OUT01", "OUT02"}),
+        ("OUTS", {"BASE", "OUT03", "OUT04", "OUT05"}),
+        ("OUTALL", {"BASE", *OUT[:6]}),
+    ],
+)
+def test_sdxl_presets_by_meaning(preset: str, on: set[str]) -> None:
+    """SD's shallow input blocks (64×64 latents' IN01/IN02, IN04/IN05 …) map to SDXL's by depth."""
+    weights = parse_block_weights(preset, TINY["sdxl"]).weights
+    assert {b for b, v in weights.items() if v == 1.0} == on
+
+
+def _changed(a: Path, b: Path) -> dict[str, torch.Tensor]:
+    x, y = load_file(str(a)), load_file(str(b))
+    return {k: y[k] for k in x if not torch.equal(x[k], y[k])}
+
+
+@pytest.fixture(scope="module")
+def sdxl_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_checkpoint(TINY["sdxl"], tmp_path_factory.mktemp("bw") / "sdxl.safetensors", "single")
+
+
+def test_inspire_and_equivalent_lbw_vectors_merge_byte_identically(sdxl_base: Path, tmp_path: Path) -> None:
+    lora = save_lora(make_lora(TINY["sdxl"], rank=2, conv=True), tmp_path / "l.safetensors", "kohya")
+    # inspire 21: BASE, IN01-08, M00.0-2, OUT00-08; lbw 20: BASE, IN00-08, M00, OUT00-08
+    ins, out = [0.5, 0, 1.5, 0.25, 2, 0, 0.75, 1.25], [0.1 * i for i in range(9)]
+    inspire = [1, *ins, 0.3, 0.3, 0.3, *out]
+    lbw = [1, 1, *ins, 0.3, *out]
+    text = {"inspire": ",".join(f"{v:g}" for v in inspire) + "@inspire", "lbw": ",".join(f"{v:g}" for v in lbw)}
+    for tool, vector in text.items():
+        merge(sdxl_base, [LoraInput(lora, blocks=vector)], tmp_path / f"{tool}.safetensors")
+    a, b = (load_file(str(tmp_path / f"{t}.safetensors")) for t in ("inspire", "lbw"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _changed(sdxl_base, tmp_path / "lbw.safetensors")
+
+
+def test_te1_and_te2_apply_separately(sdxl_base: Path, tmp_path: Path) -> None:
+    lora = save_lora(make_lora(TINY["sdxl"], rank=2), tmp_path / "l.safetensors", "kohya")
+    runs = {"full": "te=1", "half": "te=0.5", "split": "te1=1,te2=0.5"}
+    for name, spec in runs.items():
+        merge(sdxl_base, [parse_lora_arg(f"{lora}:{spec}")], tmp_path / f"{name}.safetensors")
+    full, half, split = (_changed(sdxl_base, tmp_path / f"{n}.safetensors") for n in runs)
+    te1 = {k for k in full if k.startswith("conditioner.embedders.0.")}
+    te2 = {k for k in full if k.startswith("conditioner.embedders.1.")}
+    assert te1 and te2
+    assert all(torch.equal(split[k], full[k]) for k in te1)  # te1 not scaled
+    assert all(torch.equal(split[k], half[k]) and not torch.equal(split[k], full[k]) for k in te2)
+
+
+def test_te2_is_refused_for_one_text_encoder(tmp_path: Path) -> None:
+    base = write_checkpoint(TINY["sd1"], tmp_path / "sd1.safetensors", "single")
+    lora = save_lora(make_lora(TINY["sd1"], rank=2), tmp_path / "l.safetensors", "kohya")
+    with pytest.raises(InputError, match="te2= is for a second text encoder"):
+        merge(base, [parse_lora_arg(f"{lora}:te2=0.5")], tmp_path / "o.safetensors")
+
+
+def test_flux_block_vector_matches_per_module_weights(tmp_path: Path) -> None:
+    spec = TINY_FLUX["dev"]
+    base = write_checkpoint(spec, tmp_path / "base", "diffusers", dtype=torch.float32)
+    lora = make_lora(spec, rank=2)
+    values = [0.5, 1, 0.25] + [0.1 * (i % 7) for i in range(19)] + [1.5 - 0.05 * i for i in range(38)] + [2]
+    vector = ",".join(f"{v:g}" for v in values)
+    weights = parse_block_weights(vector, spec)
+    merge(base, [LoraInput(lora, blocks=vector)], tmp_path / "blocks")
+    scaled = {}
+    for module, adapter in lora.adapters.items():
+        assert isinstance(adapter, LowRank)
+        scaled[module] = replace(adapter, alpha=adapter.alpha * weights.ratio(block_keys(module, spec)))
+    merge(base, [replace(lora, adapters=scaled)], tmp_path / "modules")
+    for sub in ("transformer", "text_encoder", "text_encoder_2"):
+        for file in sorted((tmp_path / "blocks" / sub).glob("*.safetensors")):
+            a, b = load_file(str(file)), load_file(str(tmp_path / "modules" / sub / file.name))
+            for key in a:
+                assert torch.allclose(a[key], b[key], rtol=1e-6, atol=1e-7), key
