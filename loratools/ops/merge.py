@@ -66,7 +66,7 @@ class LoraInput:
     ``te1``/``te2`` for one text encoder (SDXL's CLIP-L / OpenCLIP-bigG, FLUX.1's CLIP-L / T5);
     ``blocks`` (a preset such as ``OUTALL`` or a vector, tagged ``@lbw``/``@inspire``/``@lycoris``
     for the tool whose numbering it uses, ``blocks_from`` when untagged) multiplies per block
-    (docs/FORMATS.md §13). Negative values subtract the LoRA.
+    (docs/FORMATS.md §7). Negative values subtract the LoRA.
     """
 
     source: str | Path | LoraFile
