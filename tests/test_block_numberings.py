@@ -1,4 +1,4 @@
-"""Block-weight vectors in each tool's numbering (docs/FORMATS.md §7), translated to loratools ids.
+"""Block-weight vectors in each tool's numbering (docs/FORMATS.md §13), translated to loratools ids.
 
 The expected orderings are copied as data from each tool's source:
 - lbw: hako-mikan/sd-webui-lora-block-weight scripts/lora_block_weight.py, ``BLOCKID17``,
@@ -33,7 +33,16 @@ S = [f"S{i:02d}" for i in range(38)]
 # tool, family, the tool's own labels position by position → the loratools ids each sets
 TABLES: list[tuple[str, str, list[tuple[str, ...]]]] = [
     # lbw BLOCKID17
-    ("lbw", "sd1", [("BASE",), *[(b,) for b in ("IN01", "IN02", "IN04", "IN05", "IN07", "IN08")], ("M00",), *[(b,) for b in OUT[3:]]]),
+    (
+        "lbw",
+        "sd1",
+        [
+            ("BASE",),
+            *[(b,) for b in ("IN01", "IN02", "IN04", "IN05", "IN07", "IN08")],
+            ("M00",),
+            *[(b,) for b in OUT[3:]],
+        ],
+    ),
     # lbw BLOCKID26
     ("lbw", "sd1", [("BASE",), *[(b,) for b in IN], ("M00",), *[(b,) for b in OUT]]),
     # lbw BLOCKID12
@@ -41,11 +50,23 @@ TABLES: list[tuple[str, str, list[tuple[str, ...]]]] = [
     # lbw BLOCKID20
     ("lbw", "sdxl", [("BASE",), *[(b,) for b in IN[:9]], ("M00",), *[(b,) for b in OUT[:9]]]),
     # inspire SDXL (12): BASE covers every module outside a block
-    ("inspire", "sdxl", [("BASE", "OTHER"), *[(b,) for b in ("IN04", "IN05", "IN07", "IN08")], ("M00.1",), *[(b,) for b in OUT[:6]]]),
+    (
+        "inspire",
+        "sdxl",
+        [("BASE", "OTHER"), *[(b,) for b in ("IN04", "IN05", "IN07", "IN08")], ("M00.1",), *[(b,) for b in OUT[:6]]],
+    ),
     # inspire SDXL-LyC (21): input blocks 1-8, the middle block's three parts, output 0-8
-    ("inspire", "sdxl", [("BASE", "OTHER"), *[(b,) for b in IN[1:9]], ("M00.0",), ("M00.1",), ("M00.2",), *[(b,) for b in OUT[:9]]]),
+    (
+        "inspire",
+        "sdxl",
+        [("BASE", "OTHER"), *[(b,) for b in IN[1:9]], ("M00.0",), ("M00.1",), ("M00.2",), *[(b,) for b in OUT[:9]]],
+    ),
     # inspire SD-LyC (27)
-    ("inspire", "sd1", [("BASE", "OTHER"), *[(b,) for b in IN[1:]], ("M00.0",), ("M00.1",), ("M00.2",), *[(b,) for b in OUT]]),
+    (
+        "inspire",
+        "sd1",
+        [("BASE", "OTHER"), *[(b,) for b in IN[1:]], ("M00.0",), ("M00.1",), ("M00.2",), *[(b,) for b in OUT]],
+    ),
     # lbw BLOCKIDFLUX (61)
     ("lbw", "flux", [("CLIP",), ("T5",), ("IN",), *[(b,) for b in D], *[(b,) for b in S], ("OUT",)]),
     # inspire FLUX (58): BASE, double, single
@@ -165,3 +186,26 @@ def test_flux_block_vector_matches_per_module_weights(tmp_path: Path) -> None:
             a, b = load_file(str(file)), load_file(str(tmp_path / "modules" / sub / file.name))
             for key in a:
                 assert torch.allclose(a[key], b[key], rtol=1e-6, atol=1e-7), key
+
+
+def test_blend_takes_block_vectors_in_any_tools_numbering(tmp_path: Path) -> None:
+    """blend a:lbw=…@inspire equals blend a:lbw=… (lbw numbering) and scales exactly the named blocks."""
+    from click.testing import CliRunner
+
+    from loratools.cli.main import cli
+    from loratools.formats.io import load_lora
+
+    lora = save_lora(make_lora(TINY["sdxl"], rank=2), tmp_path / "l.safetensors", "kohya")
+    inspire = ",".join(["1"] * 9 + ["0.5"] * 3 + ["1"] * 9)  # the middle block at 0.5
+    runs = {
+        "inspire": [f"{lora}:lbw={inspire}", "--blocks-from", "inspire"],
+        "lbw": [f"{lora}:lbw=1,1,1,1,1,0.5,1,1,1,1,1,1"],
+    }
+    for name, args in runs.items():
+        result = CliRunner().invoke(cli, ["blend", *args, "-o", str(tmp_path / f"{name}.safetensors")])
+        assert result.exit_code == 0, result.output
+    a, b, plain = (load_lora(tmp_path / f"{n}.safetensors") for n in ("inspire", "lbw", "l"))
+    for module, adapter in plain.adapters.items():
+        ratio = 0.5 if block_keys(module, TINY["sdxl"])[-1] == "M00" else 1.0
+        for got in (a, b):
+            assert torch.allclose(got.adapters[module].delta(), ratio * adapter.delta(), rtol=1e-5, atol=1e-7), module

@@ -35,7 +35,7 @@ LORA arguments (any format loratools reads; repeat for several):
   lora.safetensors:lbw=1,0,0,0,0,0,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0@inspire
                                 a vector in another tool's numbering: @lbw, @inspire
                                 (Inspire-Pack: SDXL 12/21, FLUX.1 58), @lycoris (weight helper);
-                                --blocks-from TOOL sets the default. Tables: docs/FORMATS.md §7"""
+                                --blocks-from TOOL sets the default. Tables: docs/FORMATS.md §13"""
 
 
 def _common(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -83,7 +83,7 @@ def _common(command: Callable[..., Any]) -> Callable[..., Any]:
             type=click.Choice(["lbw", "inspire", "lycoris"]),
             default="lbw",
             show_default=True,
-            help="Whose block numbering an untagged lbw= vector uses (docs/FORMATS.md §7).",
+            help="Whose block numbering an untagged lbw= vector uses (docs/FORMATS.md §13).",
         ),
         overwrite_option,
         click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (schema loratools.merge/1)."),

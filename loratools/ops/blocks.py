@@ -1,6 +1,6 @@
 """Per-block LoRA strengths, in the block numbering of the tool a vector comes from.
 
-loratools' own block ids (docs/FORMATS.md §7):
+loratools' own block ids (docs/FORMATS.md §13):
 - SD 1.x/2.x, SDXL: ``BASE`` (the text encoders), the U-Net's LDM blocks ``IN00…``, ``M00`` (its
   three parts ``M00.0``/``M00.1``/``M00.2`` where a tool tells them apart), ``OUT00…``, and
   ``OTHER`` for U-Net modules outside every block (``time_embed``, ``label_emb``, the final conv).
@@ -63,7 +63,7 @@ _MID_PARTS = ("M00.0", "M00.1", "M00.2")
 
 
 def tables(tool: str, spec: FamilySpec) -> dict[int, tuple[Position, ...]]:
-    """Vector length → positions, for one tool and family (the data docs/FORMATS.md §7 shows)."""
+    """Vector length → positions, for one tool and family (the data docs/FORMATS.md §13 shows)."""
     if tool not in TOOLS:
         raise InputError(f"unknown block-weight tool {tool!r} (choose from {', '.join(TOOLS)})")
     if spec.transformer is not None:

@@ -18,7 +18,7 @@ import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -50,6 +50,7 @@ from .delta import DEFAULT_BUDGET, DeltaEngine, Job, Term
 from .provenance import FOLDER_FILE as PROVENANCE_FILE
 from .provenance import KEY as PROVENANCE_KEY
 from .provenance import dumps, input_record, provenance
+from .rescale import rescale_adapter
 
 SCHEMA = "loratools.merge/1"
 FP16_MAX = 65504.0
@@ -66,7 +67,7 @@ class LoraInput:
     ``te1``/``te2`` for one text encoder (SDXL's CLIP-L / OpenCLIP-bigG, FLUX.1's CLIP-L / T5);
     ``blocks`` (a preset such as ``OUTALL`` or a vector, tagged ``@lbw``/``@inspire``/``@lycoris``
     for the tool whose numbering it uses, ``blocks_from`` when untagged) multiplies per block
-    (docs/FORMATS.md §7). Negative values subtract the LoRA.
+    (docs/FORMATS.md §13). Negative values subtract the LoRA.
     """
 
     source: str | Path | LoraFile
@@ -258,7 +259,8 @@ def _own_family(path: str | Path) -> FamilySpec | None:
     return lora.family if lora.adapters else None
 
 
-def _strength(lora_input: LoraInput, module: str, blocks: BlockWeights | None, spec: FamilySpec) -> float:
+def module_strength(lora_input: LoraInput, module: str, blocks: BlockWeights | None, spec: FamilySpec) -> float:
+    """The strength one module gets: weight, unet/te/te1/te2 overrides, times its block weight."""
     base = lora_input.weight
     component = _component(module)
     if component in DENOISERS:  # the U-Net or a DiT's transformer
@@ -272,7 +274,8 @@ def _strength(lora_input: LoraInput, module: str, blocks: BlockWeights | None, s
     return base
 
 
-def _check_text_weights(lora_input: LoraInput, spec: FamilySpec) -> None:
+def check_text_weights(lora_input: LoraInput, spec: FamilySpec) -> None:
+    """A te2= weight for a family with one text encoder is refused in one line."""
     if lora_input.te2 is not None and "te2" not in spec.text_components:
         raise InputError(
             f"{Path(lora_input.name).name}: te2= is for a second text encoder; {spec.title} has one (use te= or te1=)"
@@ -297,6 +300,30 @@ def _not_applied(
     return items
 
 
+def per_module_options(lora_input: LoraInput) -> bool:
+    """Whether the input weighs modules differently (``unet``/``te``/``te1``/``te2``/``lbw``)."""
+    options = (lora_input.unet, lora_input.text, lora_input.te1, lora_input.te2, lora_input.blocks)
+    return any(o is not None for o in options)
+
+
+def weighted_lora(lora_input: LoraInput, lora: LoraFile) -> LoraFile:
+    """``lora`` with each module's ΔW scaled by the strength ``lora_input`` gives it, ``weight``
+    included (what blend adds for a ``PATH:unet=…,lbw=…`` input); modules at strength 1 are kept
+    as they are."""
+    spec = lora.family
+    if spec is None:
+        raise InputError(f"{Path(lora_input.name).name}: per-module weights need a LoRA of a known family")
+    check_text_weights(lora_input, spec)
+    blocks = lora_input.blocks
+    if isinstance(blocks, str):
+        blocks = parse_block_weights(blocks, spec, lora_input.blocks_from)
+    adapters = {}
+    for module, adapter in lora.adapters.items():
+        strength = module_strength(lora_input, module, blocks, spec)
+        adapters[module] = adapter if strength == 1.0 else rescale_adapter(adapter, strength)[0]
+    return replace(lora, adapters=adapters)
+
+
 @dataclass
 class _Plan:
     terms: dict[str, list[Term]]  # canonical tensor → terms
@@ -318,7 +345,7 @@ def _match(
     loras, matches = [], []
     for lora_input in inputs:
         lora = _load_for(lora_input, found)
-        _check_text_weights(lora_input, spec)
+        check_text_weights(lora_input, spec)
         blocks = lora_input.blocks
         if isinstance(blocks, str):
             blocks = parse_block_weights(blocks, spec, lora_input.blocks_from)
@@ -356,7 +383,7 @@ def _match(
                     )
                 match.unmatched[module] = "NaN or inf in its factors (skipped)"
                 continue
-            strength = sign * _strength(lora_input, module, blocks, spec)
+            strength = sign * module_strength(lora_input, module, blocks, spec)
             if strength == 0.0:
                 match.zero_weight += 1
                 continue
