@@ -11,19 +11,16 @@ The expected orderings are copied as data from each tool's source:
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from loratools.errors import InputError
-from loratools.formats.adapters import LowRank
 from loratools.formats.io import save_lora
 from loratools.ops.blocks import block_keys, parse_block_weights
-from loratools.ops.merge import LoraInput, merge, parse_lora_arg
-from loratools.synthetic import TINY, TINY_FLUX, make_lora, write_checkpoint
+from loratools.ops.merge import parse_lora_arg
+from loratools.synthetic import TINY, TINY_FLUX, make_lora
 
 IN = [f"IN{i:02d}" for i in range(12)]
 OUT = [f"OUT{i:02d}" for i in range(12)]
@@ -122,70 +119,6 @@ def test_sdxl_presets_by_meaning(preset: str, on: set[str]) -> None:
     """SD's shallow input blocks (64×64 latents' IN01/IN02, IN04/IN05 …) map to SDXL's by depth."""
     weights = parse_block_weights(preset, TINY["sdxl"]).weights
     assert {b for b, v in weights.items() if v == 1.0} == on
-
-
-def _changed(a: Path, b: Path) -> dict[str, torch.Tensor]:
-    x, y = load_file(str(a)), load_file(str(b))
-    return {k: y[k] for k in x if not torch.equal(x[k], y[k])}
-
-
-@pytest.fixture(scope="module")
-def sdxl_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_checkpoint(TINY["sdxl"], tmp_path_factory.mktemp("bw") / "sdxl.safetensors", "single")
-
-
-def test_inspire_and_equivalent_lbw_vectors_merge_byte_identically(sdxl_base: Path, tmp_path: Path) -> None:
-    lora = save_lora(make_lora(TINY["sdxl"], rank=2, conv=True), tmp_path / "l.safetensors", "kohya")
-    # inspire 21: BASE, IN01-08, M00.0-2, OUT00-08; lbw 20: BASE, IN00-08, M00, OUT00-08
-    ins, out = [0.5, 0, 1.5, 0.25, 2, 0, 0.75, 1.25], [0.1 * i for i in range(9)]
-    inspire = [1, *ins, 0.3, 0.3, 0.3, *out]
-    lbw = [1, 1, *ins, 0.3, *out]
-    text = {"inspire": ",".join(f"{v:g}" for v in inspire) + "@inspire", "lbw": ",".join(f"{v:g}" for v in lbw)}
-    for tool, vector in text.items():
-        merge(sdxl_base, [LoraInput(lora, blocks=vector)], tmp_path / f"{tool}.safetensors")
-    a, b = (load_file(str(tmp_path / f"{t}.safetensors")) for t in ("inspire", "lbw"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert _changed(sdxl_base, tmp_path / "lbw.safetensors")
-
-
-def test_te1_and_te2_apply_separately(sdxl_base: Path, tmp_path: Path) -> None:
-    lora = save_lora(make_lora(TINY["sdxl"], rank=2), tmp_path / "l.safetensors", "kohya")
-    runs = {"full": "te=1", "half": "te=0.5", "split": "te1=1,te2=0.5"}
-    for name, spec in runs.items():
-        merge(sdxl_base, [parse_lora_arg(f"{lora}:{spec}")], tmp_path / f"{name}.safetensors")
-    full, half, split = (_changed(sdxl_base, tmp_path / f"{n}.safetensors") for n in runs)
-    te1 = {k for k in full if k.startswith("conditioner.embedders.0.")}
-    te2 = {k for k in full if k.startswith("conditioner.embedders.1.")}
-    assert te1 and te2
-    assert all(torch.equal(split[k], full[k]) for k in te1)  # te1 not scaled
-    assert all(torch.equal(split[k], half[k]) and not torch.equal(split[k], full[k]) for k in te2)
-
-
-def test_te2_is_refused_for_one_text_encoder(tmp_path: Path) -> None:
-    base = write_checkpoint(TINY["sd1"], tmp_path / "sd1.safetensors", "single")
-    lora = save_lora(make_lora(TINY["sd1"], rank=2), tmp_path / "l.safetensors", "kohya")
-    with pytest.raises(InputError, match="te2= is for a second text encoder"):
-        merge(base, [parse_lora_arg(f"{lora}:te2=0.5")], tmp_path / "o.safetensors")
-
-
-def test_flux_block_vector_matches_per_module_weights(tmp_path: Path) -> None:
-    spec = TINY_FLUX["dev"]
-    base = write_checkpoint(spec, tmp_path / "base", "diffusers", dtype=torch.float32)
-    lora = make_lora(spec, rank=2)
-    values = [0.5, 1, 0.25] + [0.1 * (i % 7) for i in range(19)] + [1.5 - 0.05 * i for i in range(38)] + [2]
-    vector = ",".join(f"{v:g}" for v in values)
-    weights = parse_block_weights(vector, spec)
-    merge(base, [LoraInput(lora, blocks=vector)], tmp_path / "blocks")
-    scaled = {}
-    for module, adapter in lora.adapters.items():
-        assert isinstance(adapter, LowRank)
-        scaled[module] = replace(adapter, alpha=adapter.alpha * weights.ratio(block_keys(module, spec)))
-    merge(base, [replace(lora, adapters=scaled)], tmp_path / "modules")
-    for sub in ("transformer", "text_encoder", "text_encoder_2"):
-        for file in sorted((tmp_path / "blocks" / sub).glob("*.safetensors")):
-            a, b = load_file(str(file)), load_file(str(tmp_path / "modules" / sub / file.name))
-            for key in a:
-                assert torch.allclose(a[key], b[key], rtol=1e-6, atol=1e-7), key
 
 
 def test_blend_takes_block_vectors_in_any_tools_numbering(tmp_path: Path) -> None:
