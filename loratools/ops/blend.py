@@ -32,9 +32,11 @@ from ..errors import InputError
 from ..families.spec import FamilySpec
 from ..formats.adapters import Adapter, LoraFile, LowRank, factor_dtype
 from ..formats.io import load_lora
+from .blocks import DEFAULT_TOOL
 from .checkpoint import parse_dtype
 from .hashes import file_hashes
 from .lowrank import F64, RankRule, factorize, kept_fraction, lowrank_from, matrix_svd
+from .merge import parse_lora_arg, weighted_lora
 from .parallel import map_modules
 from .rank_common import check_output, output_format, rank_rule, write_lora
 from .resize import is_conv_kxk
@@ -321,13 +323,18 @@ def blend(
     family: str | FamilySpec | None = None,
     overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
+    blocks_from: str = DEFAULT_TOOL,
 ) -> BlendReport:
-    """Blend LoRA files (``"path:w"`` strings or ``(path, w)`` pairs) into ``output``.
+    """Blend LoRA files (``"path:w"`` strings or ``(path, w)`` pairs) into ``output``; a string may
+    carry merge's per-module options (``path:unet=…,te2=…,lbw=…@TOOL``, ``blocks_from`` for an
+    untagged vector), folded into each module's factors.
 
     See :func:`blend_loras`. ``to``: output dialect (default: the first input's; kohya for
     read-only dialects); ``dtype``: fp16/bf16/fp32 (default: the first part's factor dtype).
     """
     pairs = [parse_weighted(s) if isinstance(s, str) else (str(s[0]), float(s[1])) for s in sources]
+    given = {i: parse_lora_arg(s, blocks_from) for i, s in enumerate(sources) if isinstance(s, str) and "=" in s}
+    pairs = [(str(given[i].source), 1.0) if i in given else pair for i, pair in enumerate(pairs)]
     options = (rank, conv_rank, sv_ratio, sv_fro, sv_cumulative, min_rank, max_rank)
     chosen = (
         None
@@ -345,6 +352,7 @@ def blend(
     )
     check_output(output, *(p for p, _ in pairs))
     loaded = [(load_lora(path, family), w) for path, w in pairs]
+    loaded = [(weighted_lora(given[i], lora), w) if i in given else (lora, w) for i, (lora, w) in enumerate(loaded)]
     fmt = output_format(to, loaded[0][0].source_format)
     torch_dtype = parse_dtype(dtype)
     blended, report = blend_loras(
