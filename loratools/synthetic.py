@@ -271,7 +271,7 @@ def make_lora(
     ``alphas``: "uniform" (all ``alpha``, default rank/2) or "varied" (per-module 1…8, to test
     per-module scales). 3×3 convs get the conv shape ``down (r, in, 3, 3)``, ``up (out, r, 1, 1)``.
     """
-    from .formats.adapters import LowRank
+    from .formats.adapters import LoraFile, LowRank
     from .formats.names import name_tables
 
     tables = name_tables(spec)
