@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import FAMILY_NAMES
-from test_diffusers_lora_oracle import (
+from helpers_diffusers_oracle import (
     RANK,
     UNIFORM_ALPHA,
     build_pipeline,
