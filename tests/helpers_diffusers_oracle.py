@@ -101,7 +101,8 @@ def patched_modules(pipe: object, family: str, adapter: str) -> set[str]:
 
 
 def base_weights(folder: Path, modules: list[str]) -> dict[str, torch.Tensor]:
-    """The un-patched weights, read from the checkpoint files (not from the loaded models)."""
+    """A diffusers folder's weights of ``modules``, read with safetensors (not with loratools, not from
+    loaded models): the un-patched base, or a merged output."""
     files = {}
     out = {}
     for canonical in modules:

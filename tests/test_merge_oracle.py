@@ -23,6 +23,7 @@ from helpers import FAMILY_NAMES
 from helpers_diffusers_oracle import (
     RANK,
     UNIFORM_ALPHA,
+    base_weights,
     build_pipeline,
     components,
     load_with_diffusers,
@@ -50,20 +51,6 @@ def fused_weights(pipe: object, modules: list[str]) -> dict[str, torch.Tensor]:
     return out
 
 
-def merged_weights(folder: Path, modules: list[str]) -> dict[str, torch.Tensor]:
-    """Weights of a merged diffusers folder, read with safetensors (not with loratools)."""
-    files: dict[str, dict[str, torch.Tensor]] = {}
-    out = {}
-    for canonical in modules:
-        component, path = canonical.split(".", 1)
-        sub = DIFFUSERS_FOLDERS[component]
-        if sub not in files:
-            (weights,) = (folder / sub).glob("*.safetensors")
-            files[sub] = safetensors_torch.load_file(str(weights))
-        out[canonical] = files[sub][f"{path}.weight"]
-    return out
-
-
 def assert_agree(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> int:
     """fp32 close; fp16-rounded identical except where the fp32 values differ. Returns that count."""
     assert ours.dtype == theirs.dtype == torch.float32 and ours.shape == theirs.shape, what
@@ -77,7 +64,7 @@ def assert_agree(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> int:
 
 
 def _check(pipe: object, out: Path, modules: list[str], max_flipped: float) -> tuple[dict, dict]:
-    ours = merged_weights(out, modules)
+    ours = base_weights(out, modules)
     theirs = fused_weights(pipe, modules)
     total = sum(t.numel() for t in theirs.values())
     flipped = sum(assert_agree(ours[m], theirs[m], m) for m in modules)
@@ -138,7 +125,7 @@ def test_two_loras_with_a_negative_weight_equal_diffusers(
     # Where the two differ, the math decides: over all modules ours is no further from
     # W + ½ΔA − ΔB computed in float64 (Frobenius norm of the error).
     ours, theirs = _check(pipe, tmp_path / "merged", modules, max_flipped=2e-4)
-    base = merged_weights(folder, modules)
+    base = base_weights(folder, modules)
     ours_sq = theirs_sq = 0.0
     for module in modules:
         exact = base[module].double()

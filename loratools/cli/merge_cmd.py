@@ -17,7 +17,7 @@ from ..io.checkpoint import open_checkpoint
 from ..io.hub import is_hub
 from ..io.safetensors import FLOAT_DTYPES, ITEMSIZE
 from .errors import user_errors
-from .options import dtype_option, family_option, overwrite_option, threads_option
+from .options import blocks_from_option, dtype_option, family_option, overwrite_option, threads_option
 from .progress import byte_progress
 from .render import human_bytes, print_json
 from .render_accounting import render_accounting
@@ -78,13 +78,7 @@ def _common(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--skip-nonfinite", is_flag=True, help="Leave out LoRA modules with NaN/inf factors (default: refuse)."
         ),
-        click.option(
-            "--blocks-from",
-            type=click.Choice(["lbw", "inspire", "lycoris"]),
-            default="lbw",
-            show_default=True,
-            help="Whose block numbering an untagged lbw= vector uses (docs/FORMATS.md §13).",
-        ),
+        blocks_from_option,
         overwrite_option,
         click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (schema loratools.merge/1)."),
     ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..families import FAMILIES
+from ..ops.blocks import DEFAULT_TOOL, TOOLS
 
 family_option = click.option(
     "--family",
@@ -35,4 +36,13 @@ threads_option = click.option(
     is_eager=True,
     callback=_set_threads,
     help="Use at most N threads (default: every free core; OMP_NUM_THREADS/MKL_NUM_THREADS are respected).",
+)
+
+
+blocks_from_option = click.option(
+    "--blocks-from",
+    type=click.Choice(TOOLS),
+    default=DEFAULT_TOOL,
+    show_default=True,
+    help="Whose block numbering an untagged lbw= vector uses (docs/FORMATS.md §13).",
 )

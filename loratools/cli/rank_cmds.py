@@ -13,7 +13,7 @@ from rich.table import Table
 from .batch import batchable
 from .dryrun import destination, dry_run_option, json_fields, print_dry_run, say_written
 from .errors import user_errors
-from .options import dtype_option, family_option, overwrite_option, threads_option
+from .options import blocks_from_option, dtype_option, family_option, overwrite_option, threads_option
 from .progress import byte_progress, module_progress
 from .render import print_json
 
@@ -232,13 +232,7 @@ def resize(lora: str, output: str, to: str | None, dtype: str | None, family: st
     show_default=True,
     help="Metadata of the result: the first input's, all inputs' (first wins), or none. merged_from is always written.",
 )
-@click.option(
-    "--blocks-from",
-    type=click.Choice(["lbw", "inspire", "lycoris"]),
-    default="lbw",
-    show_default=True,
-    help="Whose block numbering an untagged lbw= vector uses (docs/FORMATS.md §13).",
-)
+@blocks_from_option
 @output_options
 @click.option("--quiet", "-q", is_flag=True, help="Summary only, no per-module table.")
 def blend(loras: tuple[str, ...], mode: str, metadata_policy: str, output: str, to: str | None, dtype: str | None,
