@@ -1,4 +1,4 @@
-"""The census fast path (census/scanned.py) says what inspect says; remote alphas are coalesced."""
+"""A census row says what inspect says (header-only where inspect is); remote alphas are coalesced."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from helpers_scale import FakeHub, fake_hub, local_sockets
 from loratools.census import read_rows, run_census
 from loratools.census.facts import describe, empty_row
 from loratools.census.remote import plan_reads
-from loratools.census.scanned import fast_facts
 from loratools.census.sources import Entry
 from loratools.io.headers import header_of
 from loratools.report import inspect_lora
@@ -43,43 +42,43 @@ def _row(path: Path) -> dict[str, Any]:
     return describe(entry, path, empty_row(entry))
 
 
-def _same_as_inspect(path: Path) -> dict[str, Any] | None:
+def _same_as_inspect(path: Path) -> dict[str, Any]:
+    """The census row of ``path``, checked against ``inspect``'s full report of it."""
     full = inspect_lora(path).to_dict()
-    fast = fast_facts(path)
-    if fast is not None:
-        assert {k: fast[k] for k in FACTS} == {k: full[k] for k in FACTS}
-        assert list(fast["ranks"]) == list(full["ranks"])  # rank order too
+    light = inspect_lora(path, loads_in=False, tree=False).to_dict()  # the census's call
+    assert light == {**full, "loads_in": [], "tree": []}
     row = _row(path)
     kept = ("format", "family", "metadata_claims", "family_mismatch", "modules", "components", "kinds", "ranks",
             "alphas", "parameters", "dtypes", "read")  # fmt: skip
     assert {k: row[k] for k in kept} == {k: full[k] for k in kept}
+    assert list(row["ranks"]) == list(full["ranks"])  # rank order too
     assert row["warnings"] == list(full["warnings"])[:20] and row["problems"] == []
     assert row["training"] == full["metadata_summary"]["training"]
-    return fast
+    return row
 
 
 @pytest.mark.parametrize("name", REAL)
-def test_real_loras_fast_equals_full(name: str) -> None:
+def test_real_loras_census_equals_inspect(name: str) -> None:
     path = real_lora(*name.split("/"))
     if not path.exists():
         pytest.skip(f"{name} not available (LORATOOLS_REAL_LORAS)")
-    fast = _same_as_inspect(path)
-    # safeloras are read from their tensors (all-zero padding pairs dropped): no fast path there
-    assert (fast is None) == name.startswith("cloneofsimo_lora/")
+    row = _same_as_inspect(path)
+    # safeloras are read from their tensors (all-zero padding pairs dropped): not header-only
+    assert (row["read"] == "tensors") == name.startswith("cloneofsimo_lora/")
 
 
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
 @pytest.mark.parametrize("layout", ["dense", "sparse", "sparse-alphas-first"])
-def test_generated_fast_equals_full(name: str, layout: str, templates: dict[str, Path], tmp_path: Path) -> None:
+def test_generated_census_equals_inspect(name: str, layout: str, templates: dict[str, Path], tmp_path: Path) -> None:
     path = templates[name]
     if layout != "dense":
         path = tmp_path / f"{name}.safetensors"
         sparse_copy(templates[name], path, metadata={"ss_base_model_version": "sdxl_base_v1-0"},
                     alphas_first=layout.endswith("first"))  # fmt: skip
-    fast = _same_as_inspect(path)
-    assert fast is not None and fast["read"] == "header"
+    row = _same_as_inspect(path)
+    assert row["read"] == "header"
     if layout != "dense" and not name.endswith("sdxl"):  # the metadata claim is carried and compared
-        assert fast["family_mismatch"] is True
+        assert row["family_mismatch"] is True
 
 
 @pytest.mark.parametrize(

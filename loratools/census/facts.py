@@ -115,7 +115,6 @@ def describe(
     loratools.check (about 1 s per SDXL file today, so opt-in)."""
     from ..classify import classify
     from ..report import inspect_lora
-    from .scanned import fast_facts
 
     start = time.perf_counter()
     sniffed = sniff(local)
@@ -135,9 +134,9 @@ def describe(
             row["kind"] = "checkpoint"
             row["problems"].append("not-a-lora: a model checkpoint")
             return row
-        # the fast path (one header scan, counted — see .scanned); inspect's report where the
-        # scan needs the tensors
-        report: dict[str, Any] = fast_facts(local) or inspect_lora(local).to_dict()
+        # inspect's own report (header-only where the dialect allows), without the check tables
+        # and the layout tree, which a row does not use
+        report: dict[str, Any] = inspect_lora(local, loads_in=False, tree=False).to_dict()
         if stand_in and report.get("read") != "header":
             # cloneofsimo/safeloras and pickles are described from their tensor values, which a
             # stand-in does not hold: say so rather than report facts of zeros

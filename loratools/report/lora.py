@@ -310,11 +310,15 @@ def inspect_lora(
     norms: bool = False,
     hashes: bool = False,
     keys: bool = False,
+    loads_in: bool = True,
+    tree: bool = True,
 ) -> LoraReport:
     """Describe a LoRA: format, family from shapes vs metadata claims, ranks, alphas, layout tree.
 
     Header-only (no torch) for kohya/LyCORIS and diffusers/peft ``.safetensors`` files unless
-    ``norms`` is asked for. ``path`` may be an ``hf://`` reference.
+    ``norms`` is asked for. ``path`` may be an ``hf://`` reference. ``loads_in=False`` leaves out
+    the per-target load summary (the loratools.check tables: most of a header-only report's time)
+    and ``tree=False`` the layout tree (the next largest part); a census row uses neither.
     """
     from ..formats.scan import scan_lora
 
@@ -379,10 +383,15 @@ def inspect_lora(
     # the model's own order; with no family map, the file's (the tree follows the names' own dots)
     order = {name: i for i, name in enumerate(name_tables(spec).modules)} if spec is not None else {}
     leaves = sorted(facts, key=lambda f: order.get(f.module, len(order)))
-    tree = build_tree(
-        (Leaf(f.module, f.kind, f.rank, f.alpha, f.norm, per_module.get(f.module, 0)) for f in leaves),
-        fold=module_norms is None,
-        generic=spec is None,
+    # with no family map the components are the tree's top nodes, so the tree is built anyway
+    layout = (
+        build_tree(
+            (Leaf(f.module, f.kind, f.rank, f.alpha, f.norm, per_module.get(f.module, 0)) for f in leaves),
+            fold=module_norms is None,
+            generic=spec is None,
+        )
+        if tree or spec is None or module_norms is not None
+        else []
     )
     if keys:
         all_keys = [key_facts(k, i) for k, i in stored.items()]
@@ -391,7 +400,7 @@ def inspect_lora(
         norm_summary = {
             "method": "factor space: ‖s·U V‖_F² = s²·Σ(UᵀU)⊙(V Vᵀ); LoHa/LoKr via exact factorizations",
             "total": math.sqrt(sum(v * v for v in module_norms.values())),
-            "components": {n.key: n.norm for n in tree},
+            "components": {n.key: n.norm for n in layout},
             "dora_note": "DoRA modules: norm of the low-rank update before magnitude rescaling"
             if any(f.kind.endswith("dora") for f in facts)
             else None,
@@ -404,7 +413,7 @@ def inspect_lora(
         metadata_claims=f"{claim} ({key}={metadata.get(key or '', 'True')})" if claim else None,
         file_bytes=_size(local),
         modules=len(facts),
-        components={n.key: n.modules for n in tree}
+        components={n.key: n.modules for n in layout}
         if spec is None
         else dict(Counter(f.module.split(".", 1)[0] for f in facts)),
         kinds=dict(Counter(f.kind for f in facts)),
@@ -423,12 +432,12 @@ def inspect_lora(
         file_dtypes=dict(Counter(str(i.dtype) for i in stored.values())),
         embedding_facts=_embedding_facts(embeddings),
         metadata_summary=summarize_metadata(metadata),
-        tree=tree,
+        tree=layout if tree else [],
         norms=norm_summary,
         hashes=hash_facts(local) if hashes and local.is_file() else None,
         keys=all_keys if keys else None,
         model=verdict.to_dict(),
-        loads_in=_loads_in(local, family),
+        loads_in=_loads_in(local, family) if loads_in else [],
         provenance=read_provenance(metadata, local if local.is_dir() else None),
     )
 
