@@ -1,14 +1,21 @@
-"""Census through a loopback fake Hub: files/s and bytes read ÷ total file bytes.
+"""Census files/s on a generated corpus, beside the floor measured in the same run.
 
-10⁴ LoRA files (default; ``--files N``) in repositories of 10, each served as a full-size kohya
-SD1.5 or SDXL LoRA (real module sets and shapes, fp16, rank 32 by default): its real header
-followed by a data section of zeros that is never stored, only counted. The hub
-(tests/helpers_scale.FakeHub: ``/api/models``, ``model_info``, ``tree``, ``resolve`` with Range)
-runs in a separate process so it does not share the census's GIL. The census is the library
-call behind ``loratools census 'hf://?filter=lora' -o facts.jsonl``.
+The corpus (tests/helpers_census.py): ``--files N`` LoRAs of eight templates — kohya SD1.5 /
+SDXL / SD2, LoCon, LoHa and LoKr (SD1.5), diffusers SD1.5 / SDXL — at full-size shapes with their
+real key counts, each with its own metadata, written *sparse* (header and alpha scalars on disk,
+the factors a hole), one in 50 broken (truncated, LFS pointer, ``.pt`` pickle). One table:
 
-    python bench/bench_census.py                  # 10⁴ files, headers only
-    python bench/bench_census.py --files 300 --alphas
+- the floor: interpreter start, bare header bytes (open + read), ``json.loads`` of the headers,
+  ``safetensors.safe_open`` (keys + metadata), loratools' validated ``read_header``, the
+  ``scan_lora`` header scan the census is built on;
+- the census of the folder (``run_census``, ``-j 1`` and the default pool);
+- the census through a loopback fake Hub (tests/helpers_scale.FakeHub in another process, one
+  repository per 10 files, each served as its header and alphas followed by zeros): files/s,
+  requests, bytes served ÷ total file bytes; with ``--alphas`` the alpha scalars too.
+
+    nice -n 10 python bench/bench_census.py --files 1000
+    nice -n 10 python bench/bench_census.py --files 10000 --defaults-only
+    nice -n 10 python bench/bench_census.py --files 300 --steps hub --alphas --interleaved
 """
 
 from __future__ import annotations
@@ -17,86 +24,222 @@ import argparse
 import json
 import multiprocessing
 import os
+import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
+STEPS = ("floor", "local", "hub")
 
 
-def templates(folder: Path, rank: int) -> dict[str, tuple[bytes, int]]:
-    """family → (header bytes, full file size) of a full-size kohya LoRA written once."""
-    import torch
+def _row(step: str, files: int, seconds: float, note: str = "") -> str:
+    rate = f"{files / seconds:,.0f}" if seconds > 0 else "—"
+    per = f"{1000 * seconds / files:.2f}" if files else "—"
+    return f"| {step} | {files:,} | {seconds:.2f} | {rate} | {per} | {note} |"
 
-    from loratools.families import FAMILIES
-    from loratools.formats.io import save_lora
-    from loratools.synthetic import make_lora
 
-    out = {}
-    for family in ("sd1", "sdxl"):
-        path = folder / f"census-{family}-r{rank}.safetensors"
-        if not path.exists():
-            save_lora(make_lora(FAMILIES[family], rank=rank, dtype=torch.float16), path, "kohya")
-        with open(path, "rb") as fh:
-            length = int.from_bytes(fh.read(8), "little")
-            fh.seek(0)
-            out[family] = (fh.read(8 + length), path.stat().st_size)
+def _timed(work: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
+
+
+def interpreter_start(runs: int = 5) -> tuple[float, float]:
+    """Median seconds of ``python -c pass`` and of ``python -c 'import loratools.census'``."""
+
+    def median(code: str) -> float:
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        return statistics.median(
+            _timed(lambda: subprocess.run([sys.executable, "-c", code], check=True, env=env)) for _ in range(runs)
+        )
+
+    return median("pass"), median("import loratools.census, loratools.census.scanned")
+
+
+def floor_rows(paths: list[Path]) -> list[str]:
+    """The floor on the corpus's good files, each step over every file."""
+    from safetensors import safe_open
+
+    from loratools.formats.scan import scan_lora
+    from loratools.io.safetensors import read_header
+
+    good = [p for p in paths if p.suffix == ".safetensors" and "truncated" not in p.name and "pointer" not in p.name]
+    raws: list[bytes] = []
+
+    def bare() -> None:
+        for p in good:
+            with open(p, "rb") as fh:
+                raws.append(fh.read(int.from_bytes(fh.read(8), "little")))
+
+    def parse() -> None:
+        for raw in raws:
+            json.loads(raw)
+
+    def library() -> None:
+        for p in good:
+            with safe_open(p, framework="np") as f:
+                f.keys()
+                f.metadata()
+
+    def validated() -> None:
+        for p in good:
+            read_header(p)
+
+    def scan() -> None:
+        for p in good:
+            scan_lora(p)
+
+    bare_s = _timed(bare)
+    mean_header = sum(map(len, raws)) // max(1, len(raws))
+    plain, census_import = interpreter_start()
+    return [
+        _row("interpreter start (`python -c pass`, median of 5)", 1, plain),
+        _row("interpreter + `import loratools.census` (median of 5)", 1, census_import),
+        _row("bare header bytes: open + read", len(good), bare_s, f"mean header {mean_header:,} B"),
+        _row("`json.loads` of the headers (in memory)", len(good), _timed(parse)),
+        _row("`safetensors.safe_open` + keys + metadata", len(good), _timed(library)),
+        _row("loratools `read_header` (validated)", len(good), _timed(validated)),
+        _row("`scan_lora` (header scan + alpha reads)", len(good), _timed(scan), "what the census row is built on"),
+    ]
+
+
+def local_rows(folder: Path, files: int, configs: list[tuple[int | None, int | None]]) -> list[str]:
+    """The census of the folder for each (threads, processes); None: the default."""
+    from loratools.census import run_census
+
+    out = []
+    for jobs, processes in configs:
+        with tempfile.TemporaryDirectory() as tmp:
+            summary = run_census([str(folder)], str(Path(tmp) / "facts.jsonl"), jobs=jobs, processes=processes)
+        assert summary.files == files, summary
+        families = ", ".join(f"{f} {sum(c.values())}" for f, c in summary.families_formats.items())
+        note = f"{summary.broken} broken rows; {families}"
+        out.append(_row(f"census local folder, `{_flags(jobs, processes)}`", files, summary.seconds, note))
     return out
 
 
-def serve(heads: dict[str, tuple[bytes, int]], files: int, port_queue: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+def _flags(jobs: int | None, processes: int | None) -> str:
+    from loratools.threads import file_workers
+
+    shown = processes if processes is not None else f"auto ({file_workers(256)} now)"
+    return f"-j {jobs if jobs is not None else 'default'} -P {shown}"
+
+
+def serve(corpus: list[tuple[str, str, bytes, int]], port_queue: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
     from helpers_scale import FakeHub, VirtualFile
 
     hub = FakeHub()
-    for i in range(files):
-        family = "sd1" if i % 2 else "sdxl"
-        head, size = heads[family]
-        hub.add(f"user{i // 10:05d}/lora-{i // 10:05d}", f"{family}-{i % 10}.safetensors", VirtualFile(head, size))
+    for repo, name, prefix, size in corpus:
+        hub.add(repo, name, VirtualFile(prefix, size))
     with hub:
         port_queue.put(hub.url)
         hub.thread.join()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--files", type=int, default=10_000)
-    parser.add_argument("--rank", type=int, default=32)
-    parser.add_argument("--jobs", type=int, default=16)
-    parser.add_argument("--alphas", action="store_true", help="also fetch every alpha scalar")
-    parser.add_argument("--data", default=os.environ.get("LORATOOLS_BENCH_DIR", str(REPO / "bench" / "data")))
-    args = parser.parse_args()
-    data = Path(args.data)
-    data.mkdir(parents=True, exist_ok=True)
-    heads = templates(data, args.rank)
-    queue: multiprocessing.Queue = multiprocessing.get_context("spawn").Queue()  # type: ignore[type-arg]
-    server = multiprocessing.get_context("spawn").Process(target=serve, args=(heads, args.files, queue), daemon=True)
+def hub_rows(paths: list[Path], jobs: int, alphas: bool, processes: list[int | None]) -> list[str]:
+    """The corpus served by a fake Hub: each file's header + scalars (what is on disk), then zeros."""
+    from loratools.io.safetensors import read_header
+
+    corpus = []
+    alpha_count = 0
+    for i, path in enumerate(paths):
+        size = path.stat().st_size
+        try:
+            header = read_header(path)
+            ends = [i.end for i in header.tensors.values() if i.end - i.start <= 8]
+            alpha_count += sum(k.endswith(".alpha") for k in header.tensors)
+            keep = header.data_start + (max(ends) if ends else 0)
+        except Exception:
+            keep = size
+        with open(path, "rb") as fh:
+            prefix = fh.read(keep)
+        corpus.append((f"user{i // 10:05d}/lora-{i // 10:05d}", path.name, prefix, size))
+    ctx = multiprocessing.get_context("spawn")
+    queue: multiprocessing.Queue = ctx.Queue()  # type: ignore[type-arg]
+    server = ctx.Process(target=serve, args=(corpus, queue), daemon=True)
     server.start()
-    url = queue.get(timeout=300)
+    url = queue.get(timeout=600)
     os.environ["HF_ENDPOINT"] = url
     os.environ.pop("HF_HUB_OFFLINE", None)
-    from loratools.census import run_census
+    from loratools.census import read_rows, run_census
 
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "facts.jsonl"
+    rows = []
+    try:
+        for count in processes:
+            before = json.loads(urllib.request.urlopen(f"{url}/_stats").read())
+            with tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp) / "facts.jsonl"
+                summary = run_census(["hf://?filter=lora"], str(out), jobs=jobs, processes=count, alphas=alphas)
+                found = read_rows(out)
+            after = json.loads(urllib.request.urlopen(f"{url}/_stats").read())
+            assert summary.files == len(found) == len(paths), summary
+            total = sum(r["size"] or 0 for r in found)
+            served = after["bytes_served"] - before["bytes_served"]
+            note = (
+                f"{'headers + alphas' if alphas else 'headers only'}; "
+                f"{after['resolve_requests'] - before['resolve_requests']:,} range requests"
+                f"{f' ({alpha_count:,} alpha tensors)' if alphas else ''}; "
+                f"{served:,} B served of {total:,} ({served / total:.3%}); {summary.broken} broken rows"
+            )
+            rows.append(
+                _row(f"census via loopback fake Hub, `{_flags(jobs, count)}`", len(found), summary.seconds, note)
+            )
+    finally:
+        server.terminate()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--files", type=int, default=1000, help="corpus size (10000 for the 10⁴ run)")
+    parser.add_argument("--steps", default=",".join(STEPS), help=f"comma list of {STEPS}")
+    parser.add_argument("--jobs", type=int, default=16, help="census pool through the fake Hub")
+    parser.add_argument("--alphas", action="store_true", help="the Hub census also fetches the alpha scalars")
+    parser.add_argument("--data", default=os.environ.get("LORATOOLS_BENCH_DIR", str(REPO / "bench" / "data")))
+    parser.add_argument("--keep", help="write the corpus here and keep it (default: a temp folder)")
+    parser.add_argument("--floor-files", type=int, default=1000, help="the floor is measured on this many files")
+    parser.add_argument("--defaults-only", action="store_true", help="census with the default -j/-P only")
+    parser.add_argument("--interleaved", action="store_true",
+                        help="store alphas between the factors as kohya does (disk: ~4 KiB per alpha)")  # fmt: skip
+    args = parser.parse_args()
+    steps = [s for s in args.steps.split(",") if s]
+    unknown = set(steps) - set(STEPS)
+    if unknown:
+        parser.error(f"unknown steps {sorted(unknown)}")
+    from helpers_census import write_corpus, write_templates
+
+    templates = write_templates(Path(args.data) / "census-templates")
+    folder = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="loratools-census-bench-"))
+    try:
         start = time.perf_counter()
-        summary = run_census(["hf://?filter=lora"], str(out), jobs=args.jobs, alphas=args.alphas)
-        seconds = time.perf_counter() - start
-        rows = [json.loads(line) for line in out.read_text().splitlines()]
-    stats = json.loads(urllib.request.urlopen(f"{url}/_stats").read())
-    server.terminate()
-    total = sum(r["size"] for r in rows)
-    ok = sum(not r["problems"] and not r["error"] for r in rows)
+        paths = write_corpus(folder / "corpus", templates, args.files, alphas_first=not args.interleaved)
+        made = time.perf_counter() - start
+        disk = sum(p.stat().st_blocks * 512 for p in paths)
+        size = sum(p.stat().st_size for p in paths)
+        rows: list[str] = []
+        if "floor" in steps:
+            rows += floor_rows(paths[: args.floor_files])
+        if "local" in steps:
+            configs: list[tuple[int | None, int | None]] = [(1, 1), (None, 1), (None, None)]
+            rows += local_rows(folder / "corpus", len(paths), configs[-1:] if args.defaults_only else configs)
+        if "hub" in steps:
+            rows += hub_rows(paths, args.jobs, args.alphas, [None] if args.defaults_only else [1, None])
+    finally:
+        if not args.keep:
+            shutil.rmtree(folder, ignore_errors=True)
     load = os.getloadavg()
-    print("| files | ok | header bytes SD1.5 / SDXL | total file bytes | bytes served | served ÷ total | "
-          "requests | seconds | files/s | load avg (1/5/15 min) |")  # fmt: skip
-    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---|")
-    print(f"| {len(rows):,} | {ok:,} | {len(heads['sd1'][0]):,} / {len(heads['sdxl'][0]):,} | {total:,} | "
-          f"{stats['bytes_served']:,} | {stats['bytes_served'] / total:.3%} | {stats['resolve_requests']:,} | "
-          f"{seconds:.1f} | {len(rows) / seconds:.0f} | {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} |")  # fmt: skip
-    assert summary.files == len(rows) == args.files
+    print(f"corpus: {len(paths):,} files in {made:.1f} s, {size / 2**30:.2f} GiB apparent, {disk / 2**20:.0f} MiB on disk; "
+          f"cores {len(os.sched_getaffinity(0))}; load avg {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}")  # fmt: skip
+    print("| step | files | seconds | files/s | ms/file | notes |")
+    print("|---|---:|---:|---:|---:|---|")
+    print("\n".join(rows))
 
 
 if __name__ == "__main__":

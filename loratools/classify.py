@@ -7,15 +7,17 @@ from pathlib import Path
 from .errors import InputError
 from .families.detect import DIFFUSERS_PREFIXES, SINGLE_PREFIXES
 from .formats.lookalike import check_not_lfs_pointer
+from .formats.source import Source, open_source
 from .io.checkpoint import is_diffusers_folder
 from .io.files import regular_file
 from .io.headers import header_of
-from .io.hub import resolve as resolve_hub
 
 
-def classify(path: str | Path) -> str:
-    """``"checkpoint"`` or ``"lora"`` (``path`` may be an ``hf://`` reference)."""
-    path = resolve_hub(path)
+def classify(path: str | Path | Source) -> str:
+    """``"checkpoint"`` or ``"lora"`` (``path`` may be an ``hf://`` reference, or an opened
+    :class:`~loratools.formats.source.Source`, whose unpickled object is then kept for the reader)."""
+    source = open_source(path)
+    path = source.path
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     if path.is_dir():
@@ -33,9 +35,7 @@ def classify(path: str | Path) -> str:
         lora_markers = sum(map(_lora_marked, keys))
         return "checkpoint" if checkpoint_keys > lora_markers else "lora"
     # pickles: a checkpoint is a dict with model keys; everything else is treated as a LoRA
-    from .io.pickle import load_pickle
-
-    obj = load_pickle(path)
+    obj = source.unpickled()[0]
     if isinstance(obj, dict) and any(
         isinstance(k, str) and k.startswith(SINGLE_PREFIXES + DIFFUSERS_PREFIXES) for k in obj
     ):

@@ -14,6 +14,7 @@ import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,6 +25,9 @@ from .families.spec import DIFFUSERS_FOLDERS, Weight
 from .io.atomic import AtomicFolder
 from .io.checkpoint import WEIGHT_NAMES
 from .io.safetensors import DTYPES, StreamingWriter, TensorInfo, dtype_name
+
+if TYPE_CHECKING:
+    from .formats.adapters import Adapter, LoraFile
 
 
 def _tiny(spec: FamilySpec, text_widths: tuple[int, ...]) -> FamilySpec:
@@ -213,15 +217,16 @@ def write_diffusers_folder(
             }
             with StreamingWriter(tmp / folder / f"{stem}.safetensors", plan, {"format": "pt"}) as writer:
                 for w in weights:
-                    writer.write(w.diffusers[len(prefix) :], canonical_tensor(w, seed, dtype))  # type: ignore[index]
+                    if w.diffusers:
+                        writer.write(w.diffusers[len(prefix) :], canonical_tensor(w, seed, dtype))
     return path
 
 
-def write_checkpoint(spec: FamilySpec, path: str | Path, layout: str, **kwargs: object) -> Path:
+def write_checkpoint(spec: FamilySpec, path: str | Path, layout: str, **kwargs: Any) -> Path:
     """Write a synthetic checkpoint in ``layout`` ("single"/"ldm"/"sgm" or "diffusers")."""
     if layout == "diffusers":
-        return write_diffusers_folder(spec, path, **kwargs)  # type: ignore[arg-type]
-    return write_single_file(spec, path, **kwargs)  # type: ignore[arg-type]
+        return write_diffusers_folder(spec, path, **kwargs)
+    return write_single_file(spec, path, **kwargs)
 
 
 # --- LoRAs ----------------------------------------------------------------------------------------
@@ -260,7 +265,7 @@ def make_lora(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     alphas: str = "uniform",
-):  # type: ignore[no-untyped-def]
+) -> LoraFile:
     """A random LoRA (LoCon with ``conv``) over a family's kohya targets, as a LoraFile.
 
     ``alphas``: "uniform" (all ``alpha``, default rank/2) or "varied" (per-module 1…8, to test
@@ -271,7 +276,7 @@ def make_lora(
 
     tables = name_tables(spec)
     generator = torch.Generator().manual_seed(seed)
-    adapters = {}
+    adapters: dict[str, Adapter] = {}
     for i, module in enumerate(lora_modules(spec, conv=conv, text=text)):
         shape = tables.modules[module].shape
         out, inp = shape[0], shape[1]

@@ -7,6 +7,7 @@ header order and padding are the library's, as in downloaded files).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import struct
@@ -18,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from loratools.families.spec import FamilySpec
 from loratools.ops.provenance import FOLDER_FILE as PROVENANCE_FILE
 from loratools.ops.provenance import KEY as PROVENANCE_KEY
+from loratools.ops.provenance import MODELSPEC_HASH
 from loratools.synthetic import write_checkpoint
 
 # Unknown to the key map: a VAE resnet shortcut where the architecture has none, and EMA bookkeeping.
@@ -176,7 +178,12 @@ def compare(base: Path, out: Path, *, dtype: str | None = None) -> set[str]:
         assert list(head_a) == list(head_b), rel  # names, spelling and order
         meta_b = dict(head_b.get("__metadata__") or {})  # type: ignore[call-overload]
         recorded = meta_b.pop(PROVENANCE_KEY, None) is not None
-        assert head_a.get("__metadata__") == (meta_b or None), rel
+        meta_a = dict(head_a.get("__metadata__") or {})  # type: ignore[call-overload]
+        if any(k.startswith("modelspec.") for k in meta_a):  # the hash describes the new weights
+            data = b.read_bytes()[8 + struct.unpack("<Q", b.read_bytes()[:8])[0] :]
+            assert meta_b.pop(MODELSPEC_HASH) == "0x" + hashlib.sha256(data).hexdigest(), rel
+            meta_a.pop(MODELSPEC_HASH, None)
+        assert (meta_a or None) == (meta_b or None), rel
         ta, tb = load_file(str(a)), load_file(str(b))
         for key, tensor in ta.items():
             got = tb[key]

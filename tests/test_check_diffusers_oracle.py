@@ -18,7 +18,7 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-import test_diffusers_lora_oracle as oracle
+import helpers_diffusers_oracle as oracle
 from helpers_check import write_kohya, write_raw
 
 from loratools.check import check_lora

@@ -327,3 +327,50 @@ def test_unrepresentable_refused(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="SDXL"):
         c.safeloras_state_dict(LoraFile({}, TINY["sdxl"], "synthetic"))
     assert not (tmp_path / "a.safetensors").exists()
+
+
+def _unplaced_pairs(tmp_path: Path, container: str) -> tuple[Path, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Five pairs of a tiny model no SD 1.x/2.x module order fits (24 × 12 widths, rank 2)."""
+    generator = torch.Generator().manual_seed(3)
+    pairs = [(torch.randn(24, 2, generator=generator), torch.randn(2, 12, generator=generator)) for _ in range(5)]
+    if container == "pt":
+        path = tmp_path / "tiny.pt"
+        torch.save([t for pair in pairs for t in pair], path)
+    else:
+        from safetensors.torch import save_file
+
+        path = tmp_path / "tiny.safetensors"
+        tensors = {
+            f"unet:{i}:{side}": t for i, pair in enumerate(pairs) for side, t in zip(("up", "down"), pair, strict=True)
+        }
+        save_file(tensors, str(path), {"unet": '["CrossAttention", "Attention"]'})
+    return path, pairs
+
+
+@pytest.mark.parametrize("container", ["pt", "safeloras"])
+def test_pairs_of_an_unknown_model_are_read_not_refused(tmp_path: Path, container: str) -> None:
+    """Issue 13: nothing readable is refused; the pairs are kept in order and act per pair."""
+    from click.testing import CliRunner
+
+    from loratools.cli.main import cli
+
+    path, pairs = _unplaced_pairs(tmp_path, container)
+    lora = load_lora(path)
+    assert lora.family is None and lora.source_format == "cloneofsimo"
+    assert lora.verdict.note.startswith("cloneofsimo, unknown model, 5 pairs")
+    assert list(lora.adapters) == [f"unet:{i}" for i in range(5)]
+    dense = [up @ down for up, down in pairs]
+    runner = CliRunner()
+    inspected = runner.invoke(cli, ["inspect", str(path)], catch_exceptions=False)
+    assert inspected.exit_code == 0, inspected.output
+    scaled = runner.invoke(cli, ["rescale", str(path), "--by", "0.5", "-o", str(tmp_path / "s.safetensors")])
+    assert scaled.exit_code == 0, scaled.output
+    back = load_lora(tmp_path / "s.safetensors")
+    for i, reference in enumerate(dense):
+        torch.testing.assert_close(back.adapters[f"unet:{i}"].delta(), 0.5 * reference)
+    resized = runner.invoke(cli, ["resize", str(path), "--rank", "1", "-o", str(tmp_path / "r.safetensors")])
+    assert resized.exit_code == 0, resized.output
+    small = load_lora(tmp_path / "r.safetensors")
+    for i, reference in enumerate(dense):
+        u, s, vh = torch.linalg.svd(reference)
+        torch.testing.assert_close(small.adapters[f"unet:{i}"].delta(), s[0] * torch.outer(u[:, 0], vh[0]))

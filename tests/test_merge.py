@@ -157,8 +157,8 @@ def test_block_weights_touch_exactly_the_named_blocks(
 def test_block_weight_vectors_are_checked() -> None:
     with pytest.raises(InputError, match="17"):
         parse_block_weights("1,1,1", TINY["sd1"])
-    with pytest.raises(InputError, match=r"SD 1\.x/2\.x only"):
-        parse_block_weights("OUTALL", TINY["sdxl"])
+    with pytest.raises(InputError, match=r"no preset ROUT"):
+        parse_block_weights("ROUT", TINY["sdxl"])
     assert parse_block_weights("ALL0.5", TINY["sdxl"]).weights["OUT05"] == 0.5
     assert parse_block_weights("OUTD", TINY["sd1"]).weights == dict(
         zip(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -105,7 +106,11 @@ def test_metadata_policies_and_merged_from(tmp_path: Path) -> None:
     b.metadata = {"ss_output_name": "b", "ss_lr_scheduler": "cosine"}
     pa = save_lora(a, tmp_path / "a.safetensors", "kohya")
     pb = save_lora(b, tmp_path / "b.safetensors", "kohya")
-    expected_from = [{"name": "a.safetensors", "weight": 1.0}, {"name": "b.safetensors", "weight": -0.5}]
+    sha = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (pa, pb)}  # merged_from names them
+    expected_from = [
+        {"name": n, "weight": w, "sha256": sha[n], "autov2": sha[n][:10]}
+        for n, w in (("a.safetensors", 1.0), ("b.safetensors", -0.5))
+    ]
     for policy, present, absent in (
         ("keep-first", {"ss_output_name": "a", "ss_seed": "1"}, ["ss_lr_scheduler"]),
         ("merge", {"ss_output_name": "a", "ss_seed": "1", "ss_lr_scheduler": "cosine"}, []),

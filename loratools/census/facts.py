@@ -115,6 +115,7 @@ def describe(
     loratools.check (about 1 s per SDXL file today, so opt-in)."""
     from ..classify import classify
     from ..report import inspect_lora
+    from .scanned import fast_facts
 
     start = time.perf_counter()
     sniffed = sniff(local)
@@ -134,7 +135,9 @@ def describe(
             row["kind"] = "checkpoint"
             row["problems"].append("not-a-lora: a model checkpoint")
             return row
-        report = inspect_lora(local).to_dict()
+        # the fast path (one header scan, counted — see .scanned); inspect's report where the
+        # scan needs the tensors
+        report: dict[str, Any] = fast_facts(local) or inspect_lora(local).to_dict()
         if stand_in and report.get("read") != "header":
             # cloneofsimo/safeloras and pickles are described from their tensor values, which a
             # stand-in does not hold: say so rather than report facts of zeros
@@ -146,11 +149,11 @@ def describe(
         kind = "truncated" if "truncated" in text or "too short" in text else "unreadable"
         row["problems"].append(f"{kind}: {text}")
         return row
-    metadata: dict[str, str] = report.get("metadata") or {}  # type: ignore[assignment]
-    summary: dict[str, Any] = report.get("metadata_summary") or {}  # type: ignore[assignment]
-    dtypes: dict[str, int] = report["dtypes"]  # type: ignore[assignment]
+    metadata: dict[str, str] = report.get("metadata") or {}
+    training = report["metadata_summary"]["training"] if "metadata_summary" in report else training_of(metadata)
+    dtypes: dict[str, int] = report["dtypes"]
     row.update(
-        kind="embedding" if report["format"] == "embedding" else "lora",
+        kind="embedding" if report["format"] == "textual-inversion" else "lora",  # inspect's name for it
         format=report["format"],
         family=report["family"],
         metadata_claims=report["metadata_claims"],
@@ -168,15 +171,23 @@ def describe(
         base_model=next((metadata[k] for k in BASE_MODEL_KEYS if metadata.get(k)), None),
         ss_sd_model_name=metadata.get("ss_sd_model_name"),
         trigger_words=_triggers(metadata),
-        training=summary.get("training") or {},
+        training=training or {},
         stored_hashes={k: metadata[k] for k in HASH_KEYS if k in metadata},
-        warnings=list(report["warnings"])[:20],  # type: ignore[call-overload]
+        warnings=list(report["warnings"])[:20],
         loads_in=_loads_in(local) if check else None,
     )
     if row["size"] is None:
-        row["size"] = report["file_bytes"]
+        row["size"] = report["file_bytes"] if "file_bytes" in report else local.stat().st_size
     row["seconds"] += time.perf_counter() - start
     return row
+
+
+def training_of(metadata: dict[str, str]) -> dict[str, Any]:
+    """The training summary ``inspect`` shows (``metadata_summary.training``), for a row."""
+    from ..report.lora import summarize_metadata
+
+    training: dict[str, Any] = summarize_metadata(metadata)["training"]
+    return training
 
 
 def sniff(path: Path) -> str:

@@ -6,7 +6,9 @@ one more request when the header is longer), and write them into a *sparse* loca
 remote file's size: same header, same length, a data section that is a hole. The project's
 header-only readers (:func:`loratools.report.inspect_lora`) then describe it exactly as they
 describe the real file — no second reader to keep in step. ``alphas=True`` also fetches each
-kohya ``*.alpha`` scalar (one small range request per module); without it the stand-in holds
+kohya ``*.alpha`` scalar, in as few range requests as a byte budget allows
+(:func:`plan_reads`: adjacent alphas in one request, gaps read through up to 1 % of the file);
+without it the stand-in holds
 1.0 in every alpha slot and the census row records ``alphas_read: false`` and no alpha values.
 
 Requests go through huggingface_hub's HTTP session (its proxies, token and user agent) to the
@@ -19,8 +21,8 @@ import os
 import struct
 import tempfile
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 from ..errors import CorruptFileError, InputError
@@ -28,6 +30,8 @@ from .sources import Entry, endpoint
 
 FIRST_READ = 100_000  # as huggingface_hub's get_safetensors_metadata; most LoRA headers fit
 MAX_HEADER = 100_000_000
+# bytes between alphas a remote read may also fetch to save requests: 1 % of the file, at least this
+ALPHA_BUDGET_MIN = 256 * 1024
 LFS_POINTER = b"version https://git-lfs"
 _ONE = {"F64": struct.pack("<d", 1.0), "F32": struct.pack("<f", 1.0), "F16": struct.pack("<e", 1.0),
         "BF16": struct.pack("<f", 1.0)[2:]}  # fmt: skip
@@ -119,23 +123,64 @@ def fetch_header(
     return Fetched(Path(name), size, reader.bytes_read, reader.requests, read)
 
 
+def plan_reads(slots: list[tuple[int, int]], budget: int) -> list[tuple[int, int]]:
+    """Byte ranges ``[start, end)`` covering every slot in as few reads as ``budget`` allows.
+
+    Neighbouring slots are merged when the gap between them is read too; the smallest gaps go
+    first, while their sum stays within ``budget`` bytes (each merge saves one request, so this
+    spends the budget where it saves the most requests). Alphas stored together (every gap 0)
+    become one read; kohya's interleaved ``alpha``/``lora_down``/``lora_up`` layout, whose gaps
+    are whole factors, stays near one read per alpha unless the budget covers the factors.
+    """
+    spans = sorted(set(slots))
+    if not spans:
+        return []
+    gaps = sorted((max(0, b[0] - a[1]), i) for i, (a, b) in enumerate(pairwise(spans)))
+    merged: set[int] = set()
+    spent = 0
+    for gap, i in gaps:
+        if spent + gap > budget:
+            break
+        spent += gap
+        merged.add(i)
+    out = [spans[0]]
+    for i, (start, end) in enumerate(spans[1:]):
+        if i in merged:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
 def _fill_alphas(fd: int, path: Path, reader: RangeReader | None) -> bool:
-    """Put each ``*.alpha`` scalar in the stand-in: fetched when a reader is given, else 1.0."""
-    from ..io.safetensors import read_header
+    """Put each ``*.alpha`` scalar in the stand-in: fetched when a reader is given (coalesced,
+    :func:`plan_reads`), else 1.0.
+
+    The stand-in's header is parsed here once, through :func:`loratools.io.headers.header_of`'s
+    cache; writing the alphas changes the file's mtime, so the mtime is put back afterwards and
+    the scan that follows is served the same parse (the header bytes did not change)."""
+    from ..io.headers import header_of
 
     try:
-        header = read_header(path)
+        before = os.stat(fd)
+        header = header_of(path)
     except CorruptFileError:
         return False  # the reader will say what is wrong when it reads the stand-in
-    slots: list[tuple[int, int, Any]] = [
-        (header.data_start + info.start, header.data_start + info.end, info.dtype)
+    slots = {
+        (header.data_start + info.start, header.data_start + info.end): info.dtype
         for key, info in header.tensors.items()
-        if key.endswith(".alpha") and info.end - info.start <= 8
-    ]
-    if reader is None:
-        for start, end, dtype in slots:
-            os.pwrite(fd, _ONE.get(dtype, (1).to_bytes(end - start, "little")), start)
-        return False
-    for start, end, _ in slots:
-        os.pwrite(fd, reader.read(start, end), start)
-    return True
+        if key.endswith(".alpha") and 0 < info.end - info.start <= 8
+    }
+    try:
+        if reader is None:
+            for (start, end), dtype in slots.items():
+                os.pwrite(fd, _ONE.get(dtype, (1).to_bytes(end - start, "little")), start)
+            return False
+        for start, end in plan_reads(list(slots), max(ALPHA_BUDGET_MIN, header.file_size // 100)):
+            body = reader.read(start, end)
+            if len(body) != end - start:
+                raise InputError(f"{path.name}: the server sent {len(body)} of {end - start} alpha bytes")
+            os.pwrite(fd, body, start)
+        return True
+    finally:
+        os.utime(fd, ns=(before.st_atime_ns, before.st_mtime_ns))

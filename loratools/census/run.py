@@ -1,20 +1,26 @@
-"""The census loop: list, read headers in a thread pool, append rows, summarize.
+"""The census loop: list, read headers in a thread pool (and worker processes), append rows, summarize.
 
-Header reads are I/O (local ``pread``, remote HTTP range requests), so a thread pool is enough:
-``jobs`` files in flight (default 16 for Hub sources, 4 locally), the listing consumed lazily so a
-10⁵-repository search never sits in memory as futures. Each file's failure — a bad header, a
-file deleted from the Hub between listing and reading, an HTTP error — is that file's row.
+Header reads are I/O (local ``pread``, remote HTTP range requests), so threads hide the waiting:
+``jobs`` files in flight (``threads.io_workers``: 16 for Hub sources, 4 locally), the listing
+consumed lazily so a 10⁵-repository search never sits in memory as futures. Describing a header
+is Python work under one GIL (~30 ms for a full-size SDXL kohya header, most of it the
+``scan_lora`` scan), so a census of many files also spreads batches over worker processes, one
+per free core. Each file's failure — a bad header, a file deleted from the Hub between listing
+and reading, an HTTP error — is that file's row.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import shutil
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from functools import partial
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +29,8 @@ from .sources import Entry, expand
 from .store import Store
 
 SUMMARY_SCHEMA = "loratools.census.summary/1"
+PROCESS_MIN = 256  # entries a census must have before worker processes (~0.3 s each to start) pay
+BATCH = 32  # entries per task sent to a worker process
 
 
 @dataclass
@@ -80,12 +88,10 @@ def one_file(entry: Entry, scratch: str, *, alphas: bool, check: bool = False) -
     return row
 
 
-def _bounded(
-    pool: ThreadPoolExecutor, entries: Iterable[Entry], work: Callable[[Entry], dict[str, Any]], limit: int
-) -> Iterator[dict[str, Any]]:
-    running: set[Future[dict[str, Any]]] = set()
-    for entry in entries:
-        running.add(pool.submit(work, entry))
+def _bounded(pool: Executor, items: Iterable[Any], work: Callable[[Any], Any], limit: int) -> Iterator[Any]:
+    running: set[Future[Any]] = set()
+    for item in items:
+        running.add(pool.submit(work, item))
         if len(running) >= limit:
             finished, running = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
@@ -94,11 +100,50 @@ def _bounded(
         yield future.result()
 
 
+def one_batch(entries: list[Entry], scratch: str, threads: int, alphas: bool, check: bool) -> list[dict[str, Any]]:
+    """The rows of a batch, in a worker process: its entries over ``threads`` threads."""
+    if threads <= 1:
+        return [one_file(e, scratch, alphas=alphas, check=check) for e in entries]
+    with ThreadPoolExecutor(threads, thread_name_prefix="census") as pool:
+        return list(pool.map(lambda e: one_file(e, scratch, alphas=alphas, check=check), entries))
+
+
+def _batches(entries: Iterable[Entry], size: int) -> Iterator[list[Entry]]:
+    it = iter(entries)
+    while batch := list(islice(it, size)):
+        yield batch
+
+
+def _rows(
+    todo: Iterator[Entry], scratch: str, *, workers: int, processes: int | None, alphas: bool, check: bool
+) -> Iterator[dict[str, Any]]:
+    """Every row of ``todo``. Header scans are Python work under one GIL, so threads overlap
+    only the waiting (disk, HTTP); with more than :data:`PROCESS_MIN` entries the work is spread
+    over ``processes`` worker processes (default: a core free now each, ``threads.file_workers``)
+    of ``workers // processes`` threads, in batches of :data:`BATCH` entries."""
+    from ..threads import file_workers
+
+    head = list(islice(todo, PROCESS_MIN))
+    count = file_workers(PROCESS_MIN) if processes is None else processes
+    if len(head) < PROCESS_MIN or count <= 1:
+        with ThreadPoolExecutor(workers, thread_name_prefix="census") as pool:
+            yield from _bounded(pool, chain(head, todo), lambda e: one_file(e, scratch, alphas=alphas, check=check),
+                                workers * 4)  # fmt: skip
+        return
+    threads = max(1, workers // count)
+    with ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn")) as pool:
+        batches = _batches(chain(head, todo), BATCH)
+        for rows in _bounded(pool, batches, partial(one_batch, scratch=scratch, threads=threads, alphas=alphas,
+                                                    check=check), count * 2):  # fmt: skip
+            yield from rows
+
+
 def run_census(
     sources: list[str],
     output: str,
     *,
     jobs: int | None = None,
+    processes: int | None = None,
     alphas: bool = False,
     limit: int | None = None,
     restart: bool = False,
@@ -108,26 +153,30 @@ def run_census(
     """Describe every LoRA-like file of ``sources`` into ``output`` (``.jsonl``/``.parquet``).
 
     Resumes by default: keys already in ``output`` are skipped (``restart`` starts anew).
-    ``alphas``: also fetch remote alpha scalars (one range request per module; local files
-    always have theirs read). ``check``: fill ``loads_in`` with loratools.check's verdicts. ``limit``: at most this many repositories per Hub search/author.
+    ``jobs``: files in flight (threads, ``threads.io_workers``: 16 for Hub sources, 4 locally).
+    ``processes``: worker processes for a census of many files (default one per free core; 1:
+    all in this process). ``alphas``: also fetch remote alpha scalars (coalesced range requests;
+    local files always have theirs read). ``check``: fill ``loads_in`` with loratools.check's
+    verdicts. ``limit``: at most this many repositories per Hub search/author.
     """
+    from ..threads import io_workers
+
     store = Store(output, restart=restart)
     done = store.done
     summary = CensusSummary(output=str(output), resumed=len(done))
     remote = any(s.startswith("hf://") for s in sources)
-    workers = jobs or (16 if remote else 4)
+    workers = io_workers(remote, jobs)
     scratch = tempfile.mkdtemp(prefix="loratools-census-")
     start = time.perf_counter()
     try:
         todo = (e for e in expand(sources, limit=limit) if e.key not in done)
-        with ThreadPoolExecutor(workers, thread_name_prefix="census") as pool:
-            for row in _bounded(pool, todo, lambda e: one_file(e, scratch, alphas=alphas, check=check), workers * 4):
-                store.append(row)
-                summary.new += 1
-                summary.bytes_read += row["bytes_read"] or 0
-                summary.new_bytes += row["size"] or 0
-                if progress:
-                    progress(row)
+        for row in _rows(todo, scratch, workers=workers, processes=processes, alphas=alphas, check=check):
+            store.append(row)
+            summary.new += 1
+            summary.bytes_read += row["bytes_read"] or 0
+            summary.new_bytes += row["size"] or 0
+            if progress:
+                progress(row)
         store.finish()
     finally:
         store.close()

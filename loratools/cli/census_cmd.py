@@ -18,14 +18,16 @@ from .errors import user_errors
               help="facts.jsonl, or facts.parquet (pip install 'loratools[census]').")  # fmt: skip
 @click.option("-j", "--jobs", type=click.IntRange(1, 256), default=None,
               help="Files read at once (default 16 for hf:// sources, 4 for local ones).")  # fmt: skip
+@click.option("-P", "--processes", type=click.IntRange(1, 256), default=None,
+              help="Worker processes for a census of many files (default: one per free core; 1: none).")  # fmt: skip
 @click.option("--alphas", is_flag=True,
-              help="Also fetch each remote module's alpha scalar (one small range request per module).")  # fmt: skip
+              help="Also fetch each remote module's alpha scalar (range requests, adjacent alphas coalesced).")  # fmt: skip
 @click.option("--limit", type=click.IntRange(1), default=None, help="At most this many repositories per hf:// search.")
 @click.option("--check", "with_check", is_flag=True,
               help="Also record which loaders load each file (loratools check; slower).")  # fmt: skip
 @click.option("--restart", is_flag=True, help="Start anew instead of continuing the census in OUTPUT.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (schema loratools.census.summary/1).")
-def census(sources: tuple[str, ...], output: str, jobs: int | None, alphas: bool, limit: int | None, restart: bool,
+def census(sources: tuple[str, ...], output: str, jobs: int | None, processes: int | None, alphas: bool, limit: int | None, restart: bool,
            with_check: bool, as_json: bool) -> None:  # fmt: skip
     """Describe every LoRA-like file of SOURCES into OUTPUT, one row per file, from headers only.
 
@@ -54,7 +56,7 @@ def census(sources: tuple[str, ...], output: str, jobs: int | None, alphas: bool
         columns = (TextColumn("census"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=stderr, transient=True, disable=not stderr.is_terminal) as bar:
             task = bar.add_task("census", total=None)
-            summary = run_census(list(sources), output, jobs=jobs, alphas=alphas, limit=limit, restart=restart, check=with_check,
+            summary = run_census(list(sources), output, jobs=jobs, processes=processes, alphas=alphas, limit=limit, restart=restart, check=with_check,
                                  progress=lambda row: bar.advance(task))  # fmt: skip
     if as_json:
         sys.stdout.write(json.dumps(summary.to_dict(), indent=2, ensure_ascii=False) + "\n")

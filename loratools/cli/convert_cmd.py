@@ -7,6 +7,7 @@ from rich.console import Console
 
 from ..classify import classify
 from ..errors import InputError
+from ..formats.source import open_source
 from ..io.checkpoint import open_checkpoint
 from ..ops.checkpoint import convert_checkpoint
 from .batch import batchable
@@ -106,7 +107,8 @@ def convert(
     """
     console = Console(stderr=as_json)
     with user_errors():
-        kind = classify(source)
+        opened = open_source(source)  # classified and (a pickle) unpickled once, for every step below
+        kind = classify(opened)
         if for_target is not None:  # loratools/check/fix.py decides the dialect; --to would contradict it
             from .check_cmd import convert_for_target
 
@@ -127,7 +129,7 @@ def convert(
                 target = "kohya"
             with destination(output, dry_run, inputs=[source], overwrite=overwrite) as dest:
                 report = convert_lora(
-                    source,
+                    opened,
                     dest.path,
                     target,
                     family=family,

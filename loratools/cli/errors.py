@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -33,7 +33,7 @@ def fail(message: str, code: int) -> None:
 
 
 @contextmanager
-def user_errors():  # type: ignore[no-untyped-def]
+def user_errors() -> Iterator[None]:
     """Run a command body, mapping every failure to ``error: …`` and a non-zero exit."""
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:

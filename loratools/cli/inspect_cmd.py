@@ -158,7 +158,7 @@ def inspect_command(
       loratools inspect hf://owner/repo/lora.safetensors --json
     """
     console = Console()
-    options = {"family": family, "norms": norms, "hashes": hashes, "keys": show_keys}
+    options: dict[str, Any] = {"family": family, "norms": norms, "hashes": hashes, "keys": show_keys}
     with user_errors():
         reports: list[Any] = []
         failures: list[tuple[Path, LoratoolsError]] = []

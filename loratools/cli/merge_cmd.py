@@ -27,10 +27,15 @@ LORA arguments (any format loratools reads; repeat for several):
   lora.safetensors              weight 1
   lora.safetensors:0.7          weight 0.7 (negative subtracts)
   lora.safetensors:unet=1,te=0.5          U-Net and text-encoder weights
-  lora.safetensors:w=0.8,lbw=OUTALL       block weights: a lora-block-weight preset
+  lora.safetensors:te1=1,te2=0            SDXL / FLUX.1: each text encoder on its own
+  lora.safetensors:w=0.8,lbw=OUTALL       block weights: a preset (SD 1.x/2.x and SDXL)
   lora.safetensors:lbw=1,0,0,0,1,1,1,1,1,1,1,1,0,0,0,0,0
-                                block weights: 17/26 values (SD 1.x/2.x) or 12/20 (SDXL),
-                                BASE (text encoders) first, then IN…, M00, OUT… blocks"""
+                                block weights: 17/26 values (SD 1.x/2.x), 12/20 (SDXL), 61
+                                (FLUX.1) in lora-block-weight's numbering
+  lora.safetensors:lbw=1,0,0,0,0,0,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0@inspire
+                                a vector in another tool's numbering: @lbw, @inspire
+                                (Inspire-Pack: SDXL 12/21, FLUX.1 58), @lycoris (weight helper);
+                                --blocks-from TOOL sets the default. Tables: docs/FORMATS.md §13"""
 
 
 def _common(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -73,6 +78,13 @@ def _common(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--skip-nonfinite", is_flag=True, help="Leave out LoRA modules with NaN/inf factors (default: refuse)."
         ),
+        click.option(
+            "--blocks-from",
+            type=click.Choice(["lbw", "inspire", "lycoris"]),
+            default="lbw",
+            show_default=True,
+            help="Whose block numbering an untagged lbw= vector uses (docs/FORMATS.md §13).",
+        ),
         overwrite_option,
         click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (schema loratools.merge/1)."),
     ]
@@ -99,7 +111,10 @@ def _run(operation: str, base: str, loras: tuple[str, ...], options: dict[str, A
     as_json = options.pop("as_json")
     console = Console(stderr=as_json)
     with user_errors():
-        from ..ops.merge import merge, unmerge  # torch is imported only where tensors are touched
+        from ..ops.merge import merge, parse_lora_arg, unmerge  # torch is imported only where tensors are touched
+
+        blocks_from = options.pop("blocks_from")
+        inputs = [parse_lora_arg(text, blocks_from) for text in loras]
 
         options["budget"] = options.pop("batch_mb") * 2**20
         options["verify"] = options["verify"] or 0
@@ -110,9 +125,9 @@ def _run(operation: str, base: str, loras: tuple[str, ...], options: dict[str, A
         label = "merging" if operation == "merge" else "unmerging"
         with byte_progress(console, label, enabled=not as_json and not options["dry_run"], total=total) as advance:
             if operation == "merge":
-                report = merge(base, list(loras), output, progress=advance, **options)
+                report = merge(base, inputs, output, progress=advance, **options)
             else:
-                report = unmerge(base, list(loras), output, base=original, progress=advance, **options)
+                report = unmerge(base, inputs, output, base=original, progress=advance, **options)
         if as_json:
             print_json(Console(), report.to_dict())
             return
@@ -135,6 +150,9 @@ def render_merge(console: Console, report: Any) -> None:
         table.add_column(column)
     for m in report.loras:
         weights = f"{m.weight:g}" if m.unet == m.text == m.weight else f"unet {m.unet:g}, te {m.text:g}"
+        for key in ("te1", "te2"):
+            if getattr(m, key, None) is not None:
+                weights += f", {key} {getattr(m, key):g}"
         if m.blocks:
             weights += f", blocks {m.blocks}"
         patched = ", ".join(f"{c} {n}" for c, n in sorted(m.patched.items())) or "nothing"
@@ -150,6 +168,10 @@ def render_merge(console: Console, report: Any) -> None:
                 break
             console.print(f"  [yellow]unmatched[/yellow] {Path(m.path).name}: {module} — {reason}")
             shown += 1
+    for m in report.loras:
+        extra = [item for item in m.not_applied if item["item"] not in m.unmatched]
+        for item in extra:
+            console.print(f"  [yellow]not applied[/yellow] {Path(m.path).name}: {item['item']} — {item['reason']}")
     patched = ", ".join(f"{c} {n}" for c, n in sorted(report.patched.items()))
     dtypes = ", ".join(f"{k} ×{n}" for k, n in sorted(report.dtype_plan.items()))
     console.print(

@@ -232,15 +232,23 @@ def resize(lora: str, output: str, to: str | None, dtype: str | None, family: st
     show_default=True,
     help="Metadata of the result: the first input's, all inputs' (first wins), or none. merged_from is always written.",
 )
+@click.option(
+    "--blocks-from",
+    type=click.Choice(["lbw", "inspire", "lycoris"]),
+    default="lbw",
+    show_default=True,
+    help="Whose block numbering an untagged lbw= vector uses (docs/FORMATS.md §13).",
+)
 @output_options
 @click.option("--quiet", "-q", is_flag=True, help="Summary only, no per-module table.")
 def blend(loras: tuple[str, ...], mode: str, metadata_policy: str, output: str, to: str | None, dtype: str | None,
-          family: str | None, overwrite: bool, dry_run: bool, as_json: bool, quiet: bool,
+          family: str | None, overwrite: bool, dry_run: bool, as_json: bool, quiet: bool, blocks_from: str,
           **kwargs: Any) -> None:  # fmt: skip
     """Combine LoRAs into one: ΔW = Σ wᵢ·ΔWᵢ for every module.
 
     \b
-    LORAS are PATH or PATH:WEIGHT (weight 1 by default; negative subtracts). Ranks, alphas and
+    LORAS are PATH or PATH:WEIGHT (weight 1 by default; negative subtracts), or merge's
+    PATH:w=…,unet=…,te=…,te1=…,te2=…,lbw=…[@TOOL] (folded into each module). Ranks, alphas and
     kinds may differ. concat stacks the factors (alpha = Σ ranks; each part's scale split as
     sign·√|c| on up and √|c| on down) — exact. svd truncates the stacked factors in factor space to
     the optimal rank-k approximation of the sum.
@@ -261,7 +269,7 @@ def blend(loras: tuple[str, ...], mode: str, metadata_policy: str, output: str, 
             module_progress("blending", enabled=not as_json) as advance,
         ):
             report = run(list(loras), dest.path, mode=mode, **rules, metadata=metadata_policy, to=to, dtype=dtype,
-                         family=family, overwrite=overwrite, progress=advance)  # fmt: skip
+                         family=family, overwrite=overwrite, progress=advance, blocks_from=blocks_from)  # fmt: skip
         if as_json:
             print_json(Console(), {**report.to_dict(), **json_fields(dest)})
             return

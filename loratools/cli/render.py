@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, cast
 
 from rich.console import Console
 from rich.table import Table
@@ -63,7 +64,8 @@ def render_checkpoint(console: Console, report: CheckpointReport) -> None:
     console.print(table)
 
     arch = report.architecture
-    texts = ", ".join(f"{t['component']} {t['hidden']}×{t['layers']}" for t in arch["text_encoders"])  # type: ignore[union-attr]
+    encoders = cast("list[dict[str, Any]]", arch.get("text_encoders", []))
+    texts = ", ".join(f"{t['component']} {t['hidden']}×{t['layers']}" for t in encoders)
     if "transformer_hidden" in arch:
         denoiser = (
             f"transformer: {arch['transformer_double_blocks']} double + {arch['transformer_single_blocks']} single "
@@ -94,6 +96,10 @@ def render_checkpoint(console: Console, report: CheckpointReport) -> None:
         console.print(
             f"metadata: {len(report.metadata)} entries ({', '.join(sorted(report.metadata)[:6])}{', …' if len(report.metadata) > 6 else ''})"
         )
+    if report.provenance is not None:
+        from .render_inspect import render_provenance  # render_inspect imports this module
+
+        render_provenance(console, report.provenance)
 
 
 FORMAT_TITLES = {
@@ -138,7 +144,7 @@ def render_lora(console: Console, report: LoraReport) -> None:
         console.print(f"[yellow]warning:[/yellow] {warning}")
 
 
-def _span(values: list) -> str:  # type: ignore[type-arg]
+def _span(values: Sequence[float]) -> str:
     if not values:
         return "-"
     if len(values) == 1:

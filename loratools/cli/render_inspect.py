@@ -4,7 +4,7 @@ raw keys, folder summaries and diffs. Plain data in (``loratools.report``), rich
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from rich.console import Console
@@ -60,7 +60,7 @@ def describe(node: Node) -> str:
     parts.append(_spread(node.ranks, "r") if rank != "None" else "")
     parts.append(_spread(node.alphas, "α") if alpha != "none" else "")
     if kind and rank not in (None, "None") and alpha not in (None, "none"):
-        parts.append(f"×{float(alpha) / float(rank):.4g}")  # type: ignore[arg-type]
+        parts.append(f"×{float(alpha) / float(rank):.4g}")
     return " ".join(p for p in parts if p)
 
 
@@ -185,6 +185,8 @@ def render_lora_details(console: Console, report: LoraReport, *, norms: bool, ke
             f" × {emb.width} ({emb.dtype})"
         )
     render_metadata(console, report.metadata_summary)
+    if report.provenance is not None:
+        render_provenance(console, report.provenance)
     if norms and report.norms is not None:
         console.print(norm_bars(report))
         console.print(f"total ‖ΔW‖_F {report.norms['total']:.4g}")
@@ -214,6 +216,39 @@ def render_metadata(console: Console, summary: dict[str, Any]) -> None:
         console.print(f"[bold]merged from:[/bold] {summary['merged_from']}")
     if summary.get("other_keys"):
         console.print(f"[dim]{summary['other_keys']} more metadata entries (--json shows them all)[/dim]")
+
+
+def _hash_text(entry: Mapping[str, Any]) -> str:
+    """``AutoV2 sha256`` of one input, or one per file of a folder input."""
+    if entry.get("sha256"):
+        return f"AutoV2 {entry.get('autov2') or str(entry['sha256'])[:10]}  [dim]sha256 {entry['sha256']}[/dim]"
+    files = entry.get("files")
+    if isinstance(files, Mapping) and files:
+        return f"{len(files)} weight files: " + ", ".join(
+            f"{rel} {h.get('autov2', '?')}" for rel, h in files.items() if isinstance(h, Mapping)
+        )
+    return "[dim]no hash recorded[/dim]"
+
+
+_OPTION_NAMES = ("weight", "unet", "text", "blocks", "format")
+
+
+def render_provenance(console: Console, record: Mapping[str, Any]) -> None:
+    """What a loratools merge recorded this file was made from (ops/provenance.py), one line per input."""
+    if "unreadable" in record:
+        console.print(f"[yellow]provenance:[/yellow] recorded but unreadable: {record['unreadable']}")
+        return
+    tool = f"{record.get('tool', 'loratools')} {record.get('version', '?')}"
+    console.print(f"[bold]provenance:[/bold] {record.get('operation', '?')} by {tool}")
+    base = record.get("base")
+    if isinstance(base, Mapping):
+        console.print(f"  base  {base.get('name', '?')}  {_hash_text(base)}")
+    for lora in record.get("loras") or []:
+        if not isinstance(lora, Mapping):
+            continue
+        options = ", ".join(f"{k}={lora[k]}" for k in _OPTION_NAMES if k in lora and lora[k] not in (None, "", {}, []))
+        console.print(f"  LoRA  {lora.get('name', '?')}  {options}")
+        console.print(f"        {_hash_text(lora)}")
 
 
 def render_hashes(console: Console, entries: Sequence[dict[str, Any]]) -> None:
@@ -256,7 +291,9 @@ def summary_line(report: Any) -> str:
         fmt = FORMAT_TITLES.get(r.format, r.format).split(" (")[0]
         warn = " · [yellow]metadata disagrees[/yellow]" if r.family_mismatch else ""
         fit = (r.model or {}).get("fit")
-        how = {"names": " (by names; tiny or distilled widths)", "none": " (by names; no family map)"}.get(fit, "")
+        how = {"names": " (by names; tiny or distilled widths)", "none": " (by names; no family map)"}.get(
+            fit or "", ""
+        )
         if (r.model or {}).get("kind") == "unknown":
             how = ""
         if r.format == "textual-inversion":

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Union
-
-import torch
+from typing import TYPE_CHECKING, Union
 
 from ..families.spec import FamilySpec
 from .verdict import VERBATIM, ModelVerdict, sd_verdict, unknown_verdict
 
+if TYPE_CHECKING:
+    import torch
+
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
+    import torch
+
     return t.to(torch.float32)
 
 
@@ -82,6 +85,8 @@ class LowRank:
 
     def delta(self) -> torch.Tensor:
         """ΔW in float32, shaped like the weight (without DoRA, which needs the base weight)."""
+        import torch
+
         up = _f32(self.up).reshape(self.out_features, self.rank)
         if self.mid is not None:
             down = _f32(self.down).reshape(self.rank, -1)  # (r, in)
@@ -101,14 +106,25 @@ class LowRank:
         Computed in float32 and stored back in ``up``'s dtype; a negative scale flips ``up`` — no
         square root of a signed number is ever taken.
         """
+        import torch
+
         if self.alpha == self.rank:
             return self
         up = (self.up.to(torch.float32) * self.scale).to(self.up.dtype)
         return replace(self, up=up, alpha=float(self.rank))
 
 
+def _given(tensor: torch.Tensor | None, what: str) -> torch.Tensor:
+    """A factor the adapter's layout requires (the readers check it is there)."""
+    if tensor is None:
+        raise ValueError(f"LoKr factor {what} missing")
+    return tensor
+
+
 def _tucker(t: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``M[p,q,…] = Σ_{i,j} t[i,j,…] · a[i,p] · b[j,q]`` (LyCORIS functional.general.rebuild_tucker)."""
+    import torch
+
     return torch.einsum("ij...,ip,jq->pq...", _f32(t), _f32(a), _f32(b))
 
 
@@ -215,14 +231,15 @@ class LoKr:
     def _w1_shape(self) -> tuple[int, int]:
         if self.w1 is not None:
             return (int(self.w1.shape[0]), int(self.w1.shape[1]))
-        return (int(self.w1a.shape[0]), int(self.w1b.shape[1]))  # type: ignore[union-attr]
+        return (int(_given(self.w1a, "lokr_w1_a").shape[0]), int(_given(self.w1b, "lokr_w1_b").shape[1]))
 
     def _w2_shape(self) -> tuple[int, ...]:
         if self.w2 is not None:
             return tuple(self.w2.shape)
         if self.t2 is not None:
-            return (int(self.w2a.shape[1]), int(self.w2b.shape[1]), *self.t2.shape[2:])  # type: ignore[union-attr]
-        return (int(self.w2a.shape[0]), *self.w2b.shape[1:])  # type: ignore[union-attr]
+            w2a, w2b = _given(self.w2a, "lokr_w2_a"), _given(self.w2b, "lokr_w2_b")
+            return (int(w2a.shape[1]), int(w2b.shape[1]), *self.t2.shape[2:])
+        return (int(_given(self.w2a, "lokr_w2_a").shape[0]), *_given(self.w2b, "lokr_w2_b").shape[1:])
 
     def natural_shape(self) -> tuple[int, ...]:
         """The kron product's shape before any reshape to the weight."""
@@ -240,17 +257,19 @@ class LoKr:
     def _w1(self) -> torch.Tensor:
         if self.w1 is not None:
             return _f32(self.w1)
-        return _f32(self.w1a) @ _f32(self.w1b)  # type: ignore[arg-type]
+        return _f32(_given(self.w1a, "lokr_w1_a")) @ _f32(_given(self.w1b, "lokr_w1_b"))
 
     def _w2(self) -> torch.Tensor:
         if self.w2 is not None:
             return _f32(self.w2)
         if self.t2 is not None:
-            return _tucker(self.t2, self.w2a, self.w2b)  # type: ignore[arg-type]
-        w2a, w2b = _f32(self.w2a), _f32(self.w2b)  # type: ignore[arg-type]
+            return _tucker(self.t2, _given(self.w2a, "lokr_w2_a"), _given(self.w2b, "lokr_w2_b"))
+        w2a, w2b = _f32(_given(self.w2a, "lokr_w2_a")), _f32(_given(self.w2b, "lokr_w2_b"))
         return (w2a @ w2b.reshape(w2b.shape[0], -1)).reshape(w2a.shape[0], *w2b.shape[1:])
 
     def delta(self) -> torch.Tensor:
+        import torch
+
         w1, w2 = self._w1(), self._w2().contiguous()  # torch.kron fails on einsum's strided output
         for _ in range(w2.dim() - w1.dim()):
             w1 = w1.unsqueeze(-1)
@@ -300,6 +319,8 @@ class Full:
 
 def factor_dtype(adapter: object) -> torch.dtype:
     """The dtype an adapter's factors are stored in (its first floating-point tensor)."""
+    import torch
+
     for value in vars(adapter).values():
         if isinstance(value, torch.Tensor) and value.is_floating_point():
             return value.dtype
@@ -314,15 +335,19 @@ def all_finite(tensor: torch.Tensor) -> bool:
     than a float64 sum and 7× faster than an elementwise isfinite on CPU); a sum that is not
     finite — real NaN/inf, or bf16/float32/float64 values near their maximum overflowing it — is
     confirmed elementwise."""
+    import torch
+
     return math.isfinite(float(tensor.detach().sum(dtype=torch.float32))) or bool(torch.isfinite(tensor).all())
 
 
 def is_finite(adapter: Adapter) -> bool:
     """Whether every floating-point factor of ``adapter`` is free of NaN and inf (:func:`all_finite`)."""
+    import torch
+
     return all(all_finite(v) for v in vars(adapter).values() if isinstance(v, torch.Tensor) and v.is_floating_point())
 
 
-DORA_EPS = torch.finfo(torch.float32).eps
+DORA_EPS = 2.0**-23  # torch.finfo(torch.float32).eps, without importing torch here
 
 
 def dora_magnitude(adapter: Adapter, weight_shape: tuple[int, ...]) -> torch.Tensor:
@@ -352,6 +377,8 @@ def dora_magnitude(adapter: Adapter, weight_shape: tuple[int, ...]) -> torch.Ten
 
 def weight_norm(weight: torch.Tensor, axis: str) -> torch.Tensor:
     """‖W‖ per output row (``axis="out"``, shape ``(out, 1, …)``) or per input column (``(1, in, 1, …)``)."""
+    import torch
+
     dims = tuple(d for d in range(weight.dim()) if d != (0 if axis == "out" else 1))
     return torch.linalg.vector_norm(weight, dim=dims, keepdim=True)
 
@@ -374,7 +401,9 @@ def apply_dora(weight: torch.Tensor, adapter: Adapter, strength: float = 1.0) ->
     base = _f32(weight)
     magnitude = dora_magnitude(adapter, tuple(base.shape))
     merged = base + adapter.delta().reshape(base.shape)
-    return merged * (magnitude / (weight_norm(merged, adapter.dora_axis) + DORA_EPS))  # type: ignore[arg-type]
+    axis = getattr(adapter, "dora_axis", None)
+    assert axis is not None  # dora_magnitude refused a module without one
+    return merged * (magnitude / (weight_norm(merged, axis) + DORA_EPS))
 
 
 @dataclass
@@ -391,6 +420,7 @@ class LoraFile:
     path: str | None = None
     source_order: dict[str, str] = field(default_factory=dict)  # component → pair order (cloneofsimo)
     model: ModelVerdict | None = None  # what model it is for (formats.verdict); derived when not given
+    source_names: dict[str, str] = field(default_factory=dict)  # adapter key → its module name in the file
 
     def __post_init__(self) -> None:
         if self.model is None:

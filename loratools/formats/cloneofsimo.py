@@ -37,7 +37,7 @@ from .adapters import Adapter, LoraFile, LowRank
 from .keys import EMBED_FLAG, is_safeloras  # noqa: F401 (re-exported)
 from .keys import SAFELORAS_KEY as KEY
 from .names import name_tables
-from .verdict import needs_family_map
+from .verdict import NONE, UNKNOWN, ModelVerdict, needs_family_map
 
 FORMAT = "cloneofsimo"
 TEXT_SUFFIX = ".text_encoder.pt"
@@ -234,6 +234,28 @@ def _adapters(match: OrderMatch, pairs: Sequence[Pair], warnings: list[str], wha
     return adapters
 
 
+UNPLACED = re.compile(r"^(unet|text_encoder|text_encoder_2):(\d+)$")
+
+
+def _unplaced(groups: Mapping[str, Sequence[Pair]], why: str, metadata: Mapping[str, str] | None = None) -> LoraFile:
+    """Pairs no known family's module order fits (a tiny or other model): nothing readable is
+    refused, so they are kept in their stored order as ``<group>:<index>`` ("unet:0", …), each a
+    LoRA pair that rescale/resize/blend act on one by one; writing cloneofsimo keeps the order."""
+    adapters: dict[str, Adapter] = {
+        f"{group}:{i}": LowRank(up, down, float(down.shape[0]))
+        for group, pairs in groups.items()
+        for i, (up, down) in enumerate(pairs)
+    }
+    count = sum(len(p) for p in groups.values())
+    verdict = ModelVerdict(
+        UNKNOWN, "unknown", "unknown model", NONE, f"cloneofsimo, unknown model, {count} pairs ({why})"
+    )
+    kept = {k: v for k, v in (metadata or {}).items() if v != EMBED_FLAG and not re.match(r"^[^:]+:\d+:rank$", k)}
+    return LoraFile(
+        adapters, None, FORMAT, kept, warnings=[f"cloneofsimo, unknown model, {count} pairs: {why}"], model=verdict
+    )
+
+
 def companion_paths(path: Path) -> tuple[Path, Path]:
     """lora_diffusion's ``X.text_encoder.pt`` and ``X.ti.pt`` beside a U-Net file ``X.pt``."""
     stem = path.name[: -len(path.suffix)] if path.suffix else path.name
@@ -255,7 +277,13 @@ def read_pt(path: Path, tensors: list[torch.Tensor], family: str | FamilySpec | 
     """
     path = Path(path)
     pairs = _pairs_of_list(path.name, tensors)
-    match = match_order(pairs, _family_list(family), ("unet", "te1"), what=path.name)
+    try:
+        match = match_order(pairs, _family_list(family), ("unet", "te1"), what=path.name)
+    except InputError as exc:
+        if family is not None or "fit no lora_diffusion module order" not in exc.message:
+            raise
+        group = "text_encoder" if path.name.endswith(TEXT_SUFFIX) else "unet"
+        return _unplaced({group: pairs}, "its pairs fit no SD 1.x/2.x module order by shape")
     warnings: list[str] = []
     adapters = _adapters(match, pairs, warnings, path.name)
     embeddings: dict[str, torch.Tensor] = {}
@@ -329,6 +357,8 @@ def read_safeloras(
             }
         except InputError as error:
             errors.append(error)
+    if not fits and family is None and all("fit no lora_diffusion module order" in e.message for e in errors):
+        return _unplaced(pairs, "its pairs fit no SD 1.x/2.x module order by shape", metadata)
     if not fits:
         if len(errors) == 1:
             raise errors[0]
@@ -405,6 +435,18 @@ def _unwritable_kind(adapter: Adapter) -> str | None:
 
 
 def _check_writable(lora: LoraFile) -> None:
+    if lora.family is None and all(UNPLACED.match(m) for m in lora.adapters):
+        odd = [
+            m
+            for m, a in lora.adapters.items()
+            if not isinstance(a, LowRank) or _unwritable_kind(a) or not _scale_is_one(a)
+        ]
+        if odd:
+            raise InputError(
+                f"cloneofsimo files hold plain LoRA pairs at scale 1; {len(odd)} pairs are not (e.g. {odd[0]})",
+                hint="bake the scale into the factors first: --bake, or cloneofsimo.bake_scale",
+            )
+        return
     if lora.family is None:  # its pairs are told apart only by a family's module order
         raise needs_family_map(lora.verdict, "a cloneofsimo file (positional pairs in a family's module order)")
     if lora.family.name == "sdxl":
@@ -419,7 +461,7 @@ def _check_writable(lora: LoraFile) -> None:
             f"cloneofsimo files hold plain LoRA pairs only; this LoRA has {found} modules",
             hint="convert them to low rank first (to_lowrank), or merge DoRA into a checkpoint; or write kohya",
         )
-    targeted = set()
+    targeted: set[str] = set()
     for component in lora.components():
         for order in ("geglu-0.15",) if component == "unet" else ("text",):
             targeted.update(module_order(lora.family, component, order))
@@ -495,7 +537,15 @@ def safeloras_state_dict(
     tensors: dict[str, torch.Tensor] = {}
     # lora_diffusion reads only the keys of its tensors' names; the rest is carried as it came
     metadata: dict[str, str] = {k: v for k, v in carried_metadata(lora).items() if k not in SAFELORAS_NAMES}
-    for component in ("unet", "te1", "te2"):
+    if lora.family is None:  # unplaced pairs (_unplaced): written back in their stored order
+        for module, adapter in sorted(lora.adapters.items(), key=lambda kv: _unplaced_key(kv[0])):
+            assert isinstance(adapter, LowRank)
+            up, down = adapter.up, adapter.down
+            if dtype is not None:
+                up, down = up.to(dtype), down.to(dtype)
+            tensors[f"{module}:up"], tensors[f"{module}:down"] = up.contiguous(), down.contiguous()
+            metadata[f"{module}:rank"] = str(adapter.rank)
+    for component in ("unet", "te1", "te2") if lora.family is not None else ():
         if component not in lora.components():
             continue
         name = COMPONENT_NAMES[component]
@@ -511,6 +561,12 @@ def safeloras_state_dict(
         tensors[token] = tensor.contiguous()
         metadata[token] = EMBED_FLAG
     return tensors, metadata
+
+
+def _unplaced_key(module: str) -> tuple[str, int]:
+    match = UNPLACED.match(module)
+    assert match is not None
+    return match.group(1), int(match.group(2))
 
 
 def pt_list(

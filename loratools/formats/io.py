@@ -17,31 +17,25 @@ from ..errors import InputError
 from ..families.spec import FamilySpec
 from ..io.atomic import AtomicFolder
 from ..io.files import regular_file
-from ..io.hub import resolve as resolve_hub
-from ..io.pickle import PICKLE_SUFFIXES, load_pickle_raw, split_tensors, unwrap_state_dict
+from ..io.pickle import split_tensors
 from ..io.safetensors import SafetensorsFile, save_tensors
 from . import cloneofsimo, flux, kohya, peft
 from .adapters import LoraFile, is_finite
 from .keys import EMBEDDING_KEYS, bundle_key, is_embedding_key, normalize_peft_key, token_key  # noqa: F401 (EMBEDDING_KEYS re-exported)
 from .lookalike import check_not_lfs_pointer, flatten_embedding, not_a_lora
 from .metadata import with_hashes
+from .source import SAFETENSORS, Source, open_source
 from .verdict import is_flux_lora
 
 FORMATS = ("kohya", "diffusers", "peft", "cloneofsimo", "comfyui")  # comfyui: FLUX.1 only
 
 
-def _read_tensors(path: Path) -> tuple[object, dict[str, str]]:
-    if path.suffix == ".safetensors" or (path.suffix not in PICKLE_SUFFIXES and _looks_safetensors(path)):
-        with SafetensorsFile(path) as handle:
+def _read_tensors(source: Source) -> tuple[object, dict[str, str]]:
+    if source.kind == SAFETENSORS:
+        with SafetensorsFile(source.path) as handle:
             return handle.read_all(), dict(handle.metadata)
-    obj, _ = unwrap_state_dict(load_pickle_raw(path))
+    obj, _ = source.unpickled()
     return flatten_embedding(obj), {}
-
-
-def _looks_safetensors(path: Path) -> bool:
-    with open(path, "rb") as fh:
-        head = fh.read(9)
-    return len(head) == 9 and head[8:9] == b"{"
 
 
 def split_embeddings(
@@ -54,7 +48,7 @@ def split_embeddings(
 
 
 def load_lora(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | Source,
     family: str | FamilySpec | None = None,
     *,
     allow_nonfinite: bool = False,
@@ -65,13 +59,15 @@ def load_lora(
     ``path``: a .safetensors file, a weights-only pickle (.pt/.bin/.ckpt), a cloneofsimo ``.pt``
     list (its ``.text_encoder.pt`` companion is read with it), or a peft adapter folder.
     ``family``: "sd1"/"sd2"/"sdxl" or a FamilySpec, when names and shapes should not decide.
-    ``path`` may also be an ``hf://owner/repo/path[@revision]`` reference (:mod:`loratools.io.hub`).
+    ``path`` may also be an ``hf://owner/repo/path[@revision]`` reference (:mod:`loratools.io.hub`)
+    or a :class:`~.source.Source` already opened (its header and unpickled object are reused).
     A module with NaN or inf factors is refused (InputError) unless ``allow_nonfinite``: nothing
     sound can be made of it, and a caller that can leave it out (merge --skip-nonfinite) asks.
     The model it is for is a report (``lora.model``, :mod:`.verdict`), never a refusal, unless
     ``require_fit``: then no module fitting the family's shapes is an error (merge into a base).
     """
-    path = resolve_hub(path)
+    source = open_source(path)
+    path = source.path
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     if path.is_dir():
@@ -81,7 +77,7 @@ def load_lora(
     if regular_file(path).st_size == 0:
         raise InputError(f"{path.name}: empty file")
     check_not_lfs_pointer(path)
-    obj, metadata = _read_tensors(path)
+    obj, metadata = _read_tensors(source)
     if isinstance(obj, list):
         lora = cloneofsimo.read_pt(path, obj, family)
     elif isinstance(obj, dict):

@@ -9,8 +9,7 @@ for every module.
 from __future__ import annotations
 
 from collections.abc import Mapping
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import InputError
 from ..families.spec import FamilySpec
@@ -22,6 +21,9 @@ from .metadata import carried_metadata, describe_network
 from .names import kohya_text_prefixes, name_tables
 from .resolve import claimed_family, resolve
 from .verdict import needs_family_map
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "kohya"
 
@@ -74,6 +76,7 @@ def read_kohya(
         warnings=warnings,
         unmatched=dict(found.unmatched),
         model=found.verdict,
+        source_names={canonical: name for name, canonical in found.matched.items()},
     )
 
 

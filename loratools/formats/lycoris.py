@@ -8,8 +8,7 @@ module uses is told purely by which parameter suffixes exist, as ComfyUI does
 from __future__ import annotations
 
 import math
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import InputError
 from .adapters import Adapter, Full, LoHa, LoKr, LowRank
@@ -23,6 +22,9 @@ from .keys import (  # noqa: F401 (the parameter tables are re-exported)
     adapter_kind_of,
 )
 
+if TYPE_CHECKING:
+    import torch
+
 
 def read_alpha(params: dict[str, torch.Tensor], rank: int | None, name: str, warnings: list[str]) -> float:
     """alpha as a float; missing ⇒ rank (scale 1; the caller reports it); zero ⇒ kept (the loaders' scale 0), stated."""
@@ -31,12 +33,22 @@ def read_alpha(params: dict[str, torch.Tensor], rank: int | None, name: str, war
         return float(rank) if rank else 1.0
     if tensor.numel() != 1:
         raise InputError(f"{name}: alpha has {tensor.numel()} elements, expected one")
-    value = float(tensor.reshape(()).to(torch.float64))
+    value = _scalar(tensor)
     if not math.isfinite(value):
         raise InputError(f"{name}: alpha is {value}")
     if value == 0:
         warnings.append(f"{name}: alpha is 0, so the module has no effect (as in kohya's merge and ComfyUI)")
     return value
+
+
+def _scalar(tensor: torch.Tensor) -> float:
+    """A one-element tensor's value; a header-only view (:class:`.scan.ParamRef`) reads its bytes."""
+    read = getattr(tensor, "scalar", None)
+    if read is not None:
+        return float(read())
+    import torch
+
+    return float(tensor.reshape(()).to(torch.float64))
 
 
 def dora_axis(scale: torch.Tensor, out_features: int, in_features: int | None = None) -> str:
@@ -66,7 +78,7 @@ def _attach_dora(name: str, adapter: Adapter, params: dict[str, torch.Tensor], s
         axis = dora_axis(scale, int(shape[0]), int(shape[1]))
     except InputError as exc:
         raise InputError(f"{name}: {exc}") from None
-    adapter.dora_scale, adapter.dora_axis = scale, axis  # type: ignore[union-attr]
+    adapter.dora_scale, adapter.dora_axis = scale, axis
 
 
 def _check_shape(name: str, adapter: Adapter, weight_shape: tuple[int, ...] | None) -> None:
@@ -132,11 +144,13 @@ def _read_loha(name: str, params: dict[str, torch.Tensor], shape: tuple[int, ...
             and int(w1a.shape[1]) == rank
             and int(w2a.shape[1]) == int(w2b.shape[0])
             and w1a.shape[0] == w2a.shape[0]
-            and w1b.shape[1:].numel() == w2b.shape[1:].numel()
+            and math.prod(w1b.shape[1:]) == math.prod(w2b.shape[1:])
         )
     if not ok:
         factors = {"hada_w1_a": w1a, "hada_w1_b": w1b, "hada_w2_a": w2a, "hada_w2_b": w2b}
-        raise _rank_error(name, "LoHa", factors | ({"hada_t1": t1, "hada_t2": t2} if t1 is not None else {}))
+        if t1 is not None and t2 is not None:
+            factors |= {"hada_t1": t1, "hada_t2": t2}
+        raise _rank_error(name, "LoHa", factors)
     if int(w2b.shape[0]) != rank:
         warnings.append(f"{name}: LoHa halves have ranks {rank} and {int(w2b.shape[0])}; scale uses {rank} (hada_w1_b)")
     return LoHa(w1a, w1b, w2a, w2b, read_alpha(params, rank, name, warnings), t1, t2, shape)
@@ -223,8 +237,9 @@ def adapter_from_params(
     return adapter
 
 
-def adapter_params(adapter: Adapter, alpha_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The kohya/LyCORIS parameter group of an adapter (inverse of :func:`adapter_from_params`)."""
+def adapter_params(adapter: Adapter, alpha_dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """The kohya/LyCORIS parameter group of an adapter (inverse of :func:`adapter_from_params`);
+    ``alpha_dtype`` None leaves ``alpha`` out (its factors only, torch-free)."""
     out: dict[str, torch.Tensor] = {}
     if isinstance(adapter, LowRank):
         out["lora_down.weight"] = adapter.down
@@ -258,5 +273,8 @@ def adapter_params(adapter: Adapter, alpha_dtype: torch.dtype) -> dict[str, torc
         if adapter.diff_b is not None:
             out["diff_b"] = adapter.diff_b
         return out
-    out["alpha"] = torch.tensor(adapter.alpha, dtype=alpha_dtype)
+    if alpha_dtype is not None:
+        import torch
+
+        out["alpha"] = torch.tensor(adapter.alpha, dtype=alpha_dtype)
     return out

@@ -15,12 +15,14 @@ import hashlib
 import json
 from collections import Counter
 from collections.abc import Mapping
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..io.safetensors import tensor_bytes
 from .adapters import LoraFile, LowRank
 from .keys import EMBED_FLAG, PEFT_METADATA_KEY
+
+if TYPE_CHECKING:
+    import torch
 
 STRUCTURE_KEYS = {
     "diffusers": {PEFT_METADATA_KEY},

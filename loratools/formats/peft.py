@@ -14,13 +14,11 @@ import math
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError
 from ..families.spec import DIFFUSERS_FOLDERS, FamilySpec
-from .adapters import LoraFile, LowRank
+from .adapters import Adapter, LoraFile, LowRank
 from .keys import PEFT_METADATA_KEY as METADATA_KEY
 from .keys import UNET_ROOTS as _UNET_ROOTS
 from .keys import check_config_rank, config_number, config_of, configs_from_metadata, is_peft_like  # noqa: F401
@@ -28,6 +26,9 @@ from .keys import normalize_peft_key as normalize_key
 from .keys import pattern_value as _pattern_value
 from .resolve import resolve
 from .verdict import ModelVerdict, config_verdict, needs_family_map
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "diffusers"
 PEFT_FORMAT = "peft"
@@ -69,7 +70,7 @@ def read_peft(
     else:
         named = found.matched
     warnings = list(found.warnings)
-    adapters = {}
+    adapters: dict[str, Adapter] = {}
     no_config = set()
     for module, canonical in named.items():
         params = groups[module]
@@ -115,6 +116,7 @@ def read_peft(
         warnings=warnings,
         unmatched=dict(found.unmatched),
         model=found.verdict,
+        source_names={canonical: module for module, canonical in named.items()},
     )
 
 

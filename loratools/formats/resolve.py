@@ -92,8 +92,8 @@ def adapter_dims(params: Mapping[str, torch.Tensor]) -> tuple[int, int] | None:
             d: int | None = int(params["lokr_w2_b"].shape[1]) * math.prod(params["lokr_t2"].shape[2:])
         else:
             b, d = _rows(params, "lokr_w2", "lokr_w2_a"), _cols(params, "lokr_w2", "lokr_w2_b")
-        if None not in (a, b, c, d):
-            return a * b, c * d  # type: ignore[operator]
+        if a is not None and b is not None and c is not None and d is not None:
+            return a * b, c * d
     return None
 
 
@@ -109,7 +109,8 @@ def _is_float(tensor: object) -> bool:
     info = getattr(tensor, "info", None)
     if info is not None:
         return info.dtype in FLOAT_DTYPES
-    return bool(tensor.is_floating_point())  # type: ignore[attr-defined]
+    floating = getattr(tensor, "is_floating_point", None)
+    return bool(floating()) if floating is not None else False
 
 
 def check_factors(name: str, params: Mapping[str, torch.Tensor]) -> None:
@@ -170,10 +171,22 @@ class Resolution:
 SD_FAMILIES = ("sd1", "sd2", "sdxl")
 
 
-def _candidates(family: str | FamilySpec | None) -> list[FamilySpec]:
+def _candidates(family: str | FamilySpec | None, context: int | None = None) -> list[FamilySpec]:
+    """The families to score: the one given, or SD1/SD2/SDXL with the one whose cross-attention
+    width is ``context`` first (768 SD1, 1024 SD2, 2048 SDXL: docs/FORMATS.md §1.1)."""
     if family is None:
-        return [spec for name, spec in FAMILIES.items() if name in SD_FAMILIES]
+        specs = [spec for name, spec in FAMILIES.items() if name in SD_FAMILIES]
+        return sorted(specs, key=lambda s: s.unet is None or s.unet.context_dim != context)
     return [family if isinstance(family, FamilySpec) else get_family(family)]
+
+
+def _context_dim(groups: Mapping[str, Mapping[str, torch.Tensor]]) -> int | None:
+    """In-width of a cross-attention ``to_k`` LoRA (kohya ``attn2_to_k``, diffusers ``attn2.to_k``)."""
+    for name, params in groups.items():
+        down = params.get("lora_down.weight")
+        if ("attn2_to_k" in name or "attn2.to_k" in name) and down is not None and len(down.shape) >= 2:
+            return int(down.shape[1])
+    return None
 
 
 def _ndim(params: Mapping[str, torch.Tensor]) -> int | None:
@@ -220,13 +233,18 @@ def resolve(
                 return Resolution(None, None, {}, {}, [], other)  # no (complete) family map: verbatim
             family = mapped
     scored = []
-    for spec in _candidates(family):
+    context = _context_dim(groups) if family is None else None
+    for spec in _candidates(family, context):
         tables = name_tables(spec)
         names = table(tables)
         hits = {n: names[n] for n in groups if n in names}
         fits = sum(shape_fits(adapter_dims(groups[n]), tables.modules[c].shape) for n, c in hits.items())
         structure = sum(_ndim(groups[n]) == len(tables.modules[c].shape) for n, c in hits.items())
         scored.append((fits, len(hits), structure, spec, tables, hits))
+        if fits == len(groups) and context is not None and spec.unet is not None and spec.unet.context_dim == context:
+            # every module fits the family its cross-attention width names: no other family can
+            # score as well (their to_k widths differ), so the rest are not scored
+            break
     claim, claim_key = claimed_family(metadata)
     if not any(s[0] for s in scored):
         return _by_names(groups, scored, metadata, family, require_fit)

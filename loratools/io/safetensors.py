@@ -12,6 +12,7 @@ like it needs 7 GB.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -341,7 +342,7 @@ class SafetensorsFile:
 
 
 def _pread_into(fd: int, buffer: torch.Tensor, offset: int, path: Path) -> None:
-    view = memoryview(buffer.numpy()).cast("B")
+    view = buffer.numpy().data.cast("B")
     done = 0
     while done < len(view):
         got = os.preadv(fd, [view[done:]], offset + done)
@@ -355,7 +356,7 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     import torch
 
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    return flat.view(torch.uint8).numpy().data.cast("B")
 
 
 def _header_bytes(
@@ -383,6 +384,10 @@ def file_size(plan: Mapping[str, TensorInfo], metadata: Mapping[str, str] | None
     return len(header) + sum(info.nbytes for info in placed.values())
 
 
+_HASH_PLACEHOLDER = "0x" + "0" * 64
+_HASH_CHUNK = 16 << 20
+
+
 class StreamingWriter:
     """Write a safetensors file tensor by tensor: header first, then data in plan order.
 
@@ -399,10 +404,21 @@ class StreamingWriter:
         *,
         overwrite: bool = False,
         check: Callable[[Path], None] | None = None,
+        data_hash_key: str | None = None,
     ) -> None:
         self.path = Path(path)
         self.check = check  # runs on the complete temporary file before it is renamed into place
+        # data_hash_key: a metadata key that receives "0x" + SHA-256 of the data section (every
+        # tensor's bytes in file order), hashed as the tensors stream by and written into a
+        # placeholder of the same length in the header before the file is committed
+        self._digest = hashlib.sha256() if data_hash_key is not None else None
+        self._hash_at = -1
+        if data_hash_key is not None:
+            metadata = {**(metadata or {}), data_hash_key: _HASH_PLACEHOLDER}
         self._header, self._placed = _header_bytes(plan, metadata)
+        if data_hash_key is not None:
+            field = json.dumps({data_hash_key: _HASH_PLACEHOLDER}, separators=(",", ":"))[1:-1].encode()
+            self._hash_at = self._header.index(field) + len(field) - len(_HASH_PLACEHOLDER) - 1
         self._order = list(self._placed)
         self._next = 0
         self.total_bytes = len(self._header) + sum(i.nbytes for i in self._placed.values())
@@ -428,6 +444,9 @@ class StreamingWriter:
             self._atomic.abort()
             raise RuntimeError(f"streaming writer closed before {missing!r} was written")
         if exc_type is None:
+            if self._digest is not None:
+                value = f"0x{self._digest.hexdigest()}".encode()
+                os.pwrite(self._fd, value, self._hash_at)
             self._atomic.commit(self.check)
             return
         self._atomic.abort()
@@ -452,7 +471,10 @@ class StreamingWriter:
             raise RuntimeError(
                 f"tensor {name!r} is {dtype_name(tensor.dtype)}{list(tensor.shape)}, plan says {info.dtype}{list(info.shape)}"
             )
-        _write_all(self._fd, tensor_bytes(tensor), self.path)
+        data = tensor_bytes(tensor)
+        if self._digest is not None:
+            self._digest.update(data)
+        _write_all(self._fd, data, self.path)
         self._grew(info.nbytes)
 
     def _grew(self, nbytes: int) -> None:
@@ -468,7 +490,17 @@ class StreamingWriter:
         offset, nbytes = source.span(source_name or name)
         if nbytes != info.nbytes:
             raise RuntimeError(f"raw copy of {name!r}: source has {nbytes} bytes, plan needs {info.nbytes}")
-        copy_range(source.fileno, offset, self._fd, nbytes, source.path, self.path)
+        if self._digest is None:
+            copy_range(source.fileno, offset, self._fd, nbytes, source.path, self.path)
+        else:  # the bytes pass through here once, to be hashed on their way (no kernel copy)
+            done = 0
+            while done < nbytes:
+                chunk = os.pread(source.fileno, min(_HASH_CHUNK, nbytes - done), offset + done)
+                if not chunk:
+                    raise CorruptFileError(f"{source.path.name}: file ended while copying tensor data (truncated)")
+                self._digest.update(chunk)
+                _write_all(self._fd, memoryview(chunk), self.path)
+                done += len(chunk)
         self._grew(nbytes)
 
 

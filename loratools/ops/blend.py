@@ -32,8 +32,11 @@ from ..errors import InputError
 from ..families.spec import FamilySpec
 from ..formats.adapters import Adapter, LoraFile, LowRank, factor_dtype
 from ..formats.io import load_lora
+from .blocks import DEFAULT_TOOL
 from .checkpoint import parse_dtype
+from .hashes import file_hashes
 from .lowrank import F64, RankRule, factorize, kept_fraction, lowrank_from, matrix_svd
+from .merge import parse_lora_arg, weighted_lora
 from .parallel import map_modules
 from .rank_common import check_output, output_format, rank_rule, write_lora
 from .resize import is_conv_kxk
@@ -109,6 +112,7 @@ def _part(adapter: Adapter, weight: float) -> tuple[torch.Tensor, torch.Tensor, 
         )
     if isinstance(adapter, LowRank) and adapter.mid is None:
         up, down, shape = factorize(adapter, include_scale=False)
+        assert down is not None  # a plain LowRank always factors into up and down
         return up, down, shape, weight * adapter.scale
     up, down, shape = factorize(adapter)
     if down is None:  # a dense ΔW (Tucker, full diff): its exact factors, zero directions dropped
@@ -145,23 +149,16 @@ def blend_module(
     up_all, down_all = torch.cat(ups, 1), torch.cat(downs, 0)
     if mode == "concat":
         k = up_all.shape[1]
-        lowrank = lowrank_from(_Stacked(up_all, down_all), k, shape, alpha=float(k), dtype=dtype)
+        if len(shape) == 4:  # the LoCon shapes, as lowrank_from writes them
+            up_all, down_all = up_all.reshape(shape[0], k, 1, 1), down_all.reshape(k, *shape[1:])
+        lowrank = LowRank(up_all.contiguous().to(dtype), down_all.contiguous().to(dtype), float(k))
         return lowrank, k, 1.0, None
+    if rule is None:
+        raise ValueError("blend_module: an SVD blend needs a rank rule")
     svd = matrix_svd(up_all, down_all)
-    choice = rule.choose(svd.singular_values, conv=is_conv_kxk(shape))  # type: ignore[union-attr]
+    choice = rule.choose(svd.singular_values, conv=is_conv_kxk(shape))
     kept = kept_fraction(svd.singular_values, choice.rank)
     return lowrank_from(svd, choice.rank, shape, dtype=dtype), choice.rank, kept, choice.limited_by
-
-
-@dataclass
-class _Stacked:
-    """Concatenated factors, truncated to all their columns (the :func:`lowrank_from` interface)."""
-
-    up: torch.Tensor
-    down: torch.Tensor
-
-    def truncated(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.up[:, :j], self.down[:j]
 
 
 def _merged_metadata(
@@ -188,8 +185,23 @@ def _merged_metadata(
         raise InputError(f"unknown metadata policy {policy!r} (choose from {', '.join(METADATA_POLICIES)})")
     for stale in ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256"):
         metadata.pop(stale, None)  # hashes of an input are not hashes of the blend
-    metadata["merged_from"] = json.dumps([{"name": n, "weight": w} for n, w in zip(names, weights, strict=True)])
+    metadata["merged_from"] = json.dumps(
+        [{"name": n, "weight": w, **_input_hashes(lora)} for n, w, lora in zip(names, weights, loras, strict=True)]
+    )
     return metadata
+
+
+def _input_hashes(lora: LoraFile) -> dict[str, object]:
+    """SHA-256 and AutoV2 (its first 10 hex, docs/FORMATS.md §6) of the file a LoRA was read from;
+    a folder (peft) gets one entry per weight file; none for a LoRA made in memory."""
+    path = Path(lora.path) if lora.path else None
+    if path is None or not path.exists():
+        return {}
+    if path.is_file():
+        h = file_hashes(path)
+        return {"sha256": h.sha256, "autov2": h.autov2}
+    weights = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin"))
+    return {"files": {p.name: {"sha256": (h := file_hashes(p)).sha256, "autov2": h.autov2} for p in weights}}
 
 
 def blend_loras(
@@ -206,7 +218,8 @@ def blend_loras(
 
     ``mode="concat"``: exact, ranks add; ``mode="svd"``: the optimal truncation by ``rule``.
     ``metadata``: "keep-first" (the first input's), "merge" (all, first wins on conflicts) or
-    "fresh" (none); ``merged_from`` (JSON list of ``{"name", "weight"}``) is always recorded.
+    "fresh" (none); ``merged_from`` (JSON list of ``{"name", "weight", "sha256", "autov2"}``, the
+    hashes of the file each input was read from) is always recorded.
     ``names``: how ``merged_from`` names the inputs (default: their file names).
     """
     if not inputs:
@@ -310,13 +323,18 @@ def blend(
     family: str | FamilySpec | None = None,
     overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
+    blocks_from: str = DEFAULT_TOOL,
 ) -> BlendReport:
-    """Blend LoRA files (``"path:w"`` strings or ``(path, w)`` pairs) into ``output``.
+    """Blend LoRA files (``"path:w"`` strings or ``(path, w)`` pairs) into ``output``; a string may
+    carry merge's per-module options (``path:unet=…,te2=…,lbw=…@TOOL``, ``blocks_from`` for an
+    untagged vector), folded into each module's factors.
 
     See :func:`blend_loras`. ``to``: output dialect (default: the first input's; kohya for
     read-only dialects); ``dtype``: fp16/bf16/fp32 (default: the first part's factor dtype).
     """
     pairs = [parse_weighted(s) if isinstance(s, str) else (str(s[0]), float(s[1])) for s in sources]
+    given = {i: parse_lora_arg(s, blocks_from) for i, s in enumerate(sources) if isinstance(s, str) and "=" in s}
+    pairs = [(str(given[i].source), 1.0) if i in given else pair for i, pair in enumerate(pairs)]
     options = (rank, conv_rank, sv_ratio, sv_fro, sv_cumulative, min_rank, max_rank)
     chosen = (
         None
@@ -334,6 +352,7 @@ def blend(
     )
     check_output(output, *(p for p, _ in pairs))
     loaded = [(load_lora(path, family), w) for path, w in pairs]
+    loaded = [(weighted_lora(given[i], lora), w) if i in given else (lora, w) for i, (lora, w) in enumerate(loaded)]
     fmt = output_format(to, loaded[0][0].source_format)
     torch_dtype = parse_dtype(dtype)
     blended, report = blend_loras(

@@ -15,6 +15,7 @@ from ..errors import InputError
 from ..families.spec import FamilySpec
 from ..formats.adapters import LoraFile, LowRank, factor_dtype
 from ..formats.io import FORMATS, load_lora, save_lora
+from ..formats.source import Source
 from ..io.atomic import check_destination
 from ..io.files import same_path
 from .checkpoint import parse_dtype
@@ -133,7 +134,7 @@ def prepare(
     return lora.with_adapters(adapters)
 
 
-def _input_bytes(source: str | Path) -> int:
+def _input_bytes(source: str | Path | Source) -> int:
     """Size of a local input (file or folder); 0 for hub references (not resolved twice)."""
     path = Path(source)
     if str(source).startswith("hf://") or not path.exists():
@@ -142,7 +143,7 @@ def _input_bytes(source: str | Path) -> int:
 
 
 def convert_lora(
-    source: str | Path,
+    source: str | Path | Source,
     output: str | Path,
     to: str,
     *,

@@ -38,7 +38,7 @@ import torch
 from ..errors import InputError
 from ..families.detect import detect
 from ..families.spec import FamilySpec
-from ..formats.adapters import LoraFile, LowRank
+from ..formats.adapters import Adapter, LoraFile, LowRank
 from ..formats.names import name_tables
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from .checkpoint import CanonicalSource, parse_dtype
@@ -249,7 +249,7 @@ def extract_lora(
         report = ExtractReport(
             str(base), str(tuned), None, None, spec.name, base_layout, tuned_layout, rule.describe(), min_diff
         )
-        adapters: dict[str, LowRank] = {}
+        adapters: dict[str, Adapter] = {}
         modules = name_tables(spec).modules
         present = []
         for module in extract_targets(spec):

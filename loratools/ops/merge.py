@@ -18,7 +18,7 @@ import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -36,7 +36,7 @@ from ..io.checkpoint import DIFFUSERS_COMPONENTS, SAFETENSORS_SUFFIX, Checkpoint
 from ..io.files import same_path
 from ..io.hub import resolve
 from ..io.safetensors import FLOAT_DTYPES, StreamingWriter, TensorInfo, file_size
-from .blocks import BlockWeights, block_of, parse_block_weights
+from .blocks import DEFAULT_TOOL, BlockWeights, block_keys, parse_block_weights, unused_blocks
 from .checkpoint import (
     CanonicalSource,
     output_dtype_name,
@@ -49,7 +49,8 @@ from .checkpoint import (
 from .delta import DEFAULT_BUDGET, DeltaEngine, Job, Term
 from .provenance import FOLDER_FILE as PROVENANCE_FILE
 from .provenance import KEY as PROVENANCE_KEY
-from .provenance import dumps, input_record, provenance
+from .provenance import MODELSPEC_HASH, dumps, input_record, provenance
+from .rescale import rescale_adapter
 
 SCHEMA = "loratools.merge/1"
 FP16_MAX = 65504.0
@@ -62,10 +63,11 @@ Progress = Callable[[int], None]
 class LoraInput:
     """One LoRA to merge and how strongly.
 
-    ``weight`` scales every module; ``unet``/``text`` replace it for the U-Net / the text encoders;
-    ``blocks`` (a lora-block-weight preset such as ``OUTALL`` or a 17/26-value vector, 12/20 for
-    SDXL) multiplies per block, its ``BASE`` entry applying to the text encoders. Negative values
-    subtract the LoRA.
+    ``weight`` scales every module; ``unet``/``text`` replace it for the U-Net / the text encoders,
+    ``te1``/``te2`` for one text encoder (SDXL's CLIP-L / OpenCLIP-bigG, FLUX.1's CLIP-L / T5);
+    ``blocks`` (a preset such as ``OUTALL`` or a vector, tagged ``@lbw``/``@inspire``/``@lycoris``
+    for the tool whose numbering it uses, ``blocks_from`` when untagged) multiplies per block
+    (docs/FORMATS.md §13). Negative values subtract the LoRA.
     """
 
     source: str | Path | LoraFile
@@ -73,6 +75,9 @@ class LoraInput:
     unet: float | None = None
     text: float | None = None
     blocks: str | BlockWeights | None = None
+    te1: float | None = None
+    te2: float | None = None
+    blocks_from: str = DEFAULT_TOOL
 
     @property
     def name(self) -> str:
@@ -81,21 +86,23 @@ class LoraInput:
         return str(self.source)
 
 
-def parse_lora_arg(text: str) -> LoraInput:
-    """``PATH``, ``PATH:WEIGHT`` or ``PATH:key=value,…`` with keys ``w``, ``unet``, ``te``, ``lbw``.
+def parse_lora_arg(text: str, blocks_from: str = DEFAULT_TOOL) -> LoraInput:
+    """``PATH``, ``PATH:WEIGHT`` or ``PATH:key=value,…`` with keys ``w``, ``unet``, ``te``, ``te1``,
+    ``te2``, ``lbw``.
 
     ``lbw`` takes a preset name or a comma-separated vector (the commas that follow it belong to
-    it). A ``:`` that starts no valid weight spec is part of the path (``hf://…``, ``C:\\…``).
+    it), optionally tagged ``@TOOL``; ``blocks_from`` is the tool of an untagged one. A ``:`` that
+    starts no valid weight spec is part of the path (``hf://…``, ``C:\\…``).
     """
     path, sep, spec = text.rpartition(":")
     if not sep or not spec or Path(text).exists():
-        return LoraInput(text)
+        return LoraInput(text, blocks_from=blocks_from)
     try:
-        return LoraInput(path, weight=float(spec))
+        return LoraInput(path, weight=float(spec), blocks_from=blocks_from)
     except ValueError:
         pass
     if "=" not in spec:
-        return LoraInput(text)
+        return LoraInput(text, blocks_from=blocks_from)
     fields: dict[str, list[str]] = {}
     current = None
     for token in spec.split(","):
@@ -104,10 +111,12 @@ def parse_lora_arg(text: str) -> LoraInput:
             fields[current.lower()] = [value]
         elif current is not None:
             fields[current.lower()].append(token.strip())
-    known = {"w", "weight", "unet", "te", "text", "lbw", "blocks"}
+    known = {"w", "weight", "unet", "te", "text", "te1", "te2", "lbw", "blocks"}
     unknown = set(fields) - known
     if unknown:
-        raise InputError(f"{text}: unknown LoRA option {', '.join(sorted(unknown))} (use w=, unet=, te=, lbw=)")
+        raise InputError(
+            f"{text}: unknown LoRA option {', '.join(sorted(unknown))} (use w=, unet=, te=, te1=, te2=, lbw=)"
+        )
 
     def number(*keys: str) -> float | None:
         for key in keys:
@@ -126,6 +135,9 @@ def parse_lora_arg(text: str) -> LoraInput:
         unet=number("unet"),
         text=number("te", "text"),
         blocks=",".join(blocks) if blocks else None,
+        te1=number("te1"),
+        te2=number("te2"),
+        blocks_from=blocks_from,
     )
 
 
@@ -146,6 +158,9 @@ class LoraMatch:
     unmatched: dict[str, str] = field(default_factory=dict)  # LoRA module → why it patches nothing
     zero_weight: int = 0  # modules matched but given weight 0 (a block or component switched off)
     warnings: list[str] = field(default_factory=list)
+    te1: float | None = None  # a te1= weight, where given
+    te2: float | None = None
+    not_applied: list[dict[str, str]] = field(default_factory=list)  # {"item", "reason"}: carried, not applied
 
 
 @dataclass
@@ -244,15 +259,69 @@ def _own_family(path: str | Path) -> FamilySpec | None:
     return lora.family if lora.adapters else None
 
 
-def _strength(lora_input: LoraInput, module: str, blocks: BlockWeights | None, spec: FamilySpec) -> float:
+def module_strength(lora_input: LoraInput, module: str, blocks: BlockWeights | None, spec: FamilySpec) -> float:
+    """The strength one module gets: weight, unet/te/te1/te2 overrides, times its block weight."""
     base = lora_input.weight
-    if _component(module) in DENOISERS:  # the U-Net or a DiT's transformer
+    component = _component(module)
+    if component in DENOISERS:  # the U-Net or a DiT's transformer
         base = lora_input.unet if lora_input.unet is not None else base
     else:
         base = lora_input.text if lora_input.text is not None else base
+        own = lora_input.te1 if component == "te1" else lora_input.te2 if component == "te2" else None
+        base = own if own is not None else base
     if blocks is not None:
-        base *= blocks.ratio(block_of(module, spec))
+        base *= blocks.ratio(block_keys(module, spec))
     return base
+
+
+def check_text_weights(lora_input: LoraInput, spec: FamilySpec) -> None:
+    """A te2= weight for a family with one text encoder is refused in one line."""
+    if lora_input.te2 is not None and "te2" not in spec.text_components:
+        raise InputError(
+            f"{Path(lora_input.name).name}: te2= is for a second text encoder; {spec.title} has one (use te= or te1=)"
+        )
+
+
+def _not_applied(
+    lora_input: LoraInput, lora: LoraFile, blocks: BlockWeights | None, match: LoraMatch, spec: FamilySpec
+) -> list[dict[str, str]]:
+    """What the LoRA (or its options) carries that this merge does not apply, with the reason."""
+    items = [{"item": module, "reason": why} for module, why in match.unmatched.items()]
+    present = {_component(m) for m in lora.adapters}
+    for key in ("te1", "te2"):
+        value = getattr(lora_input, key)
+        if value is not None and key not in present:
+            items.append({"item": f"{key}={value:g}", "reason": f"the LoRA has no {key} modules"})
+    if blocks is not None:
+        for block in unused_blocks(blocks, list(lora.adapters), spec):
+            items.append(
+                {"item": f"block {block}={blocks.weights[block]:g}", "reason": "the LoRA has no modules in this block"}
+            )
+    return items
+
+
+def per_module_options(lora_input: LoraInput) -> bool:
+    """Whether the input weighs modules differently (``unet``/``te``/``te1``/``te2``/``lbw``)."""
+    options = (lora_input.unet, lora_input.text, lora_input.te1, lora_input.te2, lora_input.blocks)
+    return any(o is not None for o in options)
+
+
+def weighted_lora(lora_input: LoraInput, lora: LoraFile) -> LoraFile:
+    """``lora`` with each module's ΔW scaled by the strength ``lora_input`` gives it, ``weight``
+    included (what blend adds for a ``PATH:unet=…,lbw=…`` input); modules at strength 1 are kept
+    as they are."""
+    spec = lora.family
+    if spec is None:
+        raise InputError(f"{Path(lora_input.name).name}: per-module weights need a LoRA of a known family")
+    check_text_weights(lora_input, spec)
+    blocks = lora_input.blocks
+    if isinstance(blocks, str):
+        blocks = parse_block_weights(blocks, spec, lora_input.blocks_from)
+    adapters = {}
+    for module, adapter in lora.adapters.items():
+        strength = module_strength(lora_input, module, blocks, spec)
+        adapters[module] = adapter if strength == 1.0 else rescale_adapter(adapter, strength)[0]
+    return replace(lora, adapters=adapters)
 
 
 @dataclass
@@ -276,9 +345,10 @@ def _match(
     loras, matches = [], []
     for lora_input in inputs:
         lora = _load_for(lora_input, found)
+        check_text_weights(lora_input, spec)
         blocks = lora_input.blocks
         if isinstance(blocks, str):
-            blocks = parse_block_weights(blocks, spec)
+            blocks = parse_block_weights(blocks, spec, lora_input.blocks_from)
         match = LoraMatch(
             path=lora_input.name,
             format=lora.source_format,
@@ -291,6 +361,8 @@ def _match(
             unmatched=dict(lora.unmatched),
             # the match report lists unmatched modules itself; the reader's copies would repeat them
             warnings=[w for w in lora.warnings if "not matched" not in w],
+            te1=lora_input.te1,
+            te2=lora_input.te2,
         )
         for module, adapter in lora.adapters.items():
             targets = [(f"{module}.weight", False)]
@@ -311,7 +383,7 @@ def _match(
                     )
                 match.unmatched[module] = "NaN or inf in its factors (skipped)"
                 continue
-            strength = sign * _strength(lora_input, module, blocks, spec)
+            strength = sign * module_strength(lora_input, module, blocks, spec)
             if strength == 0.0:
                 match.zero_weight += 1
                 continue
@@ -325,6 +397,7 @@ def _match(
                 terms.setdefault(target, []).append(Term(adapter, strength, bias=is_bias))
             component = _component(module)
             match.patched[component] = match.patched.get(component, 0) + 1
+        match.not_applied = _not_applied(lora_input, lora, blocks, match, spec)
         loras.append(lora)
         matches.append(match)
     return _Plan(terms, loras, matches)
@@ -478,7 +551,9 @@ class _Merger:
         windows = _windows(entries, self.engine.budget) or [[]]
         with (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="loratools-delta") as pool,
-            StreamingWriter(path, plan, metadata, overwrite=overwrite, check=check) as writer,
+            StreamingWriter(
+                path, plan, metadata, overwrite=overwrite, check=check, data_hash_key=_modelspec_hash_key(metadata)
+            ) as writer,
         ):
             ahead: Future[dict[str, torch.Tensor]] = pool.submit(self.compute, windows[0])
             try:
@@ -517,6 +592,20 @@ class _Merger:
         report.tensor_bytes += entry.info.nbytes
         if self.progress:
             self.progress(entry.info.nbytes)
+
+
+def _modelspec_hash_key(metadata: Mapping[str, str] | None) -> str | None:
+    """``modelspec.hash_sha256`` when the file speaks SAI ModelSpec (has ``modelspec.*`` keys).
+
+    sd-scripts defines the value as ``"0x"`` + SHA-256 over every tensor's bytes in turn, each the
+    data section of a one-tensor safetensors serialization, i.e. its raw bytes
+    (kohya-ss/sd-scripts: library/sai_model_spec.py (precalculate_safetensors_hashes); its own
+    ``build_metadata`` leaves the call commented out and ``update_hash_sha256`` unimplemented).
+    Taken over the tensors in the order the file stores them, that is the SHA-256 of the file's
+    data section, computed while the tensors stream out (io/safetensors.py StreamingWriter)."""
+    if metadata and any(k.startswith("modelspec.") for k in metadata):
+        return MODELSPEC_HASH
+    return None
 
 
 # -- verification -----------------------------------------------------------------------------------------
@@ -714,7 +803,8 @@ def _as_input(item: LoraInput | str | Path | LoraFile) -> LoraInput:
         lora_input = LoraInput(item)
     else:
         lora_input = parse_lora_arg(item)
-    for what, value in (("weight", lora_input.weight), ("unet", lora_input.unet), ("te", lora_input.text)):
+    values = (("weight", lora_input.weight), ("unet", lora_input.unet), ("te", lora_input.text))
+    for what, value in (*values, ("te1", lora_input.te1), ("te2", lora_input.te2)):
         # float32 is where ΔW is computed: a weight beyond its range is inf there, NaN stays NaN
         if value is not None and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
             raise InputError(f"{Path(lora_input.name).name}: {what} {value:g} is not a finite float32 number")

@@ -65,7 +65,7 @@ def scan_norms(scan: LoraScan) -> dict[str, float]:
 
     size = header.file_size - header.data_start
     buffer = np.empty(size, dtype=np.uint8)  # not zero-filled: 228 MB of memset saved
-    view = memoryview(buffer).cast("B")
+    view = buffer.data.cast("B")
     fd = os.open(scan.path, os.O_RDONLY)
     try:
         done = 0

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .. import __version__
 
 KEY = "loratools.provenance"
+MODELSPEC_HASH = "modelspec.hash_sha256"  # of the new weights; see ops/merge.py (_modelspec_hash_key)
 FOLDER_FILE = "loratools_provenance.json"
 SCHEMA = "loratools.provenance/1"
 CHUNK = 1 << 20
@@ -61,3 +62,21 @@ def provenance(operation: str, base: dict[str, object], loras: Sequence[dict[str
 
 def dumps(record: dict[str, object]) -> str:
     return json.dumps(record, sort_keys=False, separators=(",", ":"))
+
+
+def read_provenance(metadata: Mapping[str, str], folder: Path | None = None) -> dict[str, object] | None:
+    """The record a file or folder carries (``KEY`` in its metadata, or ``FOLDER_FILE`` at a folder's
+    root), or None when it has none. A record that is not a JSON object is returned as
+    ``{"unreadable": <why>}`` so that ``inspect`` can say so rather than hide it."""
+    raw: str | None = metadata.get(KEY)
+    if raw is None and folder is not None and (folder / FOLDER_FILE).is_file():
+        raw = (folder / FOLDER_FILE).read_text(encoding="utf-8", errors="replace")
+    if raw is None:
+        return None
+    try:
+        record = json.loads(raw)
+    except ValueError as exc:
+        return {"unreadable": f"not JSON ({exc})"}
+    if not isinstance(record, dict):
+        return {"unreadable": f"a JSON {type(record).__name__}, not an object"}
+    return record

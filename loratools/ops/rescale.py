@@ -77,8 +77,8 @@ def rescale_adapter(adapter: Adapter, by: float) -> tuple[Adapter, str]:
     if isinstance(adapter, LoKr) and adapter.rank is not None:
         if adapter.w1 is not None:
             return replace(adapter, w1=_neg(adapter.w1) if negative else adapter.w1, alpha=adapter.alpha * abs(by)), how
-        w1a = _neg(adapter.w1a) if negative else adapter.w1a  # type: ignore[arg-type]
-        return replace(adapter, w1a=w1a, alpha=adapter.alpha * abs(by)), how
+        w1a_k = _neg(adapter.w1a) if negative and adapter.w1a is not None else adapter.w1a
+        return replace(adapter, w1a=w1a_k, alpha=adapter.alpha * abs(by)), how
     if isinstance(adapter, LoKr):  # both halves full: the scale is fixed at 1, S goes into w1
         w1 = adapter.w1
         return replace(adapter, w1=(w1.to(torch.float32) * by).to(w1.dtype)), "factor"  # type: ignore[union-attr]

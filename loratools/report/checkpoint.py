@@ -14,6 +14,7 @@ from ..families.detect import component_of_key, detect
 from ..families.keymap import KeyMap
 from ..families.spec import COMPONENT_TITLES
 from ..io.checkpoint import Checkpoint, open_checkpoint
+from ..ops.provenance import read_provenance
 from .facts import LIST_LIMIT, hash_facts, key_facts
 from .tree import Leaf, Node, build_tree
 
@@ -66,6 +67,8 @@ class CheckpointReport:
     hashes: list[dict[str, object]] | None = None  # --hashes: one entry per file (see ops/hashes.py)
     keys: list[dict[str, object]] | None = None  # --keys: every tensor {key, shape, dtype}
     tree: list[Node] = field(default_factory=list)  # modules by block; kinds = dtypes (see tree.py)
+    # added in issue 14: what a loratools merge recorded it was made from (ops/provenance.py)
+    provenance: dict[str, object] | None = None
 
     def to_dict(self) -> dict[str, object]:
         data = asdict(self)
@@ -103,20 +106,17 @@ def inspect_checkpoint(
             dtypes.update(f.dtypes)
         spec = found.family
         architecture: dict[str, object] = spec.denoiser_facts()
-        architecture |= {
-            "text_encoders": [
-                {
-                    "component": t.component,
-                    "hidden": t.hidden,
-                    "layers": t.layers if found.layout != "diffusers" else t.diffusers_layers,
-                }
-                for t in spec.texts
-            ],
-        }
+        text_encoders: list[dict[str, object]] = [
+            {
+                "component": t.component,
+                "hidden": t.hidden,
+                "layers": t.layers if found.layout != "diffusers" else t.diffusers_layers,
+            }
+            for t in spec.texts
+        ]
         if spec.t5 is not None:
-            architecture["text_encoders"].append(  # type: ignore[attr-defined]
-                {"component": spec.t5.component, "hidden": spec.t5.d_model, "layers": spec.t5.layers}
-            )
+            text_encoders.append({"component": spec.t5.component, "hidden": spec.t5.d_model, "layers": spec.t5.layers})
+        architecture["text_encoders"] = text_encoders
         return CheckpointReport(
             path=str(path),
             container=ckpt.container,
@@ -144,6 +144,7 @@ def inspect_checkpoint(
             hashes=[hash_facts(f) for f in ckpt.files] if hashes else None,
             keys=[key_facts(k, ckpt.info(k)) for k in ckpt] if keys else None,
             tree=checkpoint_tree(ckpt, km, found.layout),
+            provenance=read_provenance(ckpt.metadata, ckpt.path if ckpt.container == "diffusers" else None),
         )
 
 

@@ -28,6 +28,8 @@ from ..formats.resolve import claimed_family
 from ..formats.verdict import sd_verdict, unknown_verdict
 from ..io.hub import resolve as resolve_hub
 from ..io.safetensors import TensorInfo
+from ..ops.provenance import KEY as PROVENANCE_KEY
+from ..ops.provenance import read_provenance
 from .facts import LIST_LIMIT, hash_facts, key_facts
 from .tree import Leaf, Node, build_tree
 
@@ -123,6 +125,7 @@ class LoraReport:
     # added in issue 13: the family as a report (formats.verdict.ModelVerdict.to_dict())
     model: dict[str, str] = field(default_factory=dict)
     loads_in: list[str] = field(default_factory=list)  # issue 19: one entry per target (loratools.check)
+    provenance: dict[str, object] | None = None  # issue 14: a loratools.provenance record (ops/provenance.py)
 
     def to_dict(self) -> dict[str, object]:
         # field by field rather than dataclasses.asdict, whose recursive deep copy of ~1,000
@@ -132,7 +135,7 @@ class LoraReport:
         data["embedding_facts"] = [{**vars(e), "shape": list(e.shape)} for e in self.embedding_facts]
         data["tree"] = [node.to_dict() for node in self.tree]
         for name in ("components", "kinds", "ranks", "alphas", "dtypes", "metadata", "unmatched", "file_dtypes"):
-            data[name] = dict(data[name])  # type: ignore[call-overload]
+            data[name] = dict(getattr(self, name))
         data["embeddings"] = list(self.embeddings)
         data["warnings"] = list(self.warnings)
         data["metadata_summary"] = json.loads(json.dumps(self.metadata_summary))
@@ -222,6 +225,7 @@ def summarize_metadata(metadata: Mapping[str, str]) -> dict[str, Any]:
         "merged_from",
         "sshs_model_hash",
         "sshs_legacy_hash",
+        PROVENANCE_KEY,  # shown in its own block
         *(k for k in metadata if k.startswith("modelspec.")),
     }
     return {
@@ -326,6 +330,7 @@ def inspect_lora(
         return _embedding_report(str(path), local, *only_embeddings, hashes=hashes, keys=keys)
     all_keys: list[dict[str, object]] = []
     module_norms: dict[str, float] | None = None
+    embeddings: dict[str, TensorInfo | Any]  # header infos or loaded tensors
     if scan is not None:
         facts = [
             ModuleFacts(m.module, m.kind, m.rank, m.alpha, m.scale, list(m.shape), m.dtype)
@@ -424,6 +429,7 @@ def inspect_lora(
         keys=all_keys if keys else None,
         model=verdict.to_dict(),
         loads_in=_loads_in(local, family),
+        provenance=read_provenance(metadata, local if local.is_dir() else None),
     )
 
 
@@ -514,6 +520,7 @@ def _embedding_report(
         hashes=hash_facts(path) if hashes and path.is_file() else None,
         keys=[key_facts(k, i) for k, i in infos.items()] if keys else None,
         model=verdict.to_dict(),
+        provenance=read_provenance(metadata),
     )
 
 

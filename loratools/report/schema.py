@@ -45,6 +45,41 @@ HASHES: dict[str, Any] = {
     },
 }
 
+_HASHED = {
+    "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+    "autov2": {"type": "string", "pattern": "^[0-9a-f]{10}$"},
+}
+_INPUT: dict[str, Any] = {  # one input of a merge: a file (sha256/autov2) or a folder (one entry per weight file)
+    "type": "object",
+    "required": ["name"],
+    "properties": {
+        "name": _STR,
+        **_HASHED,
+        "files": {"type": "object", "additionalProperties": {"type": "object", "properties": _HASHED}},
+    },
+}
+PROVENANCE: dict[str, Any] = {  # ops/provenance.py; {"unreadable": why} when the record is not JSON
+    "oneOf": [
+        {"type": "null"},
+        {"type": "object", "required": ["unreadable"], "properties": {"unreadable": _STR}},
+        {
+            "type": "object",
+            "required": ["schema", "tool", "version", "operation", "base", "loras"],
+            "properties": {
+                "schema": _STR,
+                "tool": _STR,
+                "version": _STR,
+                "operation": _STR,
+                "base": _INPUT,
+                "loras": {
+                    "type": "array",
+                    "items": {**_INPUT, "properties": {**_INPUT["properties"], "weight": _NUM}},
+                },
+            },
+        },
+    ]
+}
+
 KEYS: dict[str, Any] = {
     "type": ["array", "null"],
     "items": {
@@ -220,6 +255,7 @@ INSPECT_LORA: dict[str, Any] = {
         },
         "hashes": {"oneOf": [{"type": "null"}, HASHES]},
         "keys": KEYS,
+        "provenance": PROVENANCE,
     },
 }
 
@@ -294,6 +330,7 @@ INSPECT_CHECKPOINT: dict[str, Any] = {
         "hashes": {"oneOf": [{"type": "null"}, {"type": "array", "items": HASHES}]},
         "keys": KEYS,
         "tree": {"type": "array", "items": {"$ref": "#/$defs/node"}},
+        "provenance": PROVENANCE,
     },
 }
 

@@ -1,0 +1,124 @@
+"""Generated census corpora: LoRA files of real families and formats at full-size shapes, written
+*sparse* — the real header and alpha scalars, the factors a hole — so 10⁴ of them cost their
+headers on disk, not gigabytes. Shared by tests/test_census_fast.py and bench/bench_census.py."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from loratools.families import FAMILIES
+from loratools.formats.adapters import LoraFile
+from loratools.formats.io import save_lora
+from loratools.io.safetensors import read_header
+from loratools.synthetic import make_lora
+
+SCALAR_BYTES = 8  # tensors this small (alphas, 0-dim scalars) are copied; the rest is a hole
+
+
+def _subset_kind(kind: str) -> Callable[[], LoraFile]:
+    def make() -> LoraFile:
+        from helpers_check import subset, with_kind
+
+        return with_kind(subset(FAMILIES["sd1"], rank=4), kind, modules=6)
+
+    return make
+
+
+# name → (how to make the LoraFile, the format save_lora writes)
+TEMPLATES: dict[str, tuple[Callable[[], LoraFile], str]] = {
+    "kohya-sd1": (lambda: make_lora(FAMILIES["sd1"], rank=8, alphas="varied", dtype=torch.float16), "kohya"),
+    "kohya-sdxl": (lambda: make_lora(FAMILIES["sdxl"], rank=4, dtype=torch.float16), "kohya"),
+    "kohya-sd2": (lambda: make_lora(FAMILIES["sd2"], rank=4, dtype=torch.float16), "kohya"),
+    "locon-sd1": (lambda: make_lora(FAMILIES["sd1"], rank=4, conv=True, dtype=torch.float16), "kohya"),
+    "diffusers-sd1": (lambda: make_lora(FAMILIES["sd1"], rank=4, alpha=4.0, dtype=torch.float16), "diffusers"),
+    "diffusers-sdxl": (lambda: make_lora(FAMILIES["sdxl"], rank=4, alpha=4.0, dtype=torch.float16), "diffusers"),
+    "loha-sd1": (_subset_kind("loha"), "kohya"),
+    "lokr-sd1": (_subset_kind("lokr"), "kohya"),
+}
+
+
+def write_templates(folder: Path, names: list[str] | None = None) -> dict[str, Path]:
+    """One real (dense) file per template, written once into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name in names or list(TEMPLATES):
+        path = folder / f"template-{name}.safetensors"
+        if not path.exists():
+            make, fmt = TEMPLATES[name]
+            save_lora(make(), path, fmt, overwrite=True)
+        out[name] = path
+    return out
+
+
+def sparse_copy(
+    template: Path, dest: Path, *, metadata: dict[str, str] | None = None, alphas_first: bool = False
+) -> int:
+    """Write ``dest``: ``template``'s tensors (names, dtypes, shapes), its metadata updated with
+    ``metadata``, the scalars' bytes copied and every other tensor a hole. ``alphas_first``
+    stores the scalars together at the start of the data section (a valid layout; kohya's own
+    interleaves them with the factors). Returns the file size."""
+    header = read_header(template)
+    order = list(header.tensors.items())
+    if alphas_first:
+        order.sort(key=lambda kv: kv[1].end - kv[1].start > SCALAR_BYTES)  # stable: scalars first
+    table: dict[str, object] = {"__metadata__": {**header.metadata, **(metadata or {})}}
+    spans: list[tuple[int, int, int]] = []  # (new start, old start, nbytes) of copied scalars
+    offset = 0
+    for key, info in order:
+        nbytes = info.end - info.start
+        table[key] = {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": [offset, offset + nbytes]}
+        if nbytes <= SCALAR_BYTES:
+            spans.append((offset, info.start, nbytes))
+        offset += nbytes
+    raw = json.dumps(table, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    start = 8 + len(raw)
+    fd_in = os.open(template, os.O_RDONLY)
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, len(raw).to_bytes(8, "little") + raw)
+        os.ftruncate(fd, start + offset)
+        if alphas_first and spans:  # one contiguous block
+            block = b"".join(os.pread(fd_in, n, header.data_start + old) for _, old, n in spans)
+            os.pwrite(fd, block, start + spans[0][0])
+        else:
+            for new, old, n in spans:
+                os.pwrite(fd, os.pread(fd_in, n, header.data_start + old), start + new)
+    finally:
+        os.close(fd)
+        os.close(fd_in)
+    return start + offset
+
+
+def write_corpus(
+    folder: Path, templates: dict[str, Path], files: int, *, broken_every: int = 50, alphas_first: bool = True
+) -> list[Path]:
+    """``files`` sparse LoRAs cycling through ``templates`` (each with its own ``ss_output_name``,
+    so no two headers are equal), scalars stored first unless not ``alphas_first``; every ``broken_every``-th file is
+    instead a truncated header, a Git LFS pointer or a ``.pt`` pickle name (never opened)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = sorted(templates)
+    out = []
+    for i in range(files):
+        if broken_every and i % broken_every == broken_every - 1:
+            kind = (i // broken_every) % 3
+            if kind == 0:
+                path = folder / f"{i:06d}-truncated.safetensors"
+                path.write_bytes(templates[names[0]].read_bytes()[:4096])
+            elif kind == 1:
+                path = folder / f"{i:06d}-pointer.safetensors"
+                path.write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 12\n")
+            else:
+                path = folder / f"{i:06d}-pickle.pt"
+                path.write_bytes(b"\x80\x04N.")
+        else:
+            name = names[i % len(names)]
+            path = folder / f"{i:06d}-{name}.safetensors"
+            sparse_copy(templates[name], path, metadata={"ss_output_name": f"lora-{i}"}, alphas_first=alphas_first)
+        out.append(path)
+    return out
