@@ -18,7 +18,7 @@ from .progress import byte_progress
 from .render import human_bytes, print_json
 from .render_accounting import render_accounting
 
-LORA_TARGETS = ("kohya", "diffusers", "peft", "cloneofsimo")
+LORA_TARGETS = ("kohya", "diffusers", "peft", "cloneofsimo", "comfyui")
 CHECKPOINT_TARGETS = ("single", "diffusers")
 
 
@@ -31,7 +31,7 @@ CHECKPOINT_TARGETS = ("single", "diffusers")
     "target",
     type=click.Choice(sorted(set(LORA_TARGETS + CHECKPOINT_TARGETS))),
     default=None,
-    help="LoRA: kohya | diffusers | peft | cloneofsimo.  Checkpoint: single | diffusers (folder). "
+    help="LoRA: kohya | diffusers | peft | cloneofsimo | comfyui (FLUX.1).  Checkpoint: single | diffusers (folder). "
     "Default: kohya for LoRAs, the same layout for checkpoints.",
 )
 @dtype_option

@@ -1,6 +1,6 @@
 """FLUX.1 LoRA dialects: every key spelling → canonical (diffusers) modules, fused slices included.
 
-Pure name and row facts plus one reader and two writers; the family rules (families/flux.py) say
+Pure name and row facts plus one reader and three writers; the family rules (families/flux.py) say
 which rows of a BFL fused Linear each diffusers module is, so nothing here types a module list.
 Dialects read (docs/FLUX.md §2 cites where each spelling was checked):
 
@@ -24,7 +24,7 @@ kohya's block-diagonal split-qkv form (exact ΔW).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cache
 
@@ -39,6 +39,7 @@ from .lycoris import adapter_from_params, adapter_params
 
 FORMAT_KOHYA = "kohya"  # the project's format names: operations write a LoRA back in its own
 FORMAT_PEFT = "diffusers"  # format, and save_lora picks the FLUX.1 spelling by the family
+FORMAT_COMFYUI = "comfyui"  # written only (read back as FORMAT_PEFT: its keys are dotted)
 KOHYA_TE = {"te1": "lora_te1", "te2": "lora_te2"}  # writer prefixes (sd-scripts @0087a46)
 _UNDERSCORE = re.compile(r"^(lora_unet|lora_transformer|lycoris|lora_te\d?)_([^.]+)\.(.+)$")
 _PARAMS = {  # dotted-dialect parameter suffix → kohya parameter name
@@ -290,6 +291,27 @@ def _put_rows(target: torch.Tensor, rows: tuple[tuple[int, int], ...], values: t
 
 def flux_kohya_state_dict(lora: LoraFile, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """sd-scripts' FLUX.1 keys: BFL module names under ``lora_unet_``, fused parts re-joined."""
+    return _bfl_state_dict(lora, dtype, lambda path: f"lora_unet_{path.replace('.', '_')}", "kohya")
+
+
+def flux_comfyui_state_dict(lora: LoraFile, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """ComfyUI-native FLUX.1 keys: ``diffusion_model.`` + BFL module names, ``lora_up``/``lora_down``/``alpha``.
+
+    The names ComfyUI's own LoRA save node writes (comfy_extras/nodes_lora_extract.py
+    calc_lora_model: ``"diffusion_model." + <model key> + ".lora_up.weight"``) and its loader maps
+    for every model key (comfy/lora.py model_lora_keys_unet, the generic ``diffusion_model.``
+    entry). Split diffusers parts (to_q/to_k/to_v, single-block q/k/v/mlp) are fused into the one
+    BFL Linear exactly as for kohya: a shared down stays shared, otherwise stacked downs and a
+    block-diagonal up (rank adds up, ΔW equal). Text-encoder modules keep kohya's ``lora_te``
+    prefixes, which ComfyUI's CLIP key map reads (comfy/lora.py model_lora_keys_clip).
+    """
+    return _bfl_state_dict(lora, dtype, lambda path: f"diffusion_model.{path}", "ComfyUI")
+
+
+def _bfl_state_dict(
+    lora: LoraFile, dtype: torch.dtype | None, bfl_name: Callable[[str], str], writer: str
+) -> dict[str, torch.Tensor]:
+    """Keys of a BFL-named writer: fused parts re-joined under ``bfl_name(path)``, text encoders as kohya."""
     names = flux_names(lora.family)
     out: dict[str, torch.Tensor] = {}
     done: set[str] = set()
@@ -310,7 +332,7 @@ def flux_kohya_state_dict(lora: LoraFile, *, dtype: torch.dtype | None = None) -
         parts = names.bfl[path]
         present = {p.module: lora.adapters[p.module] for p in parts if p.module in lora.adapters}
         done.update(present)
-        name = f"lora_unet_{path.replace('.', '_')}"
+        name = bfl_name(path)
         if len(parts) == 1 and len(parts[0].rows) == 1:
             emit(name, adapter)
         elif all(isinstance(a, LowRank) and a.mid is None and a.dora_scale is None for a in present.values()):
@@ -322,7 +344,7 @@ def flux_kohya_state_dict(lora: LoraFile, *, dtype: torch.dtype | None = None) -
                     _put_rows(diff, p.rows, present[p.module].diff)  # type: ignore[union-attr]
             emit(name, Full(diff))
         else:
-            raise InputError(f"{path}: mixed adapter kinds on one fused weight cannot be written as kohya")
+            raise InputError(f"{path}: mixed adapter kinds on one fused weight cannot be written as {writer}")
     return dict(sorted(out.items()))
 
 

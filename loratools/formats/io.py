@@ -27,7 +27,7 @@ from .metadata import with_hashes
 from .source import SAFETENSORS, Source, open_source
 from .verdict import is_flux_lora
 
-FORMATS = ("kohya", "diffusers", "peft", "cloneofsimo")
+FORMATS = ("kohya", "diffusers", "peft", "cloneofsimo", "comfyui")  # comfyui: FLUX.1 only
 
 
 def _read_tensors(source: Source) -> tuple[object, dict[str, str]]:
@@ -153,16 +153,21 @@ def _read_dict(
 def save_lora(
     lora: LoraFile, path: str | os.PathLike[str], fmt: str, *, dtype: torch.dtype | None = None, overwrite: bool = False
 ) -> Path:
-    """Write a LoRA in ``fmt`` (kohya, diffusers, peft, cloneofsimo); atomic, never half-written.
+    """Write a LoRA in ``fmt`` (kohya, diffusers, peft, cloneofsimo, comfyui for FLUX.1); atomic, never half-written.
 
     Raises :class:`InputError` when the format cannot hold the LoRA exactly (LoHa/LoKr/DoRA into
     plain-LoRA formats, per-module alphas into cloneofsimo): use ``bake`` or ``to_lowrank`` first.
     """
     path = Path(path)
     # FLUX.1 LoRAs have spellings of their own (formats/flux.py)
-    if lora.family is not None and lora.family.transformer is not None and fmt in ("kohya", "diffusers"):
+    flux_family = lora.family is not None and lora.family.transformer is not None
+    if fmt == "comfyui" and not flux_family:
+        raise InputError("--to comfyui writes FLUX.1 LoRAs; ComfyUI reads SD LoRAs as kohya (use --to kohya)")
+    if flux_family and fmt in ("kohya", "diffusers", "comfyui"):
         if fmt == "kohya":
             tensors, meta = flux.flux_kohya_state_dict(lora, dtype=dtype), kohya.kohya_metadata(lora)
+        elif fmt == "comfyui":
+            tensors, meta = flux.flux_comfyui_state_dict(lora, dtype=dtype), kohya.kohya_metadata(lora)
         else:
             tensors, meta = flux.flux_peft_state_dict(lora, dtype=dtype), peft.diffusers_metadata(lora)
         save_tensors(path, tensors, meta, overwrite=overwrite)
