@@ -2,15 +2,15 @@
 
 ``inspect`` must answer in a fraction of a second for a 228 MB SDXL LoRA, so it never decodes the
 factors: everything it reports follows from the safetensors header (names, shapes, dtypes) plus the
-``alpha`` scalars, a few bytes each, read with ``pread`` and decoded with :mod:`struct`. The rules
-are the readers' (:mod:`.kohya`, :mod:`.lycoris`, :mod:`.peft`): names come from :mod:`.keys`, the
-family from :func:`.resolve.resolve`, the kind/rank/scale rules mirror the adapter classes, and
-``tests/test_inspect.py`` checks that a scan and a full :func:`~loratools.formats.io.load_lora`
-report the same facts for every real and synthetic file.
+``alpha`` scalars, a few bytes each, read with ``pread`` and decoded with :mod:`struct`. There
+are no rules here: the readers themselves (:func:`.kohya.read_kohya`, :func:`.peft.read_peft`,
+with :mod:`.lycoris` and :mod:`.resolve`) run over :class:`ParamRef` views of the header instead of
+tensors, so a scan and a :func:`~loratools.formats.io.load_lora` are one code path and cannot
+drift (``tests/test_inspect.py`` still compares their facts for every real and synthetic file).
 
 Dialects whose reading needs the tensor values — cloneofsimo ``.pt`` lists and safeloras (all-zero
-padding pairs are dropped), pickles, peft adapter folders — are not scanned: :func:`scan_lora`
-returns ``None`` and the caller loads the file.
+padding pairs are dropped), pickles, peft adapter folders — and FLUX.1 spellings are not scanned:
+:func:`scan_lora` returns ``None`` and the caller loads the file.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ class ParamRef:
     offset: int
     path: Path | None = None  # the file, for scalar(); None: no value can be read
     view_shape: tuple[int, ...] | None = None  # after reshape(); the stored shape otherwise
+    value: float | None = None  # a one-element tensor's value, when already read (scan_lora)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -76,6 +77,8 @@ class ParamRef:
 
     def scalar(self) -> float:
         """The value of a one-element tensor, read from the file (:func:`read_scalar`)."""
+        if self.value is not None:
+            return self.value
         if self.path is None:
             raise InputError(f"{self.key}: no file to read its value from")
         fd = os.open(self.path, os.O_RDONLY)
@@ -163,6 +166,25 @@ def _scan_modules(lora: LoraFile, refs: Mapping[str, ParamRef]) -> dict[str, Mod
     return modules
 
 
+def _with_alphas(refs: dict[str, ParamRef]) -> dict[str, ParamRef]:
+    """The refs with every one-element ``alpha`` read up front through one descriptor (a file
+    open per alpha made the scan 3× slower); one that cannot be decoded is left for the reader
+    to refuse when it asks."""
+    alphas = [k for k, r in refs.items() if k.endswith(".alpha") and r.info.numel == 1]
+    if not alphas:
+        return refs
+    fd = os.open(next(iter(refs.values())).path or "", os.O_RDONLY)
+    try:
+        for key in alphas:
+            try:
+                refs[key] = replace(refs[key], value=read_scalar(fd, refs[key]))
+            except InputError:
+                continue
+    finally:
+        os.close(fd)
+    return refs
+
+
 def scan_lora(path: str | os.PathLike[str], family: str | FamilySpec | None = None) -> LoraScan | None:
     """Read a kohya/LyCORIS or diffusers/peft ``.safetensors`` LoRA from its header alone, with the
     readers themselves (:func:`.kohya.read_kohya`, :func:`.peft.read_peft` over :class:`ParamRef`
@@ -174,7 +196,7 @@ def scan_lora(path: str | os.PathLike[str], family: str | FamilySpec | None = No
         return None
     header = source.header()
     metadata = header.metadata
-    refs = {k: ParamRef(k, i, header.data_start + i.start, path) for k, i in header.tensors.items()}
+    refs = _with_alphas({k: ParamRef(k, i, header.data_start + i.start, path) for k, i in header.tensors.items()})
     stored_embeddings = {k for k in refs if is_embedding_key(k, metadata)}
     embeddings = {token_key(k): refs[k].info for k in stored_embeddings}  # as the reader names them
     lora_refs = {k: r for k, r in refs.items() if k not in stored_embeddings}
