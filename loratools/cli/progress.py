@@ -12,6 +12,7 @@ from rich.progress import (
     MofNCompleteColumn,
     Progress,
     TaskID,
+    TaskProgressColumn,
     TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
@@ -48,8 +49,19 @@ class Meter:
             self._progress.advance(self._task, n)
 
     def set_total(self, total: int) -> None:
+        """The bar's total (the op calls it before its first ``advance``)."""
         if self._progress is not None and self._task is not None:
             self._progress.update(self._task, total=total)
+
+
+class PhaseMeter(Meter):
+    """A :class:`Meter` for a command that runs several ops in turn (``inspect --norms --hashes``):
+    each ``set_total`` starts the bar over with that op's total (modules, or bytes)."""
+
+    def set_total(self, total: int) -> None:
+        """Start the bar over at 0 of ``total``."""
+        if self._progress is not None and self._task is not None:
+            self._progress.reset(self._task, total=total)
 
 
 @contextmanager
@@ -62,3 +74,15 @@ def module_progress(label: str, *, enabled: bool = True) -> Iterator[Meter]:
     columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=stderr, transient=True) as progress:
         yield Meter(progress, progress.add_task(label, total=None))
+
+
+@contextmanager
+def phase_progress(label: str, *, enabled: bool = True) -> Iterator[PhaseMeter]:
+    """A percentage bar on stderr (a terminal only) restarted by each op's total; see :class:`PhaseMeter`."""
+    stderr = Console(stderr=True)
+    if not enabled or not stderr.is_terminal:
+        yield PhaseMeter(None, None)
+        return
+    columns = (TextColumn(label), BarColumn(), TaskProgressColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=stderr, transient=True) as progress:
+        yield PhaseMeter(progress, progress.add_task(label, total=None))
