@@ -6,31 +6,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from helpers import ProgressRecorder
 
 from loratools.formats.io import load_lora, save_lora
 from loratools.report import inspect_lora
 from loratools.synthetic import TINY, make_lora
 
 
-class Recorder:
-    """A fake progress callable: every total announced, with the advances made after it."""
-
-    def __init__(self) -> None:
-        self.phases: list[list[int]] = []
-
-    def set_total(self, total: int) -> None:
-        self.phases.append([total, 0])
-
-    def __call__(self, n: int) -> None:
-        assert self.phases, "advanced before any total was announced"
-        self.phases[-1][1] += n
-
-
 @pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
 @pytest.mark.parametrize("what", ["hashes", "norms"])
 def test_progress_total_equals_the_work(tmp_path: Path, fmt: str, what: str) -> None:
     path = save_lora(make_lora(TINY["sd1"], rank=2), tmp_path / "a.safetensors", fmt)
-    meter = Recorder()
+    meter = ProgressRecorder()
     inspect_lora(path, hashes=what == "hashes", norms=what == "norms", progress=meter)
     # oracle: the file size from the OS, the module count from the full reader
     expected = path.stat().st_size if what == "hashes" else len(load_lora(path).adapters)
