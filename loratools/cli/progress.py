@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 from rich.console import Console
 from rich.progress import (
@@ -11,6 +12,7 @@ from rich.progress import (
     DownloadColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TaskID,
     TaskProgressColumn,
     TextColumn,
@@ -64,25 +66,31 @@ class PhaseMeter(Meter):
             self._progress.reset(self._task, total=total)
 
 
+M = TypeVar("M", bound=Meter)
+
+
+@contextmanager
+def _meter_bar(label: str, enabled: bool, columns: tuple[ProgressColumn, ...], meter: type[M]) -> Iterator[M]:
+    """A transient bar of ``columns`` on stderr (a terminal only), driven through ``meter``."""
+    stderr = Console(stderr=True)
+    if not enabled or not stderr.is_terminal:
+        yield meter(None, None)
+        return
+    with Progress(*columns, console=stderr, transient=True) as progress:
+        yield meter(progress, progress.add_task(label, total=None))
+
+
 @contextmanager
 def module_progress(label: str, *, enabled: bool = True) -> Iterator[Meter]:
     """A bar counting modules on stderr (a terminal only); the op sets its total through :class:`Meter`."""
-    stderr = Console(stderr=True)
-    if not enabled or not stderr.is_terminal:
-        yield Meter(None, None)
-        return
     columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=stderr, transient=True) as progress:
-        yield Meter(progress, progress.add_task(label, total=None))
+    with _meter_bar(label, enabled, columns, Meter) as meter:
+        yield meter
 
 
 @contextmanager
 def phase_progress(label: str, *, enabled: bool = True) -> Iterator[PhaseMeter]:
     """A percentage bar on stderr (a terminal only) restarted by each op's total; see :class:`PhaseMeter`."""
-    stderr = Console(stderr=True)
-    if not enabled or not stderr.is_terminal:
-        yield PhaseMeter(None, None)
-        return
     columns = (TextColumn(label), BarColumn(), TaskProgressColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=stderr, transient=True) as progress:
-        yield PhaseMeter(progress, progress.add_task(label, total=None))
+    with _meter_bar(label, enabled, columns, PhaseMeter) as meter:
+        yield meter
