@@ -24,6 +24,7 @@ from ..families.spec import DIFFUSERS_FOLDERS, TOKENIZER_FOLDERS, FamilySpec
 from ..io.atomic import AtomicFolder
 from ..io.checkpoint import WEIGHT_NAMES, Checkpoint
 from ..io.safetensors import DTYPES, FLOAT_DTYPES, TensorInfo, dtype_name
+from ..io.source import Source
 
 if TYPE_CHECKING:
     import torch
@@ -107,7 +108,7 @@ def planned_info(
 
 
 def convert_checkpoint(
-    source: str | Path,
+    source: str | Path | Source,
     output: str | Path,
     *,
     layout: str | None = None,
