@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 import loratools.io.pickle as pickles
 from loratools.cli.main import cli
 from loratools.formats.io import load_lora, save_lora
-from loratools.io.source import PICKLE, SAFETENSORS, open_source
 from loratools.io.safetensors import SafetensorsFile
+from loratools.io.source import PICKLE, SAFETENSORS, open_source
 from loratools.synthetic import TINY, make_lora, write_checkpoint
 
 
