@@ -1,0 +1,132 @@
+"""--dry-run reports the exact size of the real output, for every writer, and writes nothing anywhere.
+
+The oracle is the file system: after the real run, ``os.stat`` of every file the command left at
+OUTPUT (and the embeddings sidecar beside it). The dry run may not create a file at all — not at
+OUTPUT, not beside it, not in a temporary folder (``tempfile`` is made to refuse during it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from loratools.cli.main import cli
+from loratools.formats.adapters import LoKr, LoraFile
+from loratools.formats.io import save_lora
+from loratools.synthetic import TINY, make_lora, write_checkpoint
+
+SPEC = TINY["sd1"]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny SD1 inputs: two LoRAs (one fp16, ss_ metadata), a LoKr, a base with ModelSpec keys, a tuned copy."""
+    root = tmp_path_factory.mktemp("dry-size")
+    a_lora = make_lora(SPEC, rank=4, conv=True, alphas="varied", dtype=torch.float16)
+    a_lora.metadata.update({"ss_network_dim": "4", "ss_output_name": "a"})  # sshs_* hashes are rewritten
+    a = save_lora(a_lora, root / "a.safetensors", "kohya")
+    b = save_lora(make_lora(SPEC, rank=2, seed=1), root / "b.safetensors", "kohya")
+    gen = torch.Generator().manual_seed(2)
+    adapters = {}
+    for module, lowrank in list(make_lora(SPEC, rank=1, text=False).adapters.items())[:6]:
+        out, inp = lowrank.up.shape[0], lowrank.down.shape[1]  # type: ignore[union-attr]
+        if lowrank.down.dim() == 2 and out % 4 == 0 and inp % 4 == 0:  # type: ignore[union-attr]
+            adapters[module] = LoKr(1.0, w1=torch.randn(4, 4, generator=gen),
+                                    w2a=torch.randn(out // 4, 1, generator=gen),
+                                    w2b=torch.randn(1, inp // 4, generator=gen))  # fmt: skip
+    lokr = save_lora(LoraFile(adapters, SPEC, "synthetic"), root / "lokr.safetensors", "kohya")
+    modelspec = {"modelspec.title": "tiny base", "modelspec.architecture": "stable-diffusion-v1"}
+    base = write_checkpoint(SPEC, root / "base.safetensors", "single", metadata=modelspec)
+    plain = write_checkpoint(SPEC, root / "plain.safetensors", "single")
+    folder = write_checkpoint(SPEC, root / "base-diffusers", "diffusers")
+    tuned = write_checkpoint(SPEC, root / "tuned.safetensors", "single", seed=1)
+    return {"a": Path(a), "b": Path(b), "lokr": Path(lokr), "base": base, "plain": plain, "folder": folder,
+            "tuned": tuned}  # fmt: skip
+
+
+def _commands(p: dict[str, Path], out: Path) -> dict[str, list[str]]:
+    a, b, base = str(p["a"]), str(p["b"]), str(p["base"])
+    convert = {f"convert-{fmt}": ["convert", a, str(out / f"c-{fmt}.safetensors"), "--to", fmt]
+               for fmt in ("kohya", "diffusers")}  # fmt: skip
+    return {
+        **convert,
+        "convert-cloneofsimo": ["convert", a, str(out / "c-clone.safetensors"), "--to", "cloneofsimo", "--bake"],
+        "convert-peft": ["convert", a, str(out / "c-peft"), "--to", "peft"],
+        "convert-to-lora": ["convert", str(p["lokr"]), str(out / "l.safetensors"), "--to-lora", "--rank", "2"],
+        "convert-ckpt-fp16": ["convert", base, str(out / "ck.safetensors"), "--dtype", "fp16"],
+        "convert-ckpt-diffusers": ["convert", base, str(out / "ck-diffusers"), "--to", "diffusers"],
+        "rescale": ["rescale", a, "--by", "-0.5", "-o", str(out / "r.safetensors")],
+        "resize": ["resize", a, "--rank", "2", "-o", str(out / "s.safetensors")],
+        "resize-dynamic": ["resize", a, "--sv-fro", "0.8", "-o", str(out / "sd.safetensors")],
+        "blend": ["blend", f"{a}:0.7", b, "-o", str(out / "b.safetensors")],
+        "merge-file": ["merge", str(p["plain"]), f"{a}:0.8", "-o", str(out / "m.safetensors")],
+        "merge-modelspec": ["merge", base, f"{a}:0.8", "-o", str(out / "mm.safetensors")],
+        "merge-new-folder": ["merge", base, a, "--to", "diffusers", "-o", str(out / "m-diffusers")],
+        "merge-same-folder": ["merge", str(p["folder"]), a, b, "-o", str(out / "mf-diffusers")],
+        "unmerge": ["unmerge", base, f"{a}:0.8", "-o", str(out / "u.safetensors")],
+        "extract": ["extract", str(p["plain"]), str(p["tuned"]), "--rank", "2", "-o", str(out / "e.safetensors")],
+    }
+
+
+NAMES = list(_commands({k: Path(k) for k in ("a", "b", "lokr", "base", "plain", "folder", "tuned")}, Path()))
+# Today's dry run writes the output into a temporary folder and measures it; merge/unmerge plan
+# without writing, but their size leaves out the ModelSpec hash placeholder and a folder's other files.
+MERGE_SIZE_WRONG = {"merge-modelspec", "merge-new-folder", "merge-same-folder", "unmerge"}
+XFAIL = {
+    name: "merge's planned size misses the modelspec.hash_sha256 placeholder / folder files"
+    if name in MERGE_SIZE_WRONG
+    else "the dry run writes into a temporary folder"
+    for name in NAMES
+    if name != "merge-file"
+}
+CASES = [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=XFAIL[n])) if n in XFAIL else n for n in NAMES]
+
+
+def disk_bytes(path: Path) -> int:
+    """Bytes of a file, or of every file under a folder, by os.walk/os.stat (the oracle)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(os.stat(Path(top) / f).st_size for top, _, files in os.walk(path) for f in files)
+
+
+def listing(folder: Path) -> list[tuple[str, int]]:
+    return sorted((str(Path(top, f).relative_to(folder)), os.stat(Path(top, f)).st_size)
+                  for top, _, files in os.walk(folder) for f in files)  # fmt: skip
+
+
+def _invoke(args: list[str]) -> str:
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, f"{result.output}\n{result.stderr}\n{result.exception!r}"
+    return result.stdout
+
+
+def _no_temp_files(*_: object, **__: object) -> None:
+    raise AssertionError("a dry run created a temporary file or folder")
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_dry_run_size_is_the_real_size(
+    name: str, inputs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    args = _commands(inputs, out)[name]
+    output = Path(args[args.index("-o") + 1] if "-o" in args else args[2])
+    before = listing(out), listing(inputs["a"].parent)
+    with monkeypatch.context() as patch:
+        for fn in ("mkstemp", "mkdtemp", "NamedTemporaryFile", "TemporaryDirectory"):
+            patch.setattr(tempfile, fn, _no_temp_files)
+        dry = json.loads(_invoke([*args, "--dry-run", "--json"]))
+    assert (listing(out), listing(inputs["a"].parent)) == before, "a dry run left files behind"
+    assert not output.exists()
+    assert dry["dry_run"] is True
+    _invoke(args)
+    sidecar = output.with_name(f"{output.name.split('.')[0]}.embeddings.safetensors")
+    real = disk_bytes(output) + (disk_bytes(sidecar) if sidecar.exists() else 0)
+    assert dry["output_bytes"] == real
