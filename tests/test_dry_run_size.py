@@ -47,12 +47,15 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     full = make_lora(FAMILIES["sd1"], rank=1, text=False, alphas="varied", dtype=torch.float16)
     attn = {m: ad for m, ad in full.adapters.items() if m.endswith(attention)}
     attn_path = save_lora(LoraFile(attn, FAMILIES["sd1"], "synthetic"), root / "attn.safetensors", "kohya")
+    with_tokens = make_lora(SPEC, rank=2, seed=3)
+    with_tokens.embeddings["<sks>"] = torch.randn(2, SPEC.texts[0].hidden)
+    emb = save_lora(with_tokens, root / "emb.safetensors", "kohya")
     modelspec = {"modelspec.title": "tiny base", "modelspec.architecture": "stable-diffusion-v1"}
     base = write_checkpoint(SPEC, root / "base.safetensors", "single", metadata=modelspec)
     plain = write_checkpoint(SPEC, root / "plain.safetensors", "single")
     folder = write_checkpoint(SPEC, root / "base-diffusers", "diffusers")
     tuned = write_checkpoint(SPEC, root / "tuned.safetensors", "single", seed=1)
-    return {"a": Path(a), "b": Path(b), "lokr": Path(lokr), "attn": Path(attn_path), "base": base, "plain": plain, "folder": folder,
+    return {"a": Path(a), "b": Path(b), "lokr": Path(lokr), "attn": Path(attn_path), "emb": Path(emb), "base": base, "plain": plain, "folder": folder,
             "tuned": tuned}  # fmt: skip
 
 
@@ -71,6 +74,7 @@ def _commands(p: dict[str, Path], out: Path) -> dict[str, list[str]]:
             "--bake",
         ],
         "convert-peft": ["convert", a, str(out / "c-peft"), "--to", "peft"],
+        "convert-embeddings-sidecar": ["convert", str(p["emb"]), str(out / "c-emb.safetensors"), "--to", "diffusers"],
         "convert-to-lora": ["convert", str(p["lokr"]), str(out / "l.safetensors"), "--to-lora", "--rank", "2"],
         "convert-ckpt-fp16": ["convert", base, str(out / "ck.safetensors"), "--dtype", "fp16"],
         "convert-ckpt-diffusers": ["convert", base, str(out / "ck-diffusers"), "--to", "diffusers"],
@@ -87,7 +91,9 @@ def _commands(p: dict[str, Path], out: Path) -> dict[str, list[str]]:
     }
 
 
-NAMES = list(_commands({k: Path(k) for k in ("a", "b", "lokr", "attn", "base", "plain", "folder", "tuned")}, Path()))
+NAMES = list(
+    _commands({k: Path(k) for k in ("a", "b", "lokr", "attn", "emb", "base", "plain", "folder", "tuned")}, Path())
+)
 # Today's dry run writes the output into a temporary folder and measures it; merge/unmerge plan
 # without writing, but their size leaves out the ModelSpec hash placeholder and a folder's other files.
 MERGE_SIZE_WRONG = {"merge-modelspec", "merge-new-folder", "merge-same-folder", "unmerge"}
@@ -143,3 +149,50 @@ def test_dry_run_size_is_the_real_size(
     sidecar = output.with_name(f"{output.name.split('.')[0]}.embeddings.safetensors")
     real = disk_bytes(output) + (disk_bytes(sidecar) if sidecar.exists() else 0)
     assert dry["output_bytes"] == real
+
+
+@pytest.mark.parametrize(
+    ("metadata", "hash_key"),
+    [(None, None), ({"format": "pt"}, None), ({"title": "Ünïcode ✓", "n": ""}, None),
+     ({"modelspec.title": "x"}, "modelspec.hash_sha256"), (None, "modelspec.hash_sha256")],
+)  # fmt: skip
+def test_planned_file_size_is_the_written_size(metadata: dict | None, hash_key: str | None, tmp_path: Path) -> None:
+    """file_size (the plan) against the file StreamingWriter writes, read back by the safetensors library."""
+    from safetensors import safe_open
+
+    from loratools.io.safetensors import StreamingWriter, file_size, tensor_plan
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"b": torch.randn(3, 5, generator=gen).half(), "a": torch.randn(7, generator=gen),
+               "z": torch.zeros(0), "i": torch.arange(3)}  # fmt: skip
+    plan = tensor_plan(tensors)
+    path = tmp_path / "x.safetensors"
+    with StreamingWriter(path, plan, metadata, data_hash_key=hash_key) as writer:
+        for name, tensor in tensors.items():
+            writer.write(name, tensor)
+    assert file_size(plan, metadata, hash_key) == path.stat().st_size
+    with safe_open(str(path), framework="pt") as handle:
+        stored = handle.metadata() or {}
+        assert list(handle.keys()) == sorted(tensors) and all(torch.equal(handle.get_tensor(n), t)
+                                                              for n, t in tensors.items())  # fmt: skip
+    assert set(stored) == set(metadata or {}) | ({hash_key} if hash_key else set())
+    if hash_key:
+        import hashlib
+
+        data = b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in tensors.values())
+        assert stored[hash_key] == "0x" + hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("command", ["merge", "convert", "rescale"])
+def test_dry_run_refuses_an_existing_output(command: str, inputs: dict[str, Path], tmp_path: Path) -> None:
+    """A dry run fails where the real run would: OUTPUT exists and --overwrite was not given."""
+    taken = tmp_path / "taken.safetensors"
+    taken.write_bytes(b"x")
+    args = {
+        "merge": ["merge", str(inputs["plain"]), str(inputs["a"]), "-o", str(taken)],
+        "convert": ["convert", str(inputs["base"]), str(taken), "--dtype", "fp16"],
+        "rescale": ["rescale", str(inputs["a"]), "--by", "2", "-o", str(taken)],
+    }[command]
+    result = CliRunner().invoke(cli, [*args, "--dry-run"])
+    assert result.exit_code != 0 and "exists" in result.stderr and taken.read_bytes() == b"x"
+    assert _invoke([*args, "--dry-run", "--overwrite", "--json"]) and taken.read_bytes() == b"x"
