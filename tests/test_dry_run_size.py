@@ -142,9 +142,11 @@ def test_dry_run_size_is_the_real_size(
         for fn in ("mkstemp", "mkdtemp", "NamedTemporaryFile", "TemporaryDirectory"):
             patch.setattr(tempfile, fn, _no_temp_files)
         dry = json.loads(_invoke([*args, "--dry-run", "--json"]))
+        said = CliRunner().invoke(cli, [*args, "--dry-run"]).output
     assert (listing(out), listing(inputs["a"].parent)) == before, "a dry run left files behind"
     assert not output.exists()
     assert dry["dry_run"] is True
+    assert f"({dry['output_bytes']} bytes); nothing written" in " ".join(said.split())
     _invoke(args)
     sidecar = output.with_name(f"{output.name.split('.')[0]}.embeddings.safetensors")
     real = disk_bytes(output) + (disk_bytes(sidecar) if sidecar.exists() else 0)
