@@ -38,6 +38,7 @@ from ..io.files import same_path
 from ..io.hub import resolve
 from ..io.measure import active, text_bytes, tree_bytes
 from ..io.safetensors import FLOAT_DTYPES, StreamingWriter, TensorInfo, file_size
+from ..io.source import Source, open_source
 from .blocks import DEFAULT_TOOL, BlockWeights, block_keys, parse_block_weights, unused_blocks
 from .checkpoint import (
     CanonicalSource,
@@ -677,7 +678,7 @@ def _verifier(
 
 # -- the operations ---------------------------------------------------------------------------------------
 def merge(
-    base: str | Path,
+    base: str | Path | Source,
     loras: Sequence[LoraInput | str | Path | LoraFile],
     output: str | Path | None,
     *,
@@ -726,7 +727,7 @@ def merge(
 
 
 def unmerge(
-    merged: str | Path,
+    merged: str | Path | Source,
     loras: Sequence[LoraInput | str | Path | LoraFile],
     output: str | Path | None,
     *,
@@ -773,7 +774,7 @@ def unmerge(
 
 
 def rewrite(
-    base: str | Path,
+    base: str | Path | Source,
     output: str | Path | None,
     *,
     layout: str | None = None,
@@ -828,7 +829,7 @@ def _as_input(item: LoraInput | str | Path | LoraFile) -> LoraInput:
 
 def _run(
     operation: str,
-    base_path: str | Path,
+    base_path: str | Path | Source,
     lora_items: Sequence[LoraInput | str | Path | LoraFile],
     output: str | Path | None,
     *,
@@ -849,7 +850,8 @@ def _run(
     started = time.perf_counter()
     if not lora_items and operation != "convert":
         raise InputError("no LoRA given")
-    base_path = resolve(base_path)  # hf:// references become their cached local files
+    opened = open_source(base_path)  # hf:// references become their cached local files
+    base_path = opened.path
     if original is not None:
         original = resolve(original)
     # inside a dry run of the CLI (io/measure.py: convert of a checkpoint), plan and measure only
@@ -869,7 +871,7 @@ def _run(
     torch_dtype = parse_dtype(dtype)
     engine = DeltaEngine(device, budget)
 
-    with open_checkpoint(base_path) as ckpt:
+    with open_checkpoint(opened) as ckpt:  # a pickle the caller classified is not unpickled again
         found = detect(ckpt.shapes(), ckpt.metadata, family=family)
         km = keymap(found.family)
         out_layout = target_layout(found, layout)
