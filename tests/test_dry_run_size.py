@@ -198,3 +198,21 @@ def test_dry_run_refuses_an_existing_output(command: str, inputs: dict[str, Path
     result = CliRunner().invoke(cli, [*args, "--dry-run"])
     assert result.exit_code != 0 and "exists" in result.stderr and taken.read_bytes() == b"x"
     assert _invoke([*args, "--dry-run", "--overwrite", "--json"]) and taken.read_bytes() == b"x"
+
+
+CHECKPOINT_WRITERS = [n for n in NAMES if n.startswith(("merge", "unmerge", "convert-ckpt"))]
+
+
+@pytest.mark.parametrize("name", CHECKPOINT_WRITERS)
+def test_checkpoint_dry_runs_read_no_base_tensor(
+    name: str, inputs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint's shapes are in its header: the dry run plans from them and reads no tensor of it."""
+    from loratools.io.checkpoint import Checkpoint
+
+    def refuse(self: Checkpoint, name: str) -> None:
+        raise AssertionError(f"a dry run read {name}")
+
+    monkeypatch.setattr(Checkpoint, "read", refuse)
+    args = _commands(inputs, tmp_path)[name]
+    assert json.loads(_invoke([*args, "--dry-run", "--json"]))["output_bytes"] > 0
