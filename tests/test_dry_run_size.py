@@ -75,6 +75,7 @@ def _commands(p: dict[str, Path], out: Path) -> dict[str, list[str]]:
         ],
         "convert-peft": ["convert", a, str(out / "c-peft"), "--to", "peft"],
         "convert-embeddings-sidecar": ["convert", str(p["emb"]), str(out / "c-emb.safetensors"), "--to", "diffusers"],
+        "convert-for-comfyui": ["convert", b, str(out / "for.safetensors"), "--for", "comfyui"],
         "convert-to-lora": ["convert", str(p["lokr"]), str(out / "l.safetensors"), "--to-lora", "--rank", "2"],
         "convert-ckpt-fp16": ["convert", base, str(out / "ck.safetensors"), "--dtype", "fp16"],
         "convert-ckpt-diffusers": ["convert", base, str(out / "ck-diffusers"), "--to", "diffusers"],
