@@ -140,3 +140,62 @@ def flux_lora_dialect(spec, dialect: str, *, rank: int = 2, seed: int = 0) -> di
     else:
         raise ValueError(dialect)
     return out
+
+
+# --- raw ΔW straight from a file's tensors (an oracle independent of loratools' readers) ------------
+
+RAW_PARAMS = {  # file parameter suffix → role, for every dialect flux_lora_dialect writes
+    "lora_down.weight": "down",
+    "lora_up.weight": "up",
+    "lora_A.weight": "down",
+    "lora_B.weight": "up",
+    "down.weight": "down",
+    "up.weight": "up",
+    "alpha": "alpha",
+    "diff_b": "bias",
+    "diff": "diff",
+}
+
+
+def raw_groups(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """File module stem → {down, up, alpha, diff, bias}, by the key suffixes alone."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        suffix = next(s for s in RAW_PARAMS if key.endswith("." + s))
+        groups.setdefault(key[: -len(suffix) - 1], {})[RAW_PARAMS[suffix]] = t
+    return groups
+
+
+def raw_delta(group: dict[str, torch.Tensor]) -> torch.Tensor:
+    """ΔW of one file module in float64: ``diff``, or ``alpha/r · up @ down`` (scale 1 without alpha)."""
+    if "diff" in group:
+        return group["diff"].double()
+    down, up = group["down"].double(), group["up"].double()
+    scale = float(group["alpha"]) / down.shape[0] if "alpha" in group else 1.0
+    return scale * up @ down
+
+
+def stem_part_rows(spec, stem: str) -> list[tuple[tuple[int, int], ...]]:  # type: ignore[no-untyped-def]
+    """Row ranges of each canonical module a file module feeds: several for a fused BFL Linear.
+
+    Row facts from the family key map (formats/flux.py flux_names), not from any reader.
+    """
+    from loratools.formats.flux import flux_names
+
+    names = flux_names(spec)
+    path = stem.removeprefix("diffusion_model.")
+    if path.startswith("lora_unet_"):
+        path = names.bfl_underscore.get(path.removeprefix("lora_unet_"), path)
+    if ".processor." in path:
+        block, xl = path.split(".processor.")
+        child = {"qkv_lora1": "img_attn.qkv", "proj_lora1": "img_attn.proj"}
+        child |= {"qkv_lora2": "txt_attn.qkv", "proj_lora2": "txt_attn.proj"}
+        path = f"{block}.{child[xl]}"
+    if path in names.bfl:
+        return [p.rows for p in names.bfl[path]]
+    return [((0, -1),)]  # a canonical module: all its rows
+
+
+def take_rows(t: torch.Tensor, rows: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """Rows of a ΔW (``(0, -1)``: all of them), concatenated."""
+    return torch.cat([t if b == -1 else t[a:b] for a, b in rows], dim=0)

@@ -1,0 +1,109 @@
+"""Surgery on FLUX.1 LoRAs keeps the file's own dialect: same keys, same order, same metadata.
+
+Issue 13's rule (rescale/resize/blend need no family and keep module names verbatim in the
+input's own dialect), checked for every dialect helpers_flux generates. ΔW is checked per file
+module against a float64 torch oracle computed from the raw input and output tensors
+(``alpha/r · up @ down`` or ``diff``), never through loratools' readers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from helpers_flux import flux_lora_dialect, raw_delta, raw_groups, stem_part_rows, take_rows
+
+from loratools.io.safetensors import SafetensorsFile, save_tensors
+from loratools.ops.blend import blend
+from loratools.ops.rescale import rescale
+from loratools.ops.resize import resize
+from loratools.synthetic import TINY_FLUX
+
+SPEC = TINY_FLUX["dev"]
+DIALECTS = (
+    "kohya",
+    "kohya-split-qkv",
+    "ai-toolkit",
+    "ai-toolkit-bfl",
+    "xlabs",
+    "onetrainer",
+    "lycoris-full",
+    "kohya-te",
+    "kohya-te3",
+)
+OPS = ("rescale", "resize-fixed", "resize-dynamic", "blend-self")
+METADATA = {"ss_output_name": "flux-test", "modelspec.title": "a FLUX.1 LoRA", "note": "kept"}
+
+# A full diff (lycoris-full) comes out of resize/blend as LoRA factors (ops/resize.py, ops/blend.py
+# by design): its keys change kind, and the LowRank it becomes has no slot for diff_b.
+KIND_CHANGES = {("lycoris-full", op) for op in ("resize-fixed", "resize-dynamic", "blend-self")}
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with SafetensorsFile(path) as f:
+        return {k: f.read(k) for k in f}, dict(f.metadata)
+
+
+def _run(op: str, src: Path, out: Path) -> None:
+    runs: dict[str, Callable[[], object]] = {
+        "rescale": lambda: rescale(src, out, 0.5, family=SPEC),
+        "resize-fixed": lambda: resize(src, out, rank=1, family=SPEC),
+        "resize-dynamic": lambda: resize(src, out, sv_fro=0.8, family=SPEC),
+        "blend-self": lambda: blend([(src, 1.0), (src, 1.0)], out, family=SPEC),
+    }
+    runs[op]()
+
+
+def _truncate(delta: torch.Tensor, k: int) -> torch.Tensor:
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    return (u[:, :k] * s[:k]) @ vh[:k]
+
+
+def _cases() -> list[object]:
+    out = []
+    for dialect in DIALECTS:
+        for op in OPS:
+            marks = []
+            if (dialect, op) in KIND_CHANGES:
+                marks.append(pytest.mark.xfail(strict=True, reason="full diff → LoRA: keys change, diff_b dropped"))
+            else:  # today: keys re-spelled/sorted/split, .diff_b dropped, T5 as lora_te2_ (issue 17)
+                marks.append(pytest.mark.xfail(strict=True, reason="surgery does not keep the Flux dialect"))
+            out.append(pytest.param(dialect, op, marks=marks, id=f"{dialect}-{op}"))
+    return out
+
+
+@pytest.mark.parametrize(("dialect", "op"), _cases())
+def test_surgery_keeps_the_dialect_and_the_exact_delta(dialect: str, op: str, tmp_path: Path) -> None:
+    src, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    save_tensors(src, flux_lora_dialect(SPEC, dialect), METADATA)
+    _run(op, src, out)
+    before, _ = _read(src)
+    after, meta = _read(out)
+    assert list(after) == list(before)  # the same keys in the same order
+    assert {k: t.dtype for k, t in after.items()} == {k: t.dtype for k, t in before.items()}
+    if op == "rescale":
+        assert {k: t.shape for k, t in after.items()} == {k: t.shape for k, t in before.items()}
+    for key, value in METADATA.items():
+        assert meta.get(key) == value, key
+    old, new = raw_groups(before), raw_groups(after)
+    for stem, group in old.items():
+        d_in, d_out = raw_delta(group), raw_delta(new[stem])
+        if "bias" in group:
+            factor = 0.5 if op == "rescale" else 2.0 if op == "blend-self" else 1.0
+            torch.testing.assert_close(new[stem]["bias"].double(), factor * group["bias"].double())
+        if op == "rescale":
+            torch.testing.assert_close(d_out, 0.5 * d_in, rtol=1e-5, atol=1e-7)
+        elif op == "blend-self":
+            torch.testing.assert_close(d_out, 2.0 * d_in, rtol=1e-5, atol=1e-7)
+        else:  # each canonical part truncated optimally (Eckart–Young) at the rank it came out with
+            for rows in stem_part_rows(SPEC, stem):
+                part_in, part_out = take_rows(d_in, rows), take_rows(d_out, rows)
+                k = int(torch.linalg.matrix_rank(part_out, rtol=1e-5))
+                rank_in = int(torch.linalg.matrix_rank(part_in, rtol=1e-5))
+                if op == "resize-fixed":
+                    assert k == min(1, rank_in), stem
+                else:
+                    assert 1 <= k <= rank_in, stem
+                torch.testing.assert_close(part_out, _truncate(part_in, k), rtol=1e-4, atol=1e-6)
