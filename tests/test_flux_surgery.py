@@ -68,8 +68,6 @@ def _cases() -> list[object]:
             marks = []
             if (dialect, op) in KIND_CHANGES:
                 marks.append(pytest.mark.xfail(strict=True, reason="full diff → LoRA: keys change, diff_b dropped"))
-            else:  # today: keys re-spelled/sorted/split, .diff_b dropped, T5 as lora_te2_ (issue 17)
-                marks.append(pytest.mark.xfail(strict=True, reason="surgery does not keep the Flux dialect"))
             out.append(pytest.param(dialect, op, marks=marks, id=f"{dialect}-{op}"))
     return out
 
