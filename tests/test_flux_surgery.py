@@ -15,8 +15,10 @@ import pytest
 import torch
 from helpers_flux import flux_lora_dialect, raw_delta, raw_groups, stem_part_rows, take_rows
 
+from loratools.formats.io import load_lora
 from loratools.io.safetensors import SafetensorsFile, save_tensors
 from loratools.ops.blend import blend
+from loratools.ops.convert import convert_lora
 from loratools.ops.rescale import rescale
 from loratools.ops.resize import resize
 from loratools.synthetic import TINY_FLUX
@@ -105,3 +107,27 @@ def test_surgery_keeps_the_dialect_and_the_exact_delta(dialect: str, op: str, tm
                 else:
                     assert 1 <= k <= rank_in, stem
                 torch.testing.assert_close(part_out, _truncate(part_in, k), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("dialect", "to", "prefix"),
+    [
+        ("xlabs", "diffusers", "transformer."),
+        ("ai-toolkit-bfl", "diffusers", "transformer."),
+        ("onetrainer", "kohya", "lora_unet_"),
+    ],
+)
+def test_convert_writes_the_named_format_not_the_source_dialect(
+    dialect: str, to: str, prefix: str, tmp_path: Path
+) -> None:
+    """Only surgery keeps the file's dialect; ``convert --to F`` writes F's own spelling, ΔW unchanged."""
+    src, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    save_tensors(src, flux_lora_dialect(SPEC, dialect), METADATA)
+    convert_lora(src, out, to, family=SPEC)
+    after, _ = _read(out)
+    assert all(k.startswith(prefix) for k in after)
+    before = load_lora(src, family=SPEC)
+    again = load_lora(out, family=SPEC)
+    assert again.adapters.keys() == before.adapters.keys()
+    for module, adapter in before.adapters.items():
+        torch.testing.assert_close(again.adapters[module].delta(), adapter.delta(), rtol=1e-6, atol=1e-7)
