@@ -199,3 +199,40 @@ def stem_part_rows(spec, stem: str) -> list[tuple[tuple[int, int], ...]]:  # typ
 def take_rows(t: torch.Tensor, rows: tuple[tuple[int, int], ...]) -> torch.Tensor:
     """Rows of a ΔW (``(0, -1)``: all of them), concatenated."""
     return torch.cat([t if b == -1 else t[a:b] for a, b in rows], dim=0)
+
+
+def flux_lycoris_fused(spec, kind: str, *, rank: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+    """kohya/LyCORIS-named LoHa (``hada_*``) or LoKr (``lokr_w1`` + ``lokr_w2_a/b``) modules on every
+    fused BFL Linear (double-block qkv, single-block linear1); LoKr's ``w2`` has half a head width of rows."""
+    from loratools.formats.flux import flux_names
+
+    names = flux_names(spec)
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * 0.3
+
+    out: dict[str, torch.Tensor] = {}
+    for path, parts in names.bfl.items():
+        if len(parts) < 2:
+            continue
+        rows, cols = names.bfl_shapes[path]
+        name = "lora_unet_" + path.replace(".", "_")
+        if kind == "loha":
+            group = {"hada_w1_a": rnd(rows, rank), "hada_w1_b": rnd(rank, cols)}
+            group |= {"hada_w2_a": rnd(rows, rank), "hada_w2_b": rnd(rank, cols)}
+        else:
+            b = min(p.rows[0][1] - p.rows[0][0] for p in parts) // 2
+            group = {"lokr_w1": rnd(rows // b, 2), "lokr_w2_a": rnd(b, rank), "lokr_w2_b": rnd(rank, cols // 2)}
+        out |= {f"{name}.{k}": v for k, v in group.items()} | {f"{name}.alpha": torch.tensor(1.0)}
+    return out
+
+
+def raw_lycoris_delta(group: dict[str, torch.Tensor]) -> torch.Tensor:
+    """ΔW of a LoHa / LoKr file module in float64: a Hadamard or Kronecker product of its raw factors."""
+    g = {k: v.double() for k, v in group.items()}
+    if "hada_w1_a" in g:
+        r = g["hada_w1_b"].shape[0]
+        return (g["hada_w1_a"] @ g["hada_w1_b"]) * (g["hada_w2_a"] @ g["hada_w2_b"]) * float(g["alpha"]) / r
+    r = g["lokr_w2_b"].shape[0]
+    return torch.kron(g["lokr_w1"], g["lokr_w2_a"] @ g["lokr_w2_b"]) * float(g["alpha"]) / r

@@ -13,7 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_flux import flux_lora_dialect, raw_delta, raw_groups, stem_part_rows, take_rows
+from helpers_flux import (
+    flux_lora_dialect,
+    flux_lycoris_fused,
+    raw_delta,
+    raw_groups,
+    raw_lycoris_delta,
+    stem_part_rows,
+    take_rows,
+)
 
 from loratools.formats.io import load_lora
 from loratools.io.safetensors import SafetensorsFile, save_tensors
@@ -131,3 +139,42 @@ def test_convert_writes_the_named_format_not_the_source_dialect(
     assert again.adapters.keys() == before.adapters.keys()
     for module, adapter in before.adapters.items():
         torch.testing.assert_close(again.adapters[module].delta(), adapter.delta(), rtol=1e-6, atol=1e-7)
+
+
+def _lycoris_groups(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        stem, param = key.split(".", 1)
+        groups.setdefault(stem, {})[param] = t
+    return groups
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_loha_lokr_on_fused_weights_split_by_rows_in_their_own_kind(kind: str, tmp_path: Path) -> None:
+    """LoHa/LoKr on fused qkv / linear1 read as per-part LoHa/LoKr (not densified diffs), ΔW exact,
+    and rescaled back into the very same keys."""
+    src, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    tensors = flux_lycoris_fused(SPEC, kind)
+    save_tensors(src, tensors, METADATA)
+    lora = load_lora(src, family=SPEC)
+    assert not any("full ΔW parts" in w for w in lora.warnings)
+    assert {a.kind for a in lora.adapters.values()} == {kind}
+    for stem, group in _lycoris_groups(tensors).items():
+        oracle = raw_lycoris_delta(group)
+        for (rows,), module in zip(stem_part_rows(SPEC, stem), _part_modules(stem), strict=True):
+            part = lora.adapters[module].delta().double()
+            torch.testing.assert_close(part, oracle[rows[0] : rows[1]], rtol=1e-5, atol=1e-7)
+    rescale(src, out, 0.5, family=SPEC)
+    after, meta = _read(out)
+    assert list(after) == list(tensors) and all(after[k].shape == t.shape for k, t in tensors.items())
+    assert all(meta.get(k) == v for k, v in METADATA.items())
+    for stem, group in _lycoris_groups(after).items():
+        expected = 0.5 * raw_lycoris_delta(_lycoris_groups(tensors)[stem])
+        torch.testing.assert_close(raw_lycoris_delta(group), expected, rtol=1e-5, atol=1e-7)
+
+
+def _part_modules(stem: str) -> list[str]:
+    from loratools.formats.flux import flux_names
+
+    names = flux_names(SPEC)
+    return [p.module for p in names.bfl[names.bfl_underscore[stem.removeprefix("lora_unet_")]]]

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from itertools import pairwise
 
@@ -34,7 +34,7 @@ import torch
 from ..errors import InputError
 from ..families import FLUX1, keymap
 from ..families.spec import DIFFUSERS_FOLDERS, FamilySpec
-from .adapters import Adapter, Full, LoraFile, LowRank, factor_dtype
+from .adapters import Adapter, Full, LoHa, LoKr, LoraFile, LowRank, factor_dtype
 from .keys import PEFT_METADATA_KEY, configs_from_metadata, pattern_value
 from .lycoris import adapter_from_params, adapter_params
 
@@ -205,9 +205,80 @@ def split_fused(name: str, adapter: Adapter, parts: list[Part], warnings: list[s
             bias = _take_rows(adapter.diff_b, part.rows) if adapter.diff_b is not None else None
             out[part.module] = Full(_take_rows(adapter.diff, part.rows), bias)
         return out
+    if (sliced := _row_sliced(adapter, parts)) is not None:
+        return sliced
     warnings.append(f"{name}: a {adapter.kind} module on a fused weight, split into full ΔW parts (float32)")
     delta = adapter.delta()  # float32, scale included
     return {part.module: Full(_take_rows(delta, part.rows)) for part in parts}
+
+
+def _row_sliced(adapter: Adapter, parts: list[Part]) -> dict[str, Adapter] | None:
+    """LoHa / LoKr parts of a fused Linear in their own kind, by slicing the factors that own the rows.
+
+    LoHa ``ΔW = (w1a@w1b) ⊙ (w2a@w2b)·s``: row i of ΔW is row i of ``w1a`` and of ``w2a``. LoKr
+    ``ΔW = kron(w1, w2)·s``: rows ``[j·b, (j+1)·b)`` are row j of ``w1`` (``b`` = rows of ``w2``),
+    so a part whose boundaries are multiples of ``b`` is rows of ``w1`` (or of ``w1a``). Scale kept.
+    None where the factors do not split so (Tucker, DoRA, conv, boundaries inside a ``w2`` block).
+    """
+    if getattr(adapter, "dora_scale", None) is not None or len(adapter.delta_shape()) != 2:
+        return None
+    if isinstance(adapter, LoHa) and adapter.t1 is None and adapter.w1a.dim() == 2 and adapter.w2a.dim() == 2:
+        return {
+            p.module: replace(
+                adapter, w1a=_take_rows(adapter.w1a, p.rows), w2a=_take_rows(adapter.w2a, p.rows), shape=None
+            )
+            for p in parts
+        }
+    if isinstance(adapter, LoKr) and adapter.t2 is None and (adapter.w2 is None or adapter.w2.dim() == 2):
+        b = int(adapter.w2.shape[0]) if adapter.w2 is not None else int(adapter.w2a.shape[0])  # type: ignore[union-attr]
+        if (
+            any(x % b for p in parts for pair in p.rows for x in pair)
+            or adapter.natural_shape() != adapter.delta_shape()
+        ):
+            return None
+        out: dict[str, Adapter] = {}
+        for p in parts:
+            rows = tuple((x // b, y // b) for x, y in p.rows)
+            if adapter.w1 is not None:
+                out[p.module] = replace(adapter, w1=_take_rows(adapter.w1, rows), shape=None)
+            else:
+                out[p.module] = replace(adapter, w1a=_take_rows(adapter.w1a, rows), shape=None)  # type: ignore[arg-type]
+        return out
+    return None
+
+
+def _row_joined(parts: list[Part], present: dict[str, Adapter], total: int) -> Adapter | None:
+    """The inverse of :func:`_row_sliced`: one LoHa / LoKr whose shared factors every part has."""
+    first = next(iter(present.values()))
+    same = all(type(a) is type(first) and a.alpha == first.alpha for a in present.values())
+    if same and isinstance(first, LoHa) and first.t1 is None and first.dora_scale is None:
+        halves = [(a.w1b, a.w2b) for a in present.values() if isinstance(a, LoHa)]
+        if all(torch.equal(w1b, first.w1b) and torch.equal(w2b, first.w2b) for w1b, w2b in halves):
+            w1a = torch.zeros(total, first.w1a.shape[1], dtype=first.w1a.dtype)
+            w2a = torch.zeros(total, first.w2a.shape[1], dtype=first.w2a.dtype)
+            for p in parts:
+                if isinstance(part := present.get(p.module), LoHa):
+                    _put_rows(w1a, p.rows, part.w1a)
+                    _put_rows(w2a, p.rows, part.w2a)
+            return replace(first, w1a=w1a, w2a=w2a)
+    if same and isinstance(first, LoKr) and first.t2 is None:
+        shared = ("w2", "w2a", "w2b", "w1b")
+        if all(_same_tensor(getattr(a, f), getattr(first, f)) for a in present.values() for f in shared):
+            w2 = first.w2 if first.w2 is not None else first.w2a
+            b = int(w2.shape[0])  # type: ignore[union-attr]
+            key = "w1" if first.w1 is not None else "w1a"
+            ref: torch.Tensor = getattr(first, key)
+            if total % b == 0 and not any(x % b for p in parts for pair in p.rows for x in pair):
+                w1 = torch.zeros(total // b, ref.shape[1], dtype=ref.dtype)
+                for p in parts:
+                    if (part := present.get(p.module)) is not None:
+                        _put_rows(w1, tuple((x // b, y // b) for x, y in p.rows), getattr(part, key))
+                return replace(first, w1=w1) if key == "w1" else replace(first, w1a=w1)
+    return None
+
+
+def _same_tensor(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
 
 
 def read_flux_lora(
@@ -335,6 +406,8 @@ def _fused(path: str, parts: list[Part], present: dict[str, Adapter], total: int
                 if diff_b is not None and part.diff_b is not None:
                     _put_rows(diff_b, p.rows, part.diff_b.to(diff_b.dtype))
         return Full(diff, diff_b)
+    if (joined := _row_joined(parts, present, total)) is not None:
+        return joined
     kinds = sorted({a.kind for a in present.values()})
     raise InputError(
         f"{path}: {'/'.join(kinds)} modules on the parts of one fused weight cannot be written as {writer}"
