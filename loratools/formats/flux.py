@@ -18,7 +18,13 @@ Dialects read (docs/FLUX.md §2 cites where each spelling was checked):
 A LoRA on a fused BFL Linear becomes one adapter per canonical part (the up rows of that part and
 the shared down: exact); a LoRA on a diffusers-split module patches its rows of a fused base
 through the key map. Writers re-join parts: identical downs share one down, others become
-kohya's block-diagonal split-qkv form (exact ΔW).
+kohya's block-diagonal split-qkv form (exact ΔW); LoHa/LoKr on a fused Linear split by the rows
+of the factor that owns them and re-join the same way.
+
+The reader keeps the file's keys (``LoraFile.source_keys``) and module names; written in its own
+format (rescale/resize/blend), a LoRA comes back in that very dialect, keys and order
+(:func:`flux_source_state_dict`, through the same key parser); ``convert --to`` writes the
+format's own spelling.
 """
 
 from __future__ import annotations
