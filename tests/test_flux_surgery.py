@@ -8,6 +8,7 @@ module against a float64 torch oracle computed from the raw input and output ten
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -216,3 +217,22 @@ def test_rescale_without_a_family_keeps_the_dialect(dialect: str, tmp_path: Path
     old, new = raw_groups(before), raw_groups(after)
     for stem, group in old.items():
         torch.testing.assert_close(raw_delta(new[stem]), 0.5 * raw_delta(group), rtol=1e-5, atol=1e-7)
+
+
+def test_rescale_of_a_peft_file_with_a_lora_config_keeps_keys_and_reads_back_scaled(tmp_path: Path) -> None:
+    """Alphas given by diffusers' ``lora_adapter_metadata`` (no alpha keys): the LoraConfig is
+    rewritten to the new alphas, the keys stay, and the file reads back at half strength."""
+    src, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    config = '{"transformer.r": 2, "transformer.lora_alpha": 8.0, "transformer.alpha_pattern": {}}'
+    save_tensors(src, flux_lora_dialect(SPEC, "ai-toolkit"), {"lora_adapter_metadata": config, **METADATA})
+    rescale(src, out, 0.5, family=SPEC)
+    before, _ = _read(src)
+    after, meta = _read(out)
+    assert list(after) == list(before)
+    written = json.loads(meta["lora_adapter_metadata"])  # diffusers' flat "<folder>.<field>" config
+    for stem, group in raw_groups(before).items():
+        alpha = written["transformer.alpha_pattern"].get(stem.removeprefix("transformer."))
+        alpha = written["transformer.lora_alpha"] if alpha is None else alpha
+        d_in = 4.0 * raw_delta(group)  # raw_delta: scale 1 without alpha keys; the config says 8/2
+        d_out = alpha / 2 * raw_delta(raw_groups(after)[stem])
+        torch.testing.assert_close(d_out, 0.5 * d_in, rtol=1e-6, atol=1e-7)
