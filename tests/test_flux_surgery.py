@@ -236,3 +236,23 @@ def test_rescale_of_a_peft_file_with_a_lora_config_keeps_keys_and_reads_back_sca
         d_in = 4.0 * raw_delta(group)  # raw_delta: scale 1 without alpha keys; the config says 8/2
         d_out = alpha / 2 * raw_delta(raw_groups(after)[stem])
         torch.testing.assert_close(d_out, 0.5 * d_in, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(("first", "second"), [("onetrainer", "kohya"), ("xlabs", "ai-toolkit-bfl")])
+def test_blend_of_two_dialects_keeps_the_first_ones_keys_and_sums_exactly(
+    first: str, second: str, tmp_path: Path
+) -> None:
+    """The first input's keys come first, in its order; modules only the second has follow in the
+    format's own spelling. ΔW per canonical module = the sum (the reader is checked against raw
+    tensors per dialect in test_flux_loras.py)."""
+    a, b, out = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "out.safetensors"
+    save_tensors(a, flux_lora_dialect(SPEC, first, seed=1), METADATA)
+    save_tensors(b, flux_lora_dialect(SPEC, second, seed=2), {})
+    blend([(a, 1.0), (b, 1.0)], out, family=SPEC)
+    keys_a, keys_out = list(_read(a)[0]), list(_read(out)[0])
+    assert keys_out[: len(keys_a)] == keys_a
+    la, lb, lo = (load_lora(p, family=SPEC) for p in (a, b, out))
+    assert lo.adapters.keys() == la.adapters.keys() | lb.adapters.keys()
+    for module, adapter in lo.adapters.items():
+        want = sum(x.adapters[module].delta().double() for x in (la, lb) if module in x.adapters)
+        torch.testing.assert_close(adapter.delta().double(), want, rtol=1e-5, atol=1e-7)  # type: ignore[arg-type]
