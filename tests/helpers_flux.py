@@ -140,3 +140,13 @@ def flux_lora_dialect(spec, dialect: str, *, rank: int = 2, seed: int = 0) -> di
     else:
         raise ValueError(dialect)
     return out
+
+
+def flux_lora_comfyui_native(spec, *, rank: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+    """ComfyUI's own save-node spelling: ``diffusion_model.<BFL path>.lora_down/lora_up/alpha``."""
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in flux_lora_dialect(spec, "ai-toolkit-bfl", rank=rank, seed=seed).items():
+        stem, side = key.rsplit(".lora_", 1)
+        out[f"{stem}.{'lora_down' if side.startswith('A') else 'lora_up'}.weight"] = tensor
+        out[f"{stem}.alpha"] = torch.tensor(float(rank))
+    return out
