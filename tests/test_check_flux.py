@@ -23,16 +23,48 @@ SPEC = TINY_FLUX["dev"]
 TARGETS = ("comfyui", "a1111", "forge", "diffusers", "invokeai", "kohya")
 
 
+def _with_all_qkv(spec: FamilySpec) -> dict[str, torch.Tensor]:
+    """ai-toolkit on every double block's add_q/k/v_proj (the generator trains add_q_proj only)."""
+    out = flux_lora_dialect(spec, "ai-toolkit")
+    for key in [k for k in out if ".add_q_proj." in k]:
+        for other in ("add_k_proj", "add_v_proj"):
+            out[key.replace("add_q_proj", other)] = out[key].clone()
+    return out
+
+
+def _mutated(drop: str = "", add_norm_out: bool = False) -> Callable[[FamilySpec], dict[str, torch.Tensor]]:
+    def build(spec: FamilySpec) -> dict[str, torch.Tensor]:
+        out = {k: v for k, v in _with_all_qkv(spec).items() if not (drop and k.startswith(drop + "."))}
+        if add_norm_out:
+            o, i = flux_names(spec).shapes["transformer.norm_out.linear"]
+            out["transformer.norm_out.linear.lora_A.weight"] = torch.zeros(2, i)
+            out["transformer.norm_out.linear.lora_B.weight"] = torch.zeros(o, 2)
+        return out
+
+    return build
+
+
+BUILDERS: dict[str, Callable[[FamilySpec], dict[str, torch.Tensor]]] = {
+    "comfyui-native": lambda spec: flux_lora_comfyui_native(spec),
+    "ai-toolkit-qkv": _with_all_qkv,
+    "ai-toolkit-no-k": _mutated(drop="transformer.transformer_blocks.3.attn.to_k"),
+    "ai-toolkit-no-single-0": _mutated(drop="transformer.single_transformer_blocks.0.attn.to_q"),
+    "ai-toolkit-norm-out": _mutated(add_norm_out=True),
+}
+
+
 def _dialect(name: str) -> Callable[[FamilySpec], dict[str, torch.Tensor]]:
-    if name == "comfyui-native":
-        return lambda spec: flux_lora_comfyui_native(spec)
-    return lambda spec: flux_lora_dialect(spec, name)
+    return BUILDERS.get(name, lambda spec: flux_lora_dialect(spec, name))
 
 
 DIALECTS = (
     "kohya",
     "kohya-split-qkv",
     "ai-toolkit",
+    "ai-toolkit-qkv",
+    "ai-toolkit-no-k",
+    "ai-toolkit-no-single-0",
+    "ai-toolkit-norm-out",
     "ai-toolkit-bfl",
     "comfyui-native",
     "xlabs",
@@ -48,8 +80,28 @@ EXPECTED: dict[str, dict[str, object]] = {
     "kohya": {t: "clean" for t in ("comfyui", "forge", "diffusers", "invokeai", "kohya")},
     "kohya-split-qkv": {t: "clean" for t in ("comfyui", "forge", "diffusers", "invokeai", "kohya")},
     "ai-toolkit": {
-        **{t: "clean" for t in ("comfyui", "forge", "diffusers", "invokeai")},
+        **{t: "clean" for t in ("comfyui", "forge", "diffusers")},
+        "invokeai": ("refused", "Missing LoRA layer"),  # add_q_proj without add_k_proj/add_v_proj
         "kohya": ("ignored", "peft-spelled modules ignored", 305),
+    },
+    "ai-toolkit-qkv": {
+        **{t: "clean" for t in ("comfyui", "forge", "diffusers", "invokeai")},
+        "kohya": ("ignored", "peft-spelled modules ignored", 343),
+    },
+    "ai-toolkit-no-k": {
+        **{t: "clean" for t in ("comfyui", "forge", "diffusers")},
+        "invokeai": ("refused", "transformer_blocks.3.attn.to_k: lora_layers_from_flux_diffusers"),
+        "kohya": ("ignored", "peft-spelled modules ignored", 342),
+    },
+    "ai-toolkit-no-single-0": {
+        **{t: "clean" for t in ("comfyui", "forge", "diffusers")},
+        "invokeai": ("refused", "is_state_dict_likely_in_flux_diffusers_format"),
+        "kohya": ("ignored", "peft-spelled modules ignored", 342),
+    },
+    "ai-toolkit-norm-out": {
+        **{t: "clean" for t in ("comfyui", "forge", "diffusers")},
+        "invokeai": ("refused", "assert len(grouped_state_dict) == 0"),
+        "kohya": ("ignored", "peft-spelled modules ignored", 344),
     },
     "ai-toolkit-bfl": {
         **{t: "clean" for t in ("comfyui", "forge", "invokeai")},
@@ -157,7 +209,7 @@ def test_alphas_only_in_metadata(tmp_path: Path) -> None:
 # are generated at full size (LoRA factors only, no model); the rest at tiny size, where a tiny
 # FluxTransformer2DModel can take them.
 FULL_SIZE = ("kohya", "kohya-split-qkv", "comfyui-native", "kohya-te", "kohya-te3", "xlabs", "ai-toolkit")
-ORACLE = (*FULL_SIZE, "ai-toolkit-bfl", "onetrainer", "lycoris-full")
+ORACLE = (*FULL_SIZE, "ai-toolkit-norm-out", "ai-toolkit-no-k", "ai-toolkit-bfl", "onetrainer", "lycoris-full")
 _OLD_TEXT = re.compile(r"\.self_attn\.to_(q|k|v|out)_lora\.(down|up)\.weight$")
 _LORA_SUFFIX = re.compile(r"\.(lora_[AB]|lora_linear_layer\.(down|up)|lora\.(down|up))\.weight$")
 

@@ -264,6 +264,25 @@ def _applied_scale(
     return g.scale, ""
 
 
+def _file_rules(table: Table, view: FileView, out: _Collector) -> None:
+    """Whole-file refusals: modules a format detector needs, modules converted only together."""
+    for spelling, needed in table.required.items():
+        present = {g.module for g in view.modules if g.spelling == spelling}
+        missing = [m for m in needed if m not in present]
+        if present and missing:
+            out.refuse(f"{spelling} keys without {', '.join(missing)}: {table.required_reason}")
+    for rule in table.siblings:
+        paths = {(g.spelling, g.component, g.path) for g in view.modules}
+        for g in view.modules:
+            found = re.match(rule.pattern, g.path or "") if g.spelling in rule.spellings else None
+            if found is None or found["member"] not in rule.members:
+                continue
+            lacking = [m for m in rule.members if (g.spelling, g.component, f"{found['base']}.{m}") not in paths]
+            if lacking:
+                out.refuse(f"{g.module} without {found['base']}.{lacking[0]}: {rule.reason}")
+                return
+
+
 def check_view(view: FileView, table: Table, base: set[str] | None = None) -> TargetReport:
     """What ``table``'s loader does with ``view``; ``base``: canonical modules the base model has."""
     shapes = view.shapes
@@ -361,6 +380,7 @@ def check_view(view: FileView, table: Table, base: set[str] | None = None) -> Ta
         applied, why = _applied_scale(table, view, g, defaults, shapes)
         if applied is not None and not _close(applied, g.scale):
             report.misapplied.append(Misapplied(g.module or g.stem, why or "scale differs", g.scale, applied))
+    _file_rules(table, view, out)
     if table.unmatched_limit is not None and unmatched_keys > table.unmatched_limit:
         out.refuse(f"{unmatched_keys} keys unmatched, more than {table.unmatched_limit}: 'LoRA version mismatch'")
     if view.loratools_error and not report.refused:

@@ -72,6 +72,11 @@ class Table:
     unknown_spellings: dict[str, str] = field(default_factory=dict)
     # Per component, why its modules are not mapped when the key map has none of them.
     unmapped_reasons: dict[str, str] = field(default_factory=dict)
+    # Modules a spelling's format detector needs present, else the file is refused (InvokeAI).
+    required: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    required_reason: str = ""
+    # Groups of modules loaded together: one present without the others refuses the file.
+    siblings: tuple[Siblings, ...] = ()
 
     def regex(self, spelling: str, component: str) -> re.Pattern[str] | None:
         by_component = self.maps.get(spelling)
@@ -79,6 +84,16 @@ class Table:
             return None
         pattern = by_component.get(component, by_component.get("unet" if component == "unet" else "te"))
         return None if pattern is None else re.compile(pattern)
+
+
+@dataclass(frozen=True)
+class Siblings:
+    """Modules a loader converts as one (InvokeAI's fused q/k/v): all present or the load fails."""
+
+    spellings: tuple[str, ...]
+    pattern: str  # regular expression with groups "base" and "member" over the module path
+    members: tuple[str, ...]
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -433,12 +448,36 @@ INVOKEAI_FLUX = replace(
             "te2": r"^encoder\.block\.\d+\.layer\.\d+\.(DenseReluDense|SelfAttention)\..+$",
         },
         onetrainer={"transformer": r"^(single_transformer_blocks|transformer_blocks)\.\d+\..+$"},
-        peft={"transformer": ALL},
+        # flux_diffusers_lora_conversion_utils.py: norm_out.linear is never consumed ("assert
+        # len(grouped_state_dict) == 0")
+        peft={"transformer": r"^(?!norm_out\.linear$).*"},
         bfl_peft={"transformer": BFL},
         xlabs={"transformer": r"^double_blocks\.\d+\.(img|txt)_attn\.(qkv|proj)$"},
     ),
+    required={
+        "peft": (
+            "transformer.single_transformer_blocks.0.attn.to_q",
+            "transformer.transformer_blocks.0.attn.add_q_proj",
+        )
+    },
+    required_reason="is_state_dict_likely_in_flux_diffusers_format needs LoRA keys on these modules; "
+    "without them no FLUX LoRA format matches",
+    siblings=tuple(
+        Siblings(
+            ("peft", "onetrainer"),
+            r"^(?P<base>transformer_blocks\.\d+\.attn)\.(?P<member>\w+)$",
+            members,
+            "lora_layers_from_flux_diffusers_grouped_state_dict: 'Missing LoRA layer' (ValueError) — a double "
+            "block's q/k/v are converted together",
+        )
+        for members in (("to_q", "to_k", "to_v"), ("add_q_proj", "add_k_proj", "add_v_proj"))
+    ),
     te_prefixes={"te1": ("lora_te1",), "te2": ("lora_te2",)},
-    refuse_spellings={s: _INVOKE_NO_FORMAT for s in FLUX_SPELLINGS},
+    refuse_spellings={
+        **{s: _INVOKE_NO_FORMAT for s in FLUX_SPELLINGS},
+        "peft": "the diffusers-format converter never consumes it: 'assert len(grouped_state_dict) == 0' "
+        "(AssertionError)",
+    },
     unknown_spellings={
         "bfl-kohya": "flux_aitoolkit's detector accepts diffusion_model. keys without metadata; whether its "
         "converter reads lora_down/lora_up was not settled in the source",
