@@ -265,3 +265,26 @@ def test_diffusers_row_matches_diffusers(dialect: str, tmp_path: Path, tiny_tran
     parts = {g.module: g.parts for g in view.modules}
     applied = {p for m in report.applied for p in parts[m]}
     assert applied == kept, (sorted(applied - kept)[:5], sorted(kept - applied)[:5])
+
+
+@pytest.mark.parametrize("dialect", ["kohya", "kohya-split-qkv", "xlabs"])
+def test_diffusers_right_strength_is_diffusers_strength(dialect: str, tmp_path: Path) -> None:
+    """'at the right strength' for diffusers: its converted factors (alpha baked in, peft scale 1
+    without network alphas) give the ΔW loratools reads from the file, per canonical module."""
+    from diffusers import FluxPipeline
+
+    from loratools.formats.io import load_lora
+
+    path = tmp_path / f"{dialect}.safetensors"
+    save_tensors(path, flux_lora_dialect(FLUX1, dialect, seed=5), {})
+    (report,) = check_lora(path, "diffusers", family=FLUX1).reports
+    assert report.clean, report.verdict
+    sd, alphas = FluxPipeline.lora_state_dict(str(path), return_alphas=True)
+    assert not alphas
+    ours = load_lora(path, family=FLUX1).adapters
+    sampled = [m for m in ours if re.search(r"blocks\.(0|18|37)\.", m)]
+    assert sampled
+    for module in sampled:
+        key = "transformer." + module.split(".", 1)[1]
+        theirs = sd[f"{key}.lora_B.weight"].float() @ sd[f"{key}.lora_A.weight"].float()
+        torch.testing.assert_close(theirs, ours[module].delta(), rtol=1e-5, atol=1e-7)
