@@ -288,3 +288,9 @@ def test_diffusers_right_strength_is_diffusers_strength(dialect: str, tmp_path: 
         key = "transformer." + module.split(".", 1)[1]
         theirs = sd[f"{key}.lora_B.weight"].float() @ sd[f"{key}.lora_A.weight"].float()
         torch.testing.assert_close(theirs, ours[module].delta(), rtol=1e-5, atol=1e-7)
+
+
+def test_version_target_says_whose_flux_rules(files: dict[str, Path]) -> None:
+    """diffusers@0.39 on a FLUX.1 file: checked by the 0.42 FLUX.1 rules, and the label says so."""
+    (report,) = check_lora(files["kohya"], "diffusers@0.39", family=SPEC).reports
+    assert report.verdict.startswith("diffusers ≤ 0.39 (FLUX.1 rules of diffusers 0.42): loads all 228")

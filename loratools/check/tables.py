@@ -514,7 +514,13 @@ def for_family(table: Table, family: str | None) -> Table:
     """The table of ``table``'s target for a family (FLUX.1 rules differ); ``table`` itself otherwise."""
     if family is None or family in table.families:
         return table
-    return FAMILY_TABLES.get((table.target, family), table)
+    found = FAMILY_TABLES.get((table.target, family))
+    if found is None:
+        return table
+    if table.label != found.label and table.target in TABLES and table is not TABLES[table.target]:
+        # a version table (diffusers@0.39): its FLUX.1 rules were read for the current one only
+        return replace(found, label=f"{table.label} (FLUX.1 rules of {found.label})")
+    return found
 
 
 TABLES: dict[str, Table] = {
