@@ -276,18 +276,22 @@ def test_diffusers_right_strength_is_diffusers_strength(dialect: str, tmp_path: 
     from loratools.formats.io import load_lora
 
     path = tmp_path / f"{dialect}.safetensors"
-    save_tensors(path, flux_lora_dialect(FLUX1, dialect, seed=5), {})
+    sampled_blocks = re.compile(r"(blocks[._](0|18|37)[._])")  # full size is slow on shared CPUs
+    lora = {k: v for k, v in flux_lora_dialect(FLUX1, dialect, seed=5).items() if sampled_blocks.search(k)}
+    save_tensors(path, lora, {})
     (report,) = check_lora(path, "diffusers", family=FLUX1).reports
     assert report.clean, report.verdict
     sd, alphas = FluxPipeline.lora_state_dict(str(path), return_alphas=True)
     assert not alphas
     ours = load_lora(path, family=FLUX1).adapters
-    sampled = [m for m in ours if re.search(r"blocks\.(0|18|37)\.", m)]
-    assert sampled
-    for module in sampled:
+    assert ours
+    g = torch.Generator().manual_seed(0)
+    for module in ours:
         key = "transformer." + module.split(".", 1)[1]
-        theirs = sd[f"{key}.lora_B.weight"].float() @ sd[f"{key}.lora_A.weight"].float()
-        torch.testing.assert_close(theirs, ours[module].delta(), rtol=1e-5, atol=1e-7)
+        down = sd[f"{key}.lora_A.weight"].float()
+        probe = torch.randn(down.shape[1], 4, generator=g)  # ΔW·x for 4 x: cheaper than full ΔW compares
+        theirs = sd[f"{key}.lora_B.weight"].float() @ (down @ probe)
+        torch.testing.assert_close(theirs, ours[module].delta() @ probe, rtol=1e-4, atol=1e-4)
 
 
 def test_version_target_says_whose_flux_rules(files: dict[str, Path]) -> None:
