@@ -331,7 +331,9 @@ def _flux_maps(**given: dict[str, str | None] | None) -> dict[str, dict[str, str
 # as lora_te_/lora_te1_/text_encoder.…; T5 ("t5xxl.transformer.") as lora_te2_ (OneTrainer Flux)
 # and lora_te3_ when clip_l is present. load_lora: "diff_b" is patched at "{}.bias".format(to_load[x]
 # [:-len(".weight")]) — for a tuple target that names no weight, and comfy/sd.py
-# load_lora_for_models logs "NOT LOADED". comfy/lora_convert.py (convert_lora) renames XLabs keys only
+# load_lora_for_models logs "NOT LOADED". (flux_to_diffusers was read in a stored copy of it — the
+# stored comfy/utils.py, @2ba5cc8, predates Flux; the tuple targets also show in ComfyUI's
+# calculate_weight offset/function handling.) comfy/lora_convert.py (convert_lora) renames XLabs keys only
 # for USO files (both single_blocks.37.processor.qkv_lora and double_blocks.18.processor.qkv_lora2).
 COMFYUI_FLUX = replace(
     COMFYUI,
