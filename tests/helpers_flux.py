@@ -236,3 +236,13 @@ def raw_lycoris_delta(group: dict[str, torch.Tensor]) -> torch.Tensor:
         return (g["hada_w1_a"] @ g["hada_w1_b"]) * (g["hada_w2_a"] @ g["hada_w2_b"]) * float(g["alpha"]) / r
     r = g["lokr_w2_b"].shape[0]
     return torch.kron(g["lokr_w1"], g["lokr_w2_a"] @ g["lokr_w2_b"]) * float(g["alpha"]) / r
+
+
+def flux_lora_comfyui_native(spec, *, rank: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+    """ComfyUI's own save-node spelling: ``diffusion_model.<BFL path>.lora_down/lora_up/alpha``."""
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in flux_lora_dialect(spec, "ai-toolkit-bfl", rank=rank, seed=seed).items():
+        stem, side = key.rsplit(".lora_", 1)
+        out[f"{stem}.{'lora_down' if side.startswith('A') else 'lora_up'}.weight"] = tensor
+        out[f"{stem}.alpha"] = torch.tensor(float(rank))
+    return out

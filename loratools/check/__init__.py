@@ -14,12 +14,13 @@ from typing import Any
 
 from ..families.spec import FamilySpec
 from .engine import Ignored, Misapplied, TargetReport, check_view
-from .tables import GROUPS, TABLES, TARGET_NAMES, VERSIONS, Table, tables_for
+from .tables import FAMILY_TABLES, GROUPS, TABLES, TARGET_NAMES, VERSIONS, Table, for_family, tables_for
 from .view import FileView, build_view
 
 SCHEMA_ID = "loratools.check/1"
 
 __all__ = [
+    "FAMILY_TABLES",
     "GROUPS",
     "SCHEMA_ID",
     "TABLES",
@@ -35,6 +36,7 @@ __all__ = [
     "build_view",
     "check_lora",
     "check_view",
+    "for_family",
     "loads_in",
     "tables_for",
 ]
@@ -103,7 +105,8 @@ def check_lora(
         base_family, present = base_modules(base)
         family = family or base_family
     view = build_view(path, family)
-    reports = [check_view(view, table, present) for table in tables]
+    name = view.family.name if view.family else None
+    reports = [check_view(view, for_family(table, name), present) for table in tables]
     counted = reports[0].modules if reports else len(view.modules)
     return CheckResult(
         str(path),
@@ -128,6 +131,7 @@ def loads_in(path: str | os.PathLike[str], family: str | FamilySpec | None = Non
         return []
     out = []
     for table in tables_for("all"):
+        table = for_family(table, view.family.name if view.family else None)
         report = check_view(view, table)
         if report.clean:
             out.append(f"{table.label} ✓")

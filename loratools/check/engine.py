@@ -54,11 +54,12 @@ class TargetReport:
     refused: str | None = None
     unsupported: str | None = None  # the family is not one the target loads
     notes: list[str] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)  # modules whose fate the target's source leaves open
 
     @property
     def clean(self) -> bool:
         """Loads every module at the file's own strength, with nothing left out."""
-        return not (self.refused or self.unsupported or self.ignored or self.misapplied)
+        return not (self.refused or self.unsupported or self.ignored or self.misapplied or self.unknown)
 
     @property
     def verdict(self) -> str:
@@ -79,6 +80,8 @@ class TargetReport:
                 parts.append(f"{len(found)} of {self.modules} modules {what} ({why})")
         for group in self.ignored:
             parts.append(f"{len(group.names)} {group.short}")
+        if self.unknown:
+            parts.append(f"{len(self.unknown)} modules of unknown fate (see notes)")
         return f"{self.label}: " + "; ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
@@ -145,7 +148,7 @@ def _not_mapped(table: Table, view: FileView, g: StoredModule, base: set[str] | 
     label = table.label
     if g.module is None:
         return "unknown modules ignored", f"names no module of the {view.family.name if view.family else '?'} model"
-    if base is not None and g.module not in base:
+    if base is not None and not all(m in base for m in (g.parts or (g.module,))):
         return "modules not in the base ignored", "the base checkpoint has no such module"
     if table.maps.get(g.spelling) is None:
         return f"{g.spelling}-spelled modules ignored", f"{label} does not read the {g.spelling} key spelling"
@@ -156,6 +159,8 @@ def _not_mapped(table: Table, view: FileView, g: StoredModule, base: set[str] | 
         )
     regex = table.regex(g.spelling, g.component or "")
     if regex is None or not regex.match(g.path or ""):
+        if (g.component or "") in table.unmapped_reasons:
+            return f"{g.component} modules ignored", table.unmapped_reasons[g.component or ""]
         if g.spelling == "peft" and g.component == "unet":
             return (
                 "attention modules ignored",
@@ -175,8 +180,9 @@ def _not_mapped(table: Table, view: FileView, g: StoredModule, base: set[str] | 
         pattern = table.diffusers_name_unmapped.get(family)
         if naming == "diffusers" and pattern and re.match(pattern, g.path or ""):
             return "U-Net modules ignored", f"{label}'s diffusers→LDM name rules map this {family} module nowhere"
-    if g.spelling == "kohya" and g.component != "unet" and table.te_prefixes is not None:
-        prefix = g.stem.split("_text_model")[0]
+    if g.spelling == "kohya" and g.component not in ("unet", "transformer") and table.te_prefixes is not None:
+        found = re.match(r"^(lora_te\d*)_", g.stem)
+        prefix = found.group(1) if found else g.stem
         allowed_prefixes = table.te_prefixes.get(g.component or "", ())
         if prefix not in allowed_prefixes:
             return f"{prefix}_ modules ignored", f"{label} reads {g.component} only as {'/'.join(allowed_prefixes)}_…"
@@ -258,6 +264,25 @@ def _applied_scale(
     return g.scale, ""
 
 
+def _file_rules(table: Table, view: FileView, out: _Collector) -> None:
+    """Whole-file refusals: modules a format detector needs, modules converted only together."""
+    for spelling, needed in table.required.items():
+        present = {g.module for g in view.modules if g.spelling == spelling}
+        missing = [m for m in needed if m not in present]
+        if present and missing:
+            out.refuse(f"{spelling} keys without {', '.join(missing)}: {table.required_reason}")
+    for rule in table.siblings:
+        paths = {(g.spelling, g.component, g.path) for g in view.modules}
+        for g in view.modules:
+            found = re.match(rule.pattern, g.path or "") if g.spelling in rule.spellings else None
+            if found is None or found["member"] not in rule.members:
+                continue
+            lacking = [m for m in rule.members if (g.spelling, g.component, f"{found['base']}.{m}") not in paths]
+            if lacking:
+                out.refuse(f"{g.module} without {found['base']}.{lacking[0]}: {rule.reason}")
+                return
+
+
 def check_view(view: FileView, table: Table, base: set[str] | None = None) -> TargetReport:
     """What ``table``'s loader does with ``view``; ``base``: canonical modules the base model has."""
     shapes = view.shapes
@@ -274,12 +299,21 @@ def check_view(view: FileView, table: Table, base: set[str] | None = None) -> Ta
     if view.family.name not in table.families:
         report.unsupported = f"does not load {view.family.name} LoRAs"
         return report
+    if table.unsupported is not None:
+        report.unsupported = table.unsupported
+        return report
     if view.container not in table.containers:
         out.refuse(f"{table.label} does not open a {view.container} ({view.format} LoRA)")
         return report
     defaults = _diffusers_defaults(view) if table.default_alpha_misses is not None else {}
     unmatched_keys = len(view.other_keys)
     for g in view.modules:
+        if g.spelling in table.unknown_spellings:
+            report.unknown.append(g.module or g.stem)
+            note = f"unknown for {g.spelling}-spelled modules: {table.unknown_spellings[g.spelling]}"
+            if note not in report.notes:
+                report.notes.append(note)
+            continue
         missing = _not_mapped(table, view, g, base)
         if missing is not None:
             if g.spelling in table.refuse_spellings:
@@ -334,6 +368,9 @@ def check_view(view: FileView, table: Table, base: set[str] | None = None) -> Ta
             unmatched_keys += len(g.keys)
             continue
         report.applied.append(g.module or g.stem)
+        for rule in table.dropped:
+            if rule.param in params and g.spelling in rule.spellings and re.match(rule.path, g.path or ""):
+                out.ignore(rule.short, rule.reason, g)
         if dora and table.dora != "applied" and table.target:
             report.misapplied.append(
                 Misapplied(g.module or g.stem, f"DoRA dropped: {table.label} applies the module as plain LoRA")
@@ -343,6 +380,7 @@ def check_view(view: FileView, table: Table, base: set[str] | None = None) -> Ta
         applied, why = _applied_scale(table, view, g, defaults, shapes)
         if applied is not None and not _close(applied, g.scale):
             report.misapplied.append(Misapplied(g.module or g.stem, why or "scale differs", g.scale, applied))
+    _file_rules(table, view, out)
     if table.unmatched_limit is not None and unmatched_keys > table.unmatched_limit:
         out.refuse(f"{unmatched_keys} keys unmatched, more than {table.unmatched_limit}: 'LoRA version mismatch'")
     if view.loratools_error and not report.refused:

@@ -64,13 +64,47 @@ class Table:
     diffusers_name_unmapped: dict[str, str] = field(default_factory=dict)
     families: tuple[str, ...] = ("sd1", "sd2", "sdxl")
     notes: tuple[str, ...] = ()
+    # The target loads no model of these families at all (a verdict, not a key-map finding).
+    unsupported: str | None = None
+    # Parameters the loader reads but then applies nowhere (ComfyUI's diff_b on a fused slice).
+    dropped: tuple[Dropped, ...] = ()
+    # Spellings whose fate the loader's source does not settle (reported as unknown, never clean).
+    unknown_spellings: dict[str, str] = field(default_factory=dict)
+    # Per component, why its modules are not mapped when the key map has none of them.
+    unmapped_reasons: dict[str, str] = field(default_factory=dict)
+    # Modules a spelling's format detector needs present, else the file is refused (InvokeAI).
+    required: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    required_reason: str = ""
+    # Groups of modules loaded together: one present without the others refuses the file.
+    siblings: tuple[Siblings, ...] = ()
 
     def regex(self, spelling: str, component: str) -> re.Pattern[str] | None:
         by_component = self.maps.get(spelling)
         if by_component is None:
             return None
-        pattern = by_component.get("unet" if component == "unet" else "te", by_component.get(component))
+        pattern = by_component.get(component, by_component.get("unet" if component == "unet" else "te"))
         return None if pattern is None else re.compile(pattern)
+
+
+@dataclass(frozen=True)
+class Siblings:
+    """Modules a loader converts as one (InvokeAI's fused q/k/v): all present or the load fails."""
+
+    spellings: tuple[str, ...]
+    pattern: str  # regular expression with groups "base" and "member" over the module path
+    members: tuple[str, ...]
+    reason: str
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """One parameter of mapped modules that a loader reads but applies nowhere."""
+
+    param: str  # kohya vocabulary: diff_b, dora_scale…
+    spellings: tuple[str, ...]
+    path: str  # regular expression over the module's path inside its component
+    short: str
+    reason: str
 
 
 # ComfyUI -----------------------------------------------------------------------------------------
@@ -265,6 +299,231 @@ DIFFUSERS_TF4 = replace(
 # Up to v0.39 a peft-spelled file without alphas and with mixed ranks got lora_alpha = the first
 # module's rank for every module: scale r_first/r_i (utils/peft_utils.py get_peft_kwargs before #14409).
 DIFFUSERS_039 = replace(DIFFUSERS, label="diffusers ≤ 0.39", no_alpha_mixed_rank="first_rank")
+
+# FLUX.1 ------------------------------------------------------------------------------------------
+# Paths are inside the component, in the name space the file writes (flux_view.py): BFL paths
+# (fused double_blocks.N.img_attn.qkv, single_blocks.N.linear1) or diffusers paths.
+BFL = r"^(double_blocks|single_blocks|img_in|txt_in|time_in|vector_in|guidance_in|final_layer)(\.|$)"
+DIFFUSERS_PATH = rf"^(?!{BFL[1:]}).*"
+# diffusers modules that are a row slice of a fused BFL weight (or its swapped halves).
+FLUX_SLICED = (
+    r"^(transformer_blocks\.\d+\.attn\.(to_[qkv]|add_[qkv]_proj)"
+    r"|single_transformer_blocks\.\d+\.(attn\.to_[qkv]|proj_mlp)|norm_out\.linear)$"
+)
+# The 13 BFL module kinds diffusers' sd-scripts converter renames (_convert_sd_scripts_to_ai_toolkit).
+FLUX_KOHYA_DIFFUSERS = (
+    r"^(double_blocks\.\d+\.(img|txt)_(attn\.(qkv|proj)|mlp\.[02]|mod\.lin)"
+    r"|single_blocks\.\d+\.(linear[12]|modulation\.lin))$"
+)
+FLUX_SPELLINGS = ("kohya", "onetrainer", "lycoris", "peft", "bfl-peft", "bfl-kohya", "xlabs")
+
+
+def _flux_maps(**given: dict[str, str | None] | None) -> dict[str, dict[str, str | None] | None]:
+    """A FLUX.1 key map: every spelling not given is not read at all."""
+    return {s: given.get(s.replace("-", "_")) for s in FLUX_SPELLINGS}
+
+
+# comfyanonymous/ComfyUI:comfy/lora.py @41444b5 model_lora_keys_unet: every "diffusion_model.<k>"
+# weight as "lora_unet_<k with _>" and as "diffusion_model.<k>" (generic); for comfy.model_base.Flux,
+# comfy/utils.py flux_to_diffusers' names as "transformer.<d>", "lycoris_<d with _>" and
+# "lora_transformer_<d with _>" — to_q/k/v, add_*_proj, proj_mlp map to (qkv key, (dim, offset,
+# size)) tuples and norm_out.linear to (key, None, swap_scale_shift). model_lora_keys_clip: CLIP-L
+# as lora_te_/lora_te1_/text_encoder.…; T5 ("t5xxl.transformer.") as lora_te2_ (OneTrainer Flux)
+# and lora_te3_ when clip_l is present. load_lora: "diff_b" is patched at "{}.bias".format(to_load[x]
+# [:-len(".weight")]) — for a tuple target that names no weight, and comfy/sd.py
+# load_lora_for_models logs "NOT LOADED". (flux_to_diffusers was read in a stored copy of it — the
+# stored comfy/utils.py, @2ba5cc8, predates Flux; the tuple targets also show in ComfyUI's
+# calculate_weight offset/function handling.) comfy/lora_convert.py (convert_lora) renames XLabs keys only
+# for USO files (both single_blocks.37.processor.qkv_lora and double_blocks.18.processor.qkv_lora2).
+COMFYUI_FLUX = replace(
+    COMFYUI,
+    source="comfyanonymous/ComfyUI:comfy/lora.py (model_lora_keys_unet, model_lora_keys_clip, load_lora) @41444b5, "
+    "comfy/utils.py (flux_to_diffusers), comfy/lora_convert.py (convert_lora)",
+    maps=_flux_maps(
+        kohya={"transformer": BFL, "te1": CLIP_LAYER, "te2": ALL},
+        onetrainer={"transformer": DIFFUSERS_PATH},
+        lycoris={"transformer": DIFFUSERS_PATH},
+        peft={"transformer": DIFFUSERS_PATH, "te1": CLIP_LAYER, "te2": None},
+        bfl_peft={"transformer": BFL},
+        bfl_kohya={"transformer": BFL},
+    ),
+    te_prefixes={"te1": ("lora_te", "lora_te1"), "te2": ("lora_te2", "lora_te3")},
+    dropped=(
+        Dropped(
+            "diff_b",
+            ("peft", "onetrainer", "lycoris"),
+            FLUX_SLICED,
+            "diff_b keys ignored",
+            "the module is a slice of a fused weight (flux_to_diffusers tuple): its diff_b is patched "
+            "at a key naming no weight ('NOT LOADED')",
+        ),
+    ),
+    families=("flux1",),
+)
+
+# lllyasviel/stable-diffusion-webui-forge:packages_3rdparty/comfyui_lora_collection/lora.py @5e1dcd3
+# (model_lora_keys_unet: the same Flux branch as ComfyUI — "transformer.", "lycoris_",
+# "lora_transformer_"; model_lora_keys_clip: T5 as lora_te3_ and lora_te2_; load_lora: the same
+# diff_b code), backend/patcher/lora.py (model_lora_keys_clip adds T5 as lora_te1_/te2_/te3_); the
+# "more than 12 unmatched keys" refusal as for SD (load_lora_for_models). No lora_convert: XLabs keys
+# are not read.
+FORGE_FLUX = replace(
+    COMFYUI_FLUX,
+    target="forge",
+    label="Forge",
+    source="lllyasviel/stable-diffusion-webui-forge:packages_3rdparty/comfyui_lora_collection/lora.py "
+    "(model_lora_keys_unet, model_lora_keys_clip), backend/patcher/lora.py (model_lora_keys_clip)",
+    te_prefixes={"te1": ("lora_te", "lora_te1"), "te2": ("lora_te1", "lora_te2", "lora_te3")},
+    unmatched_limit=12,
+)
+
+# AUTOMATIC1111/stable-diffusion-webui:modules/sd_models_config.py (guess_model_config_from_state_dict:
+# SD1/SD2/SDXL/alt-diffusion configs only; anything else gets the SD1 config): no FLUX.1 model
+# loads, so no FLUX.1 LoRA applies.
+A1111_FLUX = replace(
+    A1111,
+    source="AUTOMATIC1111/stable-diffusion-webui:modules/sd_models_config.py (guess_model_config_from_state_dict)",
+    unsupported="refuses FLUX.1: A1111 loads no FLUX.1 model (its configs are SD1/SD2/SDXL only), "
+    "so no FLUX.1 LoRA applies — use Forge or ComfyUI",
+    families=("flux1",),
+)
+
+# huggingface/diffusers@v0.42.1:src/diffusers/loaders/lora_pipeline.py (FluxLoraLoaderMixin.
+# lora_state_dict, load_lora_into_transformer: keys kept only under "transformer."/"text_encoder.",
+# the transformer and CLIP-L — T5 is not a LoRA-loadable module), lora_conversion_utils.py
+# (_convert_kohya_flux_lora_to_diffusers: "diffusion_model." → "lora_unet_" for lora_down files; the
+# sd-scripts converter renames FLUX_KOHYA_DIFFUSERS modules and lora_te_/lora_te1_ CLIP keys, drops
+# every other key with "Unsupported keys for ai-toolkit", T5 keys and diff_b first; the OneTrainer
+# "mixture" converter renames only attention and top-level modules: proj_mlp/proj_out/ff/norm*
+# become the block itself, which peft refuses ("Target module FluxTransformerBlock(…) is not
+# supported", ValueError); _convert_xlabs_flux_lora_to_diffusers: every processor.*_lora* key).
+# Checked against diffusers itself in tests/test_check_flux.py.
+DIFFUSERS_FLUX = replace(
+    DIFFUSERS,
+    source="huggingface/diffusers@v0.42.1:src/diffusers/loaders/lora_pipeline.py (FluxLoraLoaderMixin."
+    "lora_state_dict), lora_conversion_utils.py (_convert_kohya_flux_lora_to_diffusers, "
+    "_convert_xlabs_flux_lora_to_diffusers)",
+    maps=_flux_maps(
+        kohya={"transformer": FLUX_KOHYA_DIFFUSERS, "te1": ALL, "te2": NONE},
+        bfl_kohya={"transformer": FLUX_KOHYA_DIFFUSERS},
+        onetrainer={
+            "transformer": r"^(transformer_blocks\.\d+\.attn\.(to_[qkv]|add_[qkv]_proj|to_out\.0|to_add_out)"
+            r"|single_transformer_blocks\.\d+\.attn\.to_[qkv]|context_embedder|norm_out\.linear|proj_out"
+            r"|x_embedder|time_text_embed\..*)$",
+            "te1": ALL,
+        },
+        peft={"transformer": ALL, "te1": ALL, "te2": None},
+        xlabs={"transformer": ALL},
+    ),
+    refuse_spellings={
+        "onetrainer": "diffusers renames this OneTrainer module to its block: peft 'Target module … is not "
+        "supported' (ValueError)",
+    },
+    unmapped_reasons={
+        "te2": "T5 is not a LoRA-loadable module of FluxPipeline (transformer and text_encoder only); "
+        "the sd-scripts converter keeps lora_te_/lora_te1_ keys only",
+    },
+    default_alpha_misses=None,
+    needs_prefix=False,
+    kinds=frozenset({"lora", "locon", "dora"}),
+    families=("flux1",),
+)
+
+# invoke-ai/InvokeAI:invokeai/backend/patches/lora_conversions/formats.py (flux_format_from_state_dict:
+# the first format whose detector accepts the whole file; None ⇒ not a FLUX LoRA), flux_kohya_lora_
+# conversion_utils.py (every key must match FLUX_KOHYA_TRANSFORMER/LAST_LAYER/CLIP (lora_te1_)/T5
+# (lora_te2_) regexes), flux_onetrainer_lora_conversion_utils.py (lora_transformer_(single_)
+# transformer_blocks_N_… only), flux_xlabs_lora_conversion_utils.py (double_blocks.N.processor.
+# (qkv|proj)_lora[12] only), flux_aitoolkit/_bfl_peft (diffusion_model. + BFL names, lora_A/lora_B),
+# flux_diffusers (transformer. + lora_A/lora_B, block 0 to_q and add_q_proj present). Alpha from the
+# ".alpha" tensor, None ⇒ scale 1 (layers/lora_layer_base.py).
+_INVOKE_NO_FORMAT = "a key outside every FLUX LoRA format: flux_format_from_state_dict finds none"
+INVOKEAI_FLUX = replace(
+    INVOKEAI,
+    source="invoke-ai/InvokeAI:invokeai/backend/patches/lora_conversions/formats.py (flux_format_from_state_dict), "
+    "flux_kohya_lora_conversion_utils.py, flux_onetrainer_lora_conversion_utils.py, flux_xlabs_lora_conversion_utils.py",
+    maps=_flux_maps(
+        kohya={
+            "transformer": r"^((double|single)_blocks\.\d+\.(img_attn|img_mlp|img_mod|txt_attn|txt_mlp|txt_mod"
+            r"|linear1|linear2|modulation)(\..*)?|final_layer\.linear)$",
+            "te1": r"^text_model\.encoder\.layers\.\d+\.(mlp|self_attn)\..+$",
+            "te2": r"^encoder\.block\.\d+\.layer\.\d+\.(DenseReluDense|SelfAttention)\..+$",
+        },
+        onetrainer={"transformer": r"^(single_transformer_blocks|transformer_blocks)\.\d+\..+$"},
+        # flux_diffusers_lora_conversion_utils.py: norm_out.linear is never consumed ("assert
+        # len(grouped_state_dict) == 0")
+        peft={"transformer": r"^(?!norm_out\.linear$).*"},
+        bfl_peft={"transformer": BFL},
+        xlabs={"transformer": r"^double_blocks\.\d+\.(img|txt)_attn\.(qkv|proj)$"},
+    ),
+    required={
+        "peft": (
+            "transformer.single_transformer_blocks.0.attn.to_q",
+            "transformer.transformer_blocks.0.attn.add_q_proj",
+        )
+    },
+    required_reason="is_state_dict_likely_in_flux_diffusers_format needs LoRA keys on these modules; "
+    "without them no FLUX LoRA format matches",
+    siblings=tuple(
+        Siblings(
+            ("peft", "onetrainer"),
+            r"^(?P<base>transformer_blocks\.\d+\.attn)\.(?P<member>\w+)$",
+            members,
+            "lora_layers_from_flux_diffusers_grouped_state_dict: 'Missing LoRA layer' (ValueError) — a double "
+            "block's q/k/v are converted together",
+        )
+        for members in (("to_q", "to_k", "to_v"), ("add_q_proj", "add_k_proj", "add_v_proj"))
+    ),
+    te_prefixes={"te1": ("lora_te1",), "te2": ("lora_te2",)},
+    refuse_spellings={
+        **{s: _INVOKE_NO_FORMAT for s in FLUX_SPELLINGS},
+        "peft": "the diffusers-format converter never consumes it: 'assert len(grouped_state_dict) == 0' "
+        "(AssertionError)",
+    },
+    unknown_spellings={
+        "bfl-kohya": "flux_aitoolkit's detector accepts diffusion_model. keys without metadata; whether its "
+        "converter reads lora_down/lora_up was not settled in the source",
+    },
+    families=("flux1",),
+)
+
+# kohya-ss/sd-scripts:networks/flux_merge_lora.py @48d368f (merge_to_flux_model: only keys with
+# "lora_down"; "lora_unet_<BFL key with _>" from the FLUX.1 file's own keys, lora_te1_ from CLIP-L's,
+# lora_te3_ from T5's (networks/lora_flux.py LORA_PREFIX_TEXT_ENCODER_T5); else "no module found for
+# LoRA weight … Skipping"; alpha = the ".alpha" tensor, default dim). The --diffusers mode
+# (merge_to_flux_model_diffusers) is not modelled here.
+KOHYA_FLUX = replace(
+    KOHYA,
+    source="kohya-ss/sd-scripts:networks/flux_merge_lora.py (merge_to_flux_model) @48d368f",
+    maps=_flux_maps(kohya={"transformer": BFL, "te1": ALL, "te2": ALL}),
+    te_prefixes={"te1": ("lora_te1",), "te2": ("lora_te3",)},
+    families=("flux1",),
+    notes=("flux_merge_lora.py --diffusers (merge_to_flux_model_diffusers) is not modelled",),
+)
+
+# Per target, the table a FLUX.1 file is checked against (docs/FORMATS.md §14).
+FAMILY_TABLES: dict[tuple[str, str], Table] = {
+    ("comfyui", "flux1"): COMFYUI_FLUX,
+    ("forge", "flux1"): FORGE_FLUX,
+    ("a1111", "flux1"): A1111_FLUX,
+    ("diffusers", "flux1"): DIFFUSERS_FLUX,
+    ("invokeai", "flux1"): INVOKEAI_FLUX,
+    ("kohya", "flux1"): KOHYA_FLUX,
+}
+
+
+def for_family(table: Table, family: str | None) -> Table:
+    """The table of ``table``'s target for a family (FLUX.1 rules differ); ``table`` itself otherwise."""
+    if family is None or family in table.families:
+        return table
+    found = FAMILY_TABLES.get((table.target, family))
+    if found is None:
+        return table
+    if table.label != found.label and table.target in TABLES and table is not TABLES[table.target]:
+        # a version table (diffusers@0.39): its FLUX.1 rules were read for the current one only
+        return replace(found, label=f"{table.label} (FLUX.1 rules of {found.label})")
+    return found
+
 
 TABLES: dict[str, Table] = {
     "comfyui": COMFYUI,

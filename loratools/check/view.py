@@ -49,6 +49,8 @@ class StoredModule:
     rank: int | None = None
     scale: float | None = None  # the file's own ΔW scale (alpha/r in loratools' reading)
     alpha_tensor: float | None = None  # the stored ``.alpha`` value, if any
+    # FLUX.1: the canonical modules this stored one feeds (a fused BFL qkv feeds to_q, to_k, to_v)
+    parts: tuple[str, ...] = ()
 
     @property
     def prefixed(self) -> bool:
@@ -191,6 +193,9 @@ def build_view(path: str | os.PathLike[str], family: str | FamilySpec | None = N
     except InputError as exc:
         view.loratools_error = str(exc)
         scan = None
+    flux = _flux_view(view, source, header, spec, scan)
+    if flux is not None:
+        return flux
     if scan is not None:
         view.family, view.format = scan.family, scan.format
         by_name = {(ms.module): ms for ms in scan.modules.values()}
@@ -212,6 +217,47 @@ def build_view(path: str | os.PathLike[str], family: str | FamilySpec | None = N
         for g in groups:
             g.module = _canonical(g, tables)
     return view
+
+
+def _flux_view(view: FileView, source: Path, header: object, spec: FamilySpec | None, scan: object) -> FileView | None:
+    """The FLUX.1 reading of a file, when it names more modules than the SD reading does.
+
+    Tried only when the SD reading is not complete (a FLUX.1 spec was given, the scan found
+    FLUX.1 or no family, or some group names nothing): an SD file keeps its SD view.
+    """
+    from ..families import FLUX1
+    from .flux_view import flux_groups
+
+    is_flux = spec is not None and spec.transformer is not None
+    scanned = getattr(scan, "family", None)
+    if spec is not None and not is_flux:
+        return None
+    if not is_flux and scanned is not None and scanned.transformer is None:
+        tables = name_tables(scanned)
+        if all(_canonical(g, tables) is not None for g in view.modules):
+            return None  # a complete SD reading
+    flux_spec = (
+        spec if is_flux and spec is not None else (scanned if scanned is not None and scanned.transformer else FLUX1)
+    )
+    groups, other = flux_groups(view.shapes, view.metadata, flux_spec)
+    if not groups:
+        return None
+    if not is_flux and (scanned is None or scanned.transformer is None):
+        if all(g.component == "te1" for g in groups):
+            return None  # CLIP-L modules only: as much an SD file as a FLUX.1 one
+        candidates = [scanned] if scanned is not None else [f for f in FAMILIES.values() if f.transformer is None]
+        sd_hits = max(sum(_canonical(g, name_tables(f)) is not None for g in view.modules) for f in candidates)
+        if len(groups) <= sd_hits:
+            return None
+    flux = FileView(view.path, flux_spec, "flux1", groups, view.metadata, other, view.loratools_error)
+    flux.shapes = view.shapes
+    formats = Counter(g.spelling for g in groups)
+    flux.format = f"flux1 {formats.most_common(1)[0][0]}"
+    _fill_alphas(flux, source, header)
+    for g in groups:
+        if g.alpha_tensor is not None and g.rank:
+            g.scale = g.alpha_tensor / g.rank
+    return flux
 
 
 def _fill_alphas(view: FileView, source: Path, header: object) -> None:
