@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import struct
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import KEYSETS, load_keyset
 from helpers_census import TEMPLATES, write_templates
 from safetensors import safe_open
 
@@ -76,3 +78,86 @@ def test_zero_size_tensors_keep_their_file_order(tmp_path: Path) -> None:
     }
     header = read_header(_raw_file(tmp_path / "empty.safetensors", table, b"\0\0"))
     assert list(header.tensors) == ["b", "a", "c"]
+
+
+# --- verdict by names: one search over all names equals the per-name rule it replaced ------------
+# The reference: the rules as they were written one name at a time (loratools before issue 16's
+# speed work), restated here so the fast path is checked against the rule, not against itself.
+_FLUX = re.compile(
+    r"(^|[._])(single_transformer_blocks|double_blocks|single_blocks)([._]\d|$)|^lora_unet_(double|single)_blocks_"
+)
+_SD3 = re.compile(r"(^|[._])joint_blocks[._]\d")
+_TB = re.compile(r"(^|[._])transformer_blocks[._]\d")
+_UNET = re.compile(r"(down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block)[._]")
+_LANGUAGE = re.compile(
+    r"(^|\.)(roberta|bert|deberta|distilbert|electra|albert|xlm_roberta)\.(encoder|embeddings)\."
+    r"|(^|\.)model\.layers\.\d+\.(self_attn|mlp)\.|(^|\.)transformer\.h\.\d+\.(attn|mlp)\."
+    r"|(^|\.)model\.(decoder|encoder)\.layers\.\d+\.|(^|\.)(encoder|decoder)\.block\.\d+\.layer\.|(^|\.)lm_head$"
+)
+
+
+def _reference_family(names: list[str], widths: set[int]) -> str | None:
+    if any(_FLUX.search(n) for n in names):
+        return "flux1"
+    if any(_SD3.search(n) for n in names):
+        return "sd3"
+    if any(_TB.search(n) and not _UNET.search(n) for n in names):
+        return "sd3" if any("context_embedder" in n for n in names) or 3072 not in widths else "flux1"
+    return "language-model" if any(_LANGUAGE.search(n) for n in names) else None
+
+
+def _reference_is_flux(keys: list[str]) -> bool:
+    double = ("add_q_proj", "to_add_out", "ff_context", "norm1_context")
+    return any(
+        "double_blocks" in k
+        or "single_blocks" in k
+        or "single_transformer_blocks" in k
+        or ("transformer_blocks" in k and any(n in k for n in double))
+        or "SelfAttention" in k
+        or "DenseReluDense" in k
+        for k in keys
+    )
+
+
+def _name_sets() -> list[tuple[str, list[str]]]:
+    """Every component of the real key sets (as checkpoint keys and as module names, kohya-style
+    too), the templates' keys, and hand-made edge cases: anchors, newlines, the SD3/FLUX.1 tie."""
+    sets: list[tuple[str, list[str]]] = []
+    for path in sorted(KEYSETS.glob("*.json.gz")):
+        stem = path.name.removesuffix(".json.gz")
+        for component, keys in load_keyset(stem)["components"].items():
+            modules = [k.removesuffix(".weight") for k in keys]
+            sets += [(f"{stem}/{component}", list(keys)), (f"{stem}/{component}/modules", modules)]
+            sets.append((f"{stem}/{component}/kohya", ["lora_unet_" + m.replace(".", "_") for m in modules]))
+    edge = [
+        ["lora_unet_double_blocks_0_img_attn_proj"],
+        ["x.double_blocks"],
+        ["double_blocksx.1"],
+        ["a\ndouble_blocks.1"],  # a newline inside a name: per-name path
+        ["a.b\nlm_head"],
+        ["lm_head"],
+        ["model.lm_head", "unet.down_blocks.0.x"],
+        ["transformer_blocks.0.attn"],
+        ["transformer_blocks.0.attn", "context_embedder"],
+        ["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"],
+        ["down_blocks.1.attentions.0.transformer_blocks.0.attn1", "transformer_blocks.3.ff_context"],
+        ["xtransformer_blocks.0"],
+        ["joint_blocks_3_x", "foo"],
+        ["base_model.model.model.layers.3.self_attn.q_proj"],
+        ["encoder.block.0.layer.0.SelfAttention.q"],
+        [],
+        [""],
+    ]
+    return sets + [(f"edge{i}", names) for i, names in enumerate(edge)]
+
+
+def test_model_by_names_equals_the_per_name_rule(templates: dict[str, Path]) -> None:
+    from loratools.formats.verdict import is_flux_lora, model_by_names
+
+    sets = _name_sets() + [(name, list(read_header(p).tensors)) for name, p in templates.items()]
+    assert len(sets) > 100  # 12 key sets × their components × 3 spellings, and more
+    for name, names in sets:
+        for widths in ({3072}, {320}):
+            got = model_by_names(names, iter(widths))
+            assert (got.family if got else None) == _reference_family(names, widths), name
+        assert is_flux_lora(names) == _reference_is_flux(names), name

@@ -11,7 +11,7 @@ a recognised non-SD model, or nothing; the result's :class:`~.verdict.ModelVerdi
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -196,13 +196,14 @@ def _ndim(params: Mapping[str, torch.Tensor]) -> int | None:
     return None
 
 
-def _widths(groups: Mapping[str, Mapping[str, torch.Tensor]]) -> set[int]:
-    out: set[int] = set()
+def _widths(groups: Mapping[str, Mapping[str, torch.Tensor]]) -> Iterator[int]:
+    """The ΔW widths of every group, lazily: :func:`~.verdict.model_by_names` reads them only for
+    the few files whose names leave FLUX.1 or SD3 open, so most files never pay a pass over them
+    (check_factors has already run adapter_dims on every group, so nothing here can raise)."""
     for params in groups.values():
         dims = adapter_dims(params)
         if dims is not None:
-            out.update(d for d in dims if d > 0)
-    return out
+            yield from (d for d in dims if d > 0)
 
 
 def resolve(
