@@ -127,6 +127,11 @@ def read_peft(
 _normalized = lru_cache(maxsize=1 << 15)(normalize_key)
 
 
+def clear_key_cache() -> None:
+    """Forget the normalized keys (benchmarks measure a first-seen layout with it)."""
+    _normalized.cache_clear()
+
+
 def _as_kohya_params(module: str, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The same tensors under kohya parameter names, so one resolver checks shapes for all dialects."""
     out: dict[str, torch.Tensor] = {}

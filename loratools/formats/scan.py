@@ -206,6 +206,15 @@ def _header_refs(header: Header, path: Path) -> dict[str, ParamRef]:
 _new_ref = object.__new__
 
 
+def clear_layout_caches() -> None:
+    """Forget what the readers cache per key layout (names-only verdicts, normalized peft keys),
+    so the next scan costs what a file of a layout never seen before costs."""
+    from .verdict import clear_name_caches
+
+    clear_name_caches()
+    peft.clear_key_cache()
+
+
 def scan_lora(path: str | os.PathLike[str], family: str | FamilySpec | None = None) -> LoraScan | None:
     """Read a kohya/LyCORIS or diffusers/peft ``.safetensors`` LoRA from its header alone, with the
     readers themselves (:func:`.kohya.read_kohya`, :func:`.peft.read_peft` over :class:`ParamRef`

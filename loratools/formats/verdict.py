@@ -181,6 +181,11 @@ def _verdict_of_names(names: tuple[str, ...]) -> ModelVerdict | str | None:
     return None
 
 
+def clear_name_caches() -> None:
+    """Forget the names-only verdicts (benchmarks measure a first-seen layout with it)."""
+    _verdict_of_names.cache_clear()
+
+
 def _model_by_each_name(names: list[str]) -> ModelVerdict | str | None:
     """:func:`_verdict_of_names` one name at a time (names holding newlines)."""
     if any(_FLUX.search(n) for n in names):
