@@ -165,3 +165,32 @@ def test_model_by_names_equals_the_per_name_rule(templates: dict[str, Path]) -> 
             got = model_by_names(names, iter(widths))
             assert (got.family if got else None) == _reference_family(names, widths), name
         assert is_flux_lora(names) == _reference_is_flux(names), name
+
+
+def test_layout_cache_keeps_metadata_flagged_embeddings_apart(tmp_path: Path) -> None:
+    """Two headers with the same names, one whose metadata flags a key ``<embed>``: the cached
+    per-layout facts must not carry one file's answer to the other (in either order)."""
+    import torch
+
+    from loratools.errors import InputError
+    from loratools.formats.scan import scan_lora
+    from loratools.io.safetensors import save_tensors
+
+    name = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    tensors = {
+        f"{name}.lora_down.weight": torch.zeros(4, 320),
+        f"{name}.lora_up.weight": torch.zeros(320, 4),
+        f"{name}.alpha": torch.tensor(4.0),
+        "mytoken": torch.zeros(1, 768),
+    }
+    flagged = tmp_path / "flagged.safetensors"
+    plain = tmp_path / "plain.safetensors"
+    save_tensors(flagged, tensors, {"mytoken": "<embed>"})
+    save_tensors(plain, tensors, {})
+    for path in (flagged, plain, flagged, plain):
+        if path == flagged:
+            scan = scan_lora(path)
+            assert scan is not None and set(scan.embeddings) == {"mytoken"} and len(scan.modules) == 1
+        else:
+            with pytest.raises(InputError, match="unknown keys beside kohya ones: mytoken"):
+                scan_lora(path)

@@ -20,7 +20,7 @@ import os
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from ..families.spec import FamilySpec
 from ..io.safetensors import _TORCH_NAMES, FLOAT_DTYPES, Header, TensorInfo
 from . import kohya, peft
 from .adapters import Adapter, LoraFile
-from .keys import KOHYA_KEY, is_embedding_key, is_peft_like, is_safeloras, token_key
+from .keys import EMBED_FLAG, KOHYA_KEY, is_embedding_key, is_peft_like, is_safeloras, token_key
 from .lookalike import not_a_lora
 from .lycoris import adapter_params
 from .source import SAFETENSORS, open_source
@@ -206,6 +206,35 @@ def _header_refs(header: Header, path: Path) -> dict[str, ParamRef]:
 _new_ref = object.__new__
 
 
+@dataclass(frozen=True)
+class _KeyLayout:
+    """What a header's key names alone say about how to read it (see :func:`_layout_of`)."""
+
+    embeddings: tuple[str, ...]  # textual-inversion embeddings, in header order
+    keys: tuple[str, ...]  # the other (LoRA) keys, in header order
+    kohya_keys: tuple[str, ...]  # those of them in kohya naming
+    header_only: bool  # a dialect this scan reads (not embedding-only, safeloras or FLUX.1)
+    peft_like: bool
+
+
+def _layout_of(names: tuple[str, ...], flagged: frozenset[str] = frozenset()) -> _KeyLayout:
+    """The dispatch facts of a header's ``names``; ``flagged``: the keys its metadata marks as
+    embeddings (safeloras' ``<embed>``), the one input beside the names that
+    :func:`~.keys.is_embedding_key` reads."""
+    stored = {k for k in names if k in flagged or is_embedding_key(k, {})}
+    embeddings = tuple(k for k in names if k in stored)
+    keys = [k for k in names if k not in stored]
+    kohya_keys = [k for k in keys if KOHYA_KEY.match(k)]
+    header_only = not (not keys or (len(kohya_keys) != len(keys) and is_safeloras(keys)) or is_flux_lora(keys))
+    return _KeyLayout(embeddings, tuple(keys), tuple(kohya_keys), header_only, is_peft_like(keys))
+
+
+# Layouts repeat across files (every sd-scripts SDXL LoRA of one network shape has the same
+# ~3,000 keys): a census pays the per-key passes above once per layout, and a lookup (one hash
+# and one comparison of the names) for every other file of it.
+_cached_layout = lru_cache(maxsize=16)(_layout_of)
+
+
 def clear_layout_caches() -> None:
     """Forget what the readers cache per key layout (names-only verdicts, normalized peft keys),
     so the next scan costs what a file of a layout never seen before costs."""
@@ -213,6 +242,7 @@ def clear_layout_caches() -> None:
 
     clear_name_caches()
     peft.clear_key_cache()
+    _cached_layout.cache_clear()
 
 
 def scan_lora(path: str | os.PathLike[str], family: str | FamilySpec | None = None) -> LoraScan | None:
@@ -227,12 +257,14 @@ def scan_lora(path: str | os.PathLike[str], family: str | FamilySpec | None = No
     header = source.header()
     metadata = header.metadata
     refs = _header_refs(header, path)
-    stored_embeddings = {k for k in refs if is_embedding_key(k, metadata)}
-    embeddings = {token_key(k): refs[k].info for k in stored_embeddings}  # as the reader names them
-    lora_refs = {k: r for k, r in refs.items() if k not in stored_embeddings}
-    keys = list(lora_refs)
-    kohya_keys = [k for k in keys if KOHYA_KEY.match(k)]
-    if not keys or (len(kohya_keys) != len(keys) and is_safeloras(keys)) or is_flux_lora(keys):
+    flagged = frozenset(k for k, v in metadata.items() if v == EMBED_FLAG and k in refs)
+    names = tuple(refs)
+    layout = _layout_of(names, flagged) if flagged else _cached_layout(names)
+    embeddings = {token_key(k): refs[k].info for k in layout.embeddings}  # as the reader names them
+    lora_refs = {k: refs[k] for k in layout.keys} if layout.embeddings else refs
+    keys = list(layout.keys)
+    kohya_keys = layout.kohya_keys
+    if not layout.header_only:
         # embedding-only files, safeloras and FLUX.1 spellings go through the full reader (one
         # dispatch rule: formats/io.py asks formats/flux.py the same question)
         return None
@@ -247,7 +279,7 @@ def scan_lora(path: str | os.PathLike[str], family: str | FamilySpec | None = No
     views: Mapping[str, Any] = lora_refs
     if kohya_keys:
         lora = kohya.read_kohya(views, metadata, family)
-    elif is_peft_like(keys):
+    elif layout.peft_like:
         lora = peft.read_peft(views, metadata, family)
     else:
         raise not_a_lora(path.name, keys) or InputError(
