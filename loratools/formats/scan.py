@@ -134,24 +134,24 @@ def read_scalar(fd: int, ref: ParamRef) -> float:
     return float(struct.unpack(code, raw)[0])
 
 
-def _torch_dtype(dtype: str) -> str:
-    return _TORCH_NAMES[dtype]
-
-
 def _module_scan(module: str, name: str, adapter: Adapter, params: dict[str, ParamRef]) -> ModuleScan:
     """The facts of one adapter a reader built over header views (no tensor was read)."""
+    # runs once per module of every file a census reads: properties read once each, numel
+    # from the stored shapes directly
     refs = [v for v in vars(adapter).values() if isinstance(v, ParamRef)]
-    no_scale = adapter.kind == "full" or adapter.rank is None
+    rank = adapter.rank
+    label = adapter.label
+    no_scale = adapter.kind == "full" or rank is None
     return ModuleScan(
         module,
         name,
-        adapter.label,
-        adapter.rank,
+        label,
+        rank,
         None if no_scale else adapter.alpha,
         adapter.scale,
-        tuple(int(d) for d in adapter.delta_shape()),
-        _torch_dtype(refs[0].info.dtype),
-        sum(ref.info.numel for ref in refs),
+        tuple(map(int, adapter.delta_shape())),
+        _TORCH_NAMES[refs[0].info.dtype],
+        sum([math.prod(ref.info.shape) for ref in refs]),
         params,
     )
 
