@@ -36,6 +36,7 @@ from ..io.checkpoint import DIFFUSERS_COMPONENTS, SAFETENSORS_SUFFIX, Checkpoint
 from ..io.files import same_path
 from ..io.hub import resolve
 from ..io.safetensors import FLOAT_DTYPES, StreamingWriter, TensorInfo, file_size
+from ..io.source import Source, open_source
 from .blocks import DEFAULT_TOOL, BlockWeights, block_keys, parse_block_weights, unused_blocks
 from .checkpoint import (
     CanonicalSource,
@@ -673,7 +674,7 @@ def _verifier(
 
 # -- the operations ---------------------------------------------------------------------------------------
 def merge(
-    base: str | Path,
+    base: str | Path | Source,
     loras: Sequence[LoraInput | str | Path | LoraFile],
     output: str | Path | None,
     *,
@@ -722,7 +723,7 @@ def merge(
 
 
 def unmerge(
-    merged: str | Path,
+    merged: str | Path | Source,
     loras: Sequence[LoraInput | str | Path | LoraFile],
     output: str | Path | None,
     *,
@@ -769,7 +770,7 @@ def unmerge(
 
 
 def rewrite(
-    base: str | Path,
+    base: str | Path | Source,
     output: str | Path | None,
     *,
     layout: str | None = None,
@@ -824,7 +825,7 @@ def _as_input(item: LoraInput | str | Path | LoraFile) -> LoraInput:
 
 def _run(
     operation: str,
-    base_path: str | Path,
+    base_path: str | Path | Source,
     lora_items: Sequence[LoraInput | str | Path | LoraFile],
     output: str | Path | None,
     *,
@@ -845,7 +846,8 @@ def _run(
     started = time.perf_counter()
     if not lora_items and operation != "convert":
         raise InputError("no LoRA given")
-    base_path = resolve(base_path)  # hf:// references become their cached local files
+    opened = open_source(base_path)  # hf:// references become their cached local files
+    base_path = opened.path
     if original is not None:
         original = resolve(original)
     if output is None and not dry_run:
@@ -862,7 +864,7 @@ def _run(
     torch_dtype = parse_dtype(dtype)
     engine = DeltaEngine(device, budget)
 
-    with open_checkpoint(base_path) as ckpt:
+    with open_checkpoint(opened) as ckpt:  # a pickle the caller classified is not unpickled again
         found = detect(ckpt.shapes(), ckpt.metadata, family=family)
         km = keymap(found.family)
         out_layout = target_layout(found, layout)
