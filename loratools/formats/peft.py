@@ -13,6 +13,7 @@ import json
 import math
 from collections import Counter
 from collections.abc import Mapping
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,7 +53,7 @@ def read_peft(
     groups: dict[str, dict[str, torch.Tensor]] = {}
     spellings: Counter[str] = Counter()
     for key, tensor in tensors.items():
-        module, param, spelling = normalize_key(key, default_component)
+        module, param, spelling = _normalized(key, default_component)
         spellings[spelling] += 1
         if param in groups.setdefault(module, {}):
             raise InputError(f"{module}.{param} is given twice (in two spellings)")
@@ -118,6 +119,17 @@ def read_peft(
         model=found.verdict,
         source_names={canonical: module for module, canonical in named.items()},
     )
+
+
+# normalize_key is a pure function of the key's text (three regexes each); key names repeat across
+# files of one layout (every diffusers SDXL LoRA of a network shape has the same ~2,000), so a
+# census of many files pays it once per distinct key. Errors are not cached (they raise again).
+_normalized = lru_cache(maxsize=1 << 15)(normalize_key)
+
+
+def clear_key_cache() -> None:
+    """Forget the normalized keys (benchmarks measure a first-seen layout with it)."""
+    _normalized.cache_clear()
 
 
 def _as_kohya_params(module: str, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ a recognised non-SD model, or nothing; the result's :class:`~.verdict.ModelVerdi
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -121,6 +121,12 @@ def check_factors(name: str, params: Mapping[str, torch.Tensor]) -> None:
     rather than a wrong result or a crash further on. Works on tensors and on the header-only
     scan's references (which carry a safetensors dtype and a shape).
     """
+    _checked_dims(name, params)
+
+
+def _checked_dims(name: str, params: Mapping[str, torch.Tensor]) -> tuple[int, int] | None:
+    """:func:`check_factors`, returning the group's :func:`adapter_dims` (computed once: resolve
+    needs them for every module and family it scores)."""
     for param, tensor in params.items():
         if param == "alpha" or param not in KNOWN_PARAMS:
             continue  # read_alpha checks alpha; unknown parameters name an unsupported algorithm later
@@ -129,7 +135,7 @@ def check_factors(name: str, params: Mapping[str, torch.Tensor]) -> None:
         if math.prod(tensor.shape) == 0:
             raise InputError(f"{name}.{param} is empty (shape {tuple(tensor.shape)}): rank 0 or a damaged file")
     try:
-        adapter_dims(params)
+        return adapter_dims(params)
     except IndexError:
         shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in params.items())
         raise InputError(f"{name}: factors with too few dimensions ({shapes})") from None
@@ -196,13 +202,13 @@ def _ndim(params: Mapping[str, torch.Tensor]) -> int | None:
     return None
 
 
-def _widths(groups: Mapping[str, Mapping[str, torch.Tensor]]) -> set[int]:
-    out: set[int] = set()
-    for params in groups.values():
-        dims = adapter_dims(params)
-        if dims is not None:
-            out.update(d for d in dims if d > 0)
-    return out
+def _widths(dims: Mapping[str, tuple[int, int] | None]) -> Iterator[int]:
+    """The ΔW widths of every group (``dims``: each group's :func:`adapter_dims`), lazily:
+    :func:`~.verdict.model_by_names` reads them only for the few files whose names leave FLUX.1
+    or SD3 open."""
+    for pair in dims.values():
+        if pair is not None:
+            yield from (d for d in pair if d > 0)
 
 
 def resolve(
@@ -222,10 +228,9 @@ def resolve(
     unknown. Only ``require_fit`` (merge: the widths must be the base's) makes a file that fits
     no family's shapes an error.
     """
-    for name, params in groups.items():
-        check_factors(name, params)
+    dims = {name: _checked_dims(name, params) for name, params in groups.items()}
     if family is None and not require_fit:
-        other = model_by_names(groups, _widths(groups))
+        other = model_by_names(groups, _widths(dims))
         if other is not None:
             mapped = FAMILIES.get(other.family)
             names = table(name_tables(mapped)) if mapped is not None else {}
@@ -238,8 +243,9 @@ def resolve(
         tables = name_tables(spec)
         names = table(tables)
         hits = {n: names[n] for n in groups if n in names}
-        fits = sum(shape_fits(adapter_dims(groups[n]), tables.modules[c].shape) for n, c in hits.items())
-        structure = sum(_ndim(groups[n]) == len(tables.modules[c].shape) for n, c in hits.items())
+        modules = tables.modules
+        fits = sum(shape_fits(dims[n], modules[c].shape) for n, c in hits.items())
+        structure = sum(_ndim(groups[n]) == len(modules[c].shape) for n, c in hits.items())
         scored.append((fits, len(hits), structure, spec, tables, hits))
         if fits == len(groups) and context is not None and spec.unet is not None and spec.unet.context_dim == context:
             # every module fits the family its cross-attention width names: no other family can
@@ -247,7 +253,7 @@ def resolve(
             break
     claim, claim_key = claimed_family(metadata)
     if not any(s[0] for s in scored):
-        return _by_names(groups, scored, metadata, family, require_fit)
+        return _by_names(groups, dims, scored, metadata, family, require_fit)
     scored.sort(key=lambda s: (s[0], s[1], s[3].name == claim), reverse=True)
     fits, hits_count, _, spec, tables, hits = scored[0]
     warnings = []
@@ -261,9 +267,8 @@ def resolve(
         warnings.append(claim_note)
     unmatched = {n: "no such module in " + spec.title for n in groups if n not in hits}
     for name, canonical in list(hits.items()):
-        if not shape_fits(adapter_dims(groups[name]), tables.modules[canonical].shape):
-            dims = adapter_dims(groups[name])
-            unmatched[name] = f"shape {dims} does not fit {canonical} {tables.modules[canonical].shape}"
+        if not shape_fits(dims[name], tables.modules[canonical].shape):
+            unmatched[name] = f"shape {dims[name]} does not fit {canonical} {tables.modules[canonical].shape}"
             del hits[name]
     return Resolution(
         spec, tables, hits, unmatched, warnings, sd_verdict(spec.name, spec.title, full_size=True, kind=_kind(spec))
@@ -276,6 +281,7 @@ def _kind(spec: FamilySpec) -> str:
 
 def _by_names(
     groups: Mapping[str, Mapping[str, torch.Tensor]],
+    dims: Mapping[str, tuple[int, int] | None],
     scored: list[tuple[int, int, int, FamilySpec, NameTables, dict[str, str]]],
     metadata: Mapping[str, str],
     family: str | FamilySpec | None,
@@ -293,14 +299,13 @@ def _by_names(
             sample = ", ".join(list(groups)[:4])
             raise InputError(f"no module of this file belongs to {spec.title} (first modules: {sample})")
         name = next(iter(hits))
-        dims = adapter_dims(groups[name])
         raise InputError(
-            f"no module of this file fits {spec.title}'s weights (e.g. {name}: shape {dims} does not fit "
+            f"no module of this file fits {spec.title}'s weights (e.g. {name}: shape {dims[name]} does not fit "
             f"{hits[name]} {tables.modules[hits[name]].shape})",
             hint="a LoRA for another model, or a damaged file",
         )
     if not hits_count:
-        other = model_by_names(groups, _widths(groups)) or unknown_verdict(groups)
+        other = model_by_names(groups, _widths(dims)) or unknown_verdict(groups)
         return Resolution(None, None, {}, {}, [], other)
     widths = "full-size " + spec.title if family is None else spec.title + " as given"
     verdict = sd_verdict(

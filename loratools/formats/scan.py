@@ -20,6 +20,7 @@ import os
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from ..io.safetensors import _TORCH_NAMES, FLOAT_DTYPES, Header, TensorInfo
 from ..io.source import SAFETENSORS, open_source
 from . import kohya, peft
 from .adapters import Adapter, LoraFile
-from .keys import KOHYA_KEY, is_embedding_key, is_peft_like, is_safeloras, token_key
+from .keys import EMBED_FLAG, KOHYA_KEY, is_embedding_key, is_peft_like, is_safeloras, token_key
 from .lookalike import not_a_lora
 from .lycoris import adapter_params
 from .verdict import ModelVerdict, is_flux_lora
@@ -54,8 +55,10 @@ class ParamRef:
     view_shape: tuple[int, ...] | None = None  # after reshape(); the stored shape otherwise
     value: float | None = None  # a one-element tensor's value, when already read (scan_lora)
 
-    @property
+    @cached_property
     def shape(self) -> tuple[int, ...]:
+        # cached in the instance (a frozen dataclass still has a __dict__): the readers ask a
+        # factor's shape ~3 times each, ~8,000 times per SDXL header
         return self.info.shape if self.view_shape is None else self.view_shape
 
     def dim(self) -> int:
@@ -131,24 +134,24 @@ def read_scalar(fd: int, ref: ParamRef) -> float:
     return float(struct.unpack(code, raw)[0])
 
 
-def _torch_dtype(dtype: str) -> str:
-    return _TORCH_NAMES[dtype]
-
-
 def _module_scan(module: str, name: str, adapter: Adapter, params: dict[str, ParamRef]) -> ModuleScan:
     """The facts of one adapter a reader built over header views (no tensor was read)."""
+    # runs once per module of every file a census reads: properties read once each, numel
+    # from the stored shapes directly
     refs = [v for v in vars(adapter).values() if isinstance(v, ParamRef)]
-    no_scale = adapter.kind == "full" or adapter.rank is None
+    rank = adapter.rank
+    label = adapter.label
+    no_scale = adapter.kind == "full" or rank is None
     return ModuleScan(
         module,
         name,
-        adapter.label,
-        adapter.rank,
+        label,
+        rank,
         None if no_scale else adapter.alpha,
         adapter.scale,
-        tuple(int(d) for d in adapter.delta_shape()),
-        _torch_dtype(refs[0].info.dtype),
-        sum(ref.info.numel for ref in refs),
+        tuple(map(int, adapter.delta_shape())),
+        _TORCH_NAMES[refs[0].info.dtype],
+        sum([math.prod(ref.info.shape) for ref in refs]),
         params,
     )
 
@@ -166,23 +169,80 @@ def _scan_modules(lora: LoraFile, refs: Mapping[str, ParamRef]) -> dict[str, Mod
     return modules
 
 
-def _with_alphas(refs: dict[str, ParamRef]) -> dict[str, ParamRef]:
-    """The refs with every one-element ``alpha`` read up front through one descriptor (a file
-    open per alpha made the scan 3× slower); one that cannot be decoded is left for the reader
-    to refuse when it asks."""
-    alphas = [k for k, r in refs.items() if k.endswith(".alpha") and r.info.numel == 1]
+def _header_refs(header: Header, path: Path) -> dict[str, ParamRef]:
+    """A :class:`ParamRef` per tensor of ``header``, every one-element ``alpha`` read up front
+    through one descriptor (a file open per alpha made the scan 3× slower); one that cannot be
+    decoded is left for the reader to refuse when it asks.
+
+    The refs are made with their fields set straight into a new instance's ``__dict__`` (and the
+    ``shape`` cache filled): the frozen dataclass's ``__init__`` was ~1 µs of every tensor of
+    every header a census reads. They equal what ``ParamRef(key, info, offset, path)`` makes."""
+    refs: dict[str, ParamRef] = {}
+    start = header.data_start
+    alphas: list[str] = []
+    for key, info in header.tensors.items():
+        ref = _new_ref(ParamRef)
+        ref.__dict__.update(
+            key=key, info=info, offset=start + info.start, path=path, view_shape=None, value=None, shape=info.shape
+        )
+        refs[key] = ref
+        if key.endswith(".alpha") and info.numel == 1:
+            alphas.append(key)
     if not alphas:
         return refs
-    fd = os.open(next(iter(refs.values())).path or "", os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY)
     try:
         for key in alphas:
             try:
-                refs[key] = replace(refs[key], value=read_scalar(fd, refs[key]))
+                value = read_scalar(fd, refs[key])
             except InputError:
                 continue
+            refs[key].__dict__["value"] = value  # set before anyone holds the ref
     finally:
         os.close(fd)
     return refs
+
+
+_new_ref = object.__new__
+
+
+@dataclass(frozen=True)
+class _KeyLayout:
+    """What a header's key names alone say about how to read it (see :func:`_layout_of`)."""
+
+    embeddings: tuple[str, ...]  # textual-inversion embeddings, in header order
+    keys: tuple[str, ...]  # the other (LoRA) keys, in header order
+    kohya_keys: tuple[str, ...]  # those of them in kohya naming
+    header_only: bool  # a dialect this scan reads (not embedding-only, safeloras or FLUX.1)
+    peft_like: bool
+
+
+def _layout_of(names: tuple[str, ...], flagged: frozenset[str] = frozenset()) -> _KeyLayout:
+    """The dispatch facts of a header's ``names``; ``flagged``: the keys its metadata marks as
+    embeddings (safeloras' ``<embed>``), the one input beside the names that
+    :func:`~.keys.is_embedding_key` reads."""
+    stored = {k for k in names if k in flagged or is_embedding_key(k, {})}
+    embeddings = tuple(k for k in names if k in stored)
+    keys = [k for k in names if k not in stored]
+    kohya_keys = [k for k in keys if KOHYA_KEY.match(k)]
+    header_only = not (not keys or (len(kohya_keys) != len(keys) and is_safeloras(keys)) or is_flux_lora(keys))
+    return _KeyLayout(embeddings, tuple(keys), tuple(kohya_keys), header_only, is_peft_like(keys))
+
+
+# Layouts repeat across files (every sd-scripts SDXL LoRA of one network shape has the same
+# ~3,000 keys): a census pays the per-key passes above once per layout, and a lookup (one hash
+# and one comparison of the names) for every other file of it.
+_cached_layout = lru_cache(maxsize=16)(_layout_of)
+
+
+def clear_layout_caches() -> None:
+    """Forget what the readers cache per key layout (names-only verdicts, normalized peft keys),
+    so the next scan costs what a file of a layout never seen before costs."""
+    from .verdict import clear_name_caches
+
+    clear_name_caches()
+    peft.clear_key_cache()
+    _cached_layout.cache_clear()
 
 
 def scan_lora(path: str | os.PathLike[str], family: str | FamilySpec | None = None) -> LoraScan | None:
@@ -196,13 +256,15 @@ def scan_lora(path: str | os.PathLike[str], family: str | FamilySpec | None = No
         return None
     header = source.header()
     metadata = header.metadata
-    refs = _with_alphas({k: ParamRef(k, i, header.data_start + i.start, path) for k, i in header.tensors.items()})
-    stored_embeddings = {k for k in refs if is_embedding_key(k, metadata)}
-    embeddings = {token_key(k): refs[k].info for k in stored_embeddings}  # as the reader names them
-    lora_refs = {k: r for k, r in refs.items() if k not in stored_embeddings}
-    keys = list(lora_refs)
-    kohya_keys = [k for k in keys if KOHYA_KEY.match(k)]
-    if not keys or (len(kohya_keys) != len(keys) and is_safeloras(keys)) or is_flux_lora(keys):
+    refs = _header_refs(header, path)
+    flagged = frozenset(k for k, v in metadata.items() if v == EMBED_FLAG and k in refs)
+    names = tuple(refs)
+    layout = _layout_of(names, flagged) if flagged else _cached_layout(names)
+    embeddings = {token_key(k): refs[k].info for k in layout.embeddings}  # as the reader names them
+    lora_refs = {k: refs[k] for k in layout.keys} if layout.embeddings else refs
+    keys = list(layout.keys)
+    kohya_keys = layout.kohya_keys
+    if not layout.header_only:
         # embedding-only files, safeloras and FLUX.1 spellings go through the full reader (one
         # dispatch rule: formats/io.py asks formats/flux.py the same question)
         return None
@@ -217,7 +279,7 @@ def scan_lora(path: str | os.PathLike[str], family: str | FamilySpec | None = No
     views: Mapping[str, Any] = lora_refs
     if kohya_keys:
         lora = kohya.read_kohya(views, metadata, family)
-    elif is_peft_like(keys):
+    elif layout.peft_like:
         lora = peft.read_peft(views, metadata, family)
     else:
         raise not_a_lora(path.name, keys) or InputError(

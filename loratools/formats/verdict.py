@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 
 from ..errors import InputError
 
@@ -91,6 +92,62 @@ FLUX_TITLE = "FLUX.1"
 SD3_TITLE = "SD3/SD3.5"
 
 
+# The same rules over every name at once, the names joined one a line. ``re`` finds a pattern
+# that starts with a literal at C speed, but one that starts with ``(^|[._])`` is tried at every
+# position (~1 ms per pattern, 4–9 ms for the language one, on an SDXL LoRA's names): so each
+# rule is its pattern without that prefix, every match of which has its preceding character
+# checked (a line start, or one of the allowed ones). Exact while no name holds a newline; a name
+# that does takes the per-name path. The result depends on the names alone and layouts repeat
+# across files (every sd-scripts SDXL LoRA of one network shape has the same names), so it is
+# cached per name tuple.
+# (literals one of which every match holds, the pattern without its ``(^|[…])`` prefix, the
+# characters allowed before a match besides a line start)
+_Rule = tuple[tuple[str, ...], re.Pattern[str], str]
+_FLUX_RULES: tuple[_Rule, ...] = (
+    (
+        ("single_transformer_blocks", "double_blocks", "single_blocks"),
+        re.compile(r"(single_transformer_blocks|double_blocks|single_blocks)([._]\d|$)", re.MULTILINE),
+        "._",
+    ),
+    (("lora_unet_",), re.compile(r"lora_unet_(double|single)_blocks_", re.MULTILINE), ""),
+)
+_SD3_RULES: tuple[_Rule, ...] = ((("joint_blocks",), re.compile(r"joint_blocks[._]\d", re.MULTILINE), "._"),)
+_LANGUAGE_RULES: tuple[_Rule, ...] = (
+    (
+        ("bert.", "electra."),  # "bert." is in roberta, deberta, distilbert, albert, xlm_roberta
+        re.compile(r"(roberta|bert|deberta|distilbert|electra|albert|xlm_roberta)\.(encoder|embeddings)\.", re.M),
+        ".",
+    ),
+    (("model.layers.",), re.compile(r"model\.layers\.\d+\.(self_attn|mlp)\.", re.MULTILINE), "."),
+    (("transformer.h.",), re.compile(r"transformer\.h\.\d+\.(attn|mlp)\.", re.MULTILINE), "."),
+    (("model.decoder.", "model.encoder."), re.compile(r"model\.(decoder|encoder)\.layers\.\d+\.", re.M), "."),
+    (("coder.block.",), re.compile(r"(encoder|decoder)\.block\.\d+\.layer\.", re.MULTILINE), "."),
+    (("lm_head",), re.compile(r"lm_head$", re.MULTILINE), "."),
+)
+# a line holding transformer_blocks (at its start or after . or _) and none of the SD U-Net's
+# block names: _TRANSFORMER_BLOCKS and not _SD_UNET, per line (only run when the literal is there)
+_NON_UNET_TRANSFORMER_LINE = re.compile(
+    rf"^(?![^\n]*{_SD_UNET.pattern})(?:[^\n]*[._])?transformer_blocks[._]\d", re.MULTILINE
+)
+_BY_WIDTH = "by width"  # names leave FLUX.1 or SD3 open: Flux's 3072 width decides
+
+
+def _matches(rules: tuple[_Rule, ...], text: str) -> bool:
+    """Whether a rule's pattern matches ``text`` at a line start or after one of its characters
+    (``(^|[…])pattern`` per line), every position considered; skipped when none of its literals
+    is in the text."""
+    for needles, pattern, before in rules:
+        if not any(n in text for n in needles):
+            continue
+        match = pattern.search(text)
+        while match is not None:
+            at = match.start()
+            if at == 0 or text[at - 1] == "\n" or text[at - 1] in before:
+                return True
+            match = pattern.search(text, at + 1)
+    return False
+
+
 def model_by_names(modules: Iterable[str], widths: Iterable[int] = ()) -> ModelVerdict | None:
     """A recognised non-SD model from module names (and, where names alone cannot tell, widths).
 
@@ -99,22 +156,58 @@ def model_by_names(modules: Iterable[str], widths: Iterable[int] = ()) -> ModelV
     ``lora_unet_double_blocks_``). SD3/SD3.5: SGM ``joint_blocks``, or diffusers
     ``transformer_blocks`` beside ``context_embedder`` (``SD3Transformer2DModel``) — Flux's double
     blocks share that name, so a file holding only ``transformer_blocks`` is FLUX.1 at Flux's
-    3072 width and SD3 otherwise. None when the names are SD's or unknown.
+    3072 width and SD3 otherwise. None when the names are SD's or unknown. ``widths`` is read
+    only when the names leave FLUX.1 or SD3 open (it may be a lazy iterable).
     """
-    names = list(modules)
-    if any(_FLUX.search(n) for n in names):
-        return ModelVerdict(MODEL, "flux1", FLUX_TITLE, NONE, "FLUX.1 by its module names")
-    if any(_SD3.search(n) for n in names):
-        return ModelVerdict(MODEL, "sd3", SD3_TITLE, NONE, "SD3/SD3.5 by its module names (joint_blocks)")
-    if any(_TRANSFORMER_BLOCKS.search(n) and not _SD_UNET.search(n) for n in names):
-        if any("context_embedder" in n for n in names) or 3072 not in set(widths):
-            return ModelVerdict(MODEL, "sd3", SD3_TITLE, NONE, "SD3/SD3.5 by its module names (transformer_blocks)")
-        return ModelVerdict(MODEL, "flux1", FLUX_TITLE, NONE, "FLUX.1 by its module names and its 3072 width")
-    if any(_LANGUAGE.search(n) for n in names):
-        return ModelVerdict(
-            NOT_DIFFUSION, "language-model", "a language model", NONE, "not a diffusion model: a language-model adapter"
-        )
+    found = _verdict_of_names(tuple(modules))
+    if found is _BY_WIDTH:
+        return _FLUX_BY_WIDTH if 3072 in set(widths) else _SD3_BY_TRANSFORMER_BLOCKS
+    return found  # type: ignore[return-value]
+
+
+@lru_cache(maxsize=32)
+def _verdict_of_names(names: tuple[str, ...]) -> ModelVerdict | str | None:
+    text = "\n".join(names)
+    if text.count("\n") != max(len(names) - 1, 0):  # a name holds a newline
+        return _model_by_each_name(list(names))
+    if _matches(_FLUX_RULES, text):
+        return _FLUX_BY_NAMES
+    if _matches(_SD3_RULES, text):
+        return _SD3_BY_JOINT_BLOCKS
+    if "transformer_blocks" in text and _NON_UNET_TRANSFORMER_LINE.search(text):
+        return _SD3_BY_TRANSFORMER_BLOCKS if "context_embedder" in text else _BY_WIDTH
+    if _matches(_LANGUAGE_RULES, text):
+        return _LANGUAGE_VERDICT
     return None
+
+
+def clear_name_caches() -> None:
+    """Forget the names-only verdicts (benchmarks measure a first-seen layout with it)."""
+    _verdict_of_names.cache_clear()
+
+
+def _model_by_each_name(names: list[str]) -> ModelVerdict | str | None:
+    """:func:`_verdict_of_names` one name at a time (names holding newlines)."""
+    if any(_FLUX.search(n) for n in names):
+        return _FLUX_BY_NAMES
+    if any(_SD3.search(n) for n in names):
+        return _SD3_BY_JOINT_BLOCKS
+    if any(_TRANSFORMER_BLOCKS.search(n) and not _SD_UNET.search(n) for n in names):
+        return _SD3_BY_TRANSFORMER_BLOCKS if any("context_embedder" in n for n in names) else _BY_WIDTH
+    if any(_LANGUAGE.search(n) for n in names):
+        return _LANGUAGE_VERDICT
+    return None
+
+
+_LANGUAGE_VERDICT = ModelVerdict(
+    NOT_DIFFUSION, "language-model", "a language model", NONE, "not a diffusion model: a language-model adapter"
+)
+_FLUX_BY_NAMES = ModelVerdict(MODEL, "flux1", FLUX_TITLE, NONE, "FLUX.1 by its module names")
+_FLUX_BY_WIDTH = ModelVerdict(MODEL, "flux1", FLUX_TITLE, NONE, "FLUX.1 by its module names and its 3072 width")
+_SD3_BY_JOINT_BLOCKS = ModelVerdict(MODEL, "sd3", SD3_TITLE, NONE, "SD3/SD3.5 by its module names (joint_blocks)")
+_SD3_BY_TRANSFORMER_BLOCKS = ModelVerdict(
+    MODEL, "sd3", SD3_TITLE, NONE, "SD3/SD3.5 by its module names (transformer_blocks)"
+)
 
 
 def unknown_verdict(sample: Iterable[str]) -> ModelVerdict:
@@ -155,14 +248,26 @@ def needs_family_map(verdict: ModelVerdict, what: str) -> InputError:
 
 def is_flux_lora(keys: list[str]) -> bool:
     """Keys that only FLUX.1 LoRAs use (BFL or FLUX.1-diffusers module names, any dialect)."""
+    # substring tests over all keys at once: a needle holds no newline, so it is found in the
+    # joined text exactly when some key holds it; only the two-part test needs the keys one by one
+    text = "\n".join(keys)
+    if any(needle in text for needle in _FLUX_ONLY):
+        return True
+    return "transformer_blocks" in text and any(n in text for n in _FLUX_DOUBLE) and _is_flux_by_each_key(keys)
+
+
+# module names only FLUX.1 (and its T5 text encoder: no SD family has one) uses
+_FLUX_ONLY = ("double_blocks", "single_blocks", "single_transformer_blocks", "SelfAttention", "DenseReluDense")
+# double-stream names FLUX.1 shares with SD3: the reader's shape check decides (None if no fit)
+_FLUX_DOUBLE = ("add_q_proj", "to_add_out", "ff_context", "norm1_context")
+
+
+def _is_flux_by_each_key(keys: list[str]) -> bool:
+    """:func:`is_flux_lora`'s rule one key at a time (its reference)."""
     return any(
         ("double_blocks" in k or "single_blocks" in k or "single_transformer_blocks" in k)
-        # double-stream names FLUX.1 shares with SD3: the reader's shape check decides (None if no fit)
-        or (
-            "transformer_blocks" in k
-            and any(n in k for n in ("add_q_proj", "to_add_out", "ff_context", "norm1_context"))
-        )
-        or "SelfAttention" in k  # T5 (FLUX.1's second text encoder; no SD family has one)
+        or ("transformer_blocks" in k and any(n in k for n in _FLUX_DOUBLE))
+        or "SelfAttention" in k
         or "DenseReluDense" in k
         for k in keys
     )

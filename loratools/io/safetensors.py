@@ -153,6 +153,9 @@ def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return seen
 
 
+_new_info = object.__new__
+
+
 def parse_header(path: str | Path, raw: bytes, file_size: int) -> Header:
     """Validate a header's JSON against the file size; every number is checked before use."""
     name = Path(path).name
@@ -170,52 +173,70 @@ def parse_header(path: str | Path, raw: bytes, file_size: int) -> Header:
     data_start = 8 + len(raw)
     data_size = file_size - data_start
     tensors: dict[str, TensorInfo] = {}
+    # (start, end, position, key): plain tuple order is the stable sort by (start, end) the
+    # tiling check needs, without a key function per entry
+    spans: list[tuple[int, int, int, str]] = []
+    # one pass, every check of every entry inline: this loop runs once per tensor of every header
+    # a census reads (~3,000 for SDXL), so it avoids per-entry helper calls and property lookups
+    itemsize = ITEMSIZE.get
     for key, entry in table.items():
-        if not isinstance(entry, dict):
+        if type(entry) is not dict:
             raise CorruptFileError(f"{name}: header entry {key!r} is not an object")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in ITEMSIZE:
+        size = itemsize(dtype) if type(dtype) is str else None
+        if size is None:
             raise CorruptFileError(f"{name}: tensor {key!r} has unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        if type(shape) is not list:
             raise CorruptFileError(f"{name}: tensor {key!r} has an invalid shape {shape!r}")
+        for dim in shape:  # a plain loop: 3× cheaper than all() over a generator at 2–4 dims
+            if type(dim) is not int or dim < 0:
+                raise CorruptFileError(f"{name}: tensor {key!r} has an invalid shape {shape!r}")
         if (
-            not isinstance(offsets, list)
+            type(offsets) is not list
             or len(offsets) != 2
-            or not all(type(o) is int for o in offsets)
+            or type(offsets[0]) is not int
+            or type(offsets[1]) is not int
             or not 0 <= offsets[0] <= offsets[1]
         ):
             raise CorruptFileError(f"{name}: tensor {key!r} has invalid data_offsets {offsets!r}")
-        info = TensorInfo(dtype, tuple(shape), offsets[0], offsets[1])
-        if info.end > data_size:
+        begin, stop = offsets
+        if stop > data_size:
             raise CorruptFileError(
-                f"{name}: tensor {key!r} ends at byte {info.end} of a {data_size}-byte data section"
+                f"{name}: tensor {key!r} ends at byte {stop} of a {data_size}-byte data section"
                 " (file truncated or header offsets out of range)"
             )
-        if info.end - info.start != info.nbytes:
+        nbytes = math.prod(shape) * size
+        if stop - begin != nbytes:
             raise CorruptFileError(
-                f"{name}: tensor {key!r} spans {info.end - info.start} bytes but {dtype}"
-                f"{list(shape)} needs {info.nbytes}"
+                f"{name}: tensor {key!r} spans {stop - begin} bytes but {dtype}{list(shape)} needs {nbytes}"
             )
+        # the frozen dataclass's __init__ (four object.__setattr__ calls) was a third of the parse;
+        # its fields set straight into a new instance's __dict__ make the same, equal object
+        info = _new_info(TensorInfo)
+        fields = info.__dict__
+        fields["dtype"], fields["shape"], fields["start"], fields["end"] = dtype, tuple(shape), begin, stop
         tensors[key] = info
-    ordered = sorted(tensors.items(), key=lambda kv: (kv[1].start, kv[1].end))
+        spans.append((begin, stop, len(spans), key))
+    spans.sort()
     previous_end, previous_key = 0, None
-    for key, info in ordered:
-        if info.start < previous_end and info.nbytes > 0:
+    for begin, stop, _, key in spans:
+        if begin < previous_end and stop > begin:
             raise CorruptFileError(f"{name}: tensors {previous_key!r} and {key!r} overlap")
         # The tensors must tile the data section exactly, as the safetensors library demands
         # (safetensors/src/tensor.rs, Metadata::validate): a header-only reader (inspect, diff,
         # classify) must refuse what every loader will refuse, not describe it.
-        if info.start > previous_end:
+        if begin > previous_end:
             after = f"after {previous_key!r}" if previous_key is not None else "before the first tensor"
-            raise CorruptFileError(f"{name}: {info.start - previous_end} unused bytes {after} (header offsets damaged)")
-        if info.nbytes > 0:
-            previous_end, previous_key = info.end, key
+            raise CorruptFileError(f"{name}: {begin - previous_end} unused bytes {after} (header offsets damaged)")
+        if stop > begin:
+            previous_end, previous_key = stop, key
     if previous_end != data_size:
         raise CorruptFileError(
             f"{name}: {data_size - previous_end} bytes after the last tensor that no header entry covers"
             " (damaged or not a safetensors file)"
         )
-    return Header(dict(ordered), dict(metadata_raw), data_start, file_size)
+    ordered = {key: tensors[key] for _, _, _, key in spans}
+    return Header(ordered, dict(metadata_raw), data_start, file_size)
 
 
 def read_header(path: str | Path) -> Header:
