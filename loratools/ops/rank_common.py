@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import InputError
-from ..formats.adapters import LoraFile
-from ..formats.io import FORMATS, save_lora
 from ..io.files import same_path
-from .lowrank import RankRule
+from .rank_rule import RankRule
+
+if TYPE_CHECKING:  # torch loads only where a torch path runs (the numpy path never does)
+    import torch
+
+    from ..formats.adapters import LoraFile
 
 
 def rank_rule(
@@ -45,6 +47,8 @@ def rank_rule(
 
 def output_format(requested: str | None, source_format: str | None) -> str:
     """The writer to use: the one asked for, else the source's own dialect if writable, else kohya."""
+    from ..formats.io import FORMATS
+
     if requested is not None:
         if requested not in FORMATS:
             raise InputError(f"unknown LoRA format {requested!r} (choose from {', '.join(FORMATS)})")
@@ -73,6 +77,7 @@ def write_lora(
     cloneofsimo files have no alpha, so every module's scale is folded into ``up`` there (exactly
     what the format means). Embeddings that a diffusers/peft file cannot hold go to a sidecar file.
     """
+    from ..formats.io import save_lora
     from .convert import prepare
 
     prepared = prepare(lora, fmt, bake_scale=fmt == "cloneofsimo")

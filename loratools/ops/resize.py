@@ -12,6 +12,10 @@ rank equals its rank is kept bit for bit.
 
 Rank rules (:class:`~loratools.ops.lowrank.RankRule`): ``rank`` (``conv_rank`` for k×k convs) or
 kohya's dynamic ``sv_ratio``, ``sv_fro``, ``sv_cumulative`` with ``min_rank``/``max_rank``.
+
+A kohya ``.safetensors`` file of plain LoRA/LoCon modules written back as kohya is resized without
+torch (:mod:`.rank_numpy`, :mod:`.lowrank_np`: the same factor-space steps on numpy, the file read
+once); every other input, and every in-memory :class:`LoraFile`, takes the torch path.
 """
 
 from __future__ import annotations
@@ -20,17 +24,18 @@ import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import InputError
 from ..families.spec import FamilySpec
-from ..formats.adapters import Adapter, LoraFile, LowRank, factor_dtype
-from ..formats.io import load_lora
-from .checkpoint import parse_dtype
-from .lowrank import RankRule, adapter_svd, kept_fraction, lowrank_from
-from .parallel import map_modules
+from ..formats.adapters import Adapter, LoraFile, LowRank
 from .rank_common import check_output, output_format, rank_rule, write_lora
+from .rank_rule import RankRule, kept_fraction
+
+if TYPE_CHECKING:
+    import torch
+
+    from .rank_numpy import Blobs, KohyaSource
 
 SCHEMA = "loratools.resize/1"
 
@@ -112,6 +117,9 @@ def resize_module(
     module: str, adapter: Adapter, rule: RankRule, *, dtype: torch.dtype | None = None
 ) -> tuple[Adapter, ModuleRetention]:
     """One module resized by ``rule``; see the module docstring for the representation."""
+    from ..formats.adapters import factor_dtype
+    from .lowrank import adapter_svd, lowrank_from
+
     if getattr(adapter, "dora_scale", None) is not None:
         raise InputError(
             f"{module}: a DoRA module cannot be resized without its base weight "
@@ -147,10 +155,22 @@ def resize_lora(
 
     Modules are resized on every core (:func:`~loratools.ops.parallel.map_modules`).
     """
-    report = ResizeReport(None, None, lora.source_format, None, lora.family_name, rule.describe())
-    adapters: dict[str, Adapter] = {}
+    from .parallel import map_modules
+
     items = list(lora.adapters.items())
     results = map_modules(lambda item: resize_module(*item, rule, dtype=dtype), items, progress=progress)
+    return _resized(lora, rule, items, results)
+
+
+def _resized(
+    lora: LoraFile,
+    rule: RankRule,
+    items: list[tuple[str, Adapter]],
+    results: list[tuple[Adapter, ModuleRetention]],
+) -> tuple[LoraFile, ResizeReport]:
+    """The resized LoraFile and its report from each module's result (both paths)."""
+    report = ResizeReport(None, None, lora.source_format, None, lora.family_name, rule.describe())
+    adapters: dict[str, Adapter] = {}
     for (module, adapter), (resized, row) in zip(items, results, strict=True):
         adapters[module] = resized
         report.modules.append(row)
@@ -167,6 +187,68 @@ def resize_lora(
         warnings=list(lora.warnings),
         unmatched=dict(lora.unmatched),
     ), report
+
+
+def is_plain(adapter: Adapter) -> bool:
+    """A plain LoRA/LoCon module (no Tucker mid, no DoRA): what the numpy path resizes and blends."""
+    return isinstance(adapter, LowRank) and adapter.mid is None and adapter.dora_scale is None
+
+
+def resize_module_numpy(
+    source: KohyaSource, blobs: Blobs, module: str, adapter: LowRank, rule: RankRule, dtype: str | None
+) -> tuple[Adapter, ModuleRetention]:
+    """:func:`resize_module` of a plain module on numpy (``adapter`` over the file's ParamRefs);
+    new factors go into ``blobs``."""
+    from .lowrank_np import matrix_svd
+    from .rank_numpy import array_ref, factor_dtype
+
+    shape = adapter.delta_shape()
+    rank = adapter.rank
+    # the adapter's ParamRefs stand for its tensors here
+    up = source.values(adapter.up, wide=True).reshape(shape[0], rank)  # type: ignore[arg-type]
+    down = source.values(adapter.down, wide=True).reshape(rank, -1)  # type: ignore[arg-type]
+    try:
+        svd = matrix_svd(up, down)
+    except InputError as exc:
+        raise InputError(f"{module}: {exc.message}", hint=exc.hint) from None
+    choice = rule.choose(svd.singular_values, conv=is_conv_kxk(shape))
+    k = choice.rank
+    row = ModuleRetention(module, kind_of(adapter), rank, k, kept_fraction(svd.singular_values, k), choice.limited_by)
+    if k == rank:
+        row.unchanged, row.fro_kept = True, 1.0
+        return adapter, row
+    out_dtype = dtype or factor_dtype(adapter)
+    new_up, new_down = svd.truncated(k)
+    up_shape: tuple[int, ...] = (shape[0], k, 1, 1) if len(shape) == 4 else (shape[0], k)
+    down_shape = (k, *shape[1:])
+    return LowRank(
+        array_ref(blobs, "lora_up.weight", new_up, up_shape, out_dtype),  # type: ignore[arg-type]
+        array_ref(blobs, "lora_down.weight", new_down, down_shape, out_dtype),  # type: ignore[arg-type]
+        float(adapter.scale * k),
+    ), row
+
+
+def resize_numpy(
+    source: KohyaSource, rule: RankRule, *, dtype: str | None = None, progress: Callable[[int], None] | None = None
+) -> tuple[LoraFile, ResizeReport, Blobs]:
+    """:func:`resize_lora` on the numpy path: the resized LoraFile (over ParamRefs), its report, and
+    the new tensors' bytes for :func:`~loratools.ops.rank_numpy.write_kohya`."""
+    from .rank_numpy import Blobs, map_numpy
+
+    blobs = Blobs()
+    items = list(source.lora.adapters.items())
+
+    def one(item: tuple[str, Adapter]) -> tuple[Adapter, ModuleRetention]:
+        result = resize_module_numpy(source, blobs, item[0], item[1], rule, dtype)  # type: ignore[arg-type]
+        if progress:
+            progress(1)
+        return result
+
+    set_total = getattr(progress, "set_total", None)
+    if callable(set_total):
+        set_total(len(items))
+    resized, report = _resized(source.lora, rule, items, map_numpy(one, items))
+    return resized, report, blobs
 
 
 def resize(
@@ -205,6 +287,29 @@ def resize(
         rule=rule,
     )
     check_output(output, source)
+    if to in (None, "kohya"):
+        from .rank_numpy import numpy_dtype, open_kohya, write_kohya
+
+        try:
+            np_dtype = numpy_dtype(dtype)
+        except ValueError:
+            pass  # a torch dtype or an unknown name: the torch path takes or refuses it
+        else:
+            plain = open_kohya(source, family, is_plain, check_finite=False)
+            try:
+                if plain is not None:
+                    resized_np, report, blobs = resize_numpy(plain, chosen, dtype=np_dtype, progress=progress)
+                    report.source, report.output, report.output_format = str(source), str(output), "kohya"
+                    write_kohya(resized_np, plain, blobs, output, dtype=np_dtype, overwrite=overwrite)
+                    report.warnings = list(plain.lora.warnings)
+                    return report
+            except InputError as exc:
+                if "NaN or inf" not in exc.message:
+                    raise
+                # load_lora's own refusal names the file and the modules: the torch path gives it
+    from ..formats.io import load_lora
+    from .checkpoint import parse_dtype
+
     lora = load_lora(source, family)
     fmt = output_format(to, lora.source_format)
     torch_dtype = parse_dtype(dtype)
