@@ -77,3 +77,18 @@ def keyset_shapes(name: str) -> dict[str, tuple[tuple[int, ...], str]]:
         for key, (shape, dtype) in keys.items():
             out[f"{component}.{key}" if folder else key] = (tuple(shape), dtype)
     return out
+
+
+class ProgressRecorder:
+    """A fake progress callable for ops' ``progress=``: every total announced (``set_total``),
+    with the sum of the advances made after it, as ``[total, advanced]`` per phase."""
+
+    def __init__(self) -> None:
+        self.phases: list[list[int]] = []
+
+    def set_total(self, total: int) -> None:
+        self.phases.append([total, 0])
+
+    def __call__(self, n: int) -> None:
+        assert self.phases, "advanced before any total was announced"
+        self.phases[-1][1] += n

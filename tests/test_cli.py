@@ -259,3 +259,10 @@ def test_lora_inspect_json_on_real_files() -> None:
     assert (data["format"], data["family"], data["modules"]) == ("kohya", "sd1", 350)
     assert data["components"] == {"te1": 72, "unet": 278} and data["kinds"] == {"lokr": 350}
     assert data["metadata_claims"] is None or data["metadata_claims"].startswith("sd1")
+
+
+def test_python_dash_m_runs_the_cli() -> None:
+    """``python -m loratools`` is the ``loratools`` script (it failed: no ``loratools.__main__``)."""
+    done = subprocess.run([sys.executable, "-m", "loratools", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert "Usage: loratools" in done.stdout

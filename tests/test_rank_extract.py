@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import ProgressRecorder
 from rank_oracles import dense, truncation
 
 from loratools.errors import InputError
@@ -175,3 +176,13 @@ def test_sv_cumulative_uses_the_exact_spectrum() -> None:
     assert method == "exact" and svd.singular_values.numel() == 200
     s = np.linalg.svd(dense(diff), compute_uv=False)
     assert k == int(np.argmax(np.cumsum(s) / s.sum() >= 0.5)) + 1
+
+
+def test_extract_progress_total_is_the_module_count(tmp_path: Path, pairs: dict) -> None:
+    """extract's bar has a total (issue 15 §6): announced first, one advance per module decomposed;
+    the oracle is the reader's count of modules in the written LoRA plus those reported skipped."""
+    base, tuned = pairs["sd1"]["single"]
+    meter = ProgressRecorder()
+    report = extract(base, tuned, tmp_path / "x.safetensors", rank=RANK, progress=meter)
+    expected = len(load_lora(tmp_path / "x.safetensors", TINY["sd1"]).adapters) + len(report.skipped)
+    assert meter.phases == [[expected, expected]]

@@ -30,14 +30,11 @@ def _pickled_lora(tmp_path: Path) -> Path:
     [
         ["convert", "{src}", "{out}.safetensors", "--to", "diffusers"],
         ["convert", "{src}", "{out}.safetensors", "--to", "kohya"],
-        pytest.param(
-            ["inspect", "{src}"],
-            marks=pytest.mark.xfail(
-                strict=True, reason="report/lora.py and cli/inspect_cmd.py still reopen the path (6 loads)"
-            ),
-        ),
+        ["inspect", "{src}"],
+        ["inspect", "{src}", "--json", "--keys"],
+        ["inspect", "{src}", "--norms", "--hashes"],
     ],
-    ids=["convert-diffusers", "convert-kohya", "inspect"],
+    ids=["convert-diffusers", "convert-kohya", "inspect", "inspect-json-keys", "inspect-norms-hashes"],
 )
 def test_a_pickle_is_unpickled_once_per_command(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str]

@@ -99,10 +99,11 @@ def work_inspect(source: str, output: str | None, options: dict[str, Any], overw
     from ..classify import classify
     from ..report import inspect_checkpoint, inspect_lora
 
-    flags = {k: bool(options.get(k)) for k in ("hashes", "keys")}
+    hashes, keys = bool(options.get("hashes")), bool(options.get("keys"))
     if classify(source) == "lora":
-        return inspect_lora(source, family=options.get("family"), norms=bool(options.get("norms")), **flags).to_dict()
-    return inspect_checkpoint(source, family=options.get("family"), **flags).to_dict()
+        norms = bool(options.get("norms"))
+        return inspect_lora(source, family=options.get("family"), norms=norms, hashes=hashes, keys=keys).to_dict()
+    return inspect_checkpoint(source, family=options.get("family"), hashes=hashes, keys=keys).to_dict()
 
 
 def work_check(source: str, output: str | None, options: dict[str, Any], overwrite: bool) -> dict[str, Any]:

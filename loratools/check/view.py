@@ -23,6 +23,7 @@ from ..families import FAMILIES
 from ..families.spec import FamilySpec
 from ..formats.keys import KOHYA_KEY, PEFT_METADATA_KEY, is_embedding_key, is_safeloras, normalize_peft_key
 from ..formats.names import NameTables, name_tables
+from ..formats.source import Source, open_source
 
 # Raw spellings of peft/diffusers-family keys (docs/CHECK.md §1; docs/FORMATS.md §2.1, §2.3).
 _SPELLINGS = (
@@ -170,17 +171,18 @@ def build_view(path: str | os.PathLike[str], family: str | FamilySpec | None = N
     from ..formats.scan import scan_lora
     from ..io.headers import header_of
 
-    source = Path(path)
+    opened = open_source(path)  # a Source passed in is reused: its pickle is not read again
+    source = opened.path
     if not source.exists():
         raise InputError(f"{source}: no such file or folder")
     spec = FAMILIES[family] if isinstance(family, str) else family
     if source.is_dir() or source.suffix != ".safetensors":
-        return _loaded_view(source, spec)
+        return _loaded_view(opened, spec)
     header = header_of(source)
     metadata = dict(header.metadata)
     keys = list(header.tensors)
     if is_safeloras(keys):
-        return _loaded_view(source, spec)
+        return _loaded_view(opened, spec)
     groups, other = _group(keys, metadata)
     view = FileView(str(source), spec, "unknown", groups, metadata, other)
     view.shapes = {k: tuple(i.shape) for k, i in header.tensors.items()}
@@ -231,12 +233,13 @@ def _fill_alphas(view: FileView, source: Path, header: object) -> None:
         os.close(fd)
 
 
-def _loaded_view(source: Path, spec: FamilySpec | None) -> FileView:
+def _loaded_view(opened: Source, spec: FamilySpec | None) -> FileView:
     """Pickles, cloneofsimo lists/safeloras and peft folders: read with the full reader."""
     from ..formats.io import load_lora
 
+    source = opened.path
     try:
-        lora = load_lora(source, spec)
+        lora = load_lora(opened, spec)
     except InputError as exc:
         return FileView(str(source), spec, "unknown", [], loratools_error=str(exc), container="pickle-dict")
     if lora.family is None:
@@ -247,9 +250,7 @@ def _loaded_view(source: Path, spec: FamilySpec | None) -> FileView:
     if lora.source_format == "cloneofsimo":
         container = "pickle-list" if source.suffix != ".safetensors" else "safetensors"
     elif not source.is_dir():
-        from ..io.pickle import load_pickle_raw, unwrap_state_dict
-
-        obj, _ = unwrap_state_dict(load_pickle_raw(source))
+        obj, _ = opened.unpickled()  # the object load_lora read: one unpickle
         raw = obj if isinstance(obj, dict) else {}
     else:
         names = [tables.peft_name(k) for k in lora.adapters]

@@ -13,7 +13,7 @@ from ..ops.checkpoint import convert_checkpoint
 from .batch import batchable
 from .dryrun import destination, dry_run_option, json_fields, print_dry_run, say_written
 from .errors import user_errors
-from .options import dtype_option, family_option, overwrite_option, threads_option
+from .options import dtype_option, family_option, overwrite_option, threads_option, tokenizers_from_option
 from .progress import byte_progress
 from .render import human_bytes, print_json
 from .render_accounting import render_accounting
@@ -36,6 +36,7 @@ CHECKPOINT_TARGETS = ("single", "diffusers")
 )
 @dtype_option
 @family_option
+@tokenizers_from_option
 @threads_option
 @click.option(
     "--bake", is_flag=True, help="LoRA: fold each module's alpha/rank scale into its up factor (alpha = rank)."
@@ -77,6 +78,7 @@ def convert(
     target: str | None,
     dtype: str | None,
     family: str | None,
+    tokenizers_from: str | None,
     bake: bool,
     to_lora: bool,
     rank: int | None,
@@ -103,12 +105,14 @@ def convert(
     Examples:
       loratools convert my_lora.safetensors my_lora_diffusers.safetensors --to diffusers
       loratools convert lokr.safetensors lora.safetensors --to kohya --to-lora --error 0.05
-      loratools convert sd15.safetensors sd15-diffusers --to diffusers
+      loratools convert sd15.safetensors sd15-diffusers --to diffusers --tokenizers-from ./sd15-hub
     """
     console = Console(stderr=as_json)
     with user_errors():
         opened = open_source(source)  # classified and (a pickle) unpickled once, for every step below
         kind = classify(opened)
+        if tokenizers_from is not None and kind == "lora":
+            raise InputError("--tokenizers-from applies to checkpoints written as diffusers folders, not LoRAs")
         if for_target is not None:  # loratools/check/fix.py decides the dialect; --to would contradict it
             from .check_cmd import convert_for_target
 
@@ -172,7 +176,14 @@ def convert(
             byte_progress(console, "converting", enabled=not as_json, total=total) as advance,
         ):
             ck = convert_checkpoint(
-                source, dest.path, layout=target, dtype=dtype, family=family, overwrite=overwrite, progress=advance
+                source,
+                dest.path,
+                layout=target,
+                dtype=dtype,
+                family=family,
+                overwrite=overwrite,
+                progress=advance,
+                tokenizers_from=tokenizers_from,
             )
         if as_json:
             print_json(Console(), {**ck.__dict__, "output": output, **json_fields(dest)})

@@ -11,13 +11,15 @@ from rich.console import Console
 
 from ..classify import classify
 from ..errors import InputError, LoratoolsError
+from ..formats.source import Source, open_source
 from ..io.checkpoint import is_diffusers_folder
 from ..io.hub import is_hub
-from ..io.hub import resolve as resolve_hub
+from ..ops.progress import Progress
 from ..report import LoraReport, inspect_checkpoint, inspect_lora
 from .batch import batchable
 from .errors import user_errors
 from .options import family_option, threads_option
+from .progress import phase_progress
 from .render import render_checkpoint
 from .render_inspect import echo_json
 
@@ -27,15 +29,25 @@ COMPONENT_FOLDERS = ("unet", "text_encoder", "text_encoder_2", "transformer")
 
 
 def inspect_one(
-    path: str, *, family: str | None, norms: bool, hashes: bool, keys: bool
+    path: str | Source,
+    *,
+    family: str | None,
+    norms: bool,
+    hashes: bool,
+    keys: bool,
+    progress: Progress | None = None,
 ) -> Any:  # CheckpointReport | LoraReport
-    """The report of one file or model folder (``path`` may be ``hf://…``; the report keeps it)."""
-    local = resolve_hub(path)
-    if classify(local) == "lora":
-        report: Any = inspect_lora(local, family=family, norms=norms, hashes=hashes, keys=keys)
+    """The report of one file or model folder (``path`` may be ``hf://…``; the report keeps it).
+
+    The input is opened once here and that :class:`Source` is what the classifier and the
+    report read (a pickle is unpickled once); ``progress`` goes to the report's hashes/norms.
+    """
+    source = open_source(path)
+    if classify(source) == "lora":
+        report: Any = inspect_lora(source, family=family, norms=norms, hashes=hashes, keys=keys, progress=progress)
     else:
-        report = inspect_checkpoint(local, family=family, hashes=hashes, keys=keys)
-    if is_hub(path):
+        report = inspect_checkpoint(source, family=family, hashes=hashes, keys=keys, progress=progress)
+    if isinstance(path, str) and is_hub(path):
         report.path = path
     return report
 
@@ -97,7 +109,7 @@ def inspect_folder(
 
         def run(entry: Path) -> None:
             try:
-                results[entry] = inspect_one(str(entry), **options)
+                results[entry] = inspect_one(open_source(entry), **options)
             except LoratoolsError as exc:
                 errors.append((entry, exc))
             finally:
@@ -164,7 +176,8 @@ def inspect_command(
         failures: list[tuple[Path, LoratoolsError]] = []
         folder_mode = False
         for p in paths:
-            local = resolve_hub(p) if is_hub(p) else Path(p)
+            source = open_source(p)  # opened once: the folder test and the report read this one
+            local = source.path
             if local.is_dir() and not is_model_folder(local):
                 folder_mode = True
                 found, errors = inspect_folder(local, console, jobs=jobs, as_json=as_json, **options)
@@ -182,7 +195,12 @@ def inspect_command(
                             _summary(console, row)
                 reports += [r for r in found if not isinstance(r, Skipped)]
             else:
-                reports.append(inspect_one(p, **options))
+                # --norms/--hashes read every tensor byte: one bar, restarted by each step's total
+                with phase_progress("inspecting", enabled=not as_json and (norms or hashes)) as meter:
+                    report = inspect_one(source, **options, progress=meter)
+                if is_hub(p):
+                    report.path = p
+                reports.append(report)
         if as_json:
             echo_json(
                 reports[0].to_dict() if len(reports) == 1 and not folder_mode else [r.to_dict() for r in reports],

@@ -17,7 +17,14 @@ from ..io.checkpoint import open_checkpoint
 from ..io.hub import is_hub
 from ..io.safetensors import FLOAT_DTYPES, ITEMSIZE
 from .errors import user_errors
-from .options import blocks_from_option, dtype_option, family_option, overwrite_option, threads_option
+from .options import (
+    blocks_from_option,
+    dtype_option,
+    family_option,
+    overwrite_option,
+    threads_option,
+    tokenizers_from_option,
+)
 from .progress import byte_progress
 from .render import human_bytes, print_json
 from .render_accounting import render_accounting
@@ -50,6 +57,7 @@ def _common(command: Callable[..., Any]) -> Callable[..., Any]:
         ),
         dtype_option,
         family_option,
+        tokenizers_from_option,
         threads_option,
         click.option(
             "--device",

@@ -46,3 +46,13 @@ blocks_from_option = click.option(
     show_default=True,
     help="Whose block numbering an untagged lbw= vector uses (docs/FORMATS.md §13).",
 )
+
+
+tokenizers_from_option = click.option(
+    "--tokenizers-from",
+    "tokenizers_from",
+    type=click.Path(path_type=str),
+    default=None,
+    help="A single file written as a diffusers folder: copy tokenizer/ [tokenizer_2/] from FOLDER (a diffusers "
+    "folder or one holding them); weights cannot make them (docs/FORMATS.md §5.6).",
+)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 from rich.console import Console
 from rich.progress import (
@@ -11,7 +12,9 @@ from rich.progress import (
     DownloadColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TaskID,
+    TaskProgressColumn,
     TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
@@ -48,17 +51,46 @@ class Meter:
             self._progress.advance(self._task, n)
 
     def set_total(self, total: int) -> None:
+        """The bar's total (the op calls it before its first ``advance``)."""
         if self._progress is not None and self._task is not None:
             self._progress.update(self._task, total=total)
+
+
+class PhaseMeter(Meter):
+    """A :class:`Meter` for a command that runs several ops in turn (``inspect --norms --hashes``):
+    each ``set_total`` starts the bar over with that op's total (modules, or bytes)."""
+
+    def set_total(self, total: int) -> None:
+        """Start the bar over at 0 of ``total``."""
+        if self._progress is not None and self._task is not None:
+            self._progress.reset(self._task, total=total)
+
+
+M = TypeVar("M", bound=Meter)
+
+
+@contextmanager
+def _meter_bar(label: str, enabled: bool, columns: tuple[ProgressColumn, ...], meter: type[M]) -> Iterator[M]:
+    """A transient bar of ``columns`` on stderr (a terminal only), driven through ``meter``."""
+    stderr = Console(stderr=True)
+    if not enabled or not stderr.is_terminal:
+        yield meter(None, None)
+        return
+    with Progress(*columns, console=stderr, transient=True) as progress:
+        yield meter(progress, progress.add_task(label, total=None))
 
 
 @contextmanager
 def module_progress(label: str, *, enabled: bool = True) -> Iterator[Meter]:
     """A bar counting modules on stderr (a terminal only); the op sets its total through :class:`Meter`."""
-    stderr = Console(stderr=True)
-    if not enabled or not stderr.is_terminal:
-        yield Meter(None, None)
-        return
     columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=stderr, transient=True) as progress:
-        yield Meter(progress, progress.add_task(label, total=None))
+    with _meter_bar(label, enabled, columns, Meter) as meter:
+        yield meter
+
+
+@contextmanager
+def phase_progress(label: str, *, enabled: bool = True) -> Iterator[PhaseMeter]:
+    """A percentage bar on stderr (a terminal only) restarted by each op's total; see :class:`PhaseMeter`."""
+    columns = (TextColumn(label), BarColumn(), TaskProgressColumn(), TimeRemainingColumn())
+    with _meter_bar(label, enabled, columns, PhaseMeter) as meter:
+        yield meter

@@ -14,7 +14,7 @@ from .batch import batchable
 from .dryrun import destination, dry_run_option, json_fields, print_dry_run, say_written
 from .errors import user_errors
 from .options import blocks_from_option, dtype_option, family_option, overwrite_option, threads_option
-from .progress import byte_progress, module_progress
+from .progress import module_progress
 from .render import print_json
 
 FORMAT_CHOICES = ("kohya", "diffusers", "peft", "cloneofsimo")
@@ -327,7 +327,7 @@ def extract(base: str, tuned: str, min_diff: float, oversample: int, power_itera
         rules = _rules(kwargs)
         with (
             destination(output, dry_run, inputs=[base, tuned], overwrite=overwrite) as dest,
-            byte_progress(console, "extracting", enabled=not as_json) as advance,
+            module_progress("extracting", enabled=not as_json) as advance,
         ):
             report = run(base, tuned, dest.path, **rules, min_diff=min_diff, oversample=oversample,
                          power_iterations=power_iterations, to=to or "kohya", dtype=dtype, family=family,

@@ -7,7 +7,13 @@ Field names follow the real hub configs (shared/keysets/*-diffusers.json ``confi
 
 from __future__ import annotations
 
-from .spec import DIFFUSERS_FOLDERS, FamilySpec
+from collections.abc import Mapping
+
+from .spec import DIFFUSERS_FOLDERS, FamilySpec, SchedulerSpec
+
+# Detection's prediction type (modelspec.prediction_type, marker tensors) → diffusers' spelling.
+# Anything else ("unknown", "v (EDM)": a different scheduler family) gets the family's default.
+PREDICTIONS = {"epsilon": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction"}
 
 
 def _flux_config(spec: FamilySpec) -> dict[str, object]:
@@ -159,3 +165,34 @@ def _vae_config(spec: FamilySpec) -> dict[str, object]:
     if v.shift_factor is not None:
         vae["shift_factor"] = v.shift_factor
     return vae
+
+
+def scheduler_for(spec: FamilySpec, prediction: str = "unknown") -> SchedulerSpec | None:
+    """The scheduler a pipeline folder of ``spec`` gets: the family's entry for the detected
+    prediction type, else its first (diffusers' single-file default); None: the family has none."""
+    wanted = PREDICTIONS.get(prediction)
+    return next((s for s in spec.schedulers if s.prediction == wanted), spec.schedulers[0] if spec.schedulers else None)
+
+
+def scheduler_config(spec: FamilySpec, prediction: str = "unknown") -> dict[str, object] | None:
+    """``scheduler/scheduler_config.json`` contents (docs/FORMATS.md §5.6); a prediction type the
+    metadata names wins over the entry's own, as diffusers' ``prediction_type`` argument does."""
+    chosen = scheduler_for(spec, prediction)
+    if chosen is None:
+        return None
+    config: dict[str, object] = {"_class_name": chosen.class_name, **dict(chosen.fields)}
+    if prediction in PREDICTIONS and "prediction_type" in config:
+        config["prediction_type"] = PREDICTIONS[prediction]
+    return config
+
+
+def pipeline_index(
+    spec: FamilySpec, scheduler: Mapping[str, object] | None, tokenizers: Mapping[str, list[str]]
+) -> dict[str, object]:
+    """model_index.json for a folder made from a single file: the weight components, then the
+    scheduler and the tokenizers it holds, in diffusers' ``[library, class]`` form."""
+    index = dict(diffusers_configs(spec)["model_index"])
+    if scheduler is not None:
+        index["scheduler"] = ["diffusers", scheduler["_class_name"]]
+    index.update(tokenizers)
+    return index

@@ -9,8 +9,31 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .sd1 import LDM_EXTRAS, SD1_UNET
-from .spec import FamilySpec, TextSpec
+from .sd1 import LDM_EXTRAS, LDM_SCHEDULE, PNDM_EPSILON, SD1_UNET
+from .spec import FamilySpec, SchedulerSpec, TextSpec
+
+# stabilityai/stable-diffusion-2-1 (768-v)'s scheduler/scheduler_config.json: what diffusers'
+# from_single_file loads for any SD2 checkpoint, since weights cannot tell 768-v from 512-base
+# (docs/FORMATS.md §5.6). 2-1-base (epsilon) ships the SD 1.x PNDM file.
+DDIM_V = SchedulerSpec(
+    "DDIMScheduler",
+    "v_prediction",
+    (
+        *LDM_SCHEDULE,
+        ("prediction_type", "v_prediction"),
+        ("set_alpha_to_one", False),
+        ("skip_prk_steps", True),
+        ("steps_offset", 1),
+        ("trained_betas", None),
+    ),
+    "Vikas-2025/Hugging_face_sta_dif_2.1:scheduler/scheduler_config.json (copy of stabilityai/stable-diffusion-2-1)",
+)
+PNDM_BASE = SchedulerSpec(
+    PNDM_EPSILON.class_name,
+    PNDM_EPSILON.prediction,
+    PNDM_EPSILON.fields,
+    "jack-op11/stable-diffusion-2-1-base:scheduler/scheduler_config.json (copy of stabilityai/stable-diffusion-2-1-base)",
+)
 
 SD2 = FamilySpec(
     name="sd2",
@@ -44,4 +67,5 @@ SD2 = FamilySpec(
     single_extras=LDM_EXTRAS,
     image_size=768,  # 2.1 768-v; 2.x-base is 512, which weights cannot tell
     metadata_versions=("sd_v2", "sd_v2_v"),
+    schedulers=(DDIM_V, PNDM_BASE),
 )

@@ -6,7 +6,29 @@ files. The refiner (a different U-Net and only OpenCLIP-bigG) is not this family
 
 from __future__ import annotations
 
-from .spec import FamilySpec, TextSpec, UNetSpec, VaeSpec
+from .sd1 import LDM_SCHEDULE
+from .spec import FamilySpec, SchedulerSpec, TextSpec, UNetSpec, VaeSpec
+
+# stabilityai/stable-diffusion-xl-base-1.0's scheduler/scheduler_config.json; diffusers' legacy
+# single-file path builds the same EulerDiscreteScheduler from SCHEDULER_DEFAULT_CONFIG
+# (docs/FORMATS.md §5.6).
+EULER_EPSILON = SchedulerSpec(
+    "EulerDiscreteScheduler",
+    "epsilon",
+    (
+        *LDM_SCHEDULE,
+        ("interpolation_type", "linear"),
+        ("prediction_type", "epsilon"),
+        ("sample_max_value", 1.0),
+        ("set_alpha_to_one", False),
+        ("skip_prk_steps", True),
+        ("steps_offset", 1),
+        ("timestep_spacing", "leading"),
+        ("trained_betas", None),
+        ("use_karras_sigmas", False),
+    ),
+    "huggingface/diffusers:src/diffusers/loaders/single_file_utils.py (SCHEDULER_DEFAULT_CONFIG, _legacy_load_scheduler)",
+)
 
 SDXL = FamilySpec(
     name="sdxl",
@@ -51,4 +73,5 @@ SDXL = FamilySpec(
     vae=VaeSpec(scaling_factor=0.13025),
     image_size=1024,
     metadata_versions=("sdxl_base_v1-0",),
+    schedulers=(EULER_EPSILON,),
 )

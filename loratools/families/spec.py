@@ -23,6 +23,8 @@ DIFFUSERS_FOLDERS = {
     "te2": "text_encoder_2",
     "vae": "vae",
 }
+# Canonical text component → the diffusers subfolder of its tokenizer (not weights: never made, only copied).
+TOKENIZER_FOLDERS = {"te1": "tokenizer", "te2": "tokenizer_2"}
 DENOISERS = ("unet", "transformer")  # the component a LoRA's "unet" strength and block weights address
 COMPONENT_TITLES = {
     "unet": "U-Net",
@@ -196,6 +198,17 @@ class FluxSpec:
 
 
 @dataclass(frozen=True)
+class SchedulerSpec:
+    """A diffusers scheduler a family's pipeline folder gets: class, ``scheduler_config.json`` fields,
+    and the prediction type it is for (``epsilon``, ``v_prediction``, ``flow``)."""
+
+    class_name: str
+    prediction: str
+    fields: tuple[tuple[str, object], ...]  # in the order the hub file lists them
+    source: str  # where the values come from (owner/repo:path)
+
+
+@dataclass(frozen=True)
 class FamilySpec:
     """A model family: its denoiser (U-Net or DiT), text encoders and VAE, and its single-file layout."""
 
@@ -211,6 +224,9 @@ class FamilySpec:
     bare_components: bool = False  # standalone component files without the all-in-one prefix exist
     metadata_versions: tuple[str, ...] = ()  # kohya ss_base_model_version values naming this family
     image_size: int = 512  # native resolution: diffusers' sample sizes (U-Net = image / 8, VAE = image)
+    # The first is what a folder made from a single file gets when the weights cannot tell the
+    # prediction type (diffusers' own single-file default); others, where metadata names theirs.
+    schedulers: tuple[SchedulerSpec, ...] = ()
 
     @property
     def denoiser(self) -> str:

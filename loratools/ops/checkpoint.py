@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import InputError
-from ..families.configs import diffusers_configs
+from ..families.configs import diffusers_configs, pipeline_index, scheduler_config
 from ..families.detect import Detection
 from ..families.keymap import KeyMap
-from ..families.spec import DIFFUSERS_FOLDERS
+from ..families.spec import DIFFUSERS_FOLDERS, TOKENIZER_FOLDERS, FamilySpec
 from ..io.atomic import AtomicFolder
 from ..io.checkpoint import WEIGHT_NAMES, Checkpoint
 from ..io.safetensors import DTYPES, FLOAT_DTYPES, TensorInfo, dtype_name
@@ -47,6 +47,7 @@ class ConvertReport:
     missing: dict[str, str] = field(default_factory=dict)  # output keys the source could not supply → why
     not_carried: dict[str, str] = field(default_factory=dict)  # source folder files not carried as they were
     files_carried: int = 0  # non-weight files of a source folder copied verbatim
+    notes: list[str] = field(default_factory=list)  # what a new pipeline folder lacks or took from elsewhere
 
 
 def output_dtype_name(info: TensorInfo, dtype: torch.dtype | None) -> str:
@@ -114,18 +115,29 @@ def convert_checkpoint(
     family: str | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
+    tokenizers_from: str | Path | None = None,
 ) -> ConvertReport:
     """Copy a checkpoint to ``output``, optionally into another layout and/or float dtype.
 
     ``layout``: ``"single"`` (LDM/SGM single file) or ``"diffusers"`` (folder); default: the
     source's. ``dtype``: ``"fp16"``, ``"bf16"``, ``"fp32"`` or a torch dtype, applied to float
     tensors only. In the source's own layout every tensor keeps its name, spelling and order and
-    a folder keeps every file; across layouts, what has no place is listed with the reason.
-    Returns a :class:`ConvertReport`; nothing is left at ``output`` on failure.
+    a folder keeps every file; across layouts, what has no place is listed with the reason. A
+    folder made from a single file gets the family's scheduler, and its tokenizers from
+    ``tokenizers_from`` (docs/FORMATS.md §5.6). Returns a :class:`ConvertReport`; nothing is left at ``output`` on failure.
     """
     from .merge import rewrite  # the one executor: a conversion is a merge with no LoRAs
 
-    done = rewrite(source, output, layout=layout, dtype=dtype, family=family, overwrite=overwrite, progress=progress)
+    done = rewrite(
+        source,
+        output,
+        layout=layout,
+        dtype=dtype,
+        family=family,
+        overwrite=overwrite,
+        progress=progress,
+        tokenizers_from=tokenizers_from,
+    )
     return ConvertReport(
         done.base,
         str(output),
@@ -139,6 +151,7 @@ def convert_checkpoint(
         missing=done.missing,
         not_carried=done.not_carried,
         files_carried=done.files_carried,
+        notes=done.notes,
     )
 
 
@@ -152,6 +165,63 @@ def target_layout(found: Detection, layout: str | None) -> str:
     raise InputError(f"unknown layout {layout!r} (use single or diffusers)")
 
 
+@dataclass
+class PipelineFiles:
+    """The non-weight files of a diffusers folder made from a single file (docs/FORMATS.md §5.6)."""
+
+    scheduler: dict[str, object] | None  # scheduler/scheduler_config.json, from the family data
+    tokenizers: dict[str, Path] = field(default_factory=dict)  # subfolder → folder copied verbatim
+    index: dict[str, list[str]] = field(default_factory=dict)  # their model_index.json entries
+    notes: list[str] = field(default_factory=list)
+
+
+def _tokenizer_class(root: Path, name: str, clip: bool) -> list[str]:
+    """``[library, class]`` for a copied tokenizer: as the folder's model_index.json or the
+    tokenizer's own tokenizer_config.json names it, else the CLIP/T5 tokenizer the encoder pairs with."""
+    for path, read in (
+        (root / "model_index.json", lambda d: d.get(name)),
+        (root / name / "tokenizer_config.json", lambda d: ["transformers", d.get("tokenizer_class")]),
+    ):
+        try:
+            entry = read(json.loads(path.read_text()))
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry):
+            return entry
+    return ["transformers", "CLIPTokenizer" if clip else "T5TokenizerFast"]
+
+
+def pipeline_files(found: Detection, tokenizers_from: str | Path | None = None) -> PipelineFiles:
+    """What a folder made from a single file of ``found`` gets beside its weights: the family's
+    scheduler config, and the tokenizers of ``tokenizers_from`` (a diffusers folder, or a folder
+    holding tokenizer/ [tokenizer_2/]); tokenizers cannot be made from weights, so without it the
+    notes say so. Raises InputError when ``tokenizers_from`` lacks one the family needs."""
+    spec: FamilySpec = found.family
+    scheduler = scheduler_config(spec, found.prediction)
+    files = PipelineFiles(scheduler)
+    if scheduler is None:
+        files.notes.append(f"no scheduler is known for {spec.title}; scheduler/ is not written")
+    clip = {t.component for t in spec.texts}
+    needed = {TOKENIZER_FOLDERS[c]: c in clip for c in spec.text_components}
+    names = " and ".join(f"{n}/" for n in needed)
+    if tokenizers_from is None:
+        files.notes.append(f"{names} cannot be made from weights; pass --tokenizers-from FOLDER")
+        return files
+    root = Path(tokenizers_from)
+    if not root.is_dir():
+        raise InputError(f"--tokenizers-from {root}: not a folder (give a diffusers folder or one holding {names})")
+    absent = [n for n in needed if not (root / n).is_dir()]
+    if absent:
+        raise InputError(
+            f"--tokenizers-from {root}: no {' or '.join(f'{n}/' for n in absent)} in it ({spec.title} needs {names})"
+        )
+    for name, is_clip in needed.items():
+        files.tokenizers[name] = root / name
+        files.index[name] = _tokenizer_class(root, name, is_clip)
+    files.notes.append(f"{names} copied from {root}")
+    return files
+
+
 WriteFile = Callable[[Path, dict[str, list[str]], str], None]  # (file, key → canonical parts, key prefix)
 
 
@@ -163,11 +233,13 @@ def write_folder(
     *,
     overwrite: bool,
     check: Callable[[Path], None] | None = None,
+    extras: PipelineFiles | None = None,
 ) -> list[str]:
     """A diffusers folder at ``output``: one weight file per component written by ``write_file``,
-    configs (and, from a folder source, tokenizer/scheduler/…) beside them. Returns the diffusers
-    keys the source could not fill. ``check(temporary_folder)`` runs before the folder is renamed
-    into place."""
+    configs beside them, and from a folder source its tokenizer/scheduler/… as they are; from a
+    single file, the scheduler and tokenizers of ``extras`` (default: :func:`pipeline_files`).
+    Returns the diffusers keys the source could not fill. ``check(temporary_folder)`` runs before
+    the folder is renamed into place."""
     km = src.km
     configs = diffusers_configs(found.family)
     source_folder = src.ckpt.path if src.ckpt.container == "diffusers" else None
@@ -177,7 +249,7 @@ def write_folder(
                 if item.name not in DIFFUSERS_FOLDERS.values():
                     (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
         else:
-            (tmp / "model_index.json").write_text(json.dumps(configs["model_index"], indent=2))
+            _write_pipeline_files(tmp, found.family, extras if extras is not None else pipeline_files(found))
         plan, missing = plan_layout(src, "diffusers", km.layout_keys("diffusers"))
         for component, folder in DIFFUSERS_FOLDERS.items():
             prefix = f"{folder}."
@@ -196,6 +268,16 @@ def write_folder(
         if check is not None:
             check(tmp)
     return missing
+
+
+def _write_pipeline_files(tmp: Path, spec: FamilySpec, extras: PipelineFiles) -> None:
+    index = pipeline_index(spec, extras.scheduler, extras.index)
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if extras.scheduler is not None:
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(extras.scheduler, indent=2) + "\n")
+    for name, folder in extras.tokenizers.items():
+        shutil.copytree(folder, tmp / name)  # verbatim: follows links (a hub cache's blobs)
 
 
 DTYPE_ALIASES = {

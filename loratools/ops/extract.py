@@ -44,6 +44,7 @@ from ..io.checkpoint import Checkpoint, open_checkpoint
 from .checkpoint import CanonicalSource, parse_dtype
 from .lowrank import F64, Factored, RankRule, kept_fraction, lowrank_from, randomized_svd
 from .parallel import map_ordered
+from .progress import announce_total
 from .rank_common import check_output, output_format, rank_rule, write_lora
 from .resize import is_conv_kxk
 
@@ -231,7 +232,8 @@ def extract_lora(
     """A LoRA approximating ``tuned − base`` module by module (see the module docstring).
 
     ``dtype``: the factors' dtype (default: the tuned checkpoint's float dtype).
-    ``progress`` is called with the bytes of each pair of tensors read.
+    ``progress(1)`` is called as each module is decomposed; its total (the target modules both
+    checkpoints hold) is announced first (:func:`loratools.ops.progress.announce_total`).
     """
     if not (min_diff >= 0 and math.isfinite(min_diff)):
         raise InputError(f"--min-diff must be ≥ 0, got {min_diff}")
@@ -263,8 +265,6 @@ def extract_lora(
             for module in present:
                 weight = f"{module}.weight"
                 a, b = base_src.canonical(weight), tuned_src.canonical(weight)
-                if progress:
-                    progress(a.numel() * a.element_size() + b.numel() * b.element_size())
                 yield module, a, b
 
         def work(item: tuple[str, torch.Tensor, torch.Tensor]) -> _Outcome:
@@ -277,7 +277,10 @@ def extract_lora(
         # when another process holds a core, and one thread per module makes the bits independent
         # of the core count. The next modules are read (pread, no Python work) while these are
         # decomposed; at most workers + 1 pairs are in memory.
+        announce_total(progress, len(present))
         for outcome in map_ordered(work, pairs()):
+            if progress:
+                progress(1)
             if outcome.adapter is not None and outcome.row is not None:
                 adapters[outcome.module] = outcome.adapter
                 report.modules.append(outcome.row)

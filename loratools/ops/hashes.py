@@ -26,12 +26,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
 from ..io.safetensors import Header, read_header
+from .progress import Progress, announce_total
 
 LEGACY_OFFSET = 0x100000  # 1 MiB (A1111 model_hash, kohya addnet_hash_legacy)
 LEGACY_LENGTH = 0x10000  # 64 KiB
@@ -119,8 +119,40 @@ def _check_legacy(path: Path, header: Header, stored: str) -> HashCheck:
     )
 
 
-def file_hashes(path: str | os.PathLike[str], progress: Callable[[int], None] | None = None) -> FileHashes:
-    """Hash a file in one streamed pass; check its stored ``sshs_*`` values when it is safetensors."""
+def _stream(path: Path, data_start: int | None, progress: Progress | None) -> tuple[str, str | None]:
+    """One streamed pass over a file: SHA-256 of all of it, and of its bytes from ``data_start``
+    on (a safetensors data section; None: not asked). ``progress(n)`` per chunk read."""
+    full = hashlib.sha256()
+    data = hashlib.sha256() if data_start is not None else None
+    with open(path, "rb", buffering=0) as fh:
+        position = 0
+        buffer = bytearray(CHUNK)
+        view = memoryview(buffer)
+        while got := fh.readinto(buffer):
+            chunk = view[:got]
+            full.update(chunk)
+            if data is not None and data_start is not None and position + got > data_start:
+                data.update(chunk[max(0, data_start - position) :])
+            position += got
+            if progress is not None:
+                progress(got)
+    return full.hexdigest(), data.hexdigest() if data is not None else None
+
+
+def sha256_file(path: str | os.PathLike[str], progress: Progress | None = None) -> str:
+    """SHA-256 of a file, streamed in 1 MiB reads (the AutoV2 hash is its first 10 hex digits);
+    ``progress`` as in :func:`file_hashes`."""
+    path = Path(path)
+    announce_total(progress, path.stat().st_size)
+    return _stream(path, None, progress)[0]
+
+
+def file_hashes(path: str | os.PathLike[str], progress: Progress | None = None) -> FileHashes:
+    """Hash a file in one streamed pass; check its stored ``sshs_*`` values when it is safetensors.
+
+    ``progress(n)`` gets the bytes of each chunk read, after its total (the file size) was
+    announced (:mod:`loratools.ops.progress`).
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: not a file (hashes are of single files)")
@@ -130,28 +162,11 @@ def file_hashes(path: str | os.PathLike[str], progress: Callable[[int], None] | 
     except InputError:
         header = None  # a pickle, or not safetensors at all: whole-file hashes only
     size = path.stat().st_size
-    full = hashlib.sha256()
-    data = hashlib.sha256() if header is not None else None
-    data_start = header.data_start if header is not None else size
-    with open(path, "rb", buffering=0) as fh:
-        position = 0
-        buffer = bytearray(CHUNK)
-        view = memoryview(buffer)
-        while True:
-            got = fh.readinto(buffer)
-            if not got:
-                break
-            chunk = view[:got]
-            full.update(chunk)
-            if data is not None and position + got > data_start:
-                data.update(chunk[max(0, data_start - position) :])
-            position += got
-            if progress is not None:
-                progress(got)
-    sha = full.hexdigest()
+    announce_total(progress, size)
+    sha, addnet = _stream(path, header.data_start if header is not None else None, progress)
     result = FileHashes(str(path), size, sha, sha[:10], hashlib.sha256(legacy_window(path, size)).hexdigest()[:8])
-    if header is not None and data is not None:
-        result.addnet = data.hexdigest()
+    if header is not None and addnet is not None:
+        result.addnet = addnet
         result.addnet_short = result.addnet[:12]
         stored = header.metadata.get("sshs_model_hash")
         if stored is not None:

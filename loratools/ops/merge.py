@@ -39,8 +39,10 @@ from ..io.safetensors import FLOAT_DTYPES, StreamingWriter, TensorInfo, file_siz
 from .blocks import DEFAULT_TOOL, BlockWeights, block_keys, parse_block_weights, unused_blocks
 from .checkpoint import (
     CanonicalSource,
+    PipelineFiles,
     output_dtype_name,
     parse_dtype,
+    pipeline_files,
     plan_layout,
     planned_info,
     target_layout,
@@ -189,6 +191,7 @@ class MergeReport:
     verified: list[dict[str, object]] = field(default_factory=list)
     residual: dict[str, dict[str, float]] = field(default_factory=dict)  # unmerge --base: component → errors
     provenance: dict[str, object] = field(default_factory=dict)  # what the output records it was made from
+    notes: list[str] = field(default_factory=list)  # what a new pipeline folder lacks or took from elsewhere
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -685,6 +688,7 @@ def merge(
     overwrite: bool = False,
     budget: int = DEFAULT_BUDGET,
     progress: Progress | None = None,
+    tokenizers_from: str | Path | None = None,
 ) -> MergeReport:
     """Bake ``loras`` into the checkpoint ``base`` and write the result to ``output``.
 
@@ -693,7 +697,9 @@ def merge(
     output float dtype (default: each tensor's own). ``device``: ``"auto"`` | ``"cpu"`` | ``"cuda"``.
     ``strict``: refuse if any LoRA module patches nothing. ``dry_run``: plan only, write nothing.
     ``verify``: recompute this many patched tensors from the written file before it is renamed
-    into place. Returns a :class:`MergeReport`; on any error nothing is left at ``output``.
+    into place. ``tokenizers_from``: where a diffusers folder made from a single file takes its
+    tokenizers (docs/FORMATS.md §5.6). Returns a :class:`MergeReport`; on any error nothing is
+    left at ``output``.
     """
     return _run(
         "merge",
@@ -711,6 +717,7 @@ def merge(
         overwrite=overwrite,
         budget=budget,
         progress=progress,
+        tokenizers_from=tokenizers_from,
     )
 
 
@@ -731,6 +738,7 @@ def unmerge(
     overwrite: bool = False,
     budget: int = DEFAULT_BUDGET,
     progress: Progress | None = None,
+    tokenizers_from: str | Path | None = None,
 ) -> MergeReport:
     """Subtract ``loras`` (with the weights they were merged at) from ``merged``, in float32.
 
@@ -756,6 +764,7 @@ def unmerge(
         budget=budget,
         progress=progress,
         original=base,
+        tokenizers_from=tokenizers_from,
     )
 
 
@@ -770,6 +779,7 @@ def rewrite(
     verify: int = 0,
     overwrite: bool = False,
     progress: Progress | None = None,
+    tokenizers_from: str | Path | None = None,
 ) -> MergeReport:
     """A merge with no LoRAs: ``base`` written to ``output`` in ``layout`` and/or ``dtype``.
 
@@ -793,6 +803,7 @@ def rewrite(
         overwrite=overwrite,
         budget=DEFAULT_BUDGET,
         progress=progress,
+        tokenizers_from=tokenizers_from,
     )
 
 
@@ -829,6 +840,7 @@ def _run(
     budget: int,
     progress: Progress | None,
     original: str | Path | None = None,
+    tokenizers_from: str | Path | None = None,
 ) -> MergeReport:
     started = time.perf_counter()
     if not lora_items and operation != "convert":
@@ -888,6 +900,11 @@ def _run(
                 )
 
         outputs = _plan_files(ckpt, km, found, source, out_layout, torch_dtype, plan.terms, report)
+        if outputs.kind == "new_folder" and ckpt.container != "diffusers":
+            outputs.pipeline = pipeline_files(found, tokenizers_from)
+            report.notes = list(outputs.pipeline.notes)
+        elif tokenizers_from is not None:
+            raise InputError("--tokenizers-from applies only when a single file is written as a diffusers folder")
         if operation != "convert":
             record = _provenance(operation, ckpt, inputs, plan.matches)
             report.provenance = record
@@ -962,6 +979,7 @@ class _Outputs:
     indexes: dict[str, dict[str, object]] = field(default_factory=dict)  # shard indexes rewritten (new sizes)
     not_carried: dict[str, str] = field(default_factory=dict)  # base folder files left out → why
     extra_files: dict[str, str] = field(default_factory=dict)  # written at the folder's root (provenance)
+    pipeline: PipelineFiles | None = None  # a new folder's scheduler and tokenizers
 
 
 def _provenance(
@@ -1158,4 +1176,4 @@ def _write(
         if check is not None:
             check(tmp)
 
-    write_folder(source, out_path, found, write_file, overwrite=overwrite, check=finish)
+    write_folder(source, out_path, found, write_file, overwrite=overwrite, check=finish, extras=outputs.pipeline)

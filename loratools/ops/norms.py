@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from ..threads import module_workers, numpy_blas_threads, torch_threads
+from .progress import Progress, announce_total
 
 if TYPE_CHECKING:
     import numpy as np
@@ -56,8 +57,12 @@ def _numpy_ok(module: ModuleScan) -> bool:
     return module.kind in NUMPY_KINDS and "lora_mid.weight" not in module.params and dtypes <= {*_NUMPY, "BF16"}
 
 
-def scan_norms(scan: LoraScan) -> dict[str, float]:
-    """‖ΔW‖_F of every module of a scanned file, canonical name → norm."""
+def scan_norms(scan: LoraScan, progress: Progress | None = None) -> dict[str, float]:
+    """‖ΔW‖_F of every module of a scanned file, canonical name → norm.
+
+    ``progress(1)`` per module done, after its total (the module count) was announced
+    (:mod:`loratools.ops.progress`).
+    """
     header = scan.header
     if header is None:
         raise ValueError("scan_norms needs a scanned safetensors file")
@@ -79,6 +84,7 @@ def scan_norms(scan: LoraScan) -> dict[str, float]:
     norms: dict[str, float] = {}
     others = [m for m in scan.modules.values() if not _numpy_ok(m)]
     plain = [m for m in scan.modules.values() if _numpy_ok(m)]
+    announce_total(progress, len(plain) + len(others))
 
     def one(module: ModuleScan) -> tuple[str, float]:
         up_ref, down_ref = module.params["lora_up.weight"], module.params["lora_down.weight"]
@@ -95,16 +101,24 @@ def scan_norms(scan: LoraScan) -> dict[str, float]:
             from concurrent.futures import ThreadPoolExecutor
 
             with ThreadPoolExecutor(max_workers=workers) as pool:
-                norms.update(pool.map(one, plain, chunksize=16))
+                for name, value in pool.map(one, plain, chunksize=16):
+                    norms[name] = value
+                    if progress is not None:
+                        progress(1)
         else:
-            norms.update(map(one, plain))
+            for name, value in map(one, plain):
+                norms[name] = value
+                if progress is not None:
+                    progress(1)
     if others:
         with torch_threads(1):
-            norms.update(_torch_norms(scan, others, view, header.data_start))
+            norms.update(_torch_norms(scan, others, view, header.data_start, progress))
     return {name: norms[name] for name in scan.modules}
 
 
-def _torch_norms(scan: LoraScan, modules: list[ModuleScan], view: memoryview, data_start: int) -> dict[str, float]:
+def _torch_norms(
+    scan: LoraScan, modules: list[ModuleScan], view: memoryview, data_start: int, progress: Progress | None
+) -> dict[str, float]:
     """LoHa/LoKr/Tucker/full modules: their adapters built by the reader, then factorized."""
     import torch
 
@@ -122,6 +136,8 @@ def _torch_norms(scan: LoraScan, modules: list[ModuleScan], view: memoryview, da
             tensors[param] = torch.frombuffer(raw, dtype=torch.uint8).view(DTYPES[ref.info.dtype]).reshape(ref.shape)
         adapter = adapter_from_params(module.name, tensors, tables.modules[module.module].shape, [])
         out[module.module] = adapter_norm(adapter)
+        if progress is not None:
+            progress(1)
     return out
 
 
@@ -149,7 +165,14 @@ def adapter_norm(adapter: Adapter) -> float:
     return math.sqrt(max(value, 0.0))
 
 
-def adapters_norms(adapters: Mapping[str, Adapter]) -> dict[str, float]:
-    """‖ΔW‖_F of every adapter of a LoRA read through torch (one thread: small products)."""
+def adapters_norms(adapters: Mapping[str, Adapter], progress: Progress | None = None) -> dict[str, float]:
+    """‖ΔW‖_F of every adapter of a LoRA read through torch (one thread: small products);
+    ``progress`` as in :func:`scan_norms`."""
+    announce_total(progress, len(adapters))
+    out: dict[str, float] = {}
     with torch_threads(1):
-        return {name: adapter_norm(adapter) for name, adapter in adapters.items()}
+        for name, adapter in adapters.items():
+            out[name] = adapter_norm(adapter)
+            if progress is not None:
+                progress(1)
+    return out

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 from .. import threads
+from .progress import announce_total
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -44,9 +45,7 @@ def map_modules(
     order, is raised once the items before it are done; ``progress(1)`` is called per result.
     """
     count = threads.module_workers(len(items)) if workers is None else workers
-    set_total = getattr(progress, "set_total", None)  # a CLI bar (cli/progress.Meter) learns its total here
-    if callable(set_total):
-        set_total(len(items))
+    announce_total(progress, len(items))  # a CLI bar (cli/progress.Meter) learns its total here
     results: list[R] = []
     if count <= 1 or len(items) < 2:
         with intra_op_threads(1):

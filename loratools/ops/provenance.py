@@ -3,34 +3,23 @@
 Key ``loratools.provenance`` in a single file's ``__metadata__`` (a JSON string), or the file
 ``loratools_provenance.json`` at the root of a diffusers folder output (its weight files keep their
 own metadata as the base had it). Each input is named with its SHA-256 and AutoV2 (first 10 hex,
-AUTOMATIC1111 modules/hashes.py) — hashes that tell a user exactly which files went in.
+AUTOMATIC1111 modules/hashes.py) — hashes that tell a user exactly which files went in, computed
+by :func:`loratools.ops.hashes.sha256_file`, the one streamed hasher.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .. import __version__
+from .hashes import sha256_file
 
 KEY = "loratools.provenance"
 MODELSPEC_HASH = "modelspec.hash_sha256"  # of the new weights; see ops/merge.py (_modelspec_hash_key)
 FOLDER_FILE = "loratools_provenance.json"
 SCHEMA = "loratools.provenance/1"
-CHUNK = 1 << 20
-
-
-def sha256_file(path: Path) -> str:
-    """SHA-256 of a file, streamed in 1 MiB reads."""
-    digest = hashlib.sha256()
-    with open(path, "rb", buffering=0) as fh:
-        buffer = bytearray(CHUNK)
-        view = memoryview(buffer)
-        while got := fh.readinto(buffer):
-            digest.update(view[:got])
-    return digest.hexdigest()
 
 
 def input_record(path: Path, files: Sequence[Path] | None = None) -> dict[str, object]:

@@ -6,6 +6,7 @@ only ever added within a version.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -13,7 +14,9 @@ from pathlib import Path
 from ..families.detect import component_of_key, detect
 from ..families.keymap import KeyMap
 from ..families.spec import COMPONENT_TITLES
+from ..formats.source import Source, open_source
 from ..io.checkpoint import Checkpoint, open_checkpoint
+from ..ops.progress import Progress, announce_total
 from ..ops.provenance import read_provenance
 from .facts import LIST_LIMIT, hash_facts, key_facts
 from .tree import Leaf, Node, build_tree
@@ -82,14 +85,21 @@ def _file_format(files: list[Path]) -> str:
 
 
 def inspect_checkpoint(
-    path: str | Path, *, family: str | None = None, hashes: bool = False, keys: bool = False
+    path: str | os.PathLike[str] | Source,
+    *,
+    family: str | None = None,
+    hashes: bool = False,
+    keys: bool = False,
+    progress: Progress | None = None,
 ) -> CheckpointReport:
     """Read a checkpoint's headers (never its tensor data) and describe it.
 
-    ``hashes``: also hash every file (streamed, see :mod:`loratools.ops.hashes`); ``keys``: list
-    every tensor with its shape and dtype. ``path`` may be an ``hf://`` reference.
+    ``hashes``: also hash every file (streamed, see :mod:`loratools.ops.hashes`); ``progress`` is
+    told the bytes of all files as its total and advanced per chunk hashed. ``keys``: list every
+    tensor with its shape and dtype. ``path`` may be an ``hf://`` reference or an opened
+    :class:`~loratools.formats.source.Source`.
     """
-    with open_checkpoint(path) as ckpt:
+    with open_checkpoint(open_source(path).path) as ckpt:
         found = detect(ckpt.shapes(), ckpt.metadata, family=family)
         km = found.keymap
         facts = {name: ComponentFacts(name, _TITLES[name]) for name in COMPONENT_ORDER}
@@ -141,11 +151,18 @@ def inspect_checkpoint(
             shape_mismatches=found.shape_mismatches[:LIST_LIMIT],
             notes=found.notes,
             dropped_non_tensors=ckpt.dropped[:LIST_LIMIT],
-            hashes=[hash_facts(f) for f in ckpt.files] if hashes else None,
+            hashes=_hashes(ckpt.files, progress) if hashes else None,
             keys=[key_facts(k, ckpt.info(k)) for k in ckpt] if keys else None,
             tree=checkpoint_tree(ckpt, km, found.layout),
             provenance=read_provenance(ckpt.metadata, ckpt.path if ckpt.container == "diffusers" else None),
         )
+
+
+def _hashes(files: list[Path], progress: Progress | None) -> list[dict[str, object]]:
+    """Every file's hashes, one bar over all of them (each file's own total is not announced)."""
+    announce_total(progress, sum(f.stat().st_size for f in files))
+    advance = None if progress is None else (lambda n: progress(n))  # no set_total: one total
+    return [hash_facts(f, advance) for f in files]
 
 
 def checkpoint_tree(ckpt: Checkpoint, km: KeyMap, layout: str) -> list[Node]:

@@ -6,6 +6,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..io.safetensors import TensorInfo
+from ..ops.progress import Progress
 
 LIST_LIMIT = 20  # long key lists are cut to this many in reports (counts stay exact)
 
@@ -15,8 +16,9 @@ def key_facts(key: str, info: TensorInfo) -> dict[str, object]:
     return {"key": key, "shape": list(info.shape), "dtype": info.dtype}
 
 
-def hash_facts(path: str | Path) -> dict[str, object]:
-    """The hashes of one file as plain data (``--hashes``)."""
+def hash_facts(path: str | Path, progress: Progress | None = None) -> dict[str, object]:
+    """The hashes of one file as plain data (``--hashes``); ``progress`` counts the bytes read
+    (:func:`loratools.ops.hashes.file_hashes`)."""
     from ..ops.hashes import file_hashes
 
-    return asdict(file_hashes(path))
+    return asdict(file_hashes(path, progress))

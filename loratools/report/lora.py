@@ -25,9 +25,10 @@ from ..formats.keys import EMBED_FLAG, is_embedding_key
 from ..formats.lookalike import check_not_lfs_pointer, flatten_embedding
 from ..formats.names import name_tables
 from ..formats.resolve import claimed_family
+from ..formats.source import PICKLE, SAFETENSORS, Source, open_source
 from ..formats.verdict import sd_verdict, unknown_verdict
-from ..io.hub import resolve as resolve_hub
 from ..io.safetensors import TensorInfo
+from ..ops.progress import Progress
 from ..ops.provenance import KEY as PROVENANCE_KEY
 from ..ops.provenance import read_provenance
 from .facts import LIST_LIMIT, hash_facts, key_facts
@@ -264,21 +265,21 @@ def _family_of_embeddings(facts: list[EmbeddingFacts]) -> str | None:
     return None
 
 
-def _embedding_file(path: Path) -> tuple[dict[str, Any], dict[str, str]] | None:
-    """The tensors of a file that holds textual-inversion embeddings and nothing else."""
-    from ..io.safetensors import read_header
-
-    if path.is_dir():
-        return None
-    try:
-        header = read_header(path)
+def _embedding_file(source: Source) -> tuple[dict[str, Any], dict[str, str]] | None:
+    """The tensors of a file that holds textual-inversion embeddings and nothing else (the
+    source's own header or unpickled object: nothing is read a second time)."""
+    if source.kind == SAFETENSORS:
+        try:
+            header = source.header()
+        except Exception:  # not readable as safetensors: the reader gives its own one-line error
+            return None
         tensors: dict[str, Any] = dict(header.tensors)
         metadata = header.metadata
-    except Exception:  # not safetensors: a pickle (torch)
-        from ..io.pickle import load_pickle_raw, split_tensors, unwrap_state_dict
+    elif source.kind == PICKLE:
+        from ..io.pickle import split_tensors
 
         try:
-            obj, _ = unwrap_state_dict(load_pickle_raw(path))
+            obj, _ = source.unpickled()
         except Exception:
             return None
         obj = flatten_embedding(obj)
@@ -286,6 +287,8 @@ def _embedding_file(path: Path) -> tuple[dict[str, Any], dict[str, str]] | None:
             return None
         tensors, _ = split_tensors(obj)
         metadata = {}
+    else:
+        return None
     if tensors and all(is_embedding_key(k, metadata) for k in tensors):
         return tensors, metadata
     return None
@@ -304,7 +307,7 @@ def _counts(values: list[Any], *, fmt: Any) -> dict[str, int]:
 
 
 def inspect_lora(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | Source,
     *,
     family: str | None = None,
     norms: bool = False,
@@ -312,6 +315,7 @@ def inspect_lora(
     keys: bool = False,
     loads_in: bool = True,
     tree: bool = True,
+    progress: Progress | None = None,
 ) -> LoraReport:
     """Describe a LoRA: format, family from shapes vs metadata claims, ranks, alphas, layout tree.
 
@@ -319,19 +323,24 @@ def inspect_lora(
     ``norms`` is asked for. ``path`` may be an ``hf://`` reference. ``loads_in=False`` leaves out
     the per-target load summary (the loratools.check tables: most of a header-only report's time)
     and ``tree=False`` the layout tree (the next largest part); a census row uses neither.
+    ``path`` may be a :class:`~loratools.formats.source.Source` already opened: every step below
+    reads that one source (a pickle is unpickled once for the whole report). ``progress`` is
+    told each step's total and advanced as it goes (:mod:`loratools.ops.progress`): bytes hashed
+    with ``hashes``, modules done with ``norms``.
     """
     from ..formats.scan import scan_lora
 
-    local = resolve_hub(path)
+    source = open_source(path)
+    local = source.path
     if not local.exists():
         from ..errors import InputError
 
         raise InputError(f"{local}: no such file or folder")
     check_not_lfs_pointer(local)
-    scan = scan_lora(local, family)
-    only_embeddings = None if scan is not None or local.is_dir() else _embedding_file(local)
+    scan = scan_lora(source, family)
+    only_embeddings = None if scan is not None else _embedding_file(source)
     if only_embeddings is not None:
-        return _embedding_report(str(path), local, *only_embeddings, hashes=hashes, keys=keys)
+        return _embedding_report(str(path), local, *only_embeddings, hashes=hashes, keys=keys, progress=progress)
     all_keys: list[dict[str, object]] = []
     module_norms: dict[str, float] | None = None
     embeddings: dict[str, TensorInfo | Any]  # header infos or loaded tensors
@@ -353,21 +362,21 @@ def inspect_lora(
         if norms:
             from ..ops.norms import scan_norms
 
-            module_norms = scan_norms(scan)
+            module_norms = scan_norms(scan, progress)
     else:
         from ..formats.io import load_lora
 
-        lora = load_lora(local, family)
+        lora = load_lora(source, family)
         facts, dtypes, parameters = _facts_of_loaded(lora)
         per_module = {name: a.parameters() for name, a in lora.adapters.items()}
         fmt, spec, metadata, verdict = lora.source_format, lora.family, lora.metadata, lora.verdict
         warnings, unmatched, embeddings = lora.warnings, lora.unmatched, dict(lora.embeddings)
-        stored = _stored_tensors(local)
+        stored = _stored_tensors(source)
         read = "tensors"
         if norms:
             from ..ops.norms import adapters_norms
 
-            module_norms = adapters_norms(lora.adapters)
+            module_norms = adapters_norms(lora.adapters, progress)
     if module_norms is not None:
         broken = sorted(m for m, v in module_norms.items() if not math.isfinite(v))
         if broken:  # NaN/inf factors: no number to show, and JSON has none for them
@@ -434,10 +443,10 @@ def inspect_lora(
         metadata_summary=summarize_metadata(metadata),
         tree=layout if tree else [],
         norms=norm_summary,
-        hashes=hash_facts(local) if hashes and local.is_file() else None,
+        hashes=hash_facts(local, progress) if hashes and local.is_file() else None,
         keys=all_keys if keys else None,
         model=verdict.to_dict(),
-        loads_in=_loads_in(local, family) if loads_in else [],
+        loads_in=_loads_in(source, family) if loads_in else [],
         provenance=read_provenance(metadata, local if local.is_dir() else None),
     )
 
@@ -448,11 +457,12 @@ def _torch_name(dtype: str) -> str:
     return _TORCH_NAMES[dtype]
 
 
-def _stored_tensors(path: Path) -> dict[str, TensorInfo]:
-    """Every stored tensor of a LoRA read through torch, for --keys and the tensor count."""
+def _stored_tensors(source: Source) -> dict[str, TensorInfo]:
+    """Every stored tensor of a LoRA read through torch, for --keys and the tensor count (from the
+    source's header or its one unpickled object)."""
     from ..io.checkpoint import open_checkpoint
-    from ..io.safetensors import read_header
 
+    path = source.path
     if path.is_dir():
         out: dict[str, TensorInfo] = {}
         for weights in sorted(path.rglob("adapter_model.*")):
@@ -460,14 +470,12 @@ def _stored_tensors(path: Path) -> dict[str, TensorInfo]:
                 prefix = f"{weights.parent.relative_to(path)}/" if weights.parent != path else ""
                 out.update({prefix + k: ckpt.info(k) for k in ckpt})
         return out
-    try:
-        return dict(read_header(path).tensors)
-    except Exception:
-        pass
-    from ..io.pickle import load_pickle_raw, split_tensors, unwrap_state_dict
+    if source.kind == SAFETENSORS:
+        return dict(source.header().tensors)
+    from ..io.pickle import split_tensors
     from ..io.safetensors import dtype_name
 
-    obj, _ = unwrap_state_dict(load_pickle_raw(path))
+    obj, _ = source.unpickled()
     if isinstance(obj, list):
         return {
             f"[{i}]": TensorInfo(dtype_name(t.dtype), tuple(t.shape)) for i, t in enumerate(obj) if hasattr(t, "dtype")
@@ -479,7 +487,14 @@ def _stored_tensors(path: Path) -> dict[str, TensorInfo]:
 
 
 def _embedding_report(
-    shown: str, path: Path, tensors: dict[str, Any], metadata: dict[str, str], *, hashes: bool, keys: bool
+    shown: str,
+    path: Path,
+    tensors: dict[str, Any],
+    metadata: dict[str, str],
+    *,
+    hashes: bool,
+    keys: bool,
+    progress: Progress | None = None,
 ) -> LoraReport:
     """A file of textual-inversion embeddings only: reported as such, with no modules."""
     from ..io.safetensors import dtype_name
@@ -526,15 +541,16 @@ def _embedding_report(
         file_dtypes=dict(Counter(i.dtype for i in infos.values())),
         embedding_facts=facts,
         metadata_summary=summarize_metadata(metadata),
-        hashes=hash_facts(path) if hashes and path.is_file() else None,
+        hashes=hash_facts(path, progress) if hashes and path.is_file() else None,
         keys=[key_facts(k, i) for k, i in infos.items()] if keys else None,
         model=verdict.to_dict(),
         provenance=read_provenance(metadata),
     )
 
 
-def _loads_in(path: Path, family: str | None) -> list[str]:
-    """The per-target "loads in" summary (loratools.check tables, header-only)."""
+def _loads_in(source: Source, family: str | None) -> list[str]:
+    """The per-target "loads in" summary (loratools.check tables, header-only; a pickle or peft
+    folder is viewed through the same opened source)."""
     from ..check import loads_in
 
-    return loads_in(path, family)
+    return loads_in(source, family)
