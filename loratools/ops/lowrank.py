@@ -28,6 +28,7 @@ import torch
 from ..errors import InputError
 from ..formats.adapters import Adapter, Full, LoHa, LoKr, LowRank, factor_dtype
 from .rank_rule import TIE, RankChoice, RankRule, choose_rank, kept_fraction, lost_fraction  # noqa: F401 (re-exported)
+from .svd_sign import pair_factors
 
 F64 = torch.float64
 
@@ -261,14 +262,34 @@ def factored_svd(adapter: Adapter, *, include_scale: bool = True) -> tuple[Facto
     return Factored(up, down, svd.singular_values), shape
 
 
+def canonical_pairs(
+    up: torch.Tensor, down: torch.Tensor, singular_values: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`loratools.ops.svd_sign.canonical_pairs` on torch factors (the rule decided on numpy
+    copies, applied here): the numpy path's sign and zero rule, so both store the same bytes."""
+    factors = pair_factors(up.detach().cpu().numpy(), singular_values.detach().cpu().numpy())
+    factor = torch.from_numpy(factors).to(device=up.device, dtype=up.dtype)
+    return up * factor + 0.0, down * factor[:, None] + 0.0
+
+
 def lowrank_from(
-    svd: SVD, k: int, shape: tuple[int, ...], *, alpha: float | None = None, dtype: torch.dtype | None = None
+    svd: SVD,
+    k: int,
+    shape: tuple[int, ...],
+    *,
+    alpha: float | None = None,
+    dtype: torch.dtype | None = None,
+    canonical: bool = False,
 ) -> LowRank:
     """The top-k truncation as a LoRA module: ``alpha`` defaults to k (scale 1).
 
     Conv modules (4-D ``shape``) get the LoCon shapes ``down (k, in, kh, kw)``, ``up (out, k, 1, 1)``.
+    ``canonical`` fixes each singular pair's sign (and zeroes σ = 0 pairs) by :func:`canonical_pairs` (resize does, so its
+    torch and numpy paths write the same file).
     """
     up, down = svd.truncated(k)
+    if canonical:
+        up, down = canonical_pairs(up, down, svd.singular_values)
     if len(shape) == 4:
         up = up.reshape(shape[0], k, 1, 1)
         down = down.reshape(k, *shape[1:])
