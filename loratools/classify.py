@@ -7,15 +7,15 @@ from pathlib import Path
 from .errors import InputError
 from .families.detect import DIFFUSERS_PREFIXES, SINGLE_PREFIXES
 from .formats.lookalike import check_not_lfs_pointer
-from .formats.source import Source, open_source
 from .io.checkpoint import is_diffusers_folder
 from .io.files import regular_file
 from .io.headers import header_of
+from .io.source import Source, open_source
 
 
 def classify(path: str | Path | Source) -> str:
     """``"checkpoint"`` or ``"lora"`` (``path`` may be an ``hf://`` reference, or an opened
-    :class:`~loratools.formats.source.Source`, whose unpickled object is then kept for the reader)."""
+    :class:`~loratools.io.source.Source`, whose unpickled object is then kept for the reader)."""
     source = open_source(path)
     path = source.path
     if not path.exists():

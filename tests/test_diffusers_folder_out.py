@@ -186,3 +186,63 @@ def test_cli_says_it_in_one_line(singles: dict[str, Path], tokenizers: Path, tmp
     assert code == 0 and not any("cannot be made" in n for n in json.loads(text)["notes"])
     code, text = _run(*head, str(tmp_path / "bad"), "--to", "diffusers", "--tokenizers-from", str(tmp_path / "nope"))
     assert code != 0 and "not a folder" in text and "Traceback" not in text and len(text.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_converted_tiny_file_loads_as_a_pipeline(
+    singles: dict[str, Path], tokenizers: Path, tmp_path: Path, family: str
+) -> None:
+    """A single file whose widths are not full size becomes a folder diffusers builds: group and
+    head counts the widths cannot hold are replaced (and said), every weight lands where it was."""
+    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    report = convert_checkpoint(singles[family], tmp_path / "out", layout="diffusers", tokenizers_from=tokenizers)
+    assert any("GroupNorm groups 8 (not 32)" in n for n in report.notes)
+    cls = diffusers.StableDiffusionXLPipeline if family == "sdxl" else diffusers.StableDiffusionPipeline
+    pipe = cls.from_pretrained(str(tmp_path / "out"), local_files_only=True)
+    for component in ("unet", "vae", "text_encoder"):
+        written = load_file(next((tmp_path / "out" / component).glob("*.safetensors")))
+        loaded = getattr(pipe, component).state_dict()
+        # transformers 5 keeps CLIP's weights without the text_model. prefix the files use
+        names = {k: k if k in loaded else k.removeprefix("text_model.") for k in written}
+        assert set(names.values()) <= set(loaded)
+        assert all(torch.equal(loaded[names[k]], v) for k, v in written.items())
+
+
+def _bfl_schedule(steps: int, seq_len: int, shift: bool) -> list[float]:
+    """BFL's own sampling schedule, from black-forest-labs/flux:src/flux/sampling.py (get_schedule,
+    get_lin_function, time_shift): linspace(1, 0, steps + 1), shifted for every model but schnell."""
+    t = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+    if shift:
+        slope = (1.15 - 0.5) / (4096 - 256)
+        mu = slope * seq_len + (0.5 - slope * 256)
+        t = torch.exp(torch.tensor(mu, dtype=torch.float64)) / (torch.exp(torch.tensor(mu)) + (1 / t - 1))
+    return t.tolist()
+
+
+@pytest.mark.parametrize("variant", ["dev", "schnell"])
+def test_flux_folder_scheduler_samples_bfl_schedule(tmp_path: Path, variant: str) -> None:
+    """The scheduler a FLUX.1 single file gets is chosen by the variant its weights show, and the
+    sigmas diffusers' FluxPipeline makes from it equal BFL's sampler's."""
+    pytest.importorskip("diffusers")
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+    from loratools.synthetic import TINY_FLUX
+
+    single = write_checkpoint(TINY_FLUX[variant], tmp_path / "flux.safetensors", "single")
+    report = convert_checkpoint(single, tmp_path / "out", layout="diffusers")
+    assert not any("no scheduler" in n for n in report.notes)
+    index = json.loads((tmp_path / "out" / "model_index.json").read_text())
+    assert index["scheduler"] == ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(tmp_path / "out"), subfolder="scheduler")
+    steps = 4 if variant == "schnell" else 28
+    for seq_len in (256, 1024, 4096):  # 512², 1024², 2048² images in 2×2-packed latent tokens
+        c = scheduler.config
+        mu = calculate_shift(seq_len, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
+        retrieve_timesteps(scheduler, steps, "cpu", sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+        ours = scheduler.sigmas.double().tolist()
+        assert ours == pytest.approx(_bfl_schedule(steps, seq_len, shift=variant == "dev"), abs=1e-6)

@@ -98,6 +98,35 @@ def test_low_precision_base_is_rounded_once_from_fp32(bases: dict[str, Path], dt
     assert merged[w].dtype == base[w].dtype and torch.equal(merged[w].float(), expected.float())
 
 
+@pytest.mark.parametrize(("dtype", "strength"), [("bf16", 1.0), ("fp8", 1.0), ("fp8", 0.05), ("fp16", 1.0)])
+def test_rounding_loss_is_reported_as_the_files_show_it(
+    bases: dict[str, Path], dtype: str, strength: float, tmp_path: Path
+) -> None:
+    """bf16/fp8 merges report ‖round(W+ΔW) − (W+ΔW)‖/‖ΔW‖ per component; the files are the judge:
+    the same merge written in fp32 is W+ΔW unrounded, the base file is W. fp16 reports nothing."""
+    lora_path = tmp_path / "l.safetensors"
+    save_tensors(lora_path, flux_lora_dialect(SPEC, "kohya", seed=5), {})
+    weighted = f"{lora_path}:{strength}"
+    report = merge(bases[f"bfl {dtype}"], [weighted], tmp_path / "m.safetensors")
+    if dtype == "fp16":
+        assert report.rounding == {} and not any("rounding" in w for w in report.warnings)
+        return
+    merge(bases[f"bfl {dtype}"], [weighted], tmp_path / "exact.safetensors", dtype="fp32")
+    rounded, exact = load_file(tmp_path / "m.safetensors"), load_file(tmp_path / "exact.safetensors")
+    base = load_file(bases[f"bfl {dtype}"])
+    lost_sq = delta_sq = 0.0
+    for key in rounded:
+        if not torch.equal(exact[key], base[key].float()):
+            lost_sq += float((rounded[key].double() - exact[key].double()).square().sum())
+            delta_sq += float((exact[key].double() - base[key].double()).square().sum())
+    assert set(report.rounding) == {"transformer"}
+    facts = report.rounding["transformer"]
+    assert facts["dtype"] == str(rounded["double_blocks.0.img_attn.qkv.weight"].dtype).removeprefix("torch.")
+    assert facts["lost"] == pytest.approx((lost_sq / delta_sq) ** 0.5, rel=1e-6)
+    warned = [w for w in report.warnings if w.startswith("rounding the merged transformer")]
+    assert bool(warned) == (facts["lost"] > 0.05)  # type: ignore[operator]
+
+
 def test_flux_lora_onto_sdxl_and_sdxl_lora_onto_flux_are_refused_by_name(
     bases: dict[str, Path], tmp_path: Path
 ) -> None:

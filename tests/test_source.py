@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 import loratools.io.pickle as pickles
 from loratools.cli.main import cli
 from loratools.formats.io import load_lora, save_lora
-from loratools.formats.source import PICKLE, SAFETENSORS, open_source
 from loratools.io.safetensors import SafetensorsFile
-from loratools.synthetic import TINY, make_lora
+from loratools.io.source import PICKLE, SAFETENSORS, open_source
+from loratools.synthetic import TINY, make_lora, write_checkpoint
 
 
 def _pickled_lora(tmp_path: Path) -> Path:
@@ -52,6 +52,45 @@ def test_a_pickle_is_unpickled_once_per_command(
     result = CliRunner().invoke(cli, argv, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert calls == [source]
+
+
+def _pickled_checkpoint(tmp_path: Path) -> tuple[Path, Path]:
+    single = write_checkpoint(TINY["sd1"], tmp_path / "base.safetensors", "single")
+    path = tmp_path / "base.ckpt"
+    torch.save(load_file(single), path)
+    return path, single
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["inspect", "{ckpt}"],
+        ["inspect", "{ckpt}", "--json", "--keys"],
+        ["convert", "{ckpt}", "{out}.safetensors"],
+        ["merge", "{ckpt}", "{lora}", "-o", "{out}.safetensors"],
+        ["diff", "{ckpt}", "{single}"],
+    ],
+    ids=["inspect", "inspect-json-keys", "convert", "merge", "diff"],
+)
+def test_a_pickle_checkpoint_is_unpickled_once_per_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str]
+) -> None:
+    """Classifying a pickle unpickles it; every later step reuses that object (counted at
+    torch.load, beneath every reader)."""
+    ckpt, single = _pickled_checkpoint(tmp_path)
+    lora = save_lora(make_lora(TINY["sd1"], rank=2), tmp_path / "l.safetensors", "kohya")
+    calls: list[object] = []
+    original = torch.load
+
+    def counted(*a: object, **k: object) -> object:
+        calls.append(a[0])
+        return original(*a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch, "load", counted)
+    argv = [a.format(ckpt=ckpt, single=single, lora=lora, out=tmp_path / "out") for a in args]
+    result = CliRunner().invoke(cli, argv, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert [Path(str(c)) for c in calls] == [ckpt]
 
 
 def test_open_source_tells_the_kind_from_bytes(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from ..families import FAMILIES
 from ..families.spec import FamilySpec
 from ..formats.keys import KOHYA_KEY, PEFT_METADATA_KEY, is_embedding_key, is_safeloras, normalize_peft_key
 from ..formats.names import NameTables, name_tables
-from ..formats.source import Source, open_source
+from ..io.source import Source, open_source
 
 # Raw spellings of peft/diffusers-family keys (docs/CHECK.md §1; docs/FORMATS.md §2.1, §2.3).
 _SPELLINGS = (

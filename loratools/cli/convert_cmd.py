@@ -7,8 +7,8 @@ from rich.console import Console
 
 from ..classify import classify
 from ..errors import InputError
-from ..formats.source import open_source
 from ..io.checkpoint import open_checkpoint
+from ..io.source import open_source
 from ..ops.checkpoint import convert_checkpoint
 from .batch import batchable
 from .dryrun import destination, dry_run_option, json_fields, print_dry_run, say_written
@@ -169,14 +169,14 @@ def convert(
             raise InputError(f"{source} is a checkpoint; --to {target} is for LoRAs (use single or diffusers)")
         if bake or to_lora or rank or error or max_rank:
             raise InputError("--bake/--to-lora/--rank/--error/--max-rank apply to LoRAs, not checkpoints")
-        with open_checkpoint(source) as ckpt:
+        with open_checkpoint(opened) as ckpt:
             total = ckpt.nbytes
         with (
             destination(output, dry_run, inputs=[source], overwrite=overwrite) as dest,
             byte_progress(console, "converting", enabled=not as_json, total=total) as advance,
         ):
             ck = convert_checkpoint(
-                source,
+                opened,
                 dest.path,
                 layout=target,
                 dtype=dtype,

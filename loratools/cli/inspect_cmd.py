@@ -11,9 +11,9 @@ from rich.console import Console
 
 from ..classify import classify
 from ..errors import InputError, LoratoolsError
-from ..formats.source import Source, open_source
 from ..io.checkpoint import is_diffusers_folder
 from ..io.hub import is_hub
+from ..io.source import Source, open_source
 from ..ops.progress import Progress
 from ..report import LoraReport, inspect_checkpoint, inspect_lora
 from .batch import batchable

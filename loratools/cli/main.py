@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "demo": "demo_cmd:demo",
     "batch": "batch:batch_group",
     "census": "census_cmd:census",
+    "docs": "docs_cmd:docs_command",
 }
 
 
@@ -79,7 +80,8 @@ class LazyCommands(dict):
 
 @click.group(
     context_settings=CONTEXT,
-    epilog="Formats reference (cited as docs/FORMATS.md §N): docs/FORMATS.md in the source tree.",
+    epilog="Formats reference, cited as docs/FORMATS.md §N: `loratools docs N` prints section N "
+    "(installed with the package; `loratools docs --list` shows them all).",
 )
 @click.version_option(__version__, prog_name="loratools")
 def cli() -> None:

@@ -16,6 +16,7 @@ from ..formats.lookalike import lora_not_checkpoint
 from ..io.checkpoint import open_checkpoint
 from ..io.hub import is_hub
 from ..io.safetensors import FLOAT_DTYPES, ITEMSIZE
+from ..io.source import Source, open_source
 from .errors import user_errors
 from .options import (
     blocks_from_option,
@@ -95,7 +96,7 @@ def _common(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-def _output_total(base: str, dtype: str | None) -> int:
+def _output_total(base: Source, dtype: str | None) -> int:
     """Bytes the output will hold (for the progress bar), from the base's header."""
     from ..ops.checkpoint import parse_dtype
 
@@ -121,15 +122,16 @@ def _run(operation: str, base: str, loras: tuple[str, ...], options: dict[str, A
         options["budget"] = options.pop("batch_mb") * 2**20
         options["verify"] = options["verify"] or 0
         output = options.pop("output")
-        if not is_hub(base) and classify(base) == "lora" and has_lora_keys(base):  # arguments swapped: say so
+        opened = open_source(base)  # classified and (a pickle) unpickled once, for every step below
+        if not is_hub(base) and classify(opened) == "lora" and has_lora_keys(base):  # arguments swapped: say so
             raise lora_not_checkpoint(Path(base).name)
-        total = _output_total(base, options["dtype"])
+        total = _output_total(opened, options["dtype"])
         label = "merging" if operation == "merge" else "unmerging"
         with byte_progress(console, label, enabled=not as_json and not options["dry_run"], total=total) as advance:
             if operation == "merge":
-                report = merge(base, inputs, output, progress=advance, **options)
+                report = merge(opened, inputs, output, progress=advance, **options)
             else:
-                report = unmerge(base, inputs, output, base=original, progress=advance, **options)
+                report = unmerge(opened, inputs, output, base=original, progress=advance, **options)
         if as_json:
             print_json(Console(), report.to_dict())
             return

@@ -168,10 +168,13 @@ def _vae_config(spec: FamilySpec) -> dict[str, object]:
 
 
 def scheduler_for(spec: FamilySpec, prediction: str = "unknown") -> SchedulerSpec | None:
-    """The scheduler a pipeline folder of ``spec`` gets: the family's entry for the detected
-    prediction type, else its first (diffusers' single-file default); None: the family has none."""
+    """The scheduler a pipeline folder of ``spec`` gets: among the family's entries for its variant
+    (FLUX.1 [dev] or [schnell]), the one for the detected prediction type, else the first
+    (diffusers' single-file default); None: the family has none."""
+    variant = spec.transformer.variant if spec.transformer is not None else ""
+    fitting = [s for s in spec.schedulers if s.variant in ("", variant)]
     wanted = PREDICTIONS.get(prediction)
-    return next((s for s in spec.schedulers if s.prediction == wanted), spec.schedulers[0] if spec.schedulers else None)
+    return next((s for s in fitting if s.prediction == wanted), fitting[0] if fitting else None)
 
 
 def scheduler_config(spec: FamilySpec, prediction: str = "unknown") -> dict[str, object] | None:

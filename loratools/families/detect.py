@@ -20,9 +20,10 @@ marker tensor says it.
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from ..errors import UnknownModelError
@@ -277,7 +278,46 @@ def infer_widths(spec: FamilySpec, layout: str, shapes: Mapping[str, tuple[int, 
             layers=_block_count(shapes, "encoder.block.") or t5.layers,
             tied_embedding=any(k.endswith("encoder.embed_tokens.weight") for k in shapes),
         )
-    return replace(spec, unet=unet, texts=tuple(texts), vae=vae, transformer=flux, t5=t5)
+    return _fit_unreadable(replace(spec, unet=unet, texts=tuple(texts), vae=vae, transformer=flux, t5=t5))
+
+
+def _largest_divisor(preferred: int, widths: Sequence[int]) -> int:
+    """``preferred`` if it divides every width, else the largest number below it that does."""
+    common = math.gcd(*widths)
+    return next(d for d in range(min(preferred, common), 0, -1) if common % d == 0)
+
+
+def _fit_unreadable(spec: FamilySpec) -> FamilySpec:
+    """GroupNorm group counts and attention head counts leave no trace in weight shapes: keep
+    the family's numbers where they divide the widths read (every full-size file), else the
+    largest that do, so a config written for a tiny or distilled model builds (a GroupNorm of
+    8 channels cannot have 32 groups). :func:`unreadable_changes` reports what was chosen."""
+    unet = spec.unet
+    if unet is not None:
+        widths = [unet.channels(i) for i in range(len(unet.channel_mult))]
+        heads = tuple(_largest_divisor(h, [unet.channels(i)]) for i, h in enumerate(unet.attention_heads))
+        unet = replace(unet, norm_groups=_largest_divisor(unet.norm_groups, widths), attention_heads=heads)
+    texts = tuple(replace(t, heads=_largest_divisor(t.heads, [t.hidden])) for t in spec.texts)
+    vae = replace(spec.vae, norm_groups=_largest_divisor(spec.vae.norm_groups, spec.vae.channels))
+    return replace(spec, unet=unet, texts=texts, vae=vae)
+
+
+def unreadable_changes(spec: FamilySpec) -> list[str]:
+    """The numbers weights cannot show that :func:`infer_widths` had to change from the family's
+    own (group and head counts that do not divide the widths read), in words; empty at full size."""
+    base = FAMILIES[spec.name]
+    changes = []
+    if spec.unet is not None and base.unet is not None:
+        if spec.unet.norm_groups != base.unet.norm_groups:
+            changes.append(f"U-Net GroupNorm groups {spec.unet.norm_groups} (not {base.unet.norm_groups})")
+        if spec.unet.attention_heads != base.unet.attention_heads:
+            changes.append(f"U-Net attention heads {list(spec.unet.attention_heads)}")
+    for text, full in zip(spec.texts, base.texts, strict=False):
+        if text.heads != full.heads:
+            changes.append(f"{text.component} attention heads {text.heads} (not {full.heads})")
+    if spec.vae.norm_groups != base.vae.norm_groups:
+        changes.append(f"VAE GroupNorm groups {spec.vae.norm_groups} (not {base.vae.norm_groups})")
+    return changes
 
 
 def _block_count(shapes: Mapping[str, tuple[int, ...]], marker: str) -> int:
@@ -317,8 +357,7 @@ def flux_variant(spec: FamilySpec) -> str:
     flux = spec.transformer
     if flux is None:
         return "base"
-    name = "dev" if flux.guidance_embed else "schnell"
-    return name + FLUX_IN_CHANNEL_VARIANTS.get(flux.in_channels, f" ({flux.in_channels} input channels)")
+    return flux.variant + FLUX_IN_CHANNEL_VARIANTS.get(flux.in_channels, f" ({flux.in_channels} input channels)")
 
 
 def detect(

@@ -8,7 +8,29 @@ is the same family without ``guidance_in``; detection names the variant (docs/FL
 
 from __future__ import annotations
 
-from .spec import FamilySpec, FluxSpec, T5Spec, TextSpec, VaeSpec
+from .spec import FamilySpec, FluxSpec, SchedulerSpec, T5Spec, TextSpec, VaeSpec
+
+# The resolution-dependent shift BFL's sampler uses (black-forest-labs/flux src/flux/sampling.py
+# (get_schedule: mu on the line (256, 0.5)–(4096, 1.15))); cli.py applies it for every model but
+# flux-schnell, which samples the unshifted schedule. docs/FORMATS.md §5.6.
+_SHIFT_LINE = (("base_image_seq_len", 256), ("base_shift", 0.5), ("max_image_seq_len", 4096), ("max_shift", 1.15))
+FLOW_DEV = SchedulerSpec(
+    "FlowMatchEulerDiscreteScheduler",
+    "flow",
+    (*_SHIFT_LINE, ("num_train_timesteps", 1000), ("shift", 3.0), ("use_dynamic_shifting", True)),
+    "black-forest-labs/FLUX.1-dev scheduler_config.json values as pypi-data/pypi-mirror-328:taproot-0.3.8 "
+    "src/taproot/tasks/generation/image/flux/pretrained/scheduler.py (get_default_config) lists them; "
+    "the shift rule: black-forest-labs/flux:src/flux/sampling.py (get_schedule)",
+    variant="dev",
+)
+FLOW_SCHNELL = SchedulerSpec(
+    "FlowMatchEulerDiscreteScheduler",
+    "flow",
+    (*_SHIFT_LINE, ("num_train_timesteps", 1000), ("shift", 1.0), ("use_dynamic_shifting", False)),
+    "edkamesh/FluX-optimized:scheduler/scheduler_config.json (copy of black-forest-labs/FLUX.1-schnell); "
+    "no shift: black-forest-labs/flux:src/flux/cli.py (main: shift=(name != 'flux-schnell'))",
+    variant="schnell",
+)
 
 FLUX1 = FamilySpec(
     name="flux1",
@@ -35,4 +57,5 @@ FLUX1 = FamilySpec(
     image_size=1024,
     bare_components=True,
     metadata_versions=("flux1",),
+    schedulers=(FLOW_DEV, FLOW_SCHNELL),
 )

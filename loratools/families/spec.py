@@ -196,6 +196,11 @@ class FluxSpec:
     def mlp_hidden(self) -> int:
         return self.hidden * self.mlp_ratio
 
+    @property
+    def variant(self) -> str:
+        """``dev`` (guidance-distilled: has guidance_in) or ``schnell`` (timestep-distilled: has not)."""
+        return "dev" if self.guidance_embed else "schnell"
+
 
 @dataclass(frozen=True)
 class SchedulerSpec:
@@ -206,6 +211,7 @@ class SchedulerSpec:
     prediction: str
     fields: tuple[tuple[str, object], ...]  # in the order the hub file lists them
     source: str  # where the values come from (owner/repo:path)
+    variant: str = ""  # "": any checkpoint of the family; else the FluxSpec.variant it is for
 
 
 @dataclass(frozen=True)

@@ -19,12 +19,12 @@ from ..io.atomic import AtomicFolder
 from ..io.files import regular_file
 from ..io.pickle import split_tensors
 from ..io.safetensors import SafetensorsFile, save_tensors
+from ..io.source import SAFETENSORS, Source, open_source
 from . import cloneofsimo, flux, kohya, peft
 from .adapters import LoraFile, is_finite
 from .keys import EMBEDDING_KEYS, bundle_key, is_embedding_key, normalize_peft_key, token_key  # noqa: F401 (EMBEDDING_KEYS re-exported)
 from .lookalike import check_not_lfs_pointer, flatten_embedding, not_a_lora
 from .metadata import with_hashes
-from .source import SAFETENSORS, Source, open_source
 from .verdict import is_flux_lora
 
 FORMATS = ("kohya", "diffusers", "peft", "cloneofsimo", "comfyui")  # comfyui: FLUX.1 only

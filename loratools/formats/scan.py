@@ -26,12 +26,12 @@ from typing import Any
 from ..errors import InputError
 from ..families.spec import FamilySpec
 from ..io.safetensors import _TORCH_NAMES, FLOAT_DTYPES, Header, TensorInfo
+from ..io.source import SAFETENSORS, open_source
 from . import kohya, peft
 from .adapters import Adapter, LoraFile
 from .keys import KOHYA_KEY, is_embedding_key, is_peft_like, is_safeloras, token_key
 from .lookalike import not_a_lora
 from .lycoris import adapter_params
-from .source import SAFETENSORS, open_source
 from .verdict import ModelVerdict, is_flux_lora
 
 # struct codes of the dtypes an alpha scalar is stored in (kohya casts alpha to the save dtype)

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 
 from ..errors import CorruptFileError, InputError
 from .files import inside, regular_file
-from .hub import resolve as resolve_hub
 from .pickle import PICKLE_SUFFIXES, load_pickle_raw, split_tensors, unwrap_state_dict
 from .safetensors import SafetensorsFile, TensorInfo, dtype_name
+from .source import PICKLE, Source, open_source
 
 if TYPE_CHECKING:
     import torch
@@ -127,8 +127,9 @@ def _add_safetensors(ckpt: Checkpoint, path: Path, prefix: str) -> None:
         names.append(name)
 
 
-def _add_pickle(ckpt: Checkpoint, path: Path, prefix: str) -> None:
-    obj, wrapper = unwrap_state_dict(load_pickle_raw(path))
+def _add_pickle(ckpt: Checkpoint, path: Path, prefix: str, source: Source | None = None) -> None:
+    # an opened Source has unpickled the file already (to classify it): its object is reused
+    obj, wrapper = source.unpickled() if source is not None else unwrap_state_dict(load_pickle_raw(path))
     ckpt.dropped.extend(prefix + w for w in wrapper)
     if not isinstance(obj, dict):
         raise InputError(f"{path.name}: holds a {type(obj).__name__}, not a state dict of named tensors")
@@ -150,14 +151,28 @@ def _add_weight_file(ckpt: Checkpoint, path: Path, prefix: str = "") -> None:
         _add_sniffed(ckpt, path, prefix)
 
 
+def _add_source(ckpt: Checkpoint, source: Source) -> None:
+    """A single file as :func:`open_source` told its kind (a pickle's object is reused)."""
+    path = source.path
+    if source.kind == PICKLE and (path.suffix in PICKLE_SUFFIXES or _pickle_magic(path)):
+        _add_pickle(ckpt, path, "", source)
+    else:  # what no reader can take gets the safetensors reader's message, as before
+        _add_weight_file(ckpt, path)
+
+
 def _add_sniffed(ckpt: Checkpoint, path: Path, prefix: str) -> None:
-    regular_file(path)
-    with open(path, "rb") as fh:
-        magic = fh.read(8)
-    if magic[:2] == b"PK" or magic[:1] == b"\x80":
+    if _pickle_magic(path):
         _add_pickle(ckpt, path, prefix)
     else:
         _add_safetensors(ckpt, path, prefix)
+
+
+def _pickle_magic(path: Path) -> bool:
+    """A zip (torch's format) or a protocol-2+ pickle, by its first bytes."""
+    regular_file(path)
+    with open(path, "rb") as fh:
+        magic = fh.read(8)
+    return magic[:2] == b"PK" or magic[:1] == b"\x80"
 
 
 def component_files(folder: Path, variant: str | None = None) -> list[Path]:
@@ -193,12 +208,14 @@ def is_diffusers_folder(path: Path) -> bool:
     )
 
 
-def open_checkpoint(path: str | os.PathLike[str], *, variant: str | None = None) -> Checkpoint:
+def open_checkpoint(path: str | os.PathLike[str] | Source, *, variant: str | None = None) -> Checkpoint:
     """Open a single-file checkpoint (.safetensors or a weights-only pickle) or a diffusers folder.
 
-    ``path`` may be an ``hf://owner/repo/path[@revision]`` reference (see :mod:`loratools.io.hub`).
+    ``path`` may be an ``hf://owner/repo/path[@revision]`` reference (see :mod:`loratools.io.hub`),
+    or a :class:`~loratools.io.source.Source` already opened (a pickle is then not unpickled again).
     """
-    path = resolve_hub(path)
+    source = open_source(path)
+    path = source.path
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     if path.is_dir():
@@ -213,7 +230,7 @@ def open_checkpoint(path: str | os.PathLike[str], *, variant: str | None = None)
             )
         return ckpt
     ckpt = Checkpoint(path, "single_file", {})
-    _add_weight_file(ckpt, path)
+    _add_source(ckpt, source)
     if ckpt._handles:
         ckpt.metadata = dict(ckpt._handles[0].metadata)
     if not ckpt.slots:

@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING
 
 from ..errors import InputError
 from ..families.configs import diffusers_configs, pipeline_index, scheduler_config
-from ..families.detect import Detection
+from ..families.detect import Detection, unreadable_changes
 from ..families.keymap import KeyMap
 from ..families.spec import DIFFUSERS_FOLDERS, TOKENIZER_FOLDERS, FamilySpec
 from ..io.atomic import AtomicFolder
 from ..io.checkpoint import WEIGHT_NAMES, Checkpoint
 from ..io.safetensors import DTYPES, FLOAT_DTYPES, TensorInfo, dtype_name
+from ..io.source import Source
 
 if TYPE_CHECKING:
     import torch
@@ -107,7 +108,7 @@ def planned_info(
 
 
 def convert_checkpoint(
-    source: str | Path,
+    source: str | Path | Source,
     output: str | Path,
     *,
     layout: str | None = None,
@@ -201,6 +202,9 @@ def pipeline_files(found: Detection, tokenizers_from: str | Path | None = None) 
     files = PipelineFiles(scheduler)
     if scheduler is None:
         files.notes.append(f"no scheduler is known for {spec.title}; scheduler/ is not written")
+    chosen = unreadable_changes(spec)
+    if chosen:
+        files.notes.append("weights do not show group or head counts; the configs use " + ", ".join(chosen))
     clip = {t.component for t in spec.texts}
     needed = {TOKENIZER_FOLDERS[c]: c in clip for c in spec.text_components}
     names = " and ".join(f"{n}/" for n in needed)

@@ -15,9 +15,9 @@ from ..errors import InputError
 from ..families.spec import FamilySpec
 from ..formats.adapters import LoraFile, LowRank, factor_dtype
 from ..formats.io import FORMATS, load_lora, save_lora
-from ..formats.source import Source
 from ..io.atomic import check_destination
 from ..io.files import same_path
+from ..io.source import Source
 from .checkpoint import parse_dtype
 from .lowrank import to_lowrank
 from .parallel import map_modules

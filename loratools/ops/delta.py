@@ -54,6 +54,21 @@ class Job:
     reuse: bool = False  # the weight's memory is the caller's to give: same-dtype results are written into it
 
 
+# dtypes with at most 8 mantissa bits: rounding W + ΔW to them can lose a visible share of a
+# small ΔW (an fp8 e4m3 weight moves in steps of 1/8 of its magnitude), so merges report it.
+COARSE_DTYPES = frozenset(
+    d
+    for d in (torch.bfloat16, getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None))
+    if d is not None
+)
+
+
+def _sq_distance(exact: torch.Tensor, other: torch.Tensor) -> float:
+    """‖exact − other‖_F² in float64 (``other`` upcast on ``exact``'s device, any shape of the same size)."""
+    diff = exact.reshape(-1) - other.reshape(-1).to(exact.device, torch.float32)
+    return float(torch.linalg.vector_norm(diff, dtype=torch.float64).square())
+
+
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """``"auto"`` → CUDA when present, else CPU; ``"cuda"`` without a GPU is a one-line error."""
     if device is None or str(device) == "auto":
@@ -150,6 +165,9 @@ class DeltaEngine:
         # float32 scratch reused from call to call: fresh buffers this large come from mmap, and
         # faulting their pages in costs as much as the upcast that fills them.
         self._workspace = torch.empty(0, dtype=torch.float32, device=self.device)
+        # name → (‖rounded − exact‖², ‖ΔW‖², dtype) of every patched tensor rounded to a dtype with at
+        # most 8 mantissa bits (bf16, fp8): how much of ΔW the stored weights kept.
+        self.rounding: dict[str, tuple[float, float, torch.dtype]] = {}
 
     # -- public ------------------------------------------------------------------------------------
     def deltas(
@@ -257,11 +275,15 @@ class DeltaEngine:
                         raise InputError("a DoRA module's ΔW depends on the base weight; it can only be merged")
                     result = apply_dora(result, term.adapter, term.strength)
             dtype = job.out_dtype or job.weight.dtype
+            measured = add_base and dtype in COARSE_DTYPES
+            delta_sq = _sq_distance(result, job.weight) if measured else 0.0  # before W's memory is reused
             if job.reuse and not self.cuda and dtype == job.weight.dtype and job.weight.is_contiguous():
                 # Rounding into the weight's own (already faulted-in) pages instead of fresh ones.
                 out[name] = job.weight.view(result.shape).copy_(result).view(job.weight.shape)
             else:
                 out[name] = self._finish(result, dtype, to_host)
+            if measured:  # rounded again here: on a GPU the copy above is still in flight
+                self.rounding[name] = (_sq_distance(result, result.to(dtype)), delta_sq, dtype)
         if self.cuda and to_host:
             torch.cuda.current_stream(self.device).synchronize()  # the pinned copies have landed
         return out

@@ -4,8 +4,10 @@ Both checkpoints are streamed tensor by tensor through the family key maps, so t
 differ (single file vs diffusers folder; fused OpenCLIP ``in_proj`` split into q/k/v on the way).
 For every module a kohya LoRA can patch — the U-Net's Transformer2DModel Linear/1×1 modules, its
 ResnetBlock2D/Downsample/Upsample children (3×3 convs become LoCon: ``down (k, in, 3, 3)``,
-``up (out, k, 1, 1)``) and the text encoders' attention and MLP (docs/FORMATS.md §1.2) — the difference
-is formed in float32 and its top-k singular triplets are computed:
+``up (out, k, 1, 1)``) and the text encoders' attention and MLP (docs/FORMATS.md §1.2), and for
+FLUX.1 every Linear of the double- and single-stream blocks, CLIP's and T5's (fused BFL
+``qkv``/``linear1`` are read by their row slices, so each canonical module is its own target) — the
+difference is formed in float32 and its top-k singular triplets are computed:
 
 - by a randomized SVD (Halko, Martinsson & Tropp 2011: Gaussian sketch of width k + oversample,
   ``power_iterations`` rounds of re-orthonormalised power iteration, exact SVD of the small
@@ -54,13 +56,26 @@ SCHEMA = "loratools.extract/1"
 # children, ResnetBlock2D/Downsample2D/Upsample2D children with conv_dim, CLIPAttention/CLIPMLP).
 _UNET_TRANSFORMER = ("proj_in", "proj_out", "to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
 _TEXT = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
+# FLUX.1 (kohya-ss/sd-scripts networks/lora_flux.py (LoRANetwork)): every Linear of the double- and
+# single-stream blocks, CLIP's attention and MLP, and T5's (T5Attention, T5DenseGatedActDense).
+_FLUX_BLOCKS = ("transformer.transformer_blocks.", "transformer.single_transformer_blocks.")
+_T5 = (".SelfAttention.q", ".SelfAttention.k", ".SelfAttention.v", ".SelfAttention.o",
+       ".DenseReluDense.wi_0", ".DenseReluDense.wi_1", ".DenseReluDense.wo")  # fmt: skip
 
 
 def extract_targets(spec: FamilySpec) -> list[str]:
-    """Canonical modules an extracted LoRA covers (kohya's LoCon targets for U-Net and text encoders)."""
+    """Canonical modules an extracted LoRA covers: kohya's LoCon targets for U-Net and text
+    encoders, and for FLUX.1 its block Linears, CLIP and T5 (what kohya's Flux LoRA trains)."""
     out = []
+    t5 = spec.t5.component if spec.t5 is not None else None
     for module in name_tables(spec).modules.values():
-        if module.component == "unet":
+        if module.component == "transformer":
+            if module.name.startswith(_FLUX_BLOCKS):
+                out.append(module.name)
+        elif module.component == t5:
+            if module.path.endswith(_T5):
+                out.append(module.name)
+        elif module.component == "unet":
             transformer = ".attentions." in module.name and module.name.endswith(_UNET_TRANSFORMER)
             if transformer or ".resnets." in module.name or "samplers." in module.name:
                 out.append(module.name)

@@ -36,6 +36,7 @@ from ..io.checkpoint import DIFFUSERS_COMPONENTS, SAFETENSORS_SUFFIX, Checkpoint
 from ..io.files import same_path
 from ..io.hub import resolve
 from ..io.safetensors import FLOAT_DTYPES, StreamingWriter, TensorInfo, file_size
+from ..io.source import Source, open_source
 from .blocks import DEFAULT_TOOL, BlockWeights, block_keys, parse_block_weights, unused_blocks
 from .checkpoint import (
     CanonicalSource,
@@ -190,6 +191,8 @@ class MergeReport:
     files_carried: int = 0  # non-weight files of a base folder copied verbatim
     verified: list[dict[str, object]] = field(default_factory=list)
     residual: dict[str, dict[str, float]] = field(default_factory=dict)  # unmerge --base: component → errors
+    # bf16/fp8 outputs: component → how much of ΔW the rounded weights lost (see ops/delta.COARSE_DTYPES)
+    rounding: dict[str, dict[str, object]] = field(default_factory=dict)
     provenance: dict[str, object] = field(default_factory=dict)  # what the output records it was made from
     notes: list[str] = field(default_factory=list)  # what a new pipeline folder lacks or took from elsewhere
     warnings: list[str] = field(default_factory=list)
@@ -206,6 +209,42 @@ class MergeReport:
 # -- matching LoRAs to the base -------------------------------------------------------------------------
 def _component(canonical: str) -> str:
     return canonical.split(".", 1)[0]
+
+
+# a share of ΔW lost to rounding above which a merge warns (an fp16 or fp32 output never does)
+ROUNDING_WARN = 0.05
+
+
+def _report_rounding(report: MergeReport, rounding: Mapping[str, tuple[float, float, torch.dtype]]) -> None:
+    """Per component: ``lost`` = ‖round(W + ΔW) − (W + ΔW)‖_F / ‖ΔW‖_F over its patched tensors,
+    and the worst tensor; a warning where more than :data:`ROUNDING_WARN` of ΔW is lost."""
+    sums: dict[str, list[float]] = {}
+    worst: dict[str, tuple[float, str]] = {}
+    dtypes: dict[str, set[torch.dtype]] = {}
+    for name, (lost_sq, delta_sq, dtype) in rounding.items():
+        component = _component(name)
+        dtypes.setdefault(component, set()).add(dtype)
+        total = sums.setdefault(component, [0.0, 0.0])
+        total[0] += lost_sq
+        total[1] += delta_sq
+        share = math.sqrt(lost_sq / delta_sq) if delta_sq else 0.0
+        if share >= worst.get(component, (-1.0, ""))[0]:
+            worst[component] = (share, name)
+    for component, (lost_sq, delta_sq) in sums.items():
+        lost = math.sqrt(lost_sq / delta_sq) if delta_sq else 0.0
+        share, name = worst[component]
+        stored = "/".join(sorted(str(d).removeprefix("torch.") for d in dtypes[component]))
+        report.rounding[component] = {"dtype": stored, "lost": lost, "worst": name, "worst_lost": share}
+        if lost > ROUNDING_WARN:
+            better = (
+                "--dtype fp32 keeps all of it"
+                if dtypes[component] == {torch.bfloat16}
+                else "--dtype bf16 keeps most of it, --dtype fp32 all"
+            )
+            report.warnings.append(
+                f"rounding the merged {component} to {stored} loses {lost:.1%} of ΔW "
+                f"(worst {name}: {share:.1%}); {better}"
+            )
 
 
 def _load_for(lora_input: LoraInput, found: Detection) -> LoraFile:
@@ -673,7 +712,7 @@ def _verifier(
 
 # -- the operations ---------------------------------------------------------------------------------------
 def merge(
-    base: str | Path,
+    base: str | Path | Source,
     loras: Sequence[LoraInput | str | Path | LoraFile],
     output: str | Path | None,
     *,
@@ -722,7 +761,7 @@ def merge(
 
 
 def unmerge(
-    merged: str | Path,
+    merged: str | Path | Source,
     loras: Sequence[LoraInput | str | Path | LoraFile],
     output: str | Path | None,
     *,
@@ -769,7 +808,7 @@ def unmerge(
 
 
 def rewrite(
-    base: str | Path,
+    base: str | Path | Source,
     output: str | Path | None,
     *,
     layout: str | None = None,
@@ -824,7 +863,7 @@ def _as_input(item: LoraInput | str | Path | LoraFile) -> LoraInput:
 
 def _run(
     operation: str,
-    base_path: str | Path,
+    base_path: str | Path | Source,
     lora_items: Sequence[LoraInput | str | Path | LoraFile],
     output: str | Path | None,
     *,
@@ -845,7 +884,8 @@ def _run(
     started = time.perf_counter()
     if not lora_items and operation != "convert":
         raise InputError("no LoRA given")
-    base_path = resolve(base_path)  # hf:// references become their cached local files
+    opened = open_source(base_path)  # hf:// references become their cached local files
+    base_path = opened.path
     if original is not None:
         original = resolve(original)
     if output is None and not dry_run:
@@ -862,7 +902,7 @@ def _run(
     torch_dtype = parse_dtype(dtype)
     engine = DeltaEngine(device, budget)
 
-    with open_checkpoint(base_path) as ckpt:
+    with open_checkpoint(opened) as ckpt:  # a pickle the caller classified is not unpickled again
         found = detect(ckpt.shapes(), ckpt.metadata, family=family)
         km = keymap(found.family)
         out_layout = target_layout(found, layout)
@@ -955,6 +995,7 @@ def _run(
         for component, stats in merger.residual.items():
             rel = math.sqrt(stats.sq_diff / stats.sq_base) if stats.sq_base else 0.0
             report.residual[component] = {"max_abs": stats.max_abs, "relative": rel}
+        _report_rounding(report, engine.rounding)
     report.seconds = time.perf_counter() - started
     return report
 

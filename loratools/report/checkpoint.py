@@ -14,8 +14,8 @@ from pathlib import Path
 from ..families.detect import component_of_key, detect
 from ..families.keymap import KeyMap
 from ..families.spec import COMPONENT_TITLES
-from ..formats.source import Source, open_source
 from ..io.checkpoint import Checkpoint, open_checkpoint
+from ..io.source import Source, open_source
 from ..ops.progress import Progress, announce_total
 from ..ops.provenance import read_provenance
 from .facts import LIST_LIMIT, hash_facts, key_facts
@@ -97,9 +97,9 @@ def inspect_checkpoint(
     ``hashes``: also hash every file (streamed, see :mod:`loratools.ops.hashes`); ``progress`` is
     told the bytes of all files as its total and advanced per chunk hashed. ``keys``: list every
     tensor with its shape and dtype. ``path`` may be an ``hf://`` reference or an opened
-    :class:`~loratools.formats.source.Source`.
+    :class:`~loratools.io.source.Source`.
     """
-    with open_checkpoint(open_source(path).path) as ckpt:
+    with open_checkpoint(open_source(path)) as ckpt:
         found = detect(ckpt.shapes(), ckpt.metadata, family=family)
         km = found.keymap
         facts = {name: ComponentFacts(name, _TITLES[name]) for name in COMPONENT_ORDER}

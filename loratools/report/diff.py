@@ -372,9 +372,10 @@ def diff_checkpoints(
 def diff(path_a: str | os.PathLike[str], path_b: str | os.PathLike[str], *, family: str | None = None) -> DiffReport:
     """Two LoRAs or two checkpoints (``hf://`` references welcome); a LoRA against a checkpoint is refused."""
     from ..classify import classify
-    from ..io.hub import resolve
+    from ..io.source import open_source
 
-    local_a, local_b = resolve(path_a), resolve(path_b)
+    # opened once: hf:// fetched, a pickle unpickled to classify it and then reused by the readers
+    local_a, local_b = open_source(path_a), open_source(path_b)
     kinds = classify(local_a), classify(local_b)
     if kinds[0] != kinds[1]:
         raise InputError(

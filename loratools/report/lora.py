@@ -25,9 +25,9 @@ from ..formats.keys import EMBED_FLAG, is_embedding_key
 from ..formats.lookalike import check_not_lfs_pointer, flatten_embedding
 from ..formats.names import name_tables
 from ..formats.resolve import claimed_family
-from ..formats.source import PICKLE, SAFETENSORS, Source, open_source
 from ..formats.verdict import sd_verdict, unknown_verdict
 from ..io.safetensors import TensorInfo
+from ..io.source import PICKLE, SAFETENSORS, Source, open_source
 from ..ops.progress import Progress
 from ..ops.provenance import KEY as PROVENANCE_KEY
 from ..ops.provenance import read_provenance
@@ -323,7 +323,7 @@ def inspect_lora(
     ``norms`` is asked for. ``path`` may be an ``hf://`` reference. ``loads_in=False`` leaves out
     the per-target load summary (the loratools.check tables: most of a header-only report's time)
     and ``tree=False`` the layout tree (the next largest part); a census row uses neither.
-    ``path`` may be a :class:`~loratools.formats.source.Source` already opened: every step below
+    ``path`` may be a :class:`~loratools.io.source.Source` already opened: every step below
     reads that one source (a pickle is unpickled once for the whole report). ``progress`` is
     told each step's total and advanced as it goes (:mod:`loratools.ops.progress`): bytes hashed
     with ``hashes``, modules done with ``norms``.

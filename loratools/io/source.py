@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..io.files import regular_file
-from ..io.headers import header_of
-from ..io.hub import resolve as resolve_hub
-from ..io.pickle import PICKLE_SUFFIXES
-from ..io.safetensors import Header
+from .files import regular_file
+from .headers import header_of
+from .hub import resolve as resolve_hub
+from .pickle import PICKLE_SUFFIXES
+from .safetensors import Header
 
 FOLDER, SAFETENSORS, PICKLE = "folder", "safetensors", "pickle"
 
@@ -58,7 +58,7 @@ class Source:
         wrapper entries left behind (:func:`loratools.io.pickle.unwrap_state_dict`); unpickled
         on first use only."""
         if self._unpickled is None:
-            from ..io import pickle as pickles  # torch is imported here, not before
+            from . import pickle as pickles  # torch is imported here, not before
 
             self._unpickled = pickles.unwrap_state_dict(pickles.load_pickle_raw(self.path))
         return self._unpickled
