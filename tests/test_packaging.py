@@ -62,8 +62,12 @@ def test_pip_keeps_another_torch(tmp_path: Path) -> None:
     wheels.mkdir()
     _stub_torch(wheels, "2.5.1")
     project = tmp_path / "project"
-    (project / "loratools").mkdir(parents=True)
-    (project / "loratools" / "__init__.py").write_text("")
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    for package in config["packages"]:  # empty packages where pyproject says they are
+        folder = project / config.get("package-dir", {}).get(package, package.replace(".", "/"))
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "__init__.py").write_text("")
     shutil.copy(REPO / "README.md", project)
     shutil.copy(REPO / "pyproject.toml", project)
 

@@ -228,7 +228,7 @@ def test_corrupt_files_are_refused_with_a_reason(tmp_path: Path, case: str, mess
 def test_header_only_read_does_not_touch_data(tmp_path: Path) -> None:
     """read_header works on a file whose data region is sparse (never read)."""
     plan = {"big": TensorInfo("F16", (4096, 4096))}
-    header, _ = st._header_bytes(plan, None)
+    header = st.build_header(plan).raw
     path = tmp_path / "sparse.safetensors"
     with open(path, "wb") as fh:
         fh.write(header)

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 from rich.console import Console
 from rich.markup import escape
 
 from .batch import batchable
+from .dryrun import Destination, json_fields, say_written
 from .errors import user_errors
 from .options import family_option
 from .render import print_json
+
+if TYPE_CHECKING:
+    from ..check.fix import FixReport
 
 SHOWN = 5
 
@@ -94,25 +100,31 @@ def convert_for_target(
     rank: int | None,
     error: float | None,
     overwrite: bool,
-    as_json: bool,
-) -> None:
+) -> FixReport:
     """``convert SOURCE OUTPUT --for TARGET`` (called by cli/convert_cmd.py inside its error handler)."""
     from ..check.fix import convert_for
     from ..errors import InputError
 
     if to is not None:
         raise InputError("--for TARGET chooses the output format itself; drop --to")
-    report = convert_for(
+    return convert_for(
         source, output, target, family=family, dtype=dtype, to_lora=to_lora, rank=rank, error=error, overwrite=overwrite
     )
+
+
+def render_for_target(report: FixReport, dest: Destination, as_json: bool) -> None:
+    """The ``convert --for`` summary (or JSON, with a dry run's fields), once the output is written or measured."""
     if as_json:
-        print_json(Console(), report.to_dict())
+        print_json(Console(), {**report.to_dict(), **json_fields(dest)})
         return
     console = Console(highlight=False)
     console.print(
-        f"wrote {escape(output)}: {report.modules} modules as {report.dialect} for {', '.join(report.targets)}"
+        f"{escape(say_written(console, dest))}: {report.modules} modules as {report.dialect} for "
+        f"{', '.join(report.targets)}"
     )
     if report.added:
         console.print(f"  added {len(report.added)} zero out_proj modules so q/k/v are applied (ΔW unchanged)")
+    if dest.dry_run:
+        console.print("  [dim]loader verdicts are checked on the written file: run without --dry-run[/dim]")
     for verdict in report.verdicts:
         console.print(f"  [{'green' if verdict not in report.remaining else 'yellow'}]{escape(verdict)}[/]")

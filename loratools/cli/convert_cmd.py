@@ -114,12 +114,12 @@ def convert(
         if tokenizers_from is not None and kind == "lora":
             raise InputError("--tokenizers-from applies to checkpoints written as diffusers folders, not LoRAs")
         if for_target is not None:  # loratools/check/fix.py decides the dialect; --to would contradict it
-            from .check_cmd import convert_for_target
+            from .check_cmd import convert_for_target, render_for_target
 
             with destination(output, dry_run, inputs=[source], overwrite=overwrite) as dest:
-                convert_for_target(
-                    source, dest.path, for_target, target, family, dtype, to_lora, rank, error, overwrite, as_json
-                )
+                fixed = convert_for_target(source, output, for_target, target, family, dtype, to_lora, rank, error,
+                                           overwrite)  # fmt: skip
+            render_for_target(fixed, dest, as_json)
             print_dry_run(console, dest)
             return
         if kind == "lora":

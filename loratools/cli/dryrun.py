@@ -1,15 +1,21 @@
 """``--dry-run`` for every writing command, in one place.
 
-A dry run does all the work of the command (the plan, the SVDs, the serialization) into a private
-temporary folder, measures what landed there and removes it: the size it reports is the exact size
-of the real output because it *is* the real output, written elsewhere. Nothing appears at OUTPUT,
-and the checks OUTPUT would face (an existing file without --overwrite, OUTPUT being an input) are
-made first, so a dry run fails where the real run would.
+A dry run runs the command's own code with its writers measuring instead of writing
+(io/measure.py): each safetensors file's size comes from the header builder the real writer uses
+(io/safetensors.py ``build_header``: names, dtypes, shapes, metadata, the ModelSpec hash
+placeholder), each side file (configs, indexes, copied files) from the text or file it would be.
+Nothing is created — not at OUTPUT, not beside it, not in a temporary folder — and the checks
+OUTPUT would face (an existing file without --overwrite, OUTPUT being an input) are made first, so
+a dry run fails where the real run would.
+
+What is computed: checkpoint commands (convert, merge, unmerge) only plan, reading headers and no
+tensor. LoRA commands (convert, rescale, resize, blend, extract) compute their factors, since the
+output's shapes are the result (a dynamic rank rule, an SVD blend, --to-lora, extract's ranks);
+the factors are checked against the plan and dropped, never serialized.
 """
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,12 +27,16 @@ from rich.console import Console
 from ..errors import InputError
 from ..io.atomic import check_destination
 from ..io.files import same_path
+from ..io.measure import measuring, tree_bytes
 from .render import human_bytes
+
+__all__ = ["Destination", "destination", "dry_run_option", "json_fields", "print_dry_run", "say_written", "tree_bytes"]
 
 dry_run_option = click.option(
     "--dry-run",
     is_flag=True,
-    help="Do everything but write OUTPUT: print the report and the exact size the output would have.",
+    help="Plan (and compute the factors of a LoRA) but write nothing: print the report and the exact size "
+    "the output would have.",
 )
 
 
@@ -40,18 +50,11 @@ class Destination:
     bytes: int = 0
 
 
-def tree_bytes(path: Path) -> int:
-    """Bytes of a file, or of every file under a folder."""
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size if path.exists() else 0
-
-
 @contextmanager
 def destination(
     output: str, dry_run: bool, *, inputs: Sequence[str] = (), overwrite: bool = False
 ) -> Iterator[Destination]:
-    """OUTPUT itself, or with ``dry_run`` the same name in a temporary folder (size measured on exit)."""
+    """OUTPUT itself; with ``dry_run`` still OUTPUT, but every writer inside measures (bytes set on exit)."""
     if not dry_run:
         yield Destination(output, output, False)
         return
@@ -59,10 +62,10 @@ def destination(
         if same_path(output, source):
             raise InputError(f"{output}: output is the input; write elsewhere")
     check_destination(Path(output), overwrite=overwrite)
-    with tempfile.TemporaryDirectory(prefix="loratools-dry-run-") as tmp:
-        dest = Destination(output, str(Path(tmp) / Path(output).name), True)
+    with measuring() as tally:
+        dest = Destination(output, output, True)
         yield dest
-        dest.bytes = tree_bytes(Path(tmp))  # sidecars (embeddings) included: they are part of the output
+    dest.bytes = tally.total  # sidecars (embeddings) included: they are part of the output
 
 
 def say_written(console: Console, dest: Destination) -> str:

@@ -17,6 +17,7 @@ from ..io.checkpoint import open_checkpoint
 from ..io.hub import is_hub
 from ..io.safetensors import FLOAT_DTYPES, ITEMSIZE
 from ..io.source import Source, open_source
+from .dryrun import Destination, print_dry_run
 from .errors import user_errors
 from .options import (
     blocks_from_option,
@@ -194,6 +195,10 @@ def render_merge(console: Console, report: Any) -> None:
     render_accounting(console, report)
     for warning in report.warnings[:10]:
         console.print(f"[yellow]warning:[/yellow] {warning}")
+    if report.dry_run:  # the exact size, in the words every other writer's dry run uses
+        print_dry_run(
+            console, Destination(report.output or "the output", report.output or "", True, report.output_bytes)
+        )
 
 
 @click.command(epilog=LORA_SYNTAX)

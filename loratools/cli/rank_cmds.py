@@ -181,7 +181,8 @@ def resize(lora: str, output: str, to: str | None, dtype: str | None, family: st
     matrix. LoHa/LoKr/Tucker/full modules come out as plain LoRA. A plain module keeps its scale
     (alpha = alpha/r · k, singular values in up, as kohya's resize_lora.py writes it); a module
     whose chosen rank equals its rank is kept bit for bit. Prints ranks and the share of ‖ΔW‖_F
-    kept per module.
+    kept per module. --dry-run still computes every truncation (a dynamic rule's ranks are the
+    output's shapes) but writes nothing, not even a temporary file.
 
     \b
     Examples:
@@ -313,7 +314,8 @@ def extract(base: str, tuned: str, min_diff: float, oversample: int, power_itera
     differ). Covers kohya's LoCon targets: U-Net attention/feed-forward/proj, resnet and sampler
     convs (3×3 as LoCon) and text-encoder attention/MLP wherever they differ. Randomized SVD
     (oversampling, power iterations) for large matrices, exact SVD for small ones and for
-    --sv-cumulative or a dynamic rule without --max-rank. alpha = rank (scale 1).
+    --sv-cumulative or a dynamic rule without --max-rank. alpha = rank (scale 1). --dry-run
+    computes the SVDs (which modules differ and their ranks decide the output) but writes nothing.
 
     \b
     Examples:

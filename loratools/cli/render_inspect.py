@@ -234,7 +234,7 @@ _OPTION_NAMES = ("weight", "unet", "text", "blocks", "format")
 
 
 def render_provenance(console: Console, record: Mapping[str, Any]) -> None:
-    """What a loratools merge recorded this file was made from (ops/provenance.py), one line per input."""
+    """What loratools recorded this file was made from (ops/provenance.py), one line per input."""
     if "unreadable" in record:
         console.print(f"[yellow]provenance:[/yellow] recorded but unreadable: {record['unreadable']}")
         return
@@ -249,6 +249,15 @@ def render_provenance(console: Console, record: Mapping[str, Any]) -> None:
         options = ", ".join(f"{k}={lora[k]}" for k in _OPTION_NAMES if k in lora and lora[k] not in (None, "", {}, []))
         console.print(f"  LoRA  {lora.get('name', '?')}  {options}")
         console.print(f"        {_hash_text(lora)}")
+    for source in record.get("inputs") or []:  # a LoRA made by rescale/resize/extract
+        if isinstance(source, Mapping):
+            console.print(f"  {source.get('role', 'input')}  {source.get('name', '?')}  {_hash_text(source)}")
+    recorded = record.get("options")
+    if isinstance(recorded, Mapping) and recorded:
+        console.print("  options  " + ", ".join(f"{k}={v}" for k, v in recorded.items()))
+    previous = record.get("previous")
+    if isinstance(previous, Mapping):
+        console.print(f"  before that: {previous.get('operation', '?')} by {previous.get('tool', 'loratools')}")
 
 
 def render_hashes(console: Console, entries: Sequence[dict[str, Any]]) -> None:

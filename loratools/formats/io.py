@@ -15,10 +15,11 @@ import torch
 
 from ..errors import InputError
 from ..families.spec import FamilySpec
-from ..io.atomic import AtomicFolder
+from ..io.atomic import AtomicFolder, check_destination
 from ..io.files import regular_file
+from ..io.measure import active, text_bytes
 from ..io.pickle import split_tensors
-from ..io.safetensors import SafetensorsFile, save_tensors
+from ..io.safetensors import SafetensorsFile, file_size, save_tensors, tensor_plan
 from ..io.source import SAFETENSORS, Source, open_source
 from . import cloneofsimo, flux, kohya, peft
 from .adapters import LoraFile, is_finite
@@ -192,16 +193,30 @@ def save_lora(
 def _save_peft_folder(lora: LoraFile, path: Path, dtype: torch.dtype | None, overwrite: bool) -> None:
     configs = peft.peft_configs(lora)
     tensors = peft.peft_state_dict(lora, dtype=dtype)
+    by_folder: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        module, param, _ = normalize_peft_key(key)
+        folder, inner = peft.split_folder(module)
+        by_folder.setdefault(folder, {})[f"base_model.model.{inner}.{param}"] = tensor
+    weights: dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]] = {}
+    texts: dict[str, str] = {}
+    for folder, config in configs.items():
+        # folder "": a LoRA with no family map whose modules sit at the adapter's root
+        where = f"{folder}/" if folder else ""
+        local = by_folder.get(folder, {})
+        weights[where + peft.WEIGHTS_NAME] = local, with_hashes(peft.folder_metadata(lora), local)
+        texts[where + peft.CONFIG_NAME] = json.dumps(config, indent=2, sort_keys=True)
+    dry = active()
+    if dry is not None:  # a dry run: the same files, measured (io/measure.py), no folder made
+        check_destination(path, overwrite=overwrite)
+        for rel, (local, meta) in weights.items():
+            dry.add(path / rel, file_size(tensor_plan(local), meta))
+        for rel, text in texts.items():
+            dry.add(path / rel, text_bytes(text))
+        return
     with AtomicFolder(path, overwrite=overwrite) as tmp:
-        by_folder: dict[str, dict[str, torch.Tensor]] = {}
-        for key, tensor in tensors.items():
-            module, param, _ = normalize_peft_key(key)
-            folder, inner = peft.split_folder(module)
-            by_folder.setdefault(folder, {})[f"base_model.model.{inner}.{param}"] = tensor
-        for folder, config in configs.items():
-            # folder "": a LoRA with no family map whose modules sit at the adapter's root
-            where = tmp / folder if folder else tmp
-            where.mkdir(exist_ok=True)
-            local = by_folder.get(folder, {})
-            save_tensors(where / peft.WEIGHTS_NAME, local, with_hashes(peft.folder_metadata(lora), local))
-            (where / peft.CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+        for rel, (local, meta) in weights.items():
+            (tmp / rel).parent.mkdir(exist_ok=True)
+            save_tensors(tmp / rel, local, meta)
+        for rel, text in texts.items():
+            (tmp / rel).write_text(text)

@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import CorruptFileError, InputError
-from .atomic import WRITEBACK_CHUNK, AtomicFile, describe_os_error, start_writeback
+from .atomic import WRITEBACK_CHUNK, AtomicFile, check_destination, describe_os_error, start_writeback
 from .files import regular_file
+from .measure import Tally, active
 
 if TYPE_CHECKING:
     import torch
@@ -359,9 +360,36 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return flat.view(torch.uint8).numpy().data.cast("B")
 
 
-def _header_bytes(
-    plan: Mapping[str, TensorInfo], metadata: Mapping[str, str] | None
-) -> tuple[bytes, dict[str, TensorInfo]]:
+@dataclass(frozen=True)
+class HeaderPlan:
+    """A file's header as the writer emits it: the bytes (length prefix included), where each tensor
+    lands in the data section, and where the data hash goes (-1 when none is asked for)."""
+
+    raw: bytes
+    placed: dict[str, TensorInfo]
+    hash_at: int = -1
+
+    @property
+    def file_size(self) -> int:
+        """Bytes of the whole file: header plus every tensor's data."""
+        return len(self.raw) + sum(info.nbytes for info in self.placed.values())
+
+
+_HASH_PLACEHOLDER = "0x" + "0" * 64
+_HASH_CHUNK = 16 << 20
+
+
+def build_header(
+    plan: Mapping[str, TensorInfo], metadata: Mapping[str, str] | None = None, data_hash_key: str | None = None
+) -> HeaderPlan:
+    """The one header builder: what :class:`StreamingWriter` writes and what :func:`file_size` measures.
+
+    Needs only names, dtypes and shapes (never tensor values). ``data_hash_key``: a metadata key
+    that will receive ``"0x"`` + SHA-256 of the data section; the header holds a placeholder of
+    the value's exact length, so the size is known before any tensor is seen.
+    """
+    if data_hash_key is not None:
+        metadata = {**(metadata or {}), data_hash_key: _HASH_PLACEHOLDER}
     table: dict[str, object] = {}
     if metadata:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
@@ -375,17 +403,24 @@ def _header_bytes(
         offset += info.nbytes
     raw = json.dumps(table, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-(8 + len(raw)) % _ALIGN)
-    return struct.pack("<Q", len(raw)) + raw, placed
+    raw = struct.pack("<Q", len(raw)) + raw
+    hash_at = -1
+    if data_hash_key is not None:
+        field = json.dumps({data_hash_key: _HASH_PLACEHOLDER}, separators=(",", ":"))[1:-1].encode()
+        hash_at = raw.index(field) + len(field) - len(_HASH_PLACEHOLDER) - 1
+    return HeaderPlan(raw, placed, hash_at)
 
 
-def file_size(plan: Mapping[str, TensorInfo], metadata: Mapping[str, str] | None = None) -> int:
-    """Bytes of the safetensors file a plan makes (header included), without writing it."""
-    header, placed = _header_bytes(plan, metadata)
-    return len(header) + sum(info.nbytes for info in placed.values())
+def file_size(
+    plan: Mapping[str, TensorInfo], metadata: Mapping[str, str] | None = None, data_hash_key: str | None = None
+) -> int:
+    """Bytes of the safetensors file a plan makes (header included, hash placeholder too), without writing it."""
+    return build_header(plan, metadata, data_hash_key).file_size
 
 
-_HASH_PLACEHOLDER = "0x" + "0" * 64
-_HASH_CHUNK = 16 << 20
+def tensor_plan(tensors: Mapping[str, torch.Tensor]) -> dict[str, TensorInfo]:
+    """The writer's plan for a dict of tensors: each one's safetensors dtype and shape, in order."""
+    return {n: TensorInfo(dtype_name(t.dtype), tuple(t.shape)) for n, t in tensors.items()}
 
 
 class StreamingWriter:
@@ -394,7 +429,13 @@ class StreamingWriter:
     The plan (name → dtype and shape) must be known up front; peak memory is the one tensor being
     written. Untouched tensors are copied from a source file as raw bytes (``copy_file_range``), so
     they are never decoded. The file appears at ``path`` only when complete (see :class:`AtomicFile`).
+
+    During a dry run (io/measure.py ``measuring``) nothing is opened: the destination is checked,
+    tensors are checked against the plan and dropped, and the file's size from :func:`build_header`
+    is recorded on close.
     """
+
+    _dry: Tally | None = None
 
     def __init__(
         self,
@@ -412,21 +453,21 @@ class StreamingWriter:
         # tensor's bytes in file order), hashed as the tensors stream by and written into a
         # placeholder of the same length in the header before the file is committed
         self._digest = hashlib.sha256() if data_hash_key is not None else None
-        self._hash_at = -1
-        if data_hash_key is not None:
-            metadata = {**(metadata or {}), data_hash_key: _HASH_PLACEHOLDER}
-        self._header, self._placed = _header_bytes(plan, metadata)
-        if data_hash_key is not None:
-            field = json.dumps({data_hash_key: _HASH_PLACEHOLDER}, separators=(",", ":"))[1:-1].encode()
-            self._hash_at = self._header.index(field) + len(field) - len(_HASH_PLACEHOLDER) - 1
+        header = build_header(plan, metadata, data_hash_key)
+        self._header, self._placed, self._hash_at = header.raw, header.placed, header.hash_at
         self._order = list(self._placed)
         self._next = 0
-        self.total_bytes = len(self._header) + sum(i.nbytes for i in self._placed.values())
+        self.total_bytes = header.file_size
+        self.overwrite = overwrite
+        self._dry = active()
         self._atomic = AtomicFile(self.path, overwrite=overwrite, size_hint=self.total_bytes)
         self._written = 0  # bytes of the file written so far
         self._flushed = 0  # bytes whose writeback has been started
 
     def __enter__(self) -> StreamingWriter:
+        if self._dry is not None:
+            check_destination(self.path, overwrite=self.overwrite)  # refuse what the real run refuses
+            return self
         self._fd = self._atomic.open()
         try:
             _write_all(self._fd, memoryview(self._header), self.path)
@@ -443,6 +484,10 @@ class StreamingWriter:
             missing = self._order[self._next]
             self._atomic.abort()
             raise RuntimeError(f"streaming writer closed before {missing!r} was written")
+        if self._dry is not None:
+            if exc_type is None:
+                self._dry.add(self.path, self.total_bytes)
+            return
         if exc_type is None:
             if self._digest is not None:
                 value = f"0x{self._digest.hexdigest()}".encode()
@@ -471,6 +516,8 @@ class StreamingWriter:
             raise RuntimeError(
                 f"tensor {name!r} is {dtype_name(tensor.dtype)}{list(tensor.shape)}, plan says {info.dtype}{list(info.shape)}"
             )
+        if self._dry is not None:
+            return
         self._put(info, tensor_bytes(tensor))
 
     def write_bytes(self, name: str, data: bytes | memoryview) -> None:
@@ -478,6 +525,8 @@ class StreamingWriter:
         info = self._expect(name)
         if len(data) != info.nbytes:
             raise RuntimeError(f"tensor {name!r}: {len(data)} bytes given, plan says {info.nbytes}")
+        if self._dry is not None:
+            return
         self._put(info, memoryview(data).cast("B"))
 
     def _put(self, info: TensorInfo, data: memoryview) -> None:
@@ -499,6 +548,8 @@ class StreamingWriter:
         offset, nbytes = source.span(source_name or name)
         if nbytes != info.nbytes:
             raise RuntimeError(f"raw copy of {name!r}: source has {nbytes} bytes, plan needs {info.nbytes}")
+        if self._dry is not None:
+            return
         if self._digest is None:
             copy_range(source.fileno, offset, self._fd, nbytes, source.path, self.path)
         else:  # the bytes pass through here once, to be hashed on their way (no kernel copy)
@@ -555,7 +606,7 @@ def save_tensors(
     overwrite: bool = False,
 ) -> None:
     """Write a dict of tensors atomically (the streaming writer over an in-memory dict)."""
-    plan = {n: TensorInfo(dtype_name(t.dtype), tuple(t.shape)) for n, t in tensors.items()}
+    plan = tensor_plan(tensors)
     with StreamingWriter(path, plan, metadata, overwrite=overwrite) as writer:
         for name, tensor in tensors.items():
             writer.write(name, tensor)

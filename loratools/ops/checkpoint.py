@@ -265,7 +265,7 @@ def write_folder(
             if config_src is not None and config_src.exists():
                 shutil.copy2(config_src, tmp / folder / "config.json")
             else:
-                (tmp / folder / "config.json").write_text(json.dumps(configs[folder], indent=2))
+                (tmp / folder / "config.json").write_text(config_text(configs[folder]))
             stem = WEIGHT_NAMES[0] if component in ("unet", "transformer", "vae") else WEIGHT_NAMES[1]
             inner = {k[len(prefix) :]: v for k, v in keys.items()}
             write_file(tmp / folder / f"{stem}.safetensors", inner, prefix)
@@ -274,12 +274,24 @@ def write_folder(
     return missing
 
 
-def _write_pipeline_files(tmp: Path, spec: FamilySpec, extras: PipelineFiles) -> None:
-    index = pipeline_index(spec, extras.scheduler, extras.index)
-    (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+def config_text(config: dict[str, object]) -> str:
+    """A component's ``config.json`` as :func:`write_folder` writes it (made, not copied)."""
+    return json.dumps(config, indent=2)
+
+
+def pipeline_texts(spec: FamilySpec, extras: PipelineFiles) -> dict[str, str]:
+    """The pipeline files a folder made from a single file gets (relative path → text); the
+    tokenizer folders of ``extras`` are copied beside them."""
+    texts = {"model_index.json": json.dumps(pipeline_index(spec, extras.scheduler, extras.index), indent=2) + "\n"}
     if extras.scheduler is not None:
-        (tmp / "scheduler").mkdir()
-        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(extras.scheduler, indent=2) + "\n")
+        texts["scheduler/scheduler_config.json"] = json.dumps(extras.scheduler, indent=2) + "\n"
+    return texts
+
+
+def _write_pipeline_files(tmp: Path, spec: FamilySpec, extras: PipelineFiles) -> None:
+    for rel, text in pipeline_texts(spec, extras).items():
+        (tmp / rel).parent.mkdir(exist_ok=True)
+        (tmp / rel).write_text(text)
     for name, folder in extras.tokenizers.items():
         shutil.copytree(folder, tmp / name)  # verbatim: follows links (a hub cache's blobs)
 

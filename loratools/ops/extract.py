@@ -43,10 +43,12 @@ from ..families.spec import FamilySpec
 from ..formats.adapters import Adapter, LoraFile, LowRank
 from ..formats.names import name_tables
 from ..io.checkpoint import Checkpoint, open_checkpoint
+from ..io.source import open_source
 from .checkpoint import CanonicalSource, parse_dtype
 from .lowrank import F64, Factored, RankRule, kept_fraction, lowrank_from, randomized_svd
 from .parallel import map_ordered
 from .progress import announce_total
+from .provenance import PendingRecord
 from .rank_common import check_output, output_format, rank_rule, write_lora
 from .resize import is_conv_kxk
 
@@ -356,6 +358,9 @@ def extract(
     check_output(output, base, tuned)
     fmt = output_format(to, None)
     torch_dtype = parse_dtype(dtype)
+    opened = open_source(base), open_source(tuned)
+    options = {"rule": chosen.describe(), "min_diff": min_diff or None}
+    made_from = PendingRecord("extract", [("base", opened[0].path), ("tuned", opened[1].path)], options)
     lora, report = extract_lora(
         base,
         tuned,
@@ -368,5 +373,5 @@ def extract(
         progress=progress,
     )
     report.output, report.output_format = str(output), fmt
-    report.warnings += write_lora(lora, output, fmt, overwrite=overwrite)
+    report.warnings += write_lora(lora, output, fmt, overwrite=overwrite, provenance=made_from)
     return report

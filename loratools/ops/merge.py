@@ -25,25 +25,29 @@ import torch
 
 from ..errors import InputError, LoratoolsError, OutputError
 from ..families import FAMILIES, keymap
+from ..families.configs import diffusers_configs
 from ..families.detect import Detection, detect
 from ..families.keymap import KeyMap
-from ..families.spec import DENOISERS, FamilySpec
+from ..families.spec import DENOISERS, DIFFUSERS_FOLDERS, FamilySpec
 from ..formats.adapters import Full, LoraFile, all_finite, apply_dora, is_finite
 from ..formats.io import load_lora
 from ..formats.resolve import claimed_family
-from ..io.atomic import AtomicFolder
-from ..io.checkpoint import DIFFUSERS_COMPONENTS, SAFETENSORS_SUFFIX, Checkpoint, open_checkpoint
+from ..io.atomic import AtomicFolder, check_destination
+from ..io.checkpoint import DIFFUSERS_COMPONENTS, SAFETENSORS_SUFFIX, WEIGHT_NAMES, Checkpoint, open_checkpoint
 from ..io.files import same_path
 from ..io.hub import resolve
+from ..io.measure import active, text_bytes, tree_bytes
 from ..io.safetensors import FLOAT_DTYPES, StreamingWriter, TensorInfo, file_size
 from ..io.source import Source, open_source
 from .blocks import DEFAULT_TOOL, BlockWeights, block_keys, parse_block_weights, unused_blocks
 from .checkpoint import (
     CanonicalSource,
     PipelineFiles,
+    config_text,
     output_dtype_name,
     parse_dtype,
     pipeline_files,
+    pipeline_texts,
     plan_layout,
     planned_info,
     target_layout,
@@ -888,6 +892,9 @@ def _run(
     base_path = opened.path
     if original is not None:
         original = resolve(original)
+    # inside a dry run of the CLI (io/measure.py: convert of a checkpoint), plan and measure only
+    measured = active() if output is not None else None
+    dry_run = dry_run or measured is not None
     if output is None and not dry_run:
         raise InputError("no output given (use -o OUT, or --dry-run)")
     out_path = Path(output) if output is not None else None
@@ -954,7 +961,8 @@ def _run(
                 outputs.extra_files[PROVENANCE_FILE] = json.dumps(record, indent=2) + "\n"
         report.not_carried = dict(outputs.not_carried)
         report.files_carried = len(outputs.copies) + len(outputs.indexes)
-        report.output_bytes = sum(file_size({e.key: e.info for e in f.entries}, f.metadata) for f in outputs.files)
+        sizes = _output_sizes(outputs, ckpt, found)
+        report.output_bytes = sum(sizes.values())
         for f in outputs.files:
             for e in f.entries:
                 before = ckpt.info(e.source).dtype if e.source in ckpt else e.info.dtype
@@ -963,9 +971,16 @@ def _run(
         if dry_run:
             for f in outputs.files:
                 for e in f.entries:
+                    report.tensors += 1  # what the output would hold
+                    report.tensor_bytes += e.info.nbytes
                     for p in e.parts:
                         if p in plan.terms:
                             report.patched[_component(p)] = report.patched.get(_component(p), 0) + 1
+            if out_path is not None:  # refuse what the real run would refuse
+                check_destination(out_path, overwrite=overwrite)
+            if measured is not None and out_path is not None:
+                for inner, nbytes in sizes.items():
+                    measured.add(out_path / inner if inner else out_path, nbytes)
             report.seconds = time.perf_counter() - started
             return report
 
@@ -1021,6 +1036,50 @@ class _Outputs:
     not_carried: dict[str, str] = field(default_factory=dict)  # base folder files left out → why
     extra_files: dict[str, str] = field(default_factory=dict)  # written at the folder's root (provenance)
     pipeline: PipelineFiles | None = None  # a new folder's scheduler and tokenizers
+
+
+def _index_text(index: Mapping[str, object]) -> str:
+    """A rewritten shard index (``*.index.json``) as the output gets it."""
+    return json.dumps(index, indent=2) + "\n"
+
+
+def _output_sizes(outputs: _Outputs, ckpt: Checkpoint, found: Detection) -> dict[str, int]:
+    """Every file of the output (path inside it, "" for a single file) → its bytes, from the plan.
+
+    Weight files are measured by the writer's own header builder (io/safetensors.py
+    ``build_header``, the ModelSpec hash placeholder included); a folder's other files are the
+    texts :func:`_write` and ``write_folder`` write, or the files they copy."""
+    sizes = {
+        f.rel: file_size({e.key: e.info for e in f.entries}, f.metadata, _modelspec_hash_key(f.metadata))
+        for f in outputs.files
+    }
+    if outputs.kind == "file":
+        return sizes
+    if outputs.kind == "new_folder":  # write_folder: weights under stems, configs, pipeline files
+        sizes = {}
+        configs = diffusers_configs(found.family)
+        source_folder = ckpt.path if ckpt.container == "diffusers" else None
+        if source_folder is not None:
+            for item in source_folder.iterdir():
+                if item.name not in DIFFUSERS_FOLDERS.values():
+                    sizes[item.name] = tree_bytes(item)
+        else:
+            extras = outputs.pipeline if outputs.pipeline is not None else pipeline_files(found)
+            sizes.update((rel, text_bytes(text)) for rel, text in pipeline_texts(found.family, extras).items())
+            sizes.update((name, tree_bytes(folder)) for name, folder in extras.tokenizers.items())
+        component_of = {folder: component for component, folder in DIFFUSERS_FOLDERS.items()}
+        for f in outputs.files:
+            copied = source_folder / f.rel / "config.json" if source_folder is not None else None
+            config = tree_bytes(copied) if copied is not None and copied.exists() else None
+            sizes[f"{f.rel}/config.json"] = text_bytes(config_text(configs[f.rel])) if config is None else config
+            stem = WEIGHT_NAMES[0] if component_of[f.rel] in ("unet", "transformer", "vae") else WEIGHT_NAMES[1]
+            sizes[f"{f.rel}/{stem}.safetensors"] = file_size(
+                {e.key: e.info for e in f.entries}, f.metadata, _modelspec_hash_key(f.metadata)
+            )
+    sizes.update((rel, tree_bytes(ckpt.path / rel)) for rel in outputs.copies)
+    sizes.update((rel, text_bytes(_index_text(index))) for rel, index in outputs.indexes.items())
+    sizes.update((rel, text_bytes(text)) for rel, text in outputs.extra_files.items())
+    return sizes
 
 
 def _provenance(
@@ -1199,7 +1258,7 @@ def _write(
                 (tmp / out.rel).parent.mkdir(parents=True, exist_ok=True)
                 merger.write_file(tmp / out.rel, out.entries, out.metadata, False)
             for rel, index in outputs.indexes.items():
-                (tmp / rel).write_text(json.dumps(index, indent=2) + "\n")
+                (tmp / rel).write_text(_index_text(index))
             for rel, text in outputs.extra_files.items():
                 (tmp / rel).write_text(text)
             if check is not None:

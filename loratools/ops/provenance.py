@@ -10,6 +10,8 @@ by :func:`loratools.ops.hashes.sha256_file`, the one streamed hasher.
 from __future__ import annotations
 
 import json
+import os
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -47,6 +49,63 @@ def provenance(operation: str, base: dict[str, object], loras: Sequence[dict[str
         "base": base,
         "loras": list(loras),
     }
+
+
+def derived(
+    operation: str,
+    inputs: Sequence[tuple[str, str | os.PathLike[str]]],
+    options: Mapping[str, object],
+    previous: Mapping[str, str] | None = None,
+) -> dict[str, object]:
+    """The record a LoRA made by rescale/resize/extract carries: each input by role with its hashes,
+    the options that shaped it, and the record the (first) input itself carried, if any, so that
+    a chain of operations stays readable. A lossless ``convert`` adds none: its output is the same
+    LoRA, metadata included (docs/PRESERVE.md §4)."""
+    record: dict[str, object] = {
+        "schema": SCHEMA,
+        "tool": "loratools",
+        "version": __version__,
+        "operation": operation,
+        "inputs": [{"role": role, **input_record(Path(path))} for role, path in inputs],
+        "options": {k: v for k, v in options.items() if v is not None},
+    }
+    earlier = read_provenance(previous or {})
+    if earlier is not None:
+        record["previous"] = earlier
+    return record
+
+
+class PendingRecord:
+    """A :func:`derived` record computed in a background thread, started before the operation's
+    own work: hashing the inputs (hashlib releases the GIL) overlaps the arithmetic instead of
+    adding a full read of every input to the wall time. ``result()`` joins it."""
+
+    def __init__(
+        self,
+        operation: str,
+        inputs: Sequence[tuple[str, str | os.PathLike[str]]],
+        options: Mapping[str, object],
+        previous: Mapping[str, str] | None = None,
+    ) -> None:
+        self._record: dict[str, object] | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(operation, list(inputs), dict(options), previous), daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, *args: object) -> None:
+        try:
+            self._record = derived(*args)  # type: ignore[arg-type]
+        except BaseException as exc:  # re-raised in the caller's thread by result()
+            self._error = exc
+
+    def result(self) -> dict[str, object]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._record is not None
+        return self._record
 
 
 def dumps(record: dict[str, object]) -> str:

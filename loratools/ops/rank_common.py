@@ -4,11 +4,14 @@ and writing the result (atomic, embeddings never dropped)."""
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import InputError
 from ..io.files import same_path
+from .provenance import KEY as PROVENANCE_KEY
+from .provenance import PendingRecord, dumps
 from .rank_rule import RankRule
 
 if TYPE_CHECKING:  # torch loads only where a torch path runs (the numpy path never does)
@@ -71,15 +74,19 @@ def write_lora(
     *,
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
+    provenance: PendingRecord | None = None,
 ) -> list[str]:
     """Write through :func:`save_lora` (atomic) in ``fmt``; returns warnings about what went beside it.
 
     cloneofsimo files have no alpha, so every module's scale is folded into ``up`` there (exactly
     what the format means). Embeddings that a diffusers/peft file cannot hold go to a sidecar file.
+    ``provenance``: what the file was made from, recorded under ``loratools.provenance``.
     """
     from ..formats.io import save_lora
     from .convert import prepare
 
+    if provenance is not None:
+        lora = replace(lora, metadata={**lora.metadata, PROVENANCE_KEY: dumps(provenance.result())})
     prepared = prepare(lora, fmt, bake_scale=fmt == "cloneofsimo")
     save_lora(prepared, output, fmt, dtype=dtype, overwrite=overwrite)
     warnings: list[str] = []

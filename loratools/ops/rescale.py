@@ -30,7 +30,9 @@ from ..errors import InputError
 from ..families.spec import FamilySpec
 from ..formats.adapters import Adapter, Full, LoHa, LoKr, LoraFile, LowRank, factor_dtype
 from ..formats.io import load_lora
+from ..io.source import open_source
 from .checkpoint import parse_dtype
+from .provenance import PendingRecord
 from .rank_common import check_output, output_format, write_lora
 
 SCHEMA = "loratools.rescale/1"
@@ -140,7 +142,9 @@ def rescale(
     ``to``: output dialect (default: the source's; kohya for read-only dialects).
     """
     check_output(output, source)
-    lora = load_lora(source, family)
+    opened = open_source(source)
+    lora = load_lora(opened, family)
+    made_from = PendingRecord("rescale", [("input", opened.path)], {"by": by}, lora.metadata)
     fmt = output_format(to, lora.source_format)
     torch_dtype = parse_dtype(dtype)
     scaled, report = rescale_lora(lora, by)
@@ -150,5 +154,5 @@ def rescale(
     if fmt == "cloneofsimo":
         report.representation = {"factor": report.modules}  # no alpha in the format: folded into up
     report.warnings = list(lora.warnings) + report.warnings
-    report.warnings += write_lora(scaled, output, fmt, dtype=torch_dtype, overwrite=overwrite)
+    report.warnings += write_lora(scaled, output, fmt, dtype=torch_dtype, overwrite=overwrite, provenance=made_from)
     return report
