@@ -140,3 +140,99 @@ def flux_lora_dialect(spec, dialect: str, *, rank: int = 2, seed: int = 0) -> di
     else:
         raise ValueError(dialect)
     return out
+
+
+# --- raw ΔW straight from a file's tensors (an oracle independent of loratools' readers) ------------
+
+RAW_PARAMS = {  # file parameter suffix → role, for every dialect flux_lora_dialect writes
+    "lora_down.weight": "down",
+    "lora_up.weight": "up",
+    "lora_A.weight": "down",
+    "lora_B.weight": "up",
+    "down.weight": "down",
+    "up.weight": "up",
+    "alpha": "alpha",
+    "diff_b": "bias",
+    "diff": "diff",
+}
+
+
+def raw_groups(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """File module stem → {down, up, alpha, diff, bias}, by the key suffixes alone."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        suffix = next(s for s in RAW_PARAMS if key.endswith("." + s))
+        groups.setdefault(key[: -len(suffix) - 1], {})[RAW_PARAMS[suffix]] = t
+    return groups
+
+
+def raw_delta(group: dict[str, torch.Tensor]) -> torch.Tensor:
+    """ΔW of one file module in float64: ``diff``, or ``alpha/r · up @ down`` (scale 1 without alpha)."""
+    if "diff" in group:
+        return group["diff"].double()
+    down, up = group["down"].double(), group["up"].double()
+    scale = float(group["alpha"]) / down.shape[0] if "alpha" in group else 1.0
+    return scale * up @ down
+
+
+def stem_part_rows(spec, stem: str) -> list[tuple[tuple[int, int], ...]]:  # type: ignore[no-untyped-def]
+    """Row ranges of each canonical module a file module feeds: several for a fused BFL Linear.
+
+    Row facts from the family key map (formats/flux.py flux_names), not from any reader.
+    """
+    from loratools.formats.flux import flux_names
+
+    names = flux_names(spec)
+    path = stem.removeprefix("diffusion_model.")
+    if path.startswith("lora_unet_"):
+        path = names.bfl_underscore.get(path.removeprefix("lora_unet_"), path)
+    if ".processor." in path:
+        block, xl = path.split(".processor.")
+        child = {"qkv_lora1": "img_attn.qkv", "proj_lora1": "img_attn.proj"}
+        child |= {"qkv_lora2": "txt_attn.qkv", "proj_lora2": "txt_attn.proj"}
+        path = f"{block}.{child[xl]}"
+    if path in names.bfl:
+        return [p.rows for p in names.bfl[path]]
+    return [((0, -1),)]  # a canonical module: all its rows
+
+
+def take_rows(t: torch.Tensor, rows: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """Rows of a ΔW (``(0, -1)``: all of them), concatenated."""
+    return torch.cat([t if b == -1 else t[a:b] for a, b in rows], dim=0)
+
+
+def flux_lycoris_fused(spec, kind: str, *, rank: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+    """kohya/LyCORIS-named LoHa (``hada_*``) or LoKr (``lokr_w1`` + ``lokr_w2_a/b``) modules on every
+    fused BFL Linear (double-block qkv, single-block linear1); LoKr's ``w2`` has half a head width of rows."""
+    from loratools.formats.flux import flux_names
+
+    names = flux_names(spec)
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * 0.3
+
+    out: dict[str, torch.Tensor] = {}
+    for path, parts in names.bfl.items():
+        if len(parts) < 2:
+            continue
+        rows, cols = names.bfl_shapes[path]
+        name = "lora_unet_" + path.replace(".", "_")
+        if kind == "loha":
+            group = {"hada_w1_a": rnd(rows, rank), "hada_w1_b": rnd(rank, cols)}
+            group |= {"hada_w2_a": rnd(rows, rank), "hada_w2_b": rnd(rank, cols)}
+        else:
+            b = min(p.rows[0][1] - p.rows[0][0] for p in parts) // 2
+            group = {"lokr_w1": rnd(rows // b, 2), "lokr_w2_a": rnd(b, rank), "lokr_w2_b": rnd(rank, cols // 2)}
+        out |= {f"{name}.{k}": v for k, v in group.items()} | {f"{name}.alpha": torch.tensor(1.0)}
+    return out
+
+
+def raw_lycoris_delta(group: dict[str, torch.Tensor]) -> torch.Tensor:
+    """ΔW of a LoHa / LoKr file module in float64: a Hadamard or Kronecker product of its raw factors."""
+    g = {k: v.double() for k, v in group.items()}
+    if "hada_w1_a" in g:
+        r = g["hada_w1_b"].shape[0]
+        return (g["hada_w1_a"] @ g["hada_w1_b"]) * (g["hada_w2_a"] @ g["hada_w2_b"]) * float(g["alpha"]) / r
+    r = g["lokr_w2_b"].shape[0]
+    return torch.kron(g["lokr_w1"], g["lokr_w2_a"] @ g["lokr_w2_b"]) * float(g["alpha"]) / r

@@ -421,6 +421,8 @@ class LoraFile:
     source_order: dict[str, str] = field(default_factory=dict)  # component → pair order (cloneofsimo)
     model: ModelVerdict | None = None  # what model it is for (formats.verdict); derived when not given
     source_names: dict[str, str] = field(default_factory=dict)  # adapter key → its module name in the file
+    # the file's keys in file order, for writers that re-emit the source's own spelling (FLUX.1 dialects)
+    source_keys: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.model is None:

@@ -18,23 +18,30 @@ Dialects read (docs/FLUX.md §2 cites where each spelling was checked):
 A LoRA on a fused BFL Linear becomes one adapter per canonical part (the up rows of that part and
 the shared down: exact); a LoRA on a diffusers-split module patches its rows of a fused base
 through the key map. Writers re-join parts: identical downs share one down, others become
-kohya's block-diagonal split-qkv form (exact ΔW).
+kohya's block-diagonal split-qkv form (exact ΔW); LoHa/LoKr on a fused Linear split by the rows
+of the factor that owns them and re-join the same way.
+
+The reader keeps the file's keys (``LoraFile.source_keys``) and module names; written in its own
+format (rescale/resize/blend), a LoRA comes back in that very dialect, keys and order
+(:func:`flux_source_state_dict`, through the same key parser); ``convert --to`` writes the
+format's own spelling.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
+from itertools import pairwise
 
 import torch
 
 from ..errors import InputError
 from ..families import FLUX1, keymap
 from ..families.spec import DIFFUSERS_FOLDERS, FamilySpec
-from .adapters import Adapter, Full, LoraFile, LowRank, factor_dtype
-from .keys import configs_from_metadata, pattern_value
+from .adapters import Adapter, Full, LoHa, LoKr, LoraFile, LowRank, factor_dtype
+from .keys import PEFT_METADATA_KEY, configs_from_metadata, pattern_value
 from .lycoris import adapter_from_params, adapter_params
 
 FORMAT_KOHYA = "kohya"  # the project's format names: operations write a LoRA back in its own
@@ -149,23 +156,32 @@ def _parse(key: str, names: FluxNames) -> tuple[str, str, str] | None:
     return ("canonical", module, _PARAMS[param]) if module in names.shapes else None
 
 
+def _split_key(key: str) -> tuple[str, str]:
+    """(module stem, parameter suffix) of a key as the file spells them."""
+    if (m := _UNDERSCORE.match(key)) is not None:
+        return f"{m.group(1)}_{m.group(2)}", m.group(3)
+    suffix = next((s for s in _PARAMS if key.endswith("." + s)), "")
+    return (key[: -len(suffix) - 1], suffix) if suffix else (key, "")
+
+
 def _take_rows(t: torch.Tensor, rows: tuple[tuple[int, int], ...]) -> torch.Tensor:
     pieces = [t[a:b] for a, b in rows]
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
 
 
-def _block_diagonal(up: torch.Tensor, parts: list[Part]) -> int | None:
-    """The per-part rank if ``up`` is kohya's block-diagonal split-qkv up (zeros off its blocks)."""
-    count = len(parts)
-    if count < 2 or up.shape[1] % count:
+def _blocks(up: torch.Tensor, parts: list[Part]) -> list[tuple[int, int]] | None:
+    """Each part's column span if ``up`` is block-diagonal over the parts (kohya's split-qkv form,
+    and the writer's form for parts of different ranks); None when the parts share columns."""
+    if len(parts) < 2:
         return None
-    r = up.shape[1] // count
-    for i, part in enumerate(parts):
-        rows = _take_rows(up, part.rows)
-        off = torch.cat([rows[:, : i * r], rows[:, (i + 1) * r :]], dim=1)
-        if bool(off.any()):
-            return None
-    return r
+    spans: list[tuple[int, int]] = []
+    for part in parts:
+        cols = _take_rows(up, part.rows).any(dim=0).nonzero().flatten()
+        spans.append((int(cols[0]), int(cols[-1]) + 1) if cols.numel() else (0, 0))
+    live = sorted(span for span in spans if span[1] > span[0])
+    if not live or live == [(0, up.shape[1])] or any(b0 > a1 for (_, b0), (a1, _) in pairwise(live)):
+        return None
+    return spans
 
 
 def split_fused(name: str, adapter: Adapter, parts: list[Part], warnings: list[str]) -> dict[str, Adapter]:
@@ -177,26 +193,98 @@ def split_fused(name: str, adapter: Adapter, parts: list[Part], warnings: list[s
     out: dict[str, Adapter] = {}
     if isinstance(adapter, LowRank) and adapter.mid is None and adapter.dora_scale is None:
         up = adapter.up.reshape(adapter.up.shape[0], -1)
-        r = _block_diagonal(up, parts)
+        spans = _blocks(up, parts)
         live = [bool(_take_rows(up, p.rows).any()) for p in parts]
         for i, part in enumerate(parts):
             if any(live) and not live[i]:
                 continue  # all-zero rows: the writer's padding for a part the LoRA does not train
             rows = _take_rows(up, part.rows)
-            if r is None:  # one down shared by every part: the up rows split, alpha/r unchanged
+            if spans is None:  # one down shared by every part: the up rows split, alpha/r unchanged
                 out[part.module] = LowRank(rows, adapter.down, adapter.alpha)
-            else:  # split-qkv: each part its own rank-r block; keep the file's scale alpha/(P·r)
-                down = adapter.down[i * r : (i + 1) * r]
-                out[part.module] = LowRank(rows[:, i * r : (i + 1) * r], down, adapter.alpha / len(parts))
+            else:  # split-qkv: each part its own block of columns; keep the file's scale alpha/R
+                a, b = spans[i]
+                alpha = adapter.alpha * (b - a) / adapter.rank
+                out[part.module] = LowRank(rows[:, a:b], adapter.down[a:b], alpha)
         return out
     if isinstance(adapter, Full):
         for part in parts:
             bias = _take_rows(adapter.diff_b, part.rows) if adapter.diff_b is not None else None
             out[part.module] = Full(_take_rows(adapter.diff, part.rows), bias)
         return out
+    if (sliced := _row_sliced(adapter, parts)) is not None:
+        return sliced
     warnings.append(f"{name}: a {adapter.kind} module on a fused weight, split into full ΔW parts (float32)")
     delta = adapter.delta()  # float32, scale included
     return {part.module: Full(_take_rows(delta, part.rows)) for part in parts}
+
+
+def _row_sliced(adapter: Adapter, parts: list[Part]) -> dict[str, Adapter] | None:
+    """LoHa / LoKr parts of a fused Linear in their own kind, by slicing the factors that own the rows.
+
+    LoHa ``ΔW = (w1a@w1b) ⊙ (w2a@w2b)·s``: row i of ΔW is row i of ``w1a`` and of ``w2a``. LoKr
+    ``ΔW = kron(w1, w2)·s``: rows ``[j·b, (j+1)·b)`` are row j of ``w1`` (``b`` = rows of ``w2``),
+    so a part whose boundaries are multiples of ``b`` is rows of ``w1`` (or of ``w1a``). Scale kept.
+    None where the factors do not split so (Tucker, DoRA, conv, boundaries inside a ``w2`` block).
+    """
+    if getattr(adapter, "dora_scale", None) is not None or len(adapter.delta_shape()) != 2:
+        return None
+    if isinstance(adapter, LoHa) and adapter.t1 is None and adapter.w1a.dim() == 2 and adapter.w2a.dim() == 2:
+        return {
+            p.module: replace(
+                adapter, w1a=_take_rows(adapter.w1a, p.rows), w2a=_take_rows(adapter.w2a, p.rows), shape=None
+            )
+            for p in parts
+        }
+    if isinstance(adapter, LoKr) and adapter.t2 is None and (adapter.w2 is None or adapter.w2.dim() == 2):
+        b = int(adapter.w2.shape[0]) if adapter.w2 is not None else int(adapter.w2a.shape[0])  # type: ignore[union-attr]
+        if (
+            any(x % b for p in parts for pair in p.rows for x in pair)
+            or adapter.natural_shape() != adapter.delta_shape()
+        ):
+            return None
+        out: dict[str, Adapter] = {}
+        for p in parts:
+            rows = tuple((x // b, y // b) for x, y in p.rows)
+            if adapter.w1 is not None:
+                out[p.module] = replace(adapter, w1=_take_rows(adapter.w1, rows), shape=None)
+            else:
+                out[p.module] = replace(adapter, w1a=_take_rows(adapter.w1a, rows), shape=None)  # type: ignore[arg-type]
+        return out
+    return None
+
+
+def _row_joined(parts: list[Part], present: dict[str, Adapter], total: int) -> Adapter | None:
+    """The inverse of :func:`_row_sliced`: one LoHa / LoKr whose shared factors every part has."""
+    first = next(iter(present.values()))
+    same = all(type(a) is type(first) and a.alpha == first.alpha for a in present.values())
+    if same and isinstance(first, LoHa) and first.t1 is None and first.dora_scale is None:
+        halves = [(a.w1b, a.w2b) for a in present.values() if isinstance(a, LoHa)]
+        if all(torch.equal(w1b, first.w1b) and torch.equal(w2b, first.w2b) for w1b, w2b in halves):
+            w1a = torch.zeros(total, first.w1a.shape[1], dtype=first.w1a.dtype)
+            w2a = torch.zeros(total, first.w2a.shape[1], dtype=first.w2a.dtype)
+            for p in parts:
+                if isinstance(part := present.get(p.module), LoHa):
+                    _put_rows(w1a, p.rows, part.w1a)
+                    _put_rows(w2a, p.rows, part.w2a)
+            return replace(first, w1a=w1a, w2a=w2a)
+    if same and isinstance(first, LoKr) and first.t2 is None:
+        shared = ("w2", "w2a", "w2b", "w1b")
+        if all(_same_tensor(getattr(a, f), getattr(first, f)) for a in present.values() for f in shared):
+            w2 = first.w2 if first.w2 is not None else first.w2a
+            b = int(w2.shape[0])  # type: ignore[union-attr]
+            key = "w1" if first.w1 is not None else "w1a"
+            ref: torch.Tensor = getattr(first, key)
+            if total % b == 0 and not any(x % b for p in parts for pair in p.rows for x in pair):
+                w1 = torch.zeros(total // b, ref.shape[1], dtype=ref.dtype)
+                for p in parts:
+                    if (part := present.get(p.module)) is not None:
+                        _put_rows(w1, tuple((x // b, y // b) for x, y in p.rows), getattr(part, key))
+                return replace(first, w1=w1) if key == "w1" else replace(first, w1a=w1)
+    return None
+
+
+def _same_tensor(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
 
 
 def read_flux_lora(
@@ -214,6 +302,8 @@ def read_flux_lora(
     groups: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     unknown: list[str] = []
     dialects: set[str] = set()
+    stems: dict[tuple[str, str], str] = {}  # (space, module) → the file's module name
+    source_keys: list[str] = []
     for key, tensor in tensors.items():
         parsed = _parse(key, names)
         if parsed is None:
@@ -221,9 +311,12 @@ def read_flux_lora(
             continue
         space, module, param = parsed
         groups.setdefault((space, module), {})[param] = tensor
+        stems.setdefault((space, module), _split_key(key)[0])
+        source_keys.append(key)
         dialects.add("kohya" if _UNDERSCORE.match(key) else "peft")
     warnings: list[str] = []
     adapters: dict[str, Adapter] = {}
+    source_names: dict[str, str] = {}
     unmatched: dict[str, str] = {}
     configs = configs_from_metadata(metadata)  # diffusers' lora_adapter_metadata (peft LoraConfig)
     for (space, module), params in groups.items():
@@ -243,6 +336,7 @@ def read_flux_lora(
             if canonical in adapters:
                 raise InputError(f"{canonical} is given twice (as {module} and under another spelling)")
             adapters[canonical] = piece
+            source_names[canonical] = stems[(space, module)]
     for key in unknown:
         unmatched[key] = "not a FLUX.1 module in any known dialect"
     if not adapters:
@@ -250,7 +344,17 @@ def read_flux_lora(
     if unmatched:
         warnings.append(f"{len(unmatched)} keys/modules not matched, e.g. {next(iter(unmatched))}")
     fmt = FORMAT_KOHYA if dialects == {"kohya"} else FORMAT_PEFT
-    return LoraFile(adapters, spec, fmt, dict(metadata), warnings=warnings, unmatched=unmatched)
+    # the file's own keys and module names: surgery writes them back in this dialect (issue 13)
+    return LoraFile(
+        adapters,
+        spec,
+        fmt,
+        dict(metadata),
+        warnings=warnings,
+        unmatched=unmatched,
+        source_names=source_names,
+        source_keys=tuple(source_keys),
+    )
 
 
 def _join(parts: list[Part], present: dict[str, LowRank], total: int) -> LowRank:
@@ -265,21 +369,55 @@ def _join(parts: list[Part], present: dict[str, LowRank], total: int) -> LowRank
         return LowRank(up, first.down, first.alpha)
     ranks = {a.rank for a in present.values()}
     scales = {a.scale for a in present.values()}
-    if len(ranks) != 1 or len(scales) != 1:
-        raise InputError(
-            f"{parts[0].module}: parts of one fused weight with different ranks or scales cannot be "
-            "written as one kohya module exactly; write the diffusers/peft form"
-        )
-    r, scale = ranks.pop(), scales.pop()
-    down = torch.zeros(len(parts) * r, first.down.shape[1], dtype=first.down.dtype)
-    up = torch.zeros(total, len(parts) * r, dtype=first.up.dtype)
-    for i, p in enumerate(parts):
+    if len(ranks) == 1 and len(scales) == 1:  # kohya's split-qkv: a rank-r block per part, absent ones zero
+        r, scale = ranks.pop(), scales.pop()
+        blocks = [(p, i * r, r) for i, p in enumerate(parts)]
+    else:  # parts of different ranks (a dynamic resize): a block per present part, scales folded if unequal
+        scale = scales.pop() if len(scales) == 1 else 1.0
+        blocks, start = [], 0
+        for p in parts:
+            if p.module in present:
+                blocks.append((p, start, present[p.module].rank))
+                start += present[p.module].rank
+    width = max(begin + r for _, begin, r in blocks)
+    down = torch.zeros(width, first.down.shape[1], dtype=first.down.dtype)
+    up = torch.zeros(total, width, dtype=first.up.dtype)
+    for p, begin, r in blocks:
         if p.module in present:
-            down[i * r : (i + 1) * r] = present[p.module].down
-            block = torch.zeros(total, r, dtype=up.dtype)
-            _put_rows(block, p.rows, present[p.module].up.reshape(-1, r))
-            up[:, i * r : (i + 1) * r] = block
-    return LowRank(up, down, scale * len(parts) * r)
+            part = present[p.module]
+            values = part.up.reshape(-1, r)
+            if part.scale != scale:  # one alpha per kohya module: the part's own scale goes into its up
+                values = (values.to(torch.float32) * (part.scale / scale)).to(up.dtype)
+            down[begin : begin + r] = part.down
+            _put_rows(up[:, begin : begin + r], p.rows, values)
+    return LowRank(up, down, scale * width)
+
+
+def _fused(path: str, parts: list[Part], present: dict[str, Adapter], total: int, writer: str) -> Adapter:
+    """The one adapter a fused BFL Linear holds, re-joined from its canonical parts (exact ΔW)."""
+    if len(parts) == 1 and len(parts[0].rows) == 1:
+        return next(iter(present.values()))
+    if all(isinstance(a, LowRank) and a.mid is None and a.dora_scale is None for a in present.values()):
+        return _join(parts, present, total)  # type: ignore[arg-type]
+    if all(isinstance(a, Full) for a in present.values()):
+        first = next(iter(present.values()))
+        assert isinstance(first, Full)
+        diff = torch.zeros(total, *first.diff.shape[1:], dtype=first.diff.dtype)
+        biased = any(a.diff_b is not None for a in present.values())  # type: ignore[union-attr]
+        diff_b = torch.zeros(total, dtype=first.diff.dtype) if biased else None
+        for p in parts:
+            part = present.get(p.module)
+            if isinstance(part, Full):
+                _put_rows(diff, p.rows, part.diff)
+                if diff_b is not None and part.diff_b is not None:
+                    _put_rows(diff_b, p.rows, part.diff_b.to(diff_b.dtype))
+        return Full(diff, diff_b)
+    if (joined := _row_joined(parts, present, total)) is not None:
+        return joined
+    kinds = sorted({a.kind for a in present.values()})
+    raise InputError(
+        f"{path}: {'/'.join(kinds)} modules on the parts of one fused weight cannot be written as {writer}"
+    )
 
 
 def _put_rows(target: torch.Tensor, rows: tuple[tuple[int, int], ...], values: torch.Tensor) -> None:
@@ -332,19 +470,7 @@ def _bfl_state_dict(
         parts = names.bfl[path]
         present = {p.module: lora.adapters[p.module] for p in parts if p.module in lora.adapters}
         done.update(present)
-        name = bfl_name(path)
-        if len(parts) == 1 and len(parts[0].rows) == 1:
-            emit(name, adapter)
-        elif all(isinstance(a, LowRank) and a.mid is None and a.dora_scale is None for a in present.values()):
-            emit(name, _join(parts, present, names.bfl_shapes[path][0]))  # type: ignore[arg-type]
-        elif all(isinstance(a, Full) for a in present.values()):
-            diff = torch.zeros(names.bfl_shapes[path], dtype=factor_dtype(adapter))
-            for p in parts:
-                if p.module in present:
-                    _put_rows(diff, p.rows, present[p.module].diff)  # type: ignore[union-attr]
-            emit(name, Full(diff))
-        else:
-            raise InputError(f"{path}: mixed adapter kinds on one fused weight cannot be written as {writer}")
+        emit(bfl_name(path), _fused(path, parts, present, names.bfl_shapes[path][0], writer))
     return dict(sorted(out.items()))
 
 
@@ -364,3 +490,118 @@ def flux_peft_state_dict(lora: LoraFile, *, dtype: torch.dtype | None = None) ->
         out[f"{key}.lora_A.weight"] = adapter.down.to(stored)
         out[f"{key}.lora_B.weight"] = adapter.up.to(stored)
     return dict(sorted(out.items()))
+
+
+_DOTTED_STYLES = (  # a dotted dialect's spelling of the factor names, told by one suffix the file uses
+    ({"lora_A.weight", "lora_B.weight"}, {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}),
+    ({"down.weight", "up.weight"}, {"lora_down.weight": "down.weight", "lora_up.weight": "up.weight"}),
+)
+
+
+def _spelling(stem: str, suffixes: set[str]) -> Callable[[str], str]:
+    """How the file would spell a parameter of this module it does not hold yet (a diff_b, new factors)."""
+    style: dict[str, str] = {}
+    if not _UNDERSCORE.match(f"{stem}.x"):
+        style = next((s for used, s in _DOTTED_STYLES if used & suffixes), {})
+    return lambda param: f"{stem}.{style.get(param, param)}"
+
+
+def _unit_scale(adapter: Adapter) -> Adapter:
+    """A plain LoRA with its scale folded into ``up`` (scale 1): for a file module that has no alpha."""
+    if not isinstance(adapter, LowRank) or adapter.scale == 1.0:
+        return adapter
+    up = (adapter.up.to(torch.float32) * adapter.scale).to(adapter.up.dtype)
+    return LowRank(up, adapter.down, float(adapter.rank), adapter.mid, adapter.dora_scale, adapter.dora_axis)
+
+
+def flux_source_state_dict(
+    lora: LoraFile, fmt: str, *, dtype: torch.dtype | None = None, config: bool = False
+) -> dict[str, torch.Tensor]:
+    """The LoRA in the very keys it was read from (``lora.source_keys``, file order), any dialect.
+
+    The reader's key parser is the one mapping both ways: each source key names its module (a
+    canonical module, or a fused BFL Linear re-joined from its parts) and parameter, filled from
+    the adapter. A module without an alpha in the file gets its scale folded into ``up`` (unless
+    ``config``: a written peft LoraConfig carries canonical modules' alphas); parameters the file
+    lacks (a new kind after resize) are spelled as its own; modules it never had follow after, in
+    ``fmt``'s own writer.
+    """
+    names = flux_names(lora.family)
+    groups: dict[tuple[str, str], list[tuple[str, str]]] = {}  # (space, module) → [(key, param)]
+    for key in lora.source_keys:
+        if (parsed := _parse(key, names)) is not None:
+            groups.setdefault(parsed[:2], []).append((key, parsed[2]))
+    done: set[str] = set()
+    filled: dict[str, torch.Tensor] = {}
+    extras: dict[str, torch.Tensor] = {}
+    for (space, module), keys in groups.items():
+        if space == "canonical":
+            if module not in lora.adapters:
+                continue  # left out by the operation (a blend weight 0)
+            adapter, used = lora.adapters[module], [module]
+        else:
+            parts = names.bfl[module]
+            present = {p.module: lora.adapters[p.module] for p in parts if p.module in lora.adapters}
+            if not present:
+                continue
+            adapter = _fused(module, parts, present, names.bfl_shapes[module][0], "its source dialect")
+            used = list(present)
+        done.update(used)
+        held = {param for _, param in keys}
+        if "alpha" not in held and not (config and space == "canonical"):
+            adapter = _unit_scale(adapter)
+        stored = dtype or factor_dtype(adapter)
+        params = {
+            p: t.to(stored) if dtype is not None and t.is_floating_point() else t
+            for p, t in adapter_params(adapter, stored).items()
+        }
+        if "alpha" not in held:
+            params.pop("alpha", None)
+        for key, param in keys:
+            if param in params:
+                filled[key] = params[param]
+        stem, _ = _split_key(keys[0][0])
+        spell = _spelling(stem, {_split_key(k)[1] for k, _ in keys})
+        extras |= {spell(p): t for p, t in params.items() if p not in held}
+    out = {key: filled[key] for key in lora.source_keys if key in filled} | extras
+    rest = {m: a for m, a in lora.adapters.items() if m not in done}
+    if rest:
+        others = LoraFile(rest, lora.family, lora.source_format, lora.metadata)
+        writer = {"kohya": flux_kohya_state_dict, "comfyui": flux_comfyui_state_dict}.get(fmt, flux_peft_state_dict)
+        out |= writer(others, dtype=dtype)
+    return out
+
+
+def flux_state_dict(
+    lora: LoraFile, fmt: str, *, dtype: torch.dtype | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a FLUX.1 LoRA written as ``fmt`` (kohya, diffusers or comfyui).
+
+    Written in its source's own format, a LoRA read from a file keeps that file's dialect: its
+    keys, their order and its metadata (issue 13's rule for surgery); otherwise each format's
+    canonical spelling.
+    """
+    from .kohya import kohya_metadata
+    from .metadata import carried_metadata, describe_network
+    from .peft import diffusers_metadata
+
+    same = bool(lora.source_keys) and fmt == lora.source_format
+    if fmt == "diffusers":
+        config = not same or PEFT_METADATA_KEY in lora.metadata  # a LoraConfig only where there was one
+        if config:
+            meta = diffusers_metadata(lora)
+        else:
+            meta = carried_metadata(lora)
+            if any(k.startswith("ss_") for k in meta):
+                describe_network(meta, lora)
+            if lora.metadata.get("format") == "pt":
+                meta = {"format": "pt", **meta}
+        if same:
+            return flux_source_state_dict(lora, fmt, dtype=dtype, config=config), meta
+        return flux_peft_state_dict(lora, dtype=dtype), meta
+    meta = kohya_metadata(lora)
+    if same:
+        return flux_source_state_dict(lora, fmt, dtype=dtype), meta
+    if fmt == "comfyui":
+        return flux_comfyui_state_dict(lora, dtype=dtype), meta
+    return flux_kohya_state_dict(lora, dtype=dtype), meta

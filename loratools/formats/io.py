@@ -165,12 +165,7 @@ def save_lora(
     if fmt == "comfyui" and not flux_family:
         raise InputError("--to comfyui writes FLUX.1 LoRAs; ComfyUI reads SD LoRAs as kohya (use --to kohya)")
     if flux_family and fmt in ("kohya", "diffusers", "comfyui"):
-        if fmt == "kohya":
-            tensors, meta = flux.flux_kohya_state_dict(lora, dtype=dtype), kohya.kohya_metadata(lora)
-        elif fmt == "comfyui":
-            tensors, meta = flux.flux_comfyui_state_dict(lora, dtype=dtype), kohya.kohya_metadata(lora)
-        else:
-            tensors, meta = flux.flux_peft_state_dict(lora, dtype=dtype), peft.diffusers_metadata(lora)
+        tensors, meta = flux.flux_state_dict(lora, fmt, dtype=dtype)
         save_tensors(path, tensors, meta, overwrite=overwrite)
     elif fmt == "kohya":
         tensors = kohya.kohya_state_dict(lora, dtype=dtype)

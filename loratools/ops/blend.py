@@ -300,6 +300,8 @@ def blend_loras(
         _merged_metadata(loras, labels, weights, metadata, report.warnings),
         embeddings,
         model=first.model,
+        source_names=dict(first.source_names),  # written back in the first input's own keys
+        source_keys=first.source_keys,
     )
     return merged, report
 

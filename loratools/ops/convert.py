@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -182,6 +182,7 @@ def convert_lora(
     prepared = prepare(
         lora, to, bake_scale=bake_scale, to_lora=to_lora, rank=rank, error=error, max_rank=max_rank, report=report
     )
+    prepared = replace(prepared, source_keys=())  # a named format's own spelling, never the source's keys
     report.estimated_bytes = tensor_bytes(prepared, parse_dtype(dtype))
     report.input_bytes = _input_bytes(source)
     if report.capped:
