@@ -4,6 +4,15 @@ dense reference (ΔW formed per module, full SVD, truncated) run in the same ben
     python bench/make_data.py --only sd15-fp16.safetensors sd15-r128-kohya.safetensors
     python bench/make_tuned.py            # sd15-tuned-fp16.safetensors = base + known rank-128 ΔW
     python bench/bench_rank.py [--runs 3] [--skip-extract]
+    python bench/bench_rank.py --floors [--runs 3] [--spinners 1]   # resize 128→32 against its floor
+
+``--floors`` prints one table instead (issue 18 item 3): the floor rows — interpreter + ``import
+numpy``, one read of the 151 MB input, the bare factor-space arithmetic (Grams, Cholesky, one r×r
+``eigh`` and the rank-32 factors per module, numpy float64, one thread) ÷ cores — and loratools'
+resize 128→32 wall on the numpy path (CLI, and the API with no thread variables set) and on the
+torch path (``load_lora`` + ``resize_lora`` + ``save_lora``), each ÷ the floor. Every row runs
+quiet and with ``--spinners`` processes (``python -c 'while 1: pass'``) that the bench starts and
+stops itself; the last column is busy ÷ quiet. floor = python + numpy + max(read, arithmetic ÷ cores).
 
 Rows (SD1.5 full size, 2.13 GB fp16 checkpoints, 151 MB rank-128 kohya LoRA):
 
@@ -46,8 +55,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_data import data_dir
-from measure import measure
+from measure import measure  # make_data (torch) is imported where it is used: the floor children stay torch-free
 
 OUT = Path(__file__).resolve().parent / "out"
 R128, R32 = "sd15-r128-kohya.safetensors", "sd15-r32-kohya.safetensors"
@@ -267,10 +275,21 @@ def main() -> None:
     parser.add_argument(
         "--child", nargs=5, metavar=("TASK", "METHOD", "DATA", "OUT", "THREADS"), help=argparse.SUPPRESS
     )
+    parser.add_argument("--floors", action="store_true", help="resize 128→32 against its floor rows, quiet and busy")
+    parser.add_argument("--spinners", type=int, default=1, help="with --floors: spinning processes for the busy run")
+    parser.add_argument("--floor-child", nargs=3, metavar=("KIND", "SRC", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(*args.child)
         return
+    if args.floor_child:
+        floor_child(*args.floor_child)
+        return
+    if args.floors:
+        floors(args)
+        return
+    from make_data import data_dir
+
     data = data_dir()
     needed = [R128, BASE] + ([] if args.skip_extract else [TUNED])
     missing = [n for n in needed if not (data / n).exists()]
@@ -377,6 +396,148 @@ def print_table(results: dict, load_start: float, load_end: float, args: argpars
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (OUT / f"bench_rank-{stamp}.md").write_text("\n".join(lines) + "\n")
     (OUT / f"bench_rank-{stamp}.json").write_text(json.dumps(results, indent=2, default=str))
+
+
+# --- floors: resize 128→32 against interpreter + read + bare arithmetic (issue 18 item 3) ----------
+
+SPIN = "while 1: pass"
+FLOOR_ROWS = {
+    "python + import numpy": "floor",
+    "read of the input (in-process)": "floor",
+    "bare arithmetic, 1 thread (in-process)": "floor",
+    "bare arithmetic ÷ cores": "floor",
+    "floor = python+numpy + max(read, arith÷cores)": "floor",
+    "loratools CLI resize (numpy path)": "run",
+    "loratools API resize, no thread env vars (numpy path)": "run",
+    "loratools torch path (load_lora + resize_lora + save_lora)": "run",
+}
+
+
+def floor_child(kind: str, src: str, out: str) -> None:
+    """One floor measurement in this child; prints its in-process seconds as JSON."""
+    import numpy as np
+
+    if kind == "read":
+        start = time.perf_counter()
+        size = os.path.getsize(src)
+        buffer = np.empty(size, dtype=np.uint8)
+        view = buffer.data.cast("B")
+        fd = os.open(src, os.O_RDONLY)
+        done = 0
+        while done < size:
+            done += os.preadv(fd, [view[done:]], done)
+        os.close(fd)
+        print(json.dumps({"seconds": time.perf_counter() - start}))
+        return
+    if kind == "arith":  # the least factor-space work per module, on pre-decoded float64 factors
+        from safetensors.numpy import load_file
+
+        tensors = load_file(src)
+        pairs = []
+        for key, up in tensors.items():
+            if key.endswith(".lora_up.weight"):
+                down = tensors[key.replace("lora_up", "lora_down")]
+                pairs.append(
+                    (up.reshape(up.shape[0], -1).astype(np.float64), down.reshape(down.shape[0], -1).astype(np.float64))
+                )
+        start = time.perf_counter()
+        for up, down in pairs:
+            chol = np.linalg.cholesky(up.T @ up)
+            core = chol.T @ (down @ down.T) @ chol
+            _, vec = np.linalg.eigh(core)
+            e = vec[:, ::-1][:, :32]
+            _ = up @ np.linalg.solve(chol.T, e), (e.T @ chol.T) @ down
+        print(json.dumps({"seconds": time.perf_counter() - start}))
+        return
+    if kind == "api":
+        from loratools.ops.resize import resize
+
+        resize(src, out, rank=32)
+    elif kind == "torch":
+        from loratools.formats.io import load_lora, save_lora
+        from loratools.ops.rank_rule import RankRule
+        from loratools.ops.resize import resize_lora
+
+        resized, _ = resize_lora(load_lora(src), RankRule(rank=32))
+        save_lora(resized, out, "kohya")
+    print(json.dumps({"seconds": 0.0}))
+
+
+def _floor_round(src: Path, tmp: Path, runs: int) -> dict[str, float]:
+    """Every row once per run (interleaved), median over runs."""
+    from loratools.threads import ENV_VARS
+
+    no_env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
+    one_thread = {**os.environ, **{k: "1" for k in ENV_VARS}}
+    me = [sys.executable, __file__, "--floor-child"]
+    samples: dict[str, list[float]] = {name: [] for name in FLOOR_ROWS}
+    for run in range(runs):
+        out = tmp / f"out-{run}.safetensors"
+        samples["python + import numpy"].append(measure([sys.executable, "-c", "import numpy"]).wall_s)
+        read = measure([*me, "read", str(src), "-"], env=one_thread)
+        samples["read of the input (in-process)"].append(json.loads(read.stdout.strip().splitlines()[-1])["seconds"])
+        arith = measure([*me, "arith", str(src), "-"], env=one_thread)
+        samples["bare arithmetic, 1 thread (in-process)"].append(
+            json.loads(arith.stdout.strip().splitlines()[-1])["seconds"]
+        )
+        for name, cmd, env in (
+            ("loratools CLI resize (numpy path)",
+             [sys.executable, "-m", "loratools", "resize", str(src), "--rank", "32", "-o", str(out), "--overwrite"], no_env),
+            ("loratools API resize, no thread env vars (numpy path)", [*me, "api", str(src), str(out)], no_env),
+            ("loratools torch path (load_lora + resize_lora + save_lora)", [*me, "torch", str(src), str(out)], no_env),
+        ):  # fmt: skip
+            out.unlink(missing_ok=True)
+            samples[name].append(measure(cmd, env=env).wall_s)
+    result = {name: statistics.median(v) for name, v in samples.items() if v}
+    cores = len(os.sched_getaffinity(0))
+    result["bare arithmetic ÷ cores"] = result["bare arithmetic, 1 thread (in-process)"] / cores
+    result["floor = python+numpy + max(read, arith÷cores)"] = result["python + import numpy"] + max(
+        result["read of the input (in-process)"], result["bare arithmetic ÷ cores"]
+    )
+    return result
+
+
+def floors(args: argparse.Namespace) -> None:
+    import subprocess
+
+    from make_data import data_dir
+
+    data = data_dir()
+    src = data / R128
+    if not src.exists():
+        sys.exit(f"missing {src}: run bench/make_data.py --only {R128} first")
+    with tempfile.TemporaryDirectory(dir=data, prefix="_bench_floor_") as name:
+        tmp = Path(name)
+        src.read_bytes()  # page cache warm for both rounds: the read row is the same read in each
+        load_quiet = os.getloadavg()[0]
+        quiet = _floor_round(src, tmp, args.runs)
+        spinners = [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(args.spinners)]
+        try:
+            time.sleep(0.5)
+            load_busy = os.getloadavg()[0]
+            busy = _floor_round(src, tmp, args.runs)
+        finally:
+            for proc in spinners:
+                proc.kill()
+                proc.wait()
+    floor_name = "floor = python+numpy + max(read, arith÷cores)"
+    lines = [
+        f"command: python bench/bench_rank.py --floors --runs {args.runs} --spinners {args.spinners}   "
+        f"resize {R128} 128→32 (264 modules)   {len(os.sched_getaffinity(0))} cores, "
+        f"load average {load_quiet:.2f} (quiet) / {load_busy:.2f} (busy)",
+        "",
+        f"| row | quiet s | ÷ floor | busy ({args.spinners} spinning) s | ÷ floor | busy ÷ quiet |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row, kind in FLOOR_ROWS.items():
+        q, b = quiet[row], busy[row]
+        ratio_q = f"{q / quiet[floor_name]:.2f}×" if kind == "run" else ""
+        ratio_b = f"{b / busy[floor_name]:.2f}×" if kind == "run" else ""
+        lines.append(f"| {row} | {q:.3f} | {ratio_q} | {b:.3f} | {ratio_b} | {b / q:.2f}× |")
+    print("\n".join(lines))
+    OUT.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (OUT / f"bench_rank_floors-{stamp}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -128,3 +128,40 @@ def test_gpu_script_skips_cleanly_without_cuda() -> None:
     repo = Path(__file__).resolve().parents[1]
     done = subprocess.run(["bash", str(repo / "bench" / "gpu_all.sh")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "skipped" in done.stdout
+
+
+# Run with no thread variables set, as an API caller's process starts. The oracle finds numpy's
+# OpenBLAS on its own (the wheel's numpy.libs folder, not /proc/self/maps) and asks it directly.
+BLAS_PROBE = """
+import ctypes, glob, os, sys
+import numpy
+libs = glob.glob(os.path.join(os.path.dirname(os.path.dirname(numpy.__file__)), "numpy.libs", "*openblas*.so*"))
+if not libs:
+    print("no-openblas"); sys.exit(0)
+lib = ctypes.CDLL(libs[0])
+get = next(getattr(lib, n) for n in ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_",
+                                     "openblas_get_num_threads") if hasattr(lib, n))
+from loratools.threads import numpy_blas_threads
+start = get()
+with numpy_blas_threads(1):
+    inside = get()
+    numpy.ones((300, 300)) @ numpy.ones((300, 300))
+print(start, inside, get())
+"""
+
+
+def test_numpy_blas_threads_sets_openblas_without_env_vars() -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in threads.ENV_VARS}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, "-c", BLAS_PROBE], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    if done.stdout.strip() == "no-openblas":
+        pytest.skip("this numpy does not bundle OpenBLAS (an MKL or Accelerate build)")
+    start, inside, after = (int(x) for x in done.stdout.split())
+    if start < 2:
+        pytest.skip("OpenBLAS started with one thread: nothing to lower")
+    assert inside == 1 and after == start

@@ -539,7 +539,18 @@ class StreamingWriter:
             )
         if self._dry is not None:
             return
-        data = tensor_bytes(tensor)
+        self._put(info, tensor_bytes(tensor))
+
+    def write_bytes(self, name: str, data: bytes | memoryview) -> None:
+        """Write the next tensor of the plan from its raw little-endian bytes (the numpy path)."""
+        info = self._expect(name)
+        if len(data) != info.nbytes:
+            raise RuntimeError(f"tensor {name!r}: {len(data)} bytes given, plan says {info.nbytes}")
+        if self._dry is not None:
+            return
+        self._put(info, memoryview(data).cast("B"))
+
+    def _put(self, info: TensorInfo, data: memoryview) -> None:
         if self._digest is not None:
             self._digest.update(data)
         _write_all(self._fd, data, self.path)

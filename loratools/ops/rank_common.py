@@ -6,16 +6,18 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import InputError
-from ..formats.adapters import LoraFile
-from ..formats.io import FORMATS, save_lora
 from ..io.files import same_path
-from .lowrank import RankRule
 from .provenance import KEY as PROVENANCE_KEY
 from .provenance import PendingRecord, dumps
+from .rank_rule import RankRule
+
+if TYPE_CHECKING:  # torch loads only where a torch path runs (the numpy path never does)
+    import torch
+
+    from ..formats.adapters import LoraFile
 
 
 def rank_rule(
@@ -48,6 +50,8 @@ def rank_rule(
 
 def output_format(requested: str | None, source_format: str | None) -> str:
     """The writer to use: the one asked for, else the source's own dialect if writable, else kohya."""
+    from ..formats.io import FORMATS
+
     if requested is not None:
         if requested not in FORMATS:
             raise InputError(f"unknown LoRA format {requested!r} (choose from {', '.join(FORMATS)})")
@@ -78,6 +82,7 @@ def write_lora(
     what the format means). Embeddings that a diffusers/peft file cannot hold go to a sidecar file.
     ``provenance``: what the file was made from, recorded under ``loratools.provenance``.
     """
+    from ..formats.io import save_lora
     from .convert import prepare
 
     if provenance is not None:

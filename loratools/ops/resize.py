@@ -12,6 +12,12 @@ rank equals its rank is kept bit for bit.
 
 Rank rules (:class:`~loratools.ops.lowrank.RankRule`): ``rank`` (``conv_rank`` for k×k convs) or
 kohya's dynamic ``sv_ratio``, ``sv_fro``, ``sv_cumulative`` with ``min_rank``/``max_rank``.
+
+A kohya ``.safetensors`` file of plain LoRA/LoCon modules written back as kohya is resized without
+torch (:mod:`.rank_numpy`: the file read once, bytes in and out); every other input, and every
+in-memory :class:`LoraFile`, takes the torch path. Plain modules are resized by one function on
+numpy on both paths (:func:`resize_plain`, :mod:`.lowrank_np`), each singular pair's sign fixed
+by :mod:`.svd_sign`, so the two paths write the same bytes.
 """
 
 from __future__ import annotations
@@ -20,17 +26,19 @@ import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import InputError
 from ..families.spec import FamilySpec
-from ..formats.adapters import Adapter, LoraFile, LowRank, factor_dtype
-from ..formats.io import load_lora
-from .checkpoint import parse_dtype
-from .lowrank import RankRule, adapter_svd, kept_fraction, lowrank_from
-from .parallel import map_modules
+from ..formats.adapters import Adapter, LoraFile, LowRank
 from .rank_common import check_output, output_format, rank_rule, write_lora
+from .rank_rule import RankRule, kept_fraction
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from .rank_numpy import Blobs, KohyaSource
 
 SCHEMA = "loratools.resize/1"
 
@@ -108,32 +116,78 @@ def is_conv_kxk(shape: tuple[int, ...]) -> bool:
     return len(shape) == 4 and tuple(shape[2:]) != (1, 1)
 
 
+def resize_plain(
+    module: str, kind: str, up: np.ndarray, down: np.ndarray, shape: tuple[int, ...], rule: RankRule
+) -> tuple[tuple[np.ndarray, np.ndarray] | None, ModuleRetention]:
+    """A plain LoRA/LoCon module resized on numpy, whichever path read it: the new ``(up, down)``
+    in float64 (2-D; None when the chosen rank is the module's own: keep it bit for bit) and its row.
+
+    ``up`` (out, r), ``down`` (r, in·kh·kw) are the raw stored factors in float64. Both paths run
+    this one function (numpy's OpenBLAS, one thread per worker), so they store the same bytes; a
+    torch-MKL twin agreed only to float64 rounding, a 1-ulp float32 difference in about one value
+    in 10⁵ of a real LoRA. Each pair's sign is fixed by :func:`~.svd_sign.canonical_pairs`.
+    """
+    from .lowrank_np import matrix_svd
+    from .svd_sign import canonical_pairs
+
+    rank = up.shape[1]
+    try:
+        svd = matrix_svd(up, down)
+    except InputError as exc:
+        raise InputError(f"{module}: {exc.message}", hint=exc.hint) from None
+    choice = rule.choose(svd.singular_values, conv=is_conv_kxk(shape))
+    k = choice.rank
+    row = ModuleRetention(module, kind, rank, k, kept_fraction(svd.singular_values, k), choice.limited_by)
+    if k == rank:
+        row.unchanged, row.fro_kept = True, 1.0
+        return None, row
+    return canonical_pairs(*svd.truncated(k), svd.singular_values), row
+
+
+def resized_shapes(shape: tuple[int, ...], k: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The stored shapes of a rank-k plain module of ΔW shape ``shape`` (LoCon for 4-D)."""
+    up_shape: tuple[int, ...] = (shape[0], k, 1, 1) if len(shape) == 4 else (shape[0], k)
+    return up_shape, (k, *shape[1:])
+
+
 def resize_module(
     module: str, adapter: Adapter, rule: RankRule, *, dtype: torch.dtype | None = None
 ) -> tuple[Adapter, ModuleRetention]:
     """One module resized by ``rule``; see the module docstring for the representation."""
+    import torch
+
+    from ..formats.adapters import factor_dtype
+    from .lowrank import adapter_svd, lowrank_from
+
     if getattr(adapter, "dora_scale", None) is not None:
         raise InputError(
             f"{module}: a DoRA module cannot be resized without its base weight "
             "(the magnitude renormalises W + ΔW, so ΔW alone does not define it)",
             hint="merge the LoRA into its checkpoint, or extract a plain LoRA from the merged model",
         )
-    plain = isinstance(adapter, LowRank) and adapter.mid is None
+    out_dtype = dtype or factor_dtype(adapter)
+    if isinstance(adapter, LowRank) and adapter.mid is None:
+        shape = adapter.delta_shape()
+        rank = adapter.rank
+        up = adapter.up.detach().cpu().to(torch.float64).reshape(shape[0], rank).numpy()
+        down = adapter.down.detach().cpu().to(torch.float64).reshape(rank, -1).numpy()
+        factors, row = resize_plain(module, kind_of(adapter), up, down, shape, rule)
+        if factors is None:
+            return adapter, row
+        up_shape, down_shape = resized_shapes(shape, row.new_rank)
+        new_up = torch.from_numpy(factors[0]).reshape(up_shape).to(out_dtype)
+        new_down = torch.from_numpy(factors[1]).reshape(down_shape).to(out_dtype)
+        return LowRank(new_up, new_down, float(adapter.scale * row.new_rank)), row  # alpha/r kept, as kohya does
     try:
-        svd, shape = adapter_svd(adapter, include_scale=not plain)
+        svd, shape = adapter_svd(adapter)
     except InputError as exc:
         raise InputError(f"{module}: {exc.message}", hint=exc.hint) from None
     choice = rule.choose(svd.singular_values, conv=is_conv_kxk(shape))
     k = choice.rank
-    old_rank = adapter.rank
-    kept = kept_fraction(svd.singular_values, k)
-    row = ModuleRetention(module, kind_of(adapter), old_rank, k, kept, choice.limited_by)
-    if plain and k == old_rank:
-        row.unchanged, row.fro_kept = True, 1.0
-        return adapter, row
-    out_dtype = dtype or factor_dtype(adapter)
-    alpha = adapter.scale * k if plain else None  # keep a plain LoRA's scale alpha/r (kohya does the same)
-    return lowrank_from(svd, k, shape, alpha=alpha, dtype=out_dtype), row
+    row = ModuleRetention(
+        module, kind_of(adapter), adapter.rank, k, kept_fraction(svd.singular_values, k), choice.limited_by
+    )
+    return lowrank_from(svd, k, shape, dtype=out_dtype, canonical=True), row
 
 
 def resize_lora(
@@ -147,10 +201,24 @@ def resize_lora(
 
     Modules are resized on every core (:func:`~loratools.ops.parallel.map_modules`).
     """
+    from ..threads import numpy_blas_threads
+    from .parallel import map_modules
+
+    items = list(lora.adapters.items())
+    with numpy_blas_threads(1):  # plain modules run on numpy (resize_plain): one BLAS thread per worker
+        results = map_modules(lambda item: resize_module(*item, rule, dtype=dtype), items, progress=progress)
+    return _resized(lora, rule, items, results)
+
+
+def _resized(
+    lora: LoraFile,
+    rule: RankRule,
+    items: list[tuple[str, Adapter]],
+    results: list[tuple[Adapter, ModuleRetention]],
+) -> tuple[LoraFile, ResizeReport]:
+    """The resized LoraFile and its report from each module's result (both paths)."""
     report = ResizeReport(None, None, lora.source_format, None, lora.family_name, rule.describe())
     adapters: dict[str, Adapter] = {}
-    items = list(lora.adapters.items())
-    results = map_modules(lambda item: resize_module(*item, rule, dtype=dtype), items, progress=progress)
     for (module, adapter), (resized, row) in zip(items, results, strict=True):
         adapters[module] = resized
         report.modules.append(row)
@@ -167,6 +235,58 @@ def resize_lora(
         warnings=list(lora.warnings),
         unmatched=dict(lora.unmatched),
     ), report
+
+
+def is_plain(adapter: Adapter) -> bool:
+    """A plain LoRA/LoCon module (no Tucker mid, no DoRA): what the numpy path resizes and blends."""
+    return isinstance(adapter, LowRank) and adapter.mid is None and adapter.dora_scale is None
+
+
+def resize_module_numpy(
+    source: KohyaSource, blobs: Blobs, module: str, adapter: LowRank, rule: RankRule, dtype: str | None
+) -> tuple[Adapter, ModuleRetention]:
+    """:func:`resize_module` of a plain module on numpy (``adapter`` over the file's ParamRefs);
+    new factors go into ``blobs``."""
+    from .rank_numpy import array_ref, factor_dtype
+
+    shape = adapter.delta_shape()
+    rank = adapter.rank
+    # the adapter's ParamRefs stand for its tensors here
+    up = source.values(adapter.up, wide=True).reshape(shape[0], rank)  # type: ignore[arg-type]
+    down = source.values(adapter.down, wide=True).reshape(rank, -1)  # type: ignore[arg-type]
+    factors, row = resize_plain(module, kind_of(adapter), up, down, shape, rule)
+    if factors is None:
+        return adapter, row
+    out_dtype = dtype or factor_dtype(adapter)
+    up_shape, down_shape = resized_shapes(shape, row.new_rank)
+    return LowRank(
+        array_ref(blobs, "lora_up.weight", factors[0], up_shape, out_dtype),  # type: ignore[arg-type]
+        array_ref(blobs, "lora_down.weight", factors[1], down_shape, out_dtype),  # type: ignore[arg-type]
+        float(adapter.scale * row.new_rank),
+    ), row
+
+
+def resize_numpy(
+    source: KohyaSource, rule: RankRule, *, dtype: str | None = None, progress: Callable[[int], None] | None = None
+) -> tuple[LoraFile, ResizeReport, Blobs]:
+    """:func:`resize_lora` on the numpy path: the resized LoraFile (over ParamRefs), its report, and
+    the new tensors' bytes for :func:`~loratools.ops.rank_numpy.write_kohya`."""
+    from .rank_numpy import Blobs, map_numpy
+
+    blobs = Blobs()
+    items = list(source.lora.adapters.items())
+
+    def one(item: tuple[str, Adapter]) -> tuple[Adapter, ModuleRetention]:
+        result = resize_module_numpy(source, blobs, item[0], item[1], rule, dtype)  # type: ignore[arg-type]
+        if progress:
+            progress(1)
+        return result
+
+    set_total = getattr(progress, "set_total", None)
+    if callable(set_total):
+        set_total(len(items))
+    resized, report = _resized(source.lora, rule, items, map_numpy(one, items))
+    return resized, report, blobs
 
 
 def resize(
@@ -205,6 +325,29 @@ def resize(
         rule=rule,
     )
     check_output(output, source)
+    if to in (None, "kohya"):
+        from .rank_numpy import numpy_dtype, open_kohya, write_kohya
+
+        try:
+            np_dtype = numpy_dtype(dtype)
+        except ValueError:
+            pass  # a torch dtype or an unknown name: the torch path takes or refuses it
+        else:
+            plain = open_kohya(source, family, is_plain, check_finite=False)
+            try:
+                if plain is not None:
+                    resized_np, report, blobs = resize_numpy(plain, chosen, dtype=np_dtype, progress=progress)
+                    report.source, report.output, report.output_format = str(source), str(output), "kohya"
+                    write_kohya(resized_np, plain, blobs, output, dtype=np_dtype, overwrite=overwrite)
+                    report.warnings = list(plain.lora.warnings)
+                    return report
+            except InputError as exc:
+                if "NaN or inf" not in exc.message:
+                    raise
+                # load_lora's own refusal names the file and the modules: the torch path gives it
+    from ..formats.io import load_lora
+    from .checkpoint import parse_dtype
+
     lora = load_lora(source, family)
     fmt = output_format(to, lora.source_format)
     torch_dtype = parse_dtype(dtype)
