@@ -168,6 +168,7 @@ def _split_key(key: str) -> tuple[str, str]:
 
 def _take_rows(t: torch.Tensor, rows: tuple[tuple[int, int], ...]) -> torch.Tensor:
     import torch
+
     pieces = [t[a:b] for a, b in rows]
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
 
@@ -259,6 +260,7 @@ def _row_sliced(adapter: Adapter, parts: list[Part]) -> dict[str, Adapter] | Non
 def _row_joined(parts: list[Part], present: dict[str, Adapter], total: int) -> Adapter | None:
     """The inverse of :func:`_row_sliced`: one LoHa / LoKr whose shared factors every part has."""
     import torch
+
     first = next(iter(present.values()))
     same = all(type(a) is type(first) and a.alpha == first.alpha for a in present.values())
     if same and isinstance(first, LoHa) and first.t1 is None and first.dora_scale is None:
@@ -289,6 +291,7 @@ def _row_joined(parts: list[Part], present: dict[str, Adapter], total: int) -> A
 
 def _same_tensor(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     import torch
+
     return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
 
 
@@ -301,6 +304,7 @@ def read_flux_lora(
     same double-stream names, a tiny or unusual model): the caller then reads it by its names.
     """
     import torch
+
     spec = family if isinstance(family, FamilySpec) else FLUX1
     if spec.transformer is None:  # read against an SD family (merge into an SD base): refused by name
         raise InputError(f"a FLUX.1 LoRA (BFL/FLUX.1 module names); it does not apply to {spec.title}")
@@ -366,6 +370,7 @@ def read_flux_lora(
 def _join(parts: list[Part], present: dict[str, LowRank], total: int) -> LowRank:
     """One LowRank on a fused BFL Linear from its parts' LowRanks (exact ΔW)."""
     import torch
+
     first = next(iter(present.values()))
     same_down = all(torch.equal(a.down, first.down) and a.alpha == first.alpha for a in present.values())
     if same_down:
@@ -403,6 +408,7 @@ def _join(parts: list[Part], present: dict[str, LowRank], total: int) -> LowRank
 def _fused(path: str, parts: list[Part], present: dict[str, Adapter], total: int, writer: str) -> Adapter:
     """The one adapter a fused BFL Linear holds, re-joined from its canonical parts (exact ΔW)."""
     import torch
+
     if len(parts) == 1 and len(parts[0].rows) == 1:
         return next(iter(present.values()))
     if all(isinstance(a, LowRank) and a.mid is None and a.dora_scale is None for a in present.values()):
@@ -517,6 +523,7 @@ def _spelling(stem: str, suffixes: set[str]) -> Callable[[str], str]:
 def _unit_scale(adapter: Adapter) -> Adapter:
     """A plain LoRA with its scale folded into ``up`` (scale 1): for a file module that has no alpha."""
     import torch
+
     if not isinstance(adapter, LowRank) or adapter.scale == 1.0:
         return adapter
     up = (adapter.up.to(torch.float32) * adapter.scale).to(adapter.up.dtype)
