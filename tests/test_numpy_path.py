@@ -19,6 +19,8 @@ from helpers import needs_real, real_lora
 
 from loratools.formats.adapters import LoraFile, LowRank
 from loratools.formats.io import load_lora, save_lora
+from loratools.ops.provenance import PendingRecord
+from loratools.ops.rank_common import with_provenance
 from loratools.ops.rank_rule import RankRule
 from loratools.ops.resize import resize, resize_lora
 from loratools.synthetic import TINY, make_lora
@@ -30,7 +32,8 @@ RULES = [RankRule(rank=2), RankRule(sv_fro=0.9), RankRule(sv_ratio=3.0), RankRul
 def _torch_resize(src: Path, out: Path, rule: RankRule, family: object) -> None:
     lora = load_lora(src, family)  # type: ignore[arg-type]
     resized, _ = resize_lora(lora, rule)
-    save_lora(resized, out, "kohya")
+    record = PendingRecord("resize", [("input", src)], {"rule": rule.describe()}, lora.metadata)  # as resize() records
+    save_lora(with_provenance(resized, record), out, "kohya")
 
 
 def _both_paths(src: Path, tmp_path: Path, rule: RankRule, family: object) -> tuple[bytes, bytes]:

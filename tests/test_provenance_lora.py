@@ -17,6 +17,7 @@ from loratools.ops.convert import convert_lora
 from loratools.ops.extract import extract
 from loratools.ops.provenance import KEY
 from loratools.ops.rescale import rescale
+from loratools.ops.resize import resize
 from loratools.report.lora import inspect_lora
 from loratools.synthetic import TINY, make_lora, write_checkpoint
 
@@ -83,3 +84,30 @@ def test_inspect_shows_the_record(lora: Path, tmp_path: Path) -> None:
     text = " ".join(result.output.split())
     assert "provenance: rescale by loratools" in text and f"input {lora.name} AutoV2 {_sha256(lora)[:10]}" in text
     assert "options by=0.5" in text
+
+
+@pytest.mark.parametrize("to", [None, "diffusers"], ids=["numpy-path", "torch-path"])
+def test_resize_records_on_both_paths(lora: Path, tmp_path: Path, to: str | None) -> None:
+    """kohya → kohya resizes on numpy, → diffusers on torch: the record is the same on both."""
+    out = tmp_path / "r.safetensors"
+    resize(lora, out, rank=2, to=to)
+    record = _record(out)
+    assert record["operation"] == "resize" and record["options"] == {"rule": "rank 2"}
+    assert record["inputs"][0]["sha256"] == _sha256(lora)  # type: ignore[index]
+
+
+def test_resize_keeps_torch_out_and_still_records(lora: Path, tmp_path: Path) -> None:
+    """The provenance record costs the numpy path no torch import."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "r.safetensors"
+    code = (
+        "import sys; from loratools.ops.resize import resize\n"
+        f"resize({str(lora)!r}, {str(out)!r}, rank=2)\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "NO-TORCH"
+    assert _record(out)["operation"] == "resize"

@@ -67,6 +67,13 @@ def check_output(output: str | os.PathLike[str], *inputs: str | os.PathLike[str]
             raise InputError(f"{output}: output is an input; write elsewhere")
 
 
+def with_provenance(lora: LoraFile, provenance: PendingRecord | None) -> LoraFile:
+    """``lora`` with its provenance record (``loratools.provenance``) in its metadata; as is without one."""
+    if provenance is None:
+        return lora
+    return replace(lora, metadata={**lora.metadata, PROVENANCE_KEY: dumps(provenance.result())})
+
+
 def write_lora(
     lora: LoraFile,
     output: str | os.PathLike[str],
@@ -85,8 +92,7 @@ def write_lora(
     from ..formats.io import save_lora
     from .convert import prepare
 
-    if provenance is not None:
-        lora = replace(lora, metadata={**lora.metadata, PROVENANCE_KEY: dumps(provenance.result())})
+    lora = with_provenance(lora, provenance)
     prepared = prepare(lora, fmt, bake_scale=fmt == "cloneofsimo")
     save_lora(prepared, output, fmt, dtype=dtype, overwrite=overwrite)
     warnings: list[str] = []

@@ -24,14 +24,16 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from ..errors import InputError
 from ..families.spec import FamilySpec
 from ..formats.adapters import Adapter, LoraFile, LowRank
-from .rank_common import check_output, output_format, rank_rule, write_lora
+from ..io.source import open_source
+from .provenance import PendingRecord
+from .rank_common import check_output, output_format, rank_rule, with_provenance, write_lora
 from .rank_rule import RankRule, kept_fraction
 
 if TYPE_CHECKING:
@@ -336,8 +338,10 @@ def resize(
             plain = open_kohya(source, family, is_plain, check_finite=False)
             try:
                 if plain is not None:
+                    made_from = _made_from(source, chosen, plain.lora.metadata)
                     resized_np, report, blobs = resize_numpy(plain, chosen, dtype=np_dtype, progress=progress)
                     report.source, report.output, report.output_format = str(source), str(output), "kohya"
+                    resized_np = with_provenance(resized_np, made_from)
                     write_kohya(resized_np, plain, blobs, output, dtype=np_dtype, overwrite=overwrite)
                     report.warnings = list(plain.lora.warnings)
                     return report
@@ -349,9 +353,16 @@ def resize(
     from .checkpoint import parse_dtype
 
     lora = load_lora(source, family)
+    made_from = _made_from(source, chosen, lora.metadata)
     fmt = output_format(to, lora.source_format)
     torch_dtype = parse_dtype(dtype)
     resized, report = resize_lora(lora, chosen, dtype=torch_dtype, progress=progress)
     report.source, report.output, report.output_format = str(source), str(output), fmt
-    report.warnings = list(lora.warnings) + write_lora(resized, output, fmt, dtype=torch_dtype, overwrite=overwrite)
+    written = write_lora(resized, output, fmt, dtype=torch_dtype, overwrite=overwrite, provenance=made_from)
+    report.warnings = list(lora.warnings) + written
     return report
+
+
+def _made_from(source: str | os.PathLike[str], rule: RankRule, metadata: Mapping[str, str]) -> PendingRecord:
+    """The provenance record of a resize, its input hashed while the modules are resized."""
+    return PendingRecord("resize", [("input", open_source(source).path)], {"rule": rule.describe()}, metadata)
