@@ -8,7 +8,6 @@ from typing import Any, cast
 
 import click
 from rich.console import Console
-from rich.table import Table
 
 from .batch import batchable
 from .dryrun import destination, dry_run_option, json_fields, print_dry_run, say_written
@@ -16,6 +15,7 @@ from .errors import user_errors
 from .options import blocks_from_option, dtype_option, family_option, overwrite_option, threads_option
 from .progress import module_progress
 from .render import print_json
+from .table import ModuleTable, print_table
 
 FORMAT_CHOICES = ("kohya", "diffusers", "peft", "cloneofsimo")
 
@@ -136,27 +136,13 @@ def rescale(lora: str, by: float, output: str, to: str | None, dtype: str | None
         print_dry_run(console, dest)
 
 
-def print_table(console: Console, table: Table) -> None:
-    """A per-module table; piped or redirected, one line per module (module names are long, and
-    rich wraps non-terminal output at 80 columns, which would split them for grep and diff)."""
-    if console.is_terminal:
-        console.print(table)
-        return
-    width = console.width
-    console.width = max(width, 200)
-    try:
-        console.print(table)
-    finally:
-        console.width = width
-
-
 def render_retention(console: Console, rows: Sequence[Any]) -> None:
     """The per-module table: module, kind, rank before → after, Frobenius kept, note."""
-    table = Table(show_edge=False, header_style="bold")
-    table.add_column("module", overflow="fold")
+    table = ModuleTable()
+    table.add_column("module", fold=True)
     table.add_column("kind")
-    table.add_column("rank", justify="right")
-    table.add_column("‖ΔW‖_F kept", justify="right")
+    table.add_column("rank", "right")
+    table.add_column("‖ΔW‖_F kept", "right")
     table.add_column("note")
     for row in rows:
         old = "—" if row.old_rank is None else str(row.old_rank)
@@ -269,10 +255,10 @@ def blend(loras: tuple[str, ...], mode: str, metadata_policy: str, output: str, 
             print_json(Console(), {**report.to_dict(), **json_fields(dest)})
             return
         if not quiet and mode == "svd":
-            table = Table(show_edge=False, header_style="bold")
+            table = ModuleTable()
             for column, justify in (("module", "left"), ("ranks in", "right"), ("rank", "right"),
                                     ("‖ΔW‖_F kept", "right"), ("note", "left")):  # fmt: skip
-                table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
+                table.add_column(column, justify, fold=True)  # type: ignore[arg-type]
             for m in report.modules:
                 table.add_row(m.module, "+".join(map(str, m.ranks_in)), str(m.new_rank), f"{m.fro_kept:.2%}",
                               _limit_note(m.limited_by))  # fmt: skip
@@ -338,10 +324,10 @@ def extract(base: str, tuned: str, min_diff: float, oversample: int, power_itera
             print_json(Console(), {**report.to_dict(), **json_fields(dest)})
             return
         if not quiet:
-            table = Table(show_edge=False, header_style="bold")
+            table = ModuleTable()
             for column, justify in (("module", "left"), ("rank", "right"), ("‖ΔW‖_F kept", "right"),
                                     ("max |diff|", "right"), ("svd", "left"), ("note", "left")):  # fmt: skip
-                table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
+                table.add_column(column, justify, fold=True)  # type: ignore[arg-type]
             for m in report.modules:
                 table.add_row(m.module, str(m.rank), f"{m.fro_kept:.2%}", f"{m.max_diff:.2e}", m.method,
                               _limit_note(m.limited_by))  # fmt: skip
