@@ -20,7 +20,6 @@ from typing import Any
 
 import click
 from rich.console import Console
-from rich.table import Table
 
 from ..batch.plan import DEFAULT_NAME, is_adapter_folder
 from ..errors import InputError
@@ -247,6 +246,8 @@ def _run_with_bar(tasks: list[Any], *, jobs: int, engine: str, address: str | No
 
 def render_results(console: Console, results: list[Any]) -> None:
     """The summary: one row per file (result, seconds, output size), failures with their reason."""
+    from rich.table import Table
+
     from .render import human_bytes
 
     table = Table(show_edge=False, header_style="bold")

@@ -4,21 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    TaskID,
-    TaskProgressColumn,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+
+if TYPE_CHECKING:  # rich.progress (~10 ms, more on a busy box) loads only when a bar is drawn
+    from rich.progress import Progress, ProgressColumn, TaskID
 
 
 @contextmanager
@@ -30,6 +21,8 @@ def byte_progress(
     if not enabled or not stderr.is_terminal:
         yield lambda n: None
         return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
     columns = (TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=stderr, transient=True) as progress:
         task = progress.add_task(label, total=total)
@@ -70,20 +63,29 @@ M = TypeVar("M", bound=Meter)
 
 
 @contextmanager
-def _meter_bar(label: str, enabled: bool, columns: tuple[ProgressColumn, ...], meter: type[M]) -> Iterator[M]:
-    """A transient bar of ``columns`` on stderr (a terminal only), driven through ``meter``."""
+def _meter_bar(
+    label: str, enabled: bool, columns: Callable[[], tuple[ProgressColumn, ...]], meter: type[M]
+) -> Iterator[M]:
+    """A transient bar of ``columns()`` on stderr (a terminal only), driven through ``meter``."""
     stderr = Console(stderr=True)
     if not enabled or not stderr.is_terminal:
         yield meter(None, None)
         return
-    with Progress(*columns, console=stderr, transient=True) as progress:
+    from rich.progress import Progress
+
+    with Progress(*columns(), console=stderr, transient=True) as progress:
         yield meter(progress, progress.add_task(label, total=None))
 
 
 @contextmanager
 def module_progress(label: str, *, enabled: bool = True) -> Iterator[Meter]:
     """A bar counting modules on stderr (a terminal only); the op sets its total through :class:`Meter`."""
-    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+
+    def columns() -> tuple[ProgressColumn, ...]:
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+        return (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+
     with _meter_bar(label, enabled, columns, Meter) as meter:
         yield meter
 
@@ -91,6 +93,11 @@ def module_progress(label: str, *, enabled: bool = True) -> Iterator[Meter]:
 @contextmanager
 def phase_progress(label: str, *, enabled: bool = True) -> Iterator[PhaseMeter]:
     """A percentage bar on stderr (a terminal only) restarted by each op's total; see :class:`PhaseMeter`."""
-    columns = (TextColumn(label), BarColumn(), TaskProgressColumn(), TimeRemainingColumn())
+
+    def columns() -> tuple[ProgressColumn, ...]:
+        from rich.progress import BarColumn, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+        return (TextColumn(label), BarColumn(), TaskProgressColumn(), TimeRemainingColumn())
+
     with _meter_bar(label, enabled, columns, PhaseMeter) as meter:
         yield meter

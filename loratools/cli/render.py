@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
-from ..report import CheckpointReport, LoraReport
+if TYPE_CHECKING:  # annotations only: print_json/human_bytes users never load the report models or rich.table
+    from ..report import CheckpointReport, LoraReport
 
 
 def human_bytes(n: float) -> str:
@@ -37,6 +36,9 @@ LAYOUT_TITLES = {"ldm": "single file (LDM)", "sgm": "single file (SGM)", "diffus
 
 
 def render_checkpoint(console: Console, report: CheckpointReport) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
     head = Text()
     head.append(report.path, style="bold")
     head.append(f"  ·  {report.family_title}", style="bold cyan")
@@ -113,6 +115,9 @@ FORMAT_TITLES = {
 
 
 def render_lora(console: Console, report: LoraReport) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
     head = Text()
     head.append(report.path, style="bold")
     head.append(f"  ·  LoRA for {report.family_title}", style="bold cyan")
