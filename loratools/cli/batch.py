@@ -21,7 +21,6 @@ from typing import Any
 import click
 from rich.console import Console
 
-from ..batch.plan import DEFAULT_NAME, is_adapter_folder
 from ..errors import InputError
 from .errors import user_errors
 
@@ -30,12 +29,25 @@ _NOT_WORK_OPTIONS = ("output", "overwrite", "as_json", "quiet", "dry_run", "thre
 BATCH_COMMANDS: dict[str, click.Command] = {}  # name → the command forced into batch mode
 
 
+class _NameOption(click.Option):
+    """``--name``: its help shows :data:`loratools.batch.plan.DEFAULT_NAME`, but a command line
+    without it gets None, resolved by :func:`run_batch_cli` where the batch package is loaded
+    anyway. Importing loratools.batch (worker pool, subprocess, multiprocessing) to fill in a
+    default that a single-file command never uses cost more than that command's own setup."""
+
+    def get_default(self, ctx: click.Context, call: bool = True) -> Any:
+        if call:  # parsing a command line
+            return None
+        from ..batch.plan import DEFAULT_NAME  # --help
+
+        return DEFAULT_NAME
+
+
 def _batch_params(existing: set[str], command: str) -> list[click.Parameter]:
     params: list[click.Parameter] = [
         click.Option(["-r", "--recursive"], is_flag=True, help="Batch: descend into subfolders of folder inputs."),
-        click.Option(
+        _NameOption(
             ["--name", "name_template"],
-            default=DEFAULT_NAME,
             show_default=True,
             help="Batch: output file name; fields {stem} {name} {ext} {suffix}.",
         ),
@@ -83,10 +95,12 @@ def _is_many(inputs: list[str]) -> bool:
     if len(inputs) != 1:
         return True
     one = Path(inputs[0].rpartition(":")[0] or inputs[0]) if not Path(inputs[0]).exists() else Path(inputs[0])
+    if not one.is_dir():
+        return _is_pattern(inputs[0])
+    from ..batch.plan import is_adapter_folder  # a folder only: a file never loads the batch machinery
     from ..io.checkpoint import is_diffusers_folder
 
-    model = one.is_dir() and (is_adapter_folder(one) or is_diffusers_folder(one))
-    return (one.is_dir() and not model) or _is_pattern(inputs[0])
+    return not (is_adapter_folder(one) or is_diffusers_folder(one)) or _is_pattern(inputs[0])
 
 
 def batchable(command: str, *, input_param: str | None = None) -> Callable[[click.Command], click.Command]:
@@ -173,13 +187,14 @@ def run_batch_cli(
     *,
     jobs: int | None,
     recursive: bool,
-    name_template: str,
+    name_template: str | None,
     engine: str,
     address: str | None,
     partner: str | None = None,
 ) -> None:
     """Plan, run and report a batch; exits with the batch's status."""
     from ..batch import default_jobs, plan_tasks
+    from ..batch.plan import DEFAULT_NAME
     from ..batch.records import exit_status
     from ..batch.work import READ_ONLY, WORK, output_suffix
 
@@ -212,7 +227,7 @@ def run_batch_cli(
             output,
             options=options,
             recursive=recursive,
-            name=name_template,
+            name=DEFAULT_NAME if name_template is None else name_template,
             suffix=output_suffix(command, options),
             overwrite=bool(kwargs.get("overwrite")),
             create_folders=not dry_run,
