@@ -184,15 +184,8 @@ def _part_modules(stem: str) -> list[str]:
 # Without --family a tiny FLUX.1 LoRA fits no full-size FLUX.1 and is read by its names
 # (formats/kohya.py, formats/peft.py, the verbatim readers): today those lose the dialect.
 NO_FAMILY_FAILS = {
-    "kohya": "verbatim kohya writer sorts the keys",
-    "kohya-split-qkv": "verbatim kohya writer sorts the keys",
-    "ai-toolkit": "verbatim peft writer reorders the keys",
-    "ai-toolkit-bfl": "new alpha only in lora_adapter_metadata (folder ''), which ComfyUI never reads",
     "xlabs": "unknown LoRA key layout",
-    "onetrainer": "a raw torch shape error (lora_transformer_ read as full-size FLUX.1)",
     "lycoris-full": "unknown LoRA key layout",
-    "kohya-te": "read as SD 1.x: the T5 modules are dropped (720 → 216 keys)",
-    "kohya-te3": "read as SD 1.x: the T5 modules are dropped (720 → 216 keys)",
 }
 
 

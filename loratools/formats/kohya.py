@@ -18,7 +18,7 @@ from .keys import KOHYA_KEY as KEY
 from .keys import is_kohya  # noqa: F401 (re-exported)
 from .lycoris import adapter_from_params, adapter_params
 from .metadata import carried_metadata, describe_network
-from .names import kohya_text_prefixes, name_tables
+from .names import in_source_order, kohya_text_prefixes, name_tables
 from .resolve import claimed_family, resolve
 from .verdict import needs_family_map
 
@@ -77,6 +77,8 @@ def read_kohya(
         unmatched=dict(found.unmatched),
         model=found.verdict,
         source_names={canonical: name for name, canonical in found.matched.items()},
+        # kept by their own names: surgery writes the file's own keys back in its order (issue 13)
+        source_keys=tuple(tensors) if found.family is None else (),
     )
 
 
@@ -100,6 +102,8 @@ def kohya_state_dict(lora: LoraFile, *, dtype: torch.dtype | None = None) -> dic
         stored = dtype or factor_dtype(adapter)
         for param, tensor in adapter_params(adapter, stored).items():
             out[f"{name}.{param}"] = tensor.to(stored) if dtype is not None and tensor.is_floating_point() else tensor
+    if lora.family is None and lora.source_keys:
+        return in_source_order(out, lora.source_keys)
     return dict(sorted(out.items()))
 
 
