@@ -19,7 +19,7 @@ from .keys import is_kohya  # noqa: F401 (re-exported)
 from .lycoris import adapter_from_params, adapter_params
 from .metadata import carried_metadata, describe_network
 from .names import in_source_order, kohya_text_prefixes, name_tables
-from .resolve import claimed_family, resolve
+from .resolve import claimed_family, refuse_unplaced, resolve
 from .verdict import needs_family_map
 
 if TYPE_CHECKING:
@@ -84,7 +84,9 @@ def read_kohya(
 
 def kohya_state_dict(lora: LoraFile, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The kohya keys and tensors of a LoRA (native spelling of its family; a LoRA with no family
-    map keeps its own lora_names, and one named in another dialect is refused by what it lacks)."""
+    map keeps its own lora_names, and one named in another dialect is refused by what it lacks).
+    A source module the reader could not place is refused by name, never left out."""
+    refuse_unplaced(lora.unmatched, lora.family_title, "it in kohya naming")
     if lora.family is None:
         if lora.names != "kohya":
             raise needs_family_map(

@@ -27,7 +27,7 @@ from .keys import check_config_rank, config_number, config_of, configs_from_meta
 from .keys import normalize_peft_key as normalize_key
 from .keys import pattern_value as _pattern_value
 from .names import in_source_order
-from .resolve import resolve
+from .resolve import refuse_unplaced, resolve
 from .verdict import ModelVerdict, config_verdict, needs_family_map
 
 if TYPE_CHECKING:
@@ -259,9 +259,11 @@ def peft_configs(lora: LoraFile) -> dict[str, dict[str, Any]]:
 
 
 def peft_state_dict(lora: LoraFile, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """``<folder>.<module path>.lora_A.weight`` … tensors (diffusers' current layout)."""
+    """``<folder>.<module path>.lora_A.weight`` … tensors (diffusers' current layout); a source
+    module the reader could not place is refused by name, never left out."""
     from .names import name_tables
 
+    refuse_unplaced(lora.unmatched, lora.family_title, "it in peft naming")
     tables = name_tables(lora.family) if lora.family is not None else None
     if tables is None and lora.names != "peft":
         raise needs_family_map(lora.verdict, f"writing a {lora.names}-named {lora.family_title} LoRA in peft naming")

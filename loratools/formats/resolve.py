@@ -364,3 +364,17 @@ def _verbatim_verdict(
         f"{spec.title} names for {placed} of {len(groups)} modules, the others no {spec.title} module "
         f"(e.g. {unplaced[0]}): every module kept by its own name",
     )
+
+
+def refuse_unplaced(unmatched: Mapping[str, str], title: str, writing: str) -> None:
+    """Refuse, in one line naming one, to write a LoRA without the source modules its reader could
+    not place (a module no table of ``title`` names, or one whose shape fits none of its weights):
+    the output would be missing them silently (issue 14, nothing lost)."""
+    if not unmatched:
+        return
+    name, reason = next(iter(unmatched.items()))
+    raise InputError(
+        f"{len(unmatched)} modules of the source are not placed in {title} (e.g. {name}: {reason}); "
+        f"writing {writing} would leave them out",
+        hint="a LoRA for another model or with modules of its own: inspect it, or read it without --family",
+    )
