@@ -184,15 +184,8 @@ def _part_modules(stem: str) -> list[str]:
 # Without --family a tiny FLUX.1 LoRA fits no full-size FLUX.1 and is read by its names
 # (formats/kohya.py, formats/peft.py, the verbatim readers): today those lose the dialect.
 NO_FAMILY_FAILS = {
-    "kohya": "verbatim kohya writer sorts the keys",
-    "kohya-split-qkv": "verbatim kohya writer sorts the keys",
-    "ai-toolkit": "verbatim peft writer reorders the keys",
-    "ai-toolkit-bfl": "new alpha only in lora_adapter_metadata (folder ''), which ComfyUI never reads",
     "xlabs": "unknown LoRA key layout",
-    "onetrainer": "a raw torch shape error (lora_transformer_ read as full-size FLUX.1)",
     "lycoris-full": "unknown LoRA key layout",
-    "kohya-te": "read as SD 1.x: the T5 modules are dropped (720 → 216 keys)",
-    "kohya-te3": "read as SD 1.x: the T5 modules are dropped (720 → 216 keys)",
 }
 
 
@@ -217,6 +210,74 @@ def test_rescale_without_a_family_keeps_the_dialect(dialect: str, tmp_path: Path
     old, new = raw_groups(before), raw_groups(after)
     for stem, group in old.items():
         torch.testing.assert_close(raw_delta(new[stem]), 0.5 * raw_delta(group), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("op", ["resize-fixed", "resize-dynamic", "blend-self"])
+@pytest.mark.parametrize("dialect", ["kohya", "kohya-te3", "onetrainer", "ai-toolkit", "ai-toolkit-bfl"])
+def test_resize_and_blend_without_a_family_keep_the_dialect(dialect: str, op: str, tmp_path: Path) -> None:
+    """Issue 13 without --family: every file module kept under its own key, in file order, ΔW
+    truncated optimally per file module (Eckart–Young, a fused qkv is one module here) or summed."""
+    src, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    save_tensors(src, flux_lora_dialect(SPEC, dialect), METADATA)
+    runs: dict[str, Callable[[], object]] = {
+        "resize-fixed": lambda: resize(src, out, rank=1),
+        "resize-dynamic": lambda: resize(src, out, sv_fro=0.8),
+        "blend-self": lambda: blend([(src, 1.0), (src, 1.0)], out),
+    }
+    runs[op]()
+    before, _ = _read(src)
+    after, meta = _read(out)
+    assert list(after) == list(before)
+    assert all(meta.get(k) == v for k, v in METADATA.items())
+    new = raw_groups(after)
+    for stem, group in raw_groups(before).items():
+        d_in, d_out = raw_delta(group), raw_delta(new[stem])
+        if op == "blend-self":
+            torch.testing.assert_close(d_out, 2.0 * d_in, rtol=1e-5, atol=1e-7)
+            continue
+        k = int(torch.linalg.matrix_rank(d_out, rtol=1e-5))
+        assert k == 1 if op == "resize-fixed" else 1 <= k <= int(torch.linalg.matrix_rank(d_in, rtol=1e-5))
+        torch.testing.assert_close(d_out, _truncate(d_in, k), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dialect", ["kohya-te", "kohya-te3"])
+def test_t5_modules_of_a_tiny_flux_lora_are_read_not_dropped(dialect: str, tmp_path: Path) -> None:
+    """Read without a family, the T5 lora_te2_/lora_te3_ modules were matched against SD 1.x and
+    dropped (720 → 216 keys): every file module is an adapter now, kept by its own name."""
+    src = tmp_path / "in.safetensors"
+    tensors = flux_lora_dialect(SPEC, dialect)
+    save_tensors(src, tensors, {})
+    lora = load_lora(src)
+    assert not lora.unmatched
+    assert set(lora.adapters) == set(raw_groups(tensors))
+    assert lora.verdict.family == "flux1"
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+@pytest.mark.parametrize("op", OPS)
+def test_surgery_refuses_to_drop_a_module_it_cannot_place(fmt: str, op: str, tmp_path: Path) -> None:
+    """A module no table of the family names (read with the family given, shapes fitting) was
+    warned about and written out missing; the command now refuses in one line naming it."""
+    from loratools.errors import InputError
+    from loratools.formats.io import save_lora
+    from loratools.synthetic import TINY, make_lora
+
+    src, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    save_lora(make_lora(TINY["sd1"], rank=2), tmp_path / "made.safetensors", fmt)
+    tensors, meta = _read(tmp_path / "made.safetensors")
+    stray = "lora_unet_not_a_module" if fmt == "kohya" else "unet.not_a_module"
+    down, up = ("lora_down", "lora_up") if fmt == "kohya" else ("lora_A", "lora_B")
+    tensors |= {f"{stray}.{down}.weight": torch.ones(2, 8), f"{stray}.{up}.weight": torch.ones(8, 2)}
+    save_tensors(src, tensors, meta)
+    runs: dict[str, Callable[[], object]] = {
+        "rescale": lambda: rescale(src, out, 0.5, family=TINY["sd1"]),
+        "resize-fixed": lambda: resize(src, out, rank=1, family=TINY["sd1"]),
+        "resize-dynamic": lambda: resize(src, out, sv_fro=0.8, family=TINY["sd1"]),
+        "blend-self": lambda: blend([(src, 1.0), (src, 1.0)], out, family=TINY["sd1"]),
+    }
+    with pytest.raises(InputError, match=f"not placed in SD 1.x \\(e.g. {stray}: no such module"):
+        runs[op]()
+    assert not out.exists()
 
 
 def test_rescale_of_a_peft_file_with_a_lora_config_keeps_keys_and_reads_back_scaled(tmp_path: Path) -> None:

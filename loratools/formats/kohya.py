@@ -18,8 +18,8 @@ from .keys import KOHYA_KEY as KEY
 from .keys import is_kohya  # noqa: F401 (re-exported)
 from .lycoris import adapter_from_params, adapter_params
 from .metadata import carried_metadata, describe_network
-from .names import kohya_text_prefixes, name_tables
-from .resolve import claimed_family, resolve
+from .names import in_source_order, kohya_text_prefixes, name_tables
+from .resolve import claimed_family, refuse_unplaced, resolve
 from .verdict import needs_family_map
 
 if TYPE_CHECKING:
@@ -77,12 +77,16 @@ def read_kohya(
         unmatched=dict(found.unmatched),
         model=found.verdict,
         source_names={canonical: name for name, canonical in found.matched.items()},
+        # kept by their own names: surgery writes the file's own keys back in its order (issue 13)
+        source_keys=tuple(tensors) if found.family is None else (),
     )
 
 
 def kohya_state_dict(lora: LoraFile, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The kohya keys and tensors of a LoRA (native spelling of its family; a LoRA with no family
-    map keeps its own lora_names, and one named in another dialect is refused by what it lacks)."""
+    map keeps its own lora_names, and one named in another dialect is refused by what it lacks).
+    A source module the reader could not place is refused by name, never left out."""
+    refuse_unplaced(lora.unmatched, lora.family_title, "it in kohya naming")
     if lora.family is None:
         if lora.names != "kohya":
             raise needs_family_map(
@@ -100,6 +104,8 @@ def kohya_state_dict(lora: LoraFile, *, dtype: torch.dtype | None = None) -> dic
         stored = dtype or factor_dtype(adapter)
         for param, tensor in adapter_params(adapter, stored).items():
             out[f"{name}.{param}"] = tensor.to(stored) if dtype is not None and tensor.is_floating_point() else tensor
+    if lora.family is None and lora.source_keys:
+        return in_source_order(out, lora.source_keys)
     return dict(sorted(out.items()))
 
 

@@ -8,14 +8,18 @@ LDM/SGM (``input_blocks_1_1_…``) — for every family; writers use each ecosys
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache
+from typing import TypeVar
 
 from ..families import keymap
 from ..families.spec import DIFFUSERS_FOLDERS, FamilySpec
 from ..families.unet import SINGLE_PREFIX as UNET_SINGLE_PREFIX
 
 KOHYA_UNET = "lora_unet"
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -100,3 +104,12 @@ def name_tables(spec: FamilySpec) -> NameTables:
         if m.path.startswith("text_model."):
             peft.setdefault(f"{folder}.{m.path[len('text_model.') :]}", m.name)
     return NameTables(modules, kohya, peft)
+
+
+def in_source_order(written: Mapping[str, T], source_keys: Iterable[str]) -> dict[str, T]:
+    """``written`` with the keys the source file held first, in its order, then the new ones in
+    the writer's order: surgery on a LoRA kept by its own names gives back the file's own layout
+    (``LoraFile.source_keys``, the mechanism the FLUX.1 writer uses)."""
+    held = [key for key in source_keys if key in written]
+    seen = set(held)
+    return {key: written[key] for key in held} | {k: v for k, v in written.items() if k not in seen}

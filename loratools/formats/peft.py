@@ -20,12 +20,14 @@ from typing import TYPE_CHECKING, Any
 from ..errors import InputError
 from ..families.spec import DIFFUSERS_FOLDERS, FamilySpec
 from .adapters import Adapter, LoraFile, LowRank
+from .flux import _unit_scale as unit_scale  # one rule for both writers of a file's own keys
 from .keys import PEFT_METADATA_KEY as METADATA_KEY
 from .keys import UNET_ROOTS as _UNET_ROOTS
 from .keys import check_config_rank, config_number, config_of, configs_from_metadata, is_peft_like  # noqa: F401
 from .keys import normalize_peft_key as normalize_key
 from .keys import pattern_value as _pattern_value
-from .resolve import resolve
+from .names import in_source_order
+from .resolve import refuse_unplaced, resolve
 from .verdict import ModelVerdict, config_verdict, needs_family_map
 
 if TYPE_CHECKING:
@@ -118,6 +120,8 @@ def read_peft(
         unmatched=dict(found.unmatched),
         model=found.verdict,
         source_names={canonical: module for module, canonical in named.items()},
+        # kept by their own names: surgery writes the file's own keys back in its order (issue 13)
+        source_keys=tuple(tensors) if found.family is None else (),
     )
 
 
@@ -255,16 +259,24 @@ def peft_configs(lora: LoraFile) -> dict[str, dict[str, Any]]:
 
 
 def peft_state_dict(lora: LoraFile, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """``<folder>.<module path>.lora_A.weight`` … tensors (diffusers' current layout)."""
+    """``<folder>.<module path>.lora_A.weight`` … tensors (diffusers' current layout); a source
+    module the reader could not place is refused by name, never left out."""
     from .names import name_tables
 
+    refuse_unplaced(lora.unmatched, lora.family_title, "it in peft naming")
     tables = name_tables(lora.family) if lora.family is not None else None
     if tables is None and lora.names != "peft":
         raise needs_family_map(lora.verdict, f"writing a {lora.names}-named {lora.family_title} LoRA in peft naming")
     out: dict[str, torch.Tensor] = {}
+    own = writes_own_keys(lora)
     for module, adapter in lora.adapters.items():
         if not isinstance(adapter, LowRank):
             raise InputError(f"{module}: a {adapter.kind} module has no peft form")
+        if own and not has_config(lora):
+            # no LoraConfig to carry the scale (ComfyUI, A1111 read none): it goes into lora_B
+            folded = unit_scale(adapter)
+            assert isinstance(folded, LowRank)  # a plain LoRA stays one
+            adapter = folded
         if adapter.mid is not None:
             raise InputError(f"{module}: a Tucker (lora_mid) module has no peft form")
         if adapter.dora_scale is not None and adapter.dora_axis != "out":
@@ -278,7 +290,18 @@ def peft_state_dict(lora: LoraFile, *, dtype: torch.dtype | None = None) -> dict
         out[f"{base}.lora_B.weight"] = cast(adapter.up)
         if adapter.dora_scale is not None:
             out[f"{base}.lora_magnitude_vector"] = cast(adapter.dora_scale.reshape(-1))
-    return out
+    return in_source_order(out, lora.source_keys) if own else out
+
+
+def writes_own_keys(lora: LoraFile) -> bool:
+    """Whether a diffusers write gives back the source file's own keys and order: a LoRA kept by
+    its own names (no family map) read from a diffusers-layout file (surgery, issue 13)."""
+    return lora.family is None and bool(lora.source_keys) and lora.source_format == FORMAT
+
+
+def has_config(lora: LoraFile) -> bool:
+    """Whether the source carried diffusers' ``lora_adapter_metadata`` LoraConfig."""
+    return METADATA_KEY in lora.metadata
 
 
 def diffusers_metadata(lora: LoraFile) -> dict[str, str]:
@@ -286,6 +309,11 @@ def diffusers_metadata(lora: LoraFile) -> dict[str, str]:
     metadata, carried whole with its network keys describing this file (formats/metadata.py)."""
     from .metadata import carried_metadata, describe_network
 
+    if writes_own_keys(lora) and not has_config(lora):  # the scales are in lora_B: no LoraConfig
+        meta = carried_metadata(lora)
+        if any(k.startswith("ss_") for k in meta):
+            describe_network(meta, lora)
+        return meta
     flat: dict[str, Any] = {}
     for folder, config in peft_configs(lora).items():
         for key, value in config.items():

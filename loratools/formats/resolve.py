@@ -20,7 +20,18 @@ from ..families import FAMILIES, FamilySpec, get_family
 from ..io.safetensors import FLOAT_DTYPES
 from .keys import KNOWN_PARAMS
 from .names import NameTables, name_tables
-from .verdict import MODEL, SD, SHAPES, ModelVerdict, model_by_names, sd_verdict, unknown_verdict
+from .verdict import (
+    FLUX_TITLE,
+    MODEL,
+    NONE,
+    SD,
+    SHAPES,
+    UNKNOWN,
+    ModelVerdict,
+    model_by_names,
+    sd_verdict,
+    unknown_verdict,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -175,6 +186,8 @@ class Resolution:
 # their own module names first (verdict.model_by_names) and use their family map when it names
 # every module of the file
 SD_FAMILIES = ("sd1", "sd2", "sdxl")
+# module names of T5 (FLUX.1's second text encoder; no SD family has one), in any dialect
+T5_NAMES = ("SelfAttention", "DenseReluDense")
 
 
 def _candidates(family: str | FamilySpec | None, context: int | None = None) -> list[FamilySpec]:
@@ -307,6 +320,12 @@ def _by_names(
     if not hits_count:
         other = model_by_names(groups, _widths(dims)) or unknown_verdict(groups)
         return Resolution(None, None, {}, {}, [], other)
+    unplaced = [n for n in groups if n not in hits]
+    if unplaced or spec.name not in SD_FAMILIES:
+        # Canonical names without shapes would drop the modules the tables do not name (a FLUX.1
+        # LoRA's T5 lora_te2_/lora_te3_ read as SD 1.x), and a non-SD map's writers need its full
+        # widths (FLUX.1's fused qkv rows): every module is read, and written, by its own name.
+        return Resolution(None, None, {}, {}, [], _verbatim_verdict(groups, dims, spec, len(hits), unplaced))
     widths = "full-size " + spec.title if family is None else spec.title + " as given"
     verdict = sd_verdict(
         spec.name,
@@ -320,3 +339,42 @@ def _by_names(
         warnings.append(f"metadata claims {FAMILIES[claim].title}, but the names say {spec.title}; using {spec.title}")
     unmatched = {n: "no such module in " + spec.title for n in groups if n not in hits}
     return Resolution(spec, tables, dict(hits), unmatched, warnings, verdict)
+
+
+def _verbatim_verdict(
+    groups: Mapping[str, Mapping[str, torch.Tensor]],
+    dims: Mapping[str, tuple[int, int] | None],
+    spec: FamilySpec,
+    placed: int,
+    unplaced: list[str],
+) -> ModelVerdict:
+    """The model a LoRA is for when its modules are kept by their own names (no family map applies)."""
+    named = model_by_names(groups, _widths(dims))
+    if named is not None:
+        return named
+    if any(needle in name for name in groups for needle in T5_NAMES):
+        return ModelVerdict(MODEL, "flux1", FLUX_TITLE, NONE, "FLUX.1 by its T5 text-encoder module names")
+    if not unplaced:
+        return ModelVerdict(MODEL, spec.name, spec.title, NONE, f"{spec.title} by its module names, widths unknown")
+    return ModelVerdict(
+        UNKNOWN,
+        "unknown",
+        "unknown model",
+        NONE,
+        f"{spec.title} names for {placed} of {len(groups)} modules, the others no {spec.title} module "
+        f"(e.g. {unplaced[0]}): every module kept by its own name",
+    )
+
+
+def refuse_unplaced(unmatched: Mapping[str, str], title: str, writing: str) -> None:
+    """Refuse, in one line naming one, to write a LoRA without the source modules its reader could
+    not place (a module no table of ``title`` names, or one whose shape fits none of its weights):
+    the output would be missing them silently (issue 14, nothing lost)."""
+    if not unmatched:
+        return
+    name, reason = next(iter(unmatched.items()))
+    raise InputError(
+        f"{len(unmatched)} modules of the source are not placed in {title} (e.g. {name}: {reason}); "
+        f"writing {writing} would leave them out",
+        hint="a LoRA for another model or with modules of its own: inspect it, or read it without --family",
+    )

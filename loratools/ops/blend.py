@@ -302,6 +302,8 @@ def blend_loras(
         model=first.model,
         source_names=dict(first.source_names),  # written back in the first input's own keys
         source_keys=first.source_keys,
+        # modules a reader could not place: the writers refuse them by name rather than drop them
+        unmatched={name: why for lora in loras for name, why in lora.unmatched.items()},
     )
     return merged, report
 

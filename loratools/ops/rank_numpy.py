@@ -31,7 +31,7 @@ from ..families.spec import FamilySpec
 from ..formats import kohya
 from ..formats.adapters import LoraFile
 from ..formats.lycoris import adapter_params
-from ..formats.names import kohya_text_prefixes, name_tables
+from ..formats.names import in_source_order, kohya_text_prefixes, name_tables
 from ..formats.scan import ParamRef, scan_lora
 from ..io.safetensors import ITEMSIZE, StreamingWriter, TensorInfo
 from ..threads import module_workers, numpy_blas_threads
@@ -179,6 +179,8 @@ def open_kohya(
         lora = kohya.read_kohya(views, header.metadata, family)
     except InputError:
         return None
+    if lora.unmatched:
+        return None  # modules the reader could not place: the torch path's writer refuses them by name
     for adapter in lora.adapters.values():
         if not accept(adapter) or any(r.info.dtype not in NUMPY_DTYPES for r in _refs(adapter)):
             return None
@@ -281,6 +283,8 @@ def kohya_tensors(
         if "diff" not in params:  # a full diff has no alpha (formats/lycoris.py adapter_params)
             raw, _ = encode_scalar(adapter.alpha, stored)
             out[f"{name}.alpha"] = (TensorInfo(stored, ()), raw)
+    if lora.family is None and lora.source_keys:  # kept by its own names: the file's own order
+        return in_source_order(out, lora.source_keys)
     return dict(sorted(out.items()))
 
 
