@@ -26,9 +26,6 @@ from loratools.synthetic import TINY, make_lora
 
 SPECS: dict[str, FamilySpec] = {"tiny-sd1": TINY["sd1"], "tiny-sd2": TINY["sd2"], "full-sd1": FAMILIES["sd1"]}
 # lora_diffusion's targets (docs/FORMATS.md §3.2): attention q/k/v/out, GEGLU, CLIP self-attention
-# TODO(issue 13 item 2): the writer takes shapes from the full-size tables; fixed in the next commit
-WIDTH_BUG = pytest.mark.xfail(strict=True, reason="writer assumes full-size widths")
-NAMES = [pytest.param(n, marks=WIDTH_BUG) if n.startswith("tiny") else n for n in SPECS]
 TARGET = re.compile(r"(attn[12]\.to_(q|k|v|out\.0)|ff\.net\.0\.proj|self_attn\.(q|k|v|out)_proj)$")
 
 
@@ -59,7 +56,7 @@ def _check(back: LoraFile, dense: dict[str, torch.Tensor]) -> None:
 
 
 @pytest.mark.parametrize("coverage", ["all", "partial"])
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", list(SPECS))
 def test_cli_convert_to_safeloras(name: str, coverage: str, tmp_path: Path) -> None:
     source, dense = _kohya_input(SPECS[name], coverage, tmp_path)
     out = tmp_path / "out.safetensors"
@@ -73,7 +70,7 @@ def test_cli_convert_to_safeloras(name: str, coverage: str, tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize("coverage", ["all", "partial"])
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", list(SPECS))
 def test_pt_lists(name: str, coverage: str, tmp_path: Path) -> None:
     source, dense = _kohya_input(SPECS[name], coverage, tmp_path)
     lora = load_lora(source)
