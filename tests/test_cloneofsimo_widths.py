@@ -47,7 +47,10 @@ def _dense(adapter: object) -> torch.Tensor:
     return (adapter.alpha / down.shape[0]) * (up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1))
 
 
-def _check(back: LoraFile, dense: dict[str, torch.Tensor]) -> None:
+def _check(back: LoraFile, dense: dict[str, torch.Tensor], name: str) -> None:
+    assert back.family is not None and back.family.name == SPECS[name].name
+    # placed by full-size shapes, or by the family's structure at the LoRA's own widths
+    assert back.verdict.fit == ("names" if name.startswith("tiny") else "shapes")
     assert set(back.adapters) == set(dense)
     for module, reference in dense.items():
         # baking rounds scale·up to float32 once: equal to within float32 resolution of the largest entry
@@ -64,9 +67,8 @@ def test_cli_convert_to_safeloras(name: str, coverage: str, tmp_path: Path) -> N
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output
     back = load_lora(out)
-    assert back.source_format == "cloneofsimo" and back.family is not None
-    assert back.family.name == SPECS[name].name
-    _check(back, dense)
+    assert back.source_format == "cloneofsimo"
+    _check(back, dense, name)
 
 
 @pytest.mark.parametrize("coverage", ["all", "partial"])
@@ -77,7 +79,8 @@ def test_pt_lists(name: str, coverage: str, tmp_path: Path) -> None:
     unet = tmp_path / "out.pt"
     torch.save(c.pt_list(lora, "unet", bake=True), unet)
     torch.save(c.pt_list(lora, "te1", bake=True), c.companion_paths(unet)[0])
-    _check(load_lora(unet, SPECS[name].name), dense)
+    _check(load_lora(unet, SPECS[name].name), dense, name)
+    _check(load_lora(unet), dense, name)  # at tiny widths the companion tells SD 1.x from SD 2.x
 
 
 def test_sdxl_is_refused_in_one_line(tmp_path: Path) -> None:
@@ -89,4 +92,38 @@ def test_sdxl_is_refused_in_one_line(tmp_path: Path) -> None:
         cli, ["convert", str(source), str(tmp_path / "o.safetensors"), "--to", "cloneofsimo", "--bake"]
     )
     assert result.exit_code != 0 and "SD 1.x and SD 2.x only" in result.output
+    assert "Traceback" not in result.output and "internal error" not in result.output
+
+
+@pytest.mark.parametrize("container", ["pt", "safeloras"])
+def test_tiny_unet_alone_needs_family_to_be_named(container: str, tmp_path: Path) -> None:
+    """SD 1.x and 2.x U-Nets share a structure: at tiny widths, U-Net pairs alone stay unplaced
+    (read, not refused) unless --family names one; with it they read back by name."""
+    source, dense = _kohya_input(TINY["sd1"], "all", tmp_path)
+    lora = load_lora(source)
+    unet_only = lora.with_adapters({m: a for m, a in lora.adapters.items() if m.startswith("unet.")})
+    path = tmp_path / f"unet.{'pt' if container == 'pt' else 'safetensors'}"
+    if container == "pt":
+        torch.save(c.pt_list(unet_only, bake=True), path)
+    else:
+        save_lora(c.bake_scale(unet_only), path, "cloneofsimo")
+    auto = load_lora(path)
+    assert auto.family is None and len(auto.adapters) == len(unet_only.adapters)
+    assert "unknown model" in auto.verdict.note
+    named = load_lora(path, "sd1")
+    _check(named, {m: d for m, d in dense.items() if m.startswith("unet.")}, "tiny-sd1")
+
+
+def test_padding_width_nobody_shows_is_refused_in_one_line(tmp_path: Path) -> None:
+    """A tiny LoRA of the first down block only: the padded deeper blocks' widths are unknown."""
+    source, _ = _kohya_input(TINY["sd1"], "all", tmp_path)
+    lora = load_lora(source)
+    first = lora.with_adapters({m: a for m, a in lora.adapters.items() if m.startswith("unet.down_blocks.0.")})
+    with pytest.raises(InputError, match="none of its modules shows that module's width"):
+        c.pt_list(first, bake=True)
+    path = save_lora(first, tmp_path / "first.safetensors", "kohya")
+    result = CliRunner().invoke(
+        cli, ["convert", str(path), str(tmp_path / "o.safetensors"), "--to", "cloneofsimo", "--bake"]
+    )
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
     assert "Traceback" not in result.output and "internal error" not in result.output
