@@ -1114,6 +1114,7 @@ def _interrupt_mid_write(ctx: Ctx, error: type[BaseException] = KeyboardInterrup
     with (
         _patched(st.StreamingWriter, "write", wrap(st.StreamingWriter.write)),
         _patched(st.StreamingWriter, "copy_raw", wrap(st.StreamingWriter.copy_raw)),
+        _patched(st.StreamingWriter, "write_bytes", wrap(st.StreamingWriter.write_bytes)),  # the numpy path
     ):
         yield
 

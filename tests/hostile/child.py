@@ -73,6 +73,7 @@ def run(argv: list[str], marker: str, stdout: str, stderr: str) -> None:
 
     st.StreamingWriter.write = slowed(st.StreamingWriter.write)  # type: ignore[method-assign]
     st.StreamingWriter.copy_raw = slowed(st.StreamingWriter.copy_raw)  # type: ignore[method-assign]
+    st.StreamingWriter.write_bytes = slowed(st.StreamingWriter.write_bytes)  # type: ignore[method-assign]  # numpy path
     from loratools.cli.main import main
 
     sys.argv = ["loratools", *argv]
