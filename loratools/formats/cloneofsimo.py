@@ -6,7 +6,8 @@ position in lora_diffusion's module discovery order (docs/FORMATS.md §3.2): eve
 ``CrossAttention``/``Attention``/``GEGLU`` module of the U-Net, every Linear under each
 ``CLIPAttention`` of the text encoder, in registration order. We never look at class names: the
 candidate orders are built from the family's module table, and the one whose every (out, in) fits
-the file's shapes wins —
+the file's shapes wins (else, for a tiny or distilled model, the one whose table widths map each
+to one width of the file's pairs; the writer likewise takes shapes from the LoRA's own modules) —
 
 * U-Net, attention only: per transformer block ``attn1 q,k,v,out`` then ``attn2 q,k,v,out``;
 * U-Net with GEGLU, diffusers ≤ 0.14: ``attn1 ×4, ff.net.0.proj, attn2 ×4``;
