@@ -6,7 +6,8 @@ position in lora_diffusion's module discovery order (docs/FORMATS.md §3.2): eve
 ``CrossAttention``/``Attention``/``GEGLU`` module of the U-Net, every Linear under each
 ``CLIPAttention`` of the text encoder, in registration order. We never look at class names: the
 candidate orders are built from the family's module table, and the one whose every (out, in) fits
-the file's shapes wins —
+the file's shapes wins (else, for a tiny or distilled model, the one whose table widths map each
+to one width of the file's pairs; the writer likewise takes shapes from the LoRA's own modules) —
 
 * U-Net, attention only: per transformer block ``attn1 q,k,v,out`` then ``attn2 q,k,v,out``;
 * U-Net with GEGLU, diffusers ≤ 0.14: ``attn1 ×4, ff.net.0.proj, attn2 ×4``;
@@ -23,7 +24,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -37,7 +38,7 @@ from .adapters import Adapter, LoraFile, LowRank
 from .keys import EMBED_FLAG, is_safeloras  # noqa: F401 (re-exported)
 from .keys import SAFELORAS_KEY as KEY
 from .names import name_tables
-from .verdict import NONE, UNKNOWN, ModelVerdict, needs_family_map
+from .verdict import NONE, UNKNOWN, ModelVerdict, needs_family_map, sd_verdict
 
 FORMAT = "cloneofsimo"
 TEXT_SUFFIX = ".text_encoder.pt"
@@ -131,6 +132,29 @@ class OrderMatch:
     modules: tuple[str, ...]
 
 
+def width_map(shapes: Iterable[tuple[tuple[int, ...], tuple[int, ...]]]) -> dict[int, int] | None:
+    """Each full-size width of a family's table → the width it has in a LoRA, from (table shape,
+    LoRA shape) pairs; None when a width would map two ways.
+
+    A tiny or distilled model keeps the family's structure and shrinks its widths, so one table
+    width (SD 1.x's 320 channels, 768 context) has one width throughout the LoRA's model; this is
+    what lets shapes come from the LoRA's own modules instead of the full-size tables.
+    """
+    forward: dict[int, int] = {}
+    for table, actual in shapes:
+        if len(table) != len(actual):
+            return None
+        for t, a in zip(table, actual, strict=True):
+            if forward.setdefault(t, a) != a:
+                return None
+    return forward
+
+
+def _pair_shape(pair: Pair) -> tuple[int, int]:
+    up, down = pair
+    return int(up.shape[0]), int(down.shape[1])
+
+
 def _fits(pair: Pair, shape: tuple[int, ...]) -> bool:
     up, down = pair
     return len(shape) == 2 and int(up.shape[0]) == shape[0] and int(down.shape[1]) == shape[1]
@@ -155,10 +179,18 @@ def _family_list(family: str | FamilySpec | None) -> list[FamilySpec]:
 
 
 def match_order(
-    pairs: Sequence[Pair], families: Sequence[FamilySpec], components: Sequence[str], *, what: str = "this file"
+    pairs: Sequence[Pair],
+    families: Sequence[FamilySpec],
+    components: Sequence[str],
+    *,
+    what: str = "this file",
+    widths: bool = False,
 ) -> OrderMatch:
     """The one (family, component, order) whose module sequence fits every pair by shape.
 
+    ``widths``: fit the family's structure at other widths (a tiny or distilled model): every
+    full-size width must map to one width of the pairs (:func:`width_map`); not one-to-one, as
+    a tiny model's widths may coincide (tiny SD 2.x: context 16 = the second level's channels).
     Raises :class:`InputError` when none fits or when two different assignments fit.
     """
     fitting: list[OrderMatch] = []
@@ -176,7 +208,12 @@ def match_order(
                 if len(names) != len(pairs):
                     continue
                 same_length.append(candidate)
-                if all(_fits(p, modules[n].shape) for p, n in zip(pairs, names, strict=True)):
+                if widths:
+                    scaled = zip((modules[n].shape for n in names), map(_pair_shape, pairs), strict=True)
+                    fits = width_map(scaled) is not None
+                else:
+                    fits = all(_fits(p, modules[n].shape) for p, n in zip(pairs, names, strict=True))
+                if fits:
                     fitting.append(candidate)
     distinct = {(m.family.name, m.modules): m for m in fitting}
     if len(distinct) > 1:
@@ -192,6 +229,31 @@ def match_order(
             f"(expected pairs: {', '.join(dict.fromkeys(expected))}){detail}"
         )
     return fitting[0]
+
+
+NO_FIT = "fit no lora_diffusion module order"
+
+
+def _match_any_width(
+    pairs: Sequence[Pair], families: Sequence[FamilySpec], components: Sequence[str], *, what: str
+) -> tuple[OrderMatch, bool]:
+    """(match, full_size): by the full-size shapes, else by the families' structure at the pairs'
+    own widths; the full-size error is the one raised when neither fits."""
+    try:
+        return match_order(pairs, families, components, what=what), True
+    except InputError as exc:
+        if NO_FIT not in exc.message:
+            raise
+        try:
+            return match_order(pairs, families, components, what=what, widths=True), False
+        except InputError as scaled:
+            if NO_FIT in scaled.message:
+                raise exc from None
+            raise
+
+
+def _model(spec: FamilySpec, full_size: bool) -> ModelVerdict:
+    return sd_verdict(spec.name, spec.title, full_size=full_size)
 
 
 # --- reading --------------------------------------------------------------------------------------
@@ -277,13 +339,21 @@ def read_pt(path: Path, tensors: list[torch.Tensor], family: str | FamilySpec | 
     """
     path = Path(path)
     pairs = _pairs_of_list(path.name, tensors)
+    families = _family_list(family)
+    full_size = True
     try:
-        match = match_order(pairs, _family_list(family), ("unet", "te1"), what=path.name)
+        match = match_order(pairs, families, ("unet", "te1"), what=path.name)
     except InputError as exc:
-        if family is not None or "fit no lora_diffusion module order" not in exc.message:
+        if NO_FIT not in exc.message:
             raise
-        group = "text_encoder" if path.name.endswith(TEXT_SUFFIX) else "unet"
-        return _unplaced({group: pairs}, "its pairs fit no SD 1.x/2.x module order by shape")
+        full_size = False
+        scaled = _pt_at_other_widths(path, pairs, families)
+        if scaled is None:
+            if family is not None:
+                raise
+            group = "text_encoder" if path.name.endswith(TEXT_SUFFIX) else "unet"
+            return _unplaced({group: pairs}, "its pairs fit no single SD 1.x/2.x module order by shape")
+        match = scaled
     warnings: list[str] = []
     adapters = _adapters(match, pairs, warnings, path.name)
     embeddings: dict[str, torch.Tensor] = {}
@@ -298,7 +368,7 @@ def read_pt(path: Path, tensors: list[torch.Tensor], family: str | FamilySpec | 
                     hint=f"move it away to read {path.name} alone",
                 )
             text_pairs = _pairs_of_list(text_path.name, obj)
-            text_match = match_order(text_pairs, [match.family], ("te1",), what=f"{text_path.name} (companion)")
+            text_match, _ = _match_any_width(text_pairs, [match.family], ("te1",), what=f"{text_path.name} (companion)")
             text_adapters = _adapters(text_match, text_pairs, warnings, text_path.name)
             adapters.update(text_adapters)
             warnings.append(f"read the text-encoder companion {text_path.name} ({len(text_adapters)} modules)")
@@ -309,14 +379,44 @@ def read_pt(path: Path, tensors: list[torch.Tensor], family: str | FamilySpec | 
                 warnings.append(f"read the textual-inversion companion {ti_path.name}")
                 width = match.family.texts[0].hidden
                 odd = [k for k, v in embeddings.items() if v.dim() == 0 or int(v.shape[-1]) != width]
-                if odd:
+                if odd and full_size:  # at other widths the text encoder's width is not in the table
                     warnings.append(
                         f"{ti_path.name}: embedding {odd[0]} is not {width} wide like "
                         f"{match.family.title}'s text encoder; it belongs to another model"
                     )
             else:
                 warnings.append(f"{ti_path.name}: not a dict of token embeddings; ignored")
-    return LoraFile(adapters, match.family, FORMAT, {}, embeddings=embeddings, warnings=warnings)
+    model = _model(match.family, full_size)
+    return LoraFile(adapters, match.family, FORMAT, {}, embeddings=embeddings, warnings=warnings, model=model)
+
+
+def _pt_at_other_widths(path: Path, pairs: Sequence[Pair], families: Sequence[FamilySpec]) -> OrderMatch | None:
+    """The match of a ``.pt`` list by the families' structure at its own widths, or None.
+
+    SD 1.x and SD 2.x U-Nets share one structure, so at other widths only the text-encoder
+    companion (12 vs 23 layers) tells them apart; without it the pairs stay unplaced.
+    """
+    try:
+        return match_order(pairs, families, ("unet", "te1"), what=path.name, widths=True)
+    except InputError as exc:
+        if NO_FIT in exc.message or path.name.endswith(TEXT_SUFFIX):
+            return None
+    text_path = companion_paths(path)[0]
+    if not text_path.is_file():
+        return None
+    obj = _load_companion(text_path)
+    if not isinstance(obj, list):
+        return None  # read_pt's own companion check words the refusal
+    text_pairs = _pairs_of_list(text_path.name, obj)
+    found = []
+    for spec in families:
+        try:
+            unet = match_order(pairs, [spec], ("unet",), what=path.name, widths=True)
+            _match_any_width(text_pairs, [spec], ("te1",), what=text_path.name)
+        except InputError:
+            continue
+        found.append(unet)
+    return found[0] if len(found) == 1 else None
 
 
 def read_safeloras(
@@ -346,18 +446,25 @@ def read_safeloras(
             raise InputError(f"safeloras file: {name}:{holes[0]} lacks its up or down tensor")
         pairs[name] = [_check_pair(f"{name}", i, entries[i]["up"], entries[i]["down"]) for i in range(count)]
 
-    # The family must fit every component; each component's order is decided by shapes.
+    # The family must fit every component; each component's order is decided by shapes: the
+    # full-size ones first, else the family's structure at the file's own widths (a tiny model).
     fits: dict[str, dict[str, OrderMatch]] = {}
     errors: list[InputError] = []
-    for spec in _family_list(family):
-        try:
-            fits[spec.name] = {
-                name: match_order(p, [spec], (SAFELORAS_NAMES[name],), what=f"{name} pairs")
-                for name, p in pairs.items()
-            }
-        except InputError as error:
-            errors.append(error)
-    if not fits and family is None and all("fit no lora_diffusion module order" in e.message for e in errors):
+    full_size = True
+    for widths in (False, True):
+        for spec in _family_list(family):
+            try:
+                fits[spec.name] = {
+                    name: match_order(p, [spec], (SAFELORAS_NAMES[name],), what=f"{name} pairs", widths=widths)
+                    for name, p in pairs.items()
+                }
+            except InputError as error:
+                if not widths:
+                    errors.append(error)
+        if fits or not all(NO_FIT in e.message for e in errors):
+            break
+        full_size = False
+    if not fits and family is None and all(NO_FIT in e.message for e in errors):
         return _unplaced(pairs, "its pairs fit no SD 1.x/2.x module order by shape", metadata)
     if not fits:
         if len(errors) == 1:
@@ -367,6 +474,8 @@ def read_safeloras(
             + " nor ".join(s.title for s in _family_list(family))
             + f" ({errors[0].message})"
         )
+    if len(fits) > 1 and not full_size and family is None:  # one structure, two families: keep the pairs
+        return _unplaced(pairs, f"its pairs fit {' and '.join(fits)} alike at these widths; pass --family", metadata)
     if len(fits) > 1:
         raise InputError(f"safeloras file: its pairs fit {' and '.join(fits)} equally", hint="pass --family to choose")
     matches = next(iter(fits.values()))
@@ -392,7 +501,7 @@ def read_safeloras(
                 f"metadata {name} lists targets {targets}, but the shapes say {ORDERS[match.order]}; used the shapes"
             )
     kept = {k: v for k, v in metadata.items() if v != EMBED_FLAG and not re.match(r"^[^:]+:\d+:rank$", k)}
-    lora = LoraFile(adapters, spec, FORMAT, kept, warnings=warnings)
+    lora = LoraFile(adapters, spec, FORMAT, kept, warnings=warnings, model=_model(spec, full_size))
     lora.source_order = {match.component: match.order for match in matches.values()}  # written back alike
     return lora
 
@@ -500,11 +609,12 @@ def _ordered_pairs(
     adapters = [a for a in mine.values() if isinstance(a, LowRank)]
     pad_rank = Counter(a.rank for a in adapters).most_common(1)[0][0] if adapters else 1
     pad_dtype = dtype or (adapters[0].up.dtype if adapters else torch.float32)
-    shapes = name_tables(lora.family).modules
+    names = module_order(lora.family, component, order)
+    shapes = _module_shapes(lora, names)
     out = []
-    for name in module_order(lora.family, component, order):
+    for name in names:
         adapter = mine.get(name)
-        shape = shapes[name].shape
+        shape = shapes[name]
         if adapter is None:
             rank = min(pad_rank, *shape)
             out.append((torch.zeros(shape[0], rank, dtype=pad_dtype), torch.zeros(rank, shape[1], dtype=pad_dtype)))
@@ -516,6 +626,45 @@ def _ordered_pairs(
             up, down = up.to(dtype), down.to(dtype)
         out.append((up.contiguous(), down.contiguous()))
     return order, out
+
+
+def _module_shapes(lora: LoraFile, names: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """(out, in) of each module in ``names`` for this LoRA's model, from its own modules.
+
+    A LoRA read by names alone (a tiny or distilled model) has other widths than the family's
+    full-size table: modules it has give their own shapes, the ones it lacks (zero-padded) get the
+    table's widths mapped through :func:`width_map` of the ones it has.
+    """
+    assert lora.family is not None
+    table = name_tables(lora.family).modules
+    own: dict[str, tuple[int, int]] = {}
+    for name in names:
+        adapter = lora.adapters.get(name)
+        if isinstance(adapter, LowRank):
+            own[name] = (int(adapter.up.shape[0]), int(adapter.down.reshape(adapter.rank, -1).shape[1]))
+    if all(own[n] == table[n].shape for n in own):
+        return {n: own.get(n) or (table[n].shape[0], table[n].shape[1]) for n in names}
+    widths = width_map((table[n].shape, own[n]) for n in own)
+    if widths is None:
+        raise InputError(
+            f"this LoRA's module widths are not those of one {lora.family.title} model at any size, "
+            "so lora_diffusion's module order cannot be laid out for it",
+            hint="write kohya, diffusers or peft instead",
+        )
+    shapes = {}
+    for name in names:
+        if name in own:
+            shapes[name] = own[name]
+            continue
+        out, inp = (widths.get(d) for d in table[name].shape[:2])
+        if out is None or inp is None:
+            raise InputError(
+                f"this LoRA (a {lora.family.title} at other widths) lacks {name}, and none of its "
+                "modules shows that module's width, which a cloneofsimo file must pad it with",
+                hint="write kohya, diffusers or peft instead",
+            )
+        shapes[name] = (out, inp)
+    return shapes
 
 
 def safeloras_state_dict(
