@@ -95,16 +95,23 @@ def warm(*paths: Path) -> None:
 
 
 FLOOR_SVD = r"""
-import sys, time, numpy as np
-from safetensors.numpy import load_file
+import json, struct, sys, time, numpy as np
 start = time.perf_counter()
-tensors = load_file(sys.argv[1])
+with open(sys.argv[1], "rb") as fh:
+    size = struct.unpack("<Q", fh.read(8))[0]
+    header = json.loads(fh.read(size))
+    data = fh.read()
+header.pop("__metadata__", None)
+def tensor(key):  # bf16 → float32: the high half of a float32 (numpy has no bfloat16)
+    info = header[key]
+    begin, end = info["data_offsets"]
+    raw = np.frombuffer(data, dtype=np.uint16, count=(end - begin) // 2, offset=begin)
+    return (raw.astype(np.uint32) << 16).view(np.float32).reshape(info["shape"])
 read_s = time.perf_counter() - start
-ups = sorted(k for k in tensors if k.endswith("lora_up.weight"))
+ups = sorted(k for k in header if k.endswith("lora_up.weight"))
 t0 = time.perf_counter()
 for up_key in ups:
-    up = tensors[up_key].astype(np.float32)
-    down = tensors[up_key.replace("lora_up", "lora_down")].astype(np.float32)
+    up, down = tensor(up_key), tensor(up_key.replace("lora_up", "lora_down"))
     qu, ru = np.linalg.qr(up)
     qd, rd = np.linalg.qr(down.T)
     np.linalg.svd(ru @ rd.T)
