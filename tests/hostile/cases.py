@@ -752,8 +752,12 @@ def _drop(key_suffix: str, every: bool = False) -> Callable[..., None]:
 _lora_case("alpha-a-vector", _set(".alpha", lambda t: torch.ones(2)), match="alpha has 2 elements")
 _lora_case("missing-alpha", _drop(".alpha", every=True), {"*": "warned", "diff": "accepted"})
 _lora_case("rank-mismatch", _set("lora_up.weight", lambda t: torch.cat([t, t[:, :1]], 1)), match="rank mismatch")
-# a module whose factors fit no weight of the family is left out and listed (merge --strict refuses)
-_lora_case("up-down-swapped", _set("lora_up.weight", lambda t: t.T.contiguous()), {"*": "warned", "diff": "accepted"})
+# a module whose factors fit no weight of the family: merge leaves it out and lists it (--strict
+# refuses); the LoRA writers refuse rather than write the LoRA without it (formats/resolve.py
+# refuse_unplaced) — carrying it through verbatim would be better (issue 13); inspect/check list it
+_UNPLACED = {"*": "warned", "diff": "accepted", "convert": "refused", "rescale": "refused", "resize": "refused",
+             "blend": "refused"}  # fmt: skip
+_lora_case("up-down-swapped", _set("lora_up.weight", lambda t: t.T.contiguous()), _UNPLACED, match="not placed in")
 
 
 def _rank_zero(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
