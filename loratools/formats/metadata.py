@@ -14,10 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
-from ..io.safetensors import tensor_bytes
+from ..io.safetensors import TensorInfo, dtype_name, tensor_bytes
 from .adapters import LoraFile, LowRank
 from .keys import EMBED_FLAG, PEFT_METADATA_KEY
 
@@ -95,37 +95,36 @@ def describe_network(meta: dict[str, str], lora: LoraFile) -> dict[str, str]:
     return meta
 
 
-def _ss_header_length(meta: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> int:
+def with_hashes(meta: dict[str, str], tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Recompute ``sshs_model_hash`` / ``sshs_legacy_hash`` for ``tensors`` written in this order,
+    when the file carries kohya training metadata (sd-scripts writes them on every save)."""
+    infos = {name: TensorInfo(dtype_name(t.dtype), tuple(t.shape)) for name, t in tensors.items()}
+    return with_byte_hashes(meta, infos, (tensor_bytes(t.contiguous()) for t in tensors.values()))
+
+
+def with_byte_hashes(
+    meta: dict[str, str], infos: Mapping[str, TensorInfo], chunks: Iterable[bytes | memoryview]
+) -> dict[str, str]:
+    """The rule of :func:`with_hashes` over raw bytes (``chunks``: each tensor's data, in the order
+    of ``infos``; the numpy path writes bytes): ``sshs_model_hash`` is the SHA-256 of the data
+    section, ``sshs_legacy_hash`` that of the 64 KiB window at 1 MiB of a file holding only the
+    ``ss_`` metadata, as sd-scripts computes them."""
+    if not any(k.startswith(("ss_", "sshs_")) for k in meta):
+        return meta
     table: dict[str, object] = {}
     ss = {k: v for k, v in meta.items() if k.startswith("ss_")}
     if ss:
         table["__metadata__"] = ss
     offset = 0
-    for name, t in tensors.items():
-        n = t.numel() * t.element_size()
-        table[name] = {"dtype": _dtype(t), "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        offset += n
+    for name, info in infos.items():
+        table[name] = {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": [offset, offset + info.nbytes]}
+        offset += info.nbytes
     length = len(json.dumps(table, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
-    return length + (-(8 + length) % 8)
-
-
-def _dtype(t: torch.Tensor) -> str:
-    from ..io.safetensors import dtype_name
-
-    return dtype_name(t.dtype)
-
-
-def with_hashes(meta: dict[str, str], tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
-    """Recompute ``sshs_model_hash`` / ``sshs_legacy_hash`` for ``tensors`` written in this order,
-    when the file carries kohya training metadata (sd-scripts writes them on every save)."""
-    if not any(k.startswith(("ss_", "sshs_")) for k in meta):
-        return meta
+    start = LEGACY_OFFSET - 8 - (length + (-(8 + length) % 8))  # the window inside the data section
     data = hashlib.sha256()
-    start = LEGACY_OFFSET - 8 - _ss_header_length(meta, tensors)  # the window inside the data section
     window = bytearray()
     position = 0
-    for t in tensors.values():
-        raw = tensor_bytes(t.contiguous())
+    for raw in chunks:
         data.update(raw)
         lo, hi = max(start, position), min(start + LEGACY_LENGTH, position + len(raw))
         if start >= 0 and hi > lo:

@@ -16,8 +16,6 @@ the torch path, which gives the full reader's answer or error.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ from ..families.spec import FamilySpec
 from ..formats import kohya
 from ..formats.adapters import LoraFile
 from ..formats.lycoris import adapter_params
+from ..formats.metadata import with_byte_hashes
 from ..formats.names import in_source_order, kohya_text_prefixes, name_tables
 from ..formats.scan import ParamRef, scan_lora
 from ..io.safetensors import ITEMSIZE, StreamingWriter, TensorInfo
@@ -46,8 +45,6 @@ NUMPY_DTYPES = ("F64", "F32", "F16", "BF16")
 # --dtype spellings this path writes (ops/checkpoint.py DTYPE_ALIASES, without importing torch)
 DTYPE_NAMES = {"fp16": "F16", "float16": "F16", "half": "F16", "f16": "F16", "bf16": "BF16", "bfloat16": "BF16",
                "fp32": "F32", "float32": "F32", "float": "F32", "f32": "F32"}  # fmt: skip
-LEGACY_OFFSET = 0x100000  # formats/metadata.py: the 64 KiB window at 1 MiB (A1111 / kohya legacy hash)
-LEGACY_LENGTH = 0x10000
 INF_BITS = {"F64": 0x7FF << 52, "F32": 0xFF << 23, "F16": 0x1F << 10, "BF16": 0xFF << 7}  # exponent all ones
 SIGN_BIT = {"F64": 1 << 63, "F32": 1 << 31, "F16": 1 << 15, "BF16": 1 << 15}
 _UINT = {8: "<u8", 4: "<u4", 2: "<u2"}
@@ -288,36 +285,6 @@ def kohya_tensors(
     return dict(sorted(out.items()))
 
 
-def with_hashes(meta: dict[str, str], tensors: Mapping[str, tuple[TensorInfo, bytes | memoryview]]) -> dict[str, str]:
-    """:func:`loratools.formats.metadata.with_hashes` over bytes: ``sshs_model_hash`` (SHA-256 of
-    the data section) and ``sshs_legacy_hash`` (the 64 KiB window at 1 MiB of a file with only
-    the ``ss_`` metadata), when the file carries kohya training metadata."""
-    if not any(k.startswith(("ss_", "sshs_")) for k in meta):
-        return meta
-    table: dict[str, object] = {}
-    ss = {k: v for k, v in meta.items() if k.startswith("ss_")}
-    if ss:
-        table["__metadata__"] = ss
-    offset = 0
-    for name, (info, _) in tensors.items():
-        table[name] = {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": [offset, offset + info.nbytes]}
-        offset += info.nbytes
-    length = len(json.dumps(table, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
-    start = LEGACY_OFFSET - 8 - (length + (-(8 + length) % 8))
-    data = hashlib.sha256()
-    window = bytearray()
-    position = 0
-    for _, raw in tensors.values():
-        data.update(raw)
-        lo, hi = max(start, position), min(start + LEGACY_LENGTH, position + len(raw))
-        if start >= 0 and hi > lo:
-            window += bytes(raw[lo - position : hi - position])
-        position += len(raw)
-    meta["sshs_model_hash"] = data.hexdigest()
-    meta["sshs_legacy_hash"] = hashlib.sha256(bytes(window)).hexdigest()[:8]
-    return meta
-
-
 def write_kohya(
     lora: LoraFile,
     source: KohyaSource | None,
@@ -329,7 +296,8 @@ def write_kohya(
 ) -> None:
     """Write ``lora`` (adapters over ParamRefs) as a kohya file, as :func:`save_lora` would (atomic)."""
     tensors = kohya_tensors(lora, source, blobs, dtype)
-    metadata = with_hashes(kohya.kohya_metadata(lora), tensors)
+    infos = {key: info for key, (info, _) in tensors.items()}
+    metadata = with_byte_hashes(kohya.kohya_metadata(lora), infos, (data for _, data in tensors.values()))
     plan = {key: info for key, (info, _) in tensors.items()}
     with StreamingWriter(Path(output), plan, metadata, overwrite=overwrite) as writer:
         for key, (_, data) in tensors.items():
