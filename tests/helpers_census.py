@@ -8,6 +8,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -122,3 +123,13 @@ def write_corpus(
             sparse_copy(templates[name], path, metadata={"ss_output_name": f"lora-{i}"}, alphas_first=alphas_first)
         out.append(path)
     return out
+
+
+def census_row(path: Path) -> dict[str, Any]:
+    """The census row of one local file, as ``loratools census`` describes it."""
+    from loratools.census.facts import describe, empty_row
+    from loratools.census.sources import Entry
+
+    st = path.stat()
+    entry = Entry("local", f"{st.st_size}:{st.st_mtime_ns}", str(path), st.st_size)
+    return describe(entry, path, empty_row(entry))

@@ -7,13 +7,11 @@ from typing import Any
 
 import pytest
 from helpers import real_lora
-from helpers_census import TEMPLATES, sparse_copy, write_corpus, write_templates
+from helpers_census import TEMPLATES, census_row, sparse_copy, write_corpus, write_templates
 from helpers_scale import FakeHub, fake_hub, local_sockets
 
 from loratools.census import read_rows, run_census
-from loratools.census.facts import describe, empty_row
 from loratools.census.remote import plan_reads
-from loratools.census.sources import Entry
 from loratools.io.headers import header_of
 from loratools.report import inspect_lora
 
@@ -36,18 +34,12 @@ def templates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return write_templates(tmp_path_factory.mktemp("census-templates"))
 
 
-def _row(path: Path) -> dict[str, Any]:
-    st = path.stat()
-    entry = Entry("local", f"{st.st_size}:{st.st_mtime_ns}", str(path), st.st_size)
-    return describe(entry, path, empty_row(entry))
-
-
 def _same_as_inspect(path: Path) -> dict[str, Any]:
     """The census row of ``path``, checked against ``inspect``'s full report of it."""
     full = inspect_lora(path).to_dict()
     light = inspect_lora(path, loads_in=False, tree=False).to_dict()  # the census's call
     assert light == {**full, "loads_in": [], "tree": []}
-    row = _row(path)
+    row = census_row(path)
     kept = ("format", "family", "metadata_claims", "family_mismatch", "modules", "components", "kinds", "ranks",
             "alphas", "parameters", "dtypes", "read")  # fmt: skip
     assert {k: row[k] for k in kept} == {k: full[k] for k in kept}
@@ -155,5 +147,5 @@ def test_embedding_only_file_is_an_embedding_row(key: str, tmp_path: Path) -> No
 
     path = tmp_path / "emb.safetensors"
     save_tensors(path, {key: torch.zeros(2, 768)}, {})
-    row = _row(path)
+    row = census_row(path)
     assert row["format"] == "textual-inversion" and row["kind"] == "embedding" and row["family"] == "sd1"

@@ -15,11 +15,9 @@ from typing import Any
 
 import pytest
 from helpers import KEYSETS, load_keyset
-from helpers_census import TEMPLATES, write_templates
+from helpers_census import TEMPLATES, census_row, write_templates
 from safetensors import safe_open
 
-from loratools.census.facts import describe, empty_row
-from loratools.census.sources import Entry
 from loratools.errors import CorruptFileError
 from loratools.io.safetensors import read_header
 
@@ -27,12 +25,6 @@ from loratools.io.safetensors import read_header
 @pytest.fixture(scope="module")
 def templates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return write_templates(tmp_path_factory.mktemp("census-templates"))
-
-
-def _row(path: Path) -> dict[str, Any]:
-    st = path.stat()
-    entry = Entry("local", f"{st.st_size}:{st.st_mtime_ns}", str(path), st.st_size)
-    return describe(entry, path, empty_row(entry))
 
 
 def _raw_file(path: Path, table: dict[str, Any], data: bytes) -> Path:
@@ -65,7 +57,7 @@ def test_unhashable_or_foreign_dtype_is_a_problem_not_an_error(dtype: object, tm
     path = _raw_file(tmp_path / "hostile.safetensors", table, b"\0\0")
     with pytest.raises(CorruptFileError, match="unknown dtype"):
         read_header(path)
-    row = _row(path)
+    row = census_row(path)
     assert row["error"] is None and len(row["problems"]) == 1 and "unknown dtype" in row["problems"][0]
 
 
