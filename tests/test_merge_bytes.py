@@ -64,3 +64,19 @@ def _merged(case: str, root: Path) -> Path:
 @pytest.mark.parametrize("case", sorted(EXPECTED))
 def test_merged_bytes_are_unchanged(case: str, tmp_path: Path) -> None:
     assert tensor_digest(_merged(case, tmp_path)) == EXPECTED[case]
+
+
+@pytest.mark.parametrize("case", ["flux bf16", "flux fp8"])
+def test_cli_merge_writes_the_same_bytes(case: str, tmp_path: Path) -> None:
+    """The command line (torch imported in a thread while the base header is read) writes the same file."""
+    from click.testing import CliRunner
+
+    from loratools.cli.main import cli
+
+    api = _merged(case, tmp_path)
+    out = tmp_path / "cli.safetensors"
+    done = CliRunner().invoke(
+        cli, ["merge", str(tmp_path / "b.safetensors"), str(tmp_path / "l.safetensors"), "-o", str(out)]
+    )
+    assert done.exit_code == 0, done.output
+    assert tensor_digest(out) == tensor_digest(api) == EXPECTED[case]
