@@ -80,3 +80,26 @@ def test_cli_merge_writes_the_same_bytes(case: str, tmp_path: Path) -> None:
     )
     assert done.exit_code == 0, done.output
     assert tensor_digest(out) == tensor_digest(api) == EXPECTED[case]
+
+
+@pytest.mark.parametrize("modelspec", [False, True], ids=["plain", "modelspec"])
+def test_base_hash_filled_in_after_streaming(modelspec: bool, tmp_path: Path) -> None:
+    """The base's SHA-256, hashed beside the write, lands in the header and in the report (hashlib)."""
+    from safetensors import safe_open
+
+    from loratools.ops.provenance import KEY
+
+    metadata = {"modelspec.title": "t"} if modelspec else None
+    base = write_checkpoint(TINY["sd1"], tmp_path / "b.safetensors", "single", dtype=torch.float16, metadata=metadata)
+    out = tmp_path / "m.safetensors"
+    report = merge(base, [make_lora(TINY["sd1"], rank=4, seed=2)], out)
+    digest = hashlib.sha256(base.read_bytes()).hexdigest()
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    record = json.loads(meta[KEY])
+    assert record["base"] == {"name": base.name, "sha256": digest, "autov2": digest[:10]}
+    assert report.provenance == record
+    if modelspec:
+        blob = out.read_bytes()
+        (size,) = struct.unpack("<Q", blob[:8])
+        assert meta["modelspec.hash_sha256"] == "0x" + hashlib.sha256(blob[8 + size :]).hexdigest()
