@@ -18,6 +18,11 @@ the factors a hole), one in 50 broken (truncated, LFS pointer, ``.pt`` pickle). 
     nice -n 10 python bench/bench_census.py --files 1000
     nice -n 10 python bench/bench_census.py --files 10000 --defaults-only
     nice -n 10 python bench/bench_census.py --files 300 --steps hub --alphas --interleaved
+    nice -n 10 python bench/bench_census.py --files 1000 --hub-like   # ranks 16–128: the ≤ 1 % goal
+
+``--hub-like`` gives each file its own variant of its template (tests/helpers_census.hub_variant:
+a rank of 16–128 as hub LoRAs have, alpha = rank, rank/2 or 1, a third U-Net only), so file sizes
+are a hub's and key layouts repeat as a hub's do rather than once per template.
 """
 
 from __future__ import annotations
@@ -242,6 +247,8 @@ def main() -> None:
     parser.add_argument("--defaults-only", action="store_true", help="census with the default -j/-P only")
     parser.add_argument("--rounds", type=int, default=1, help="floor steps: the fastest of this many passes")
     parser.add_argument("--tree", help="measure the loratools of this checkout instead (before/after tables)")
+    parser.add_argument("--hub-like", action="store_true",
+                        help="ranks 16–128, varied alphas and targets per file (hub-sized files; many layouts)")  # fmt: skip
     parser.add_argument("--interleaved", action="store_true",
                         help="store alphas between the factors as kohya does (disk: ~4 KiB per alpha)")  # fmt: skip
     args = parser.parse_args()
@@ -257,7 +264,8 @@ def main() -> None:
     folder = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="loratools-census-bench-"))
     try:
         start = time.perf_counter()
-        paths = write_corpus(folder / "corpus", templates, args.files, alphas_first=not args.interleaved)
+        paths = write_corpus(folder / "corpus", templates, args.files, alphas_first=not args.interleaved,
+                             hub_like=args.hub_like)  # fmt: skip
         made = time.perf_counter() - start
         disk = sum(p.stat().st_blocks * 512 for p in paths)
         size = sum(p.stat().st_size for p in paths)
