@@ -40,8 +40,9 @@ from ..errors import InputError
 from ..families import FLUX1, keymap
 from ..families.spec import DIFFUSERS_FOLDERS, FamilySpec
 from .adapters import Adapter, Full, LoHa, LoKr, LoraFile, LowRank, factor_dtype
-from .keys import PEFT_METADATA_KEY, configs_from_metadata, pattern_value
+from .keys import FLUX_XLABS_KEY, PEFT_METADATA_KEY, configs_from_metadata, flux_own_spelling, pattern_value
 from .lycoris import adapter_from_params, adapter_params
+from .verdict import model_by_names
 
 if TYPE_CHECKING:  # torch is imported where tensors are touched: the header-only paths
     import torch  # (inspect, check) read name facts from here without loading it
@@ -621,3 +622,92 @@ def flux_state_dict(
     if fmt == "comfyui":
         return flux_comfyui_state_dict(lora, dtype=dtype), meta
     return flux_kohya_state_dict(lora, dtype=dtype), meta
+
+
+# --- kept by their own names: FLUX.1 spellings of a LoRA no FLUX.1 spec fits ------------------------
+
+
+def _verbatim_split(key: str) -> tuple[str, str] | None:
+    """(module stem as the file spells it, kohya parameter name) of a key, or None if unknown."""
+    if (x := FLUX_XLABS_KEY.match(key)) is not None:
+        return x.group(1), f"lora_{x.group(2)}.weight"
+    stem, suffix = _split_key(key)
+    return (stem, _PARAMS.get(suffix, suffix)) if suffix else None
+
+
+def needs_verbatim(keys: list[str]) -> bool:
+    """FLUX.1 keys only :func:`read_flux_verbatim` reads when no FLUX.1 spec fits them (XLabs,
+    ``lycoris_``): the SD verbatim readers (formats/kohya.py, formats/peft.py) do not parse them."""
+    return any(flux_own_spelling(k) for k in keys)
+
+
+def read_flux_verbatim(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> LoraFile:
+    """A FLUX.1 LoRA whose widths fit no FLUX.1 spec, each file module an adapter under its own
+    stem (``double_blocks.0.processor.qkv_lora1``, ``lycoris_transformer_blocks_0_attn_to_q``),
+    the file's keys kept: written back in its own format (:func:`flux_verbatim_state_dict`), a
+    LoRA comes back with the same keys, order and metadata (issue 13: surgery needs no family).
+    A key of no known spelling is refused by name (the readers of SD files do the same)."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        split = _verbatim_split(key)
+        if split is None:
+            raise InputError(f"unknown keys beside FLUX.1 LoRA modules: {key}")
+        groups.setdefault(split[0], {})[split[1]] = tensor
+    warnings: list[str] = []
+    adapters = {stem: adapter_from_params(stem, params, None, warnings) for stem, params in groups.items()}
+    kohya = all(_UNDERSCORE.match(f"{stem}.x") for stem in groups)
+    widths = (int(d) for a in adapters.values() for d in a.delta_shape()[:2])
+    return LoraFile(
+        adapters,
+        None,
+        FORMAT_KOHYA if kohya else FORMAT_PEFT,
+        dict(metadata),
+        warnings=warnings,
+        model=model_by_names(groups, widths),
+        source_keys=tuple(tensors),
+    )
+
+
+def writes_verbatim(lora: LoraFile) -> bool:
+    """Whether ``lora`` is keyed by FLUX.1 stems only :func:`flux_verbatim_state_dict` spells."""
+    return lora.family is None and any(flux_own_spelling(m) for m in lora.adapters)
+
+
+def flux_verbatim_state_dict(lora: LoraFile, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """A LoRA read by :func:`read_flux_verbatim` in the very keys it was read from (file order).
+
+    The rule of :func:`flux_source_state_dict` without a family: a module without an alpha in the
+    file gets its scale folded into its up factor; parameters it lacks are spelled as its own
+    (XLabs ``down``/``up``); modules the file never had (a blend) follow, spelled the same way.
+    """
+    keys_of: dict[str, list[tuple[str, str]]] = {}
+    for key in lora.source_keys:
+        if (split := _verbatim_split(key)) is not None:
+            keys_of.setdefault(split[0], []).append((key, split[1]))
+    filled: dict[str, torch.Tensor] = {}
+    extras: dict[str, torch.Tensor] = {}
+    for stem, adapter in lora.adapters.items():
+        keys = keys_of.get(stem, [])
+        held = {param for _, param in keys}
+        if "alpha" not in held:
+            adapter = _unit_scale(adapter)
+        stored = dtype or factor_dtype(adapter)
+        params = {
+            p: t.to(stored) if dtype is not None and t.is_floating_point() else t
+            for p, t in adapter_params(adapter, stored).items()
+        }
+        if "alpha" not in held and (keys or not _UNDERSCORE.match(f"{stem}.x")):
+            params.pop("alpha", None)
+        for key, param in keys:
+            if param in params:
+                filled[key] = params[param]
+        suffixes = {k.rsplit(".", 2)[-2] + "." + k.rsplit(".", 1)[-1] for k, _ in keys} if keys else set()
+        xlabs = any(FLUX_XLABS_KEY.match(k) for k, _ in keys) or FLUX_XLABS_KEY.match(f"{stem}.down.weight")
+        spell = _xlabs_spelling(stem) if xlabs else _spelling(stem, suffixes)
+        extras |= {spell(p): t for p, t in params.items() if p not in held}
+    return {key: filled[key] for key in lora.source_keys if key in filled} | extras
+
+
+def _xlabs_spelling(stem: str) -> Callable[[str], str]:
+    names = {"lora_down.weight": "down.weight", "lora_up.weight": "up.weight"}
+    return lambda param: f"{stem}.{names.get(param, param)}"
