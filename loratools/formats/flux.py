@@ -442,9 +442,16 @@ def _put_rows(target: torch.Tensor, rows: tuple[tuple[int, int], ...], values: t
         start += b - a
 
 
-def flux_kohya_state_dict(lora: LoraFile, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """sd-scripts' FLUX.1 keys: BFL module names under ``lora_unet_``, fused parts re-joined."""
-    return _bfl_state_dict(lora, dtype, lambda path: f"lora_unet_{path.replace('.', '_')}", "kohya")
+def flux_kohya_state_dict(
+    lora: LoraFile, *, dtype: torch.dtype | None = None, t5_prefix: str | None = None
+) -> dict[str, torch.Tensor]:
+    """sd-scripts' FLUX.1 keys: BFL module names under ``lora_unet_``, fused parts re-joined.
+
+    ``t5_prefix``: the T5 modules' kohya prefix, ``lora_te2`` (OneTrainer, ComfyUI, InvokeAI) by
+    default; sd-scripts' own merge reads ``lora_te3`` only (docs/FORMATS.md §14).
+    """
+    bfl = lambda path: f"lora_unet_{path.replace('.', '_')}"  # noqa: E731
+    return _bfl_state_dict(lora, dtype, bfl, "kohya", t5_prefix)
 
 
 def flux_comfyui_state_dict(lora: LoraFile, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -462,10 +469,15 @@ def flux_comfyui_state_dict(lora: LoraFile, *, dtype: torch.dtype | None = None)
 
 
 def _bfl_state_dict(
-    lora: LoraFile, dtype: torch.dtype | None, bfl_name: Callable[[str], str], writer: str
+    lora: LoraFile,
+    dtype: torch.dtype | None,
+    bfl_name: Callable[[str], str],
+    writer: str,
+    t5_prefix: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Keys of a BFL-named writer: fused parts re-joined under ``bfl_name(path)``, text encoders as kohya."""
     names = flux_names(lora.family)
+    prefixes = KOHYA_TE | ({"te2": t5_prefix} if t5_prefix else {})
     out: dict[str, torch.Tensor] = {}
     done: set[str] = set()
 
@@ -479,7 +491,7 @@ def _bfl_state_dict(
             continue
         home = names.bfl_of(module)
         if home is None:
-            emit(f"{KOHYA_TE[module.split('.', 1)[0]]}_{module.split('.', 1)[1].replace('.', '_')}", adapter)
+            emit(f"{prefixes[module.split('.', 1)[0]]}_{module.split('.', 1)[1].replace('.', '_')}", adapter)
             continue
         path, _ = home
         parts = names.bfl[path]
@@ -590,7 +602,7 @@ def flux_source_state_dict(
 
 
 def flux_state_dict(
-    lora: LoraFile, fmt: str, *, dtype: torch.dtype | None = None
+    lora: LoraFile, fmt: str, *, dtype: torch.dtype | None = None, t5_prefix: str | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a FLUX.1 LoRA written as ``fmt`` (kohya, diffusers or comfyui).
 
@@ -621,7 +633,7 @@ def flux_state_dict(
         return flux_source_state_dict(lora, fmt, dtype=dtype), meta
     if fmt == "comfyui":
         return flux_comfyui_state_dict(lora, dtype=dtype), meta
-    return flux_kohya_state_dict(lora, dtype=dtype), meta
+    return flux_kohya_state_dict(lora, dtype=dtype, t5_prefix=t5_prefix), meta
 
 
 # --- kept by their own names: FLUX.1 spellings of a LoRA no FLUX.1 spec fits ------------------------

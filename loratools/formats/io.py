@@ -155,9 +155,18 @@ def _read_dict(
 
 
 def save_lora(
-    lora: LoraFile, path: str | os.PathLike[str], fmt: str, *, dtype: torch.dtype | None = None, overwrite: bool = False
+    lora: LoraFile,
+    path: str | os.PathLike[str],
+    fmt: str,
+    *,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    t5_prefix: str | None = None,
 ) -> Path:
     """Write a LoRA in ``fmt`` (kohya, diffusers, peft, cloneofsimo, comfyui for FLUX.1); atomic, never half-written.
+
+    ``t5_prefix``: a FLUX.1 LoRA's T5 modules in kohya naming (``lora_te2`` unless given:
+    ``convert --for kohya`` asks for sd-scripts' ``lora_te3``).
 
     Raises :class:`InputError` when the format cannot hold the LoRA exactly (LoHa/LoKr/DoRA into
     plain-LoRA formats, per-module alphas into cloneofsimo): use ``bake`` or ``to_lowrank`` first.
@@ -176,7 +185,7 @@ def save_lora(
             describe_network(meta, lora)
         save_tensors(path, tensors, meta, overwrite=overwrite)
     elif flux_family and fmt in ("kohya", "diffusers", "comfyui"):
-        tensors, meta = flux.flux_state_dict(lora, fmt, dtype=dtype)
+        tensors, meta = flux.flux_state_dict(lora, fmt, dtype=dtype, t5_prefix=t5_prefix)
         save_tensors(path, tensors, meta, overwrite=overwrite)
     elif fmt == "kohya":
         tensors = kohya.kohya_state_dict(lora, dtype=dtype)
