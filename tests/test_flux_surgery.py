@@ -9,6 +9,7 @@ module against a float64 torch oracle computed from the raw input and output ten
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -317,4 +318,36 @@ def test_convert_of_an_own_spelled_flux_lora_without_a_family_is_refused_by_name
     assert load_lora(src).verdict.family == "flux1"
     with pytest.raises(InputError, match=r"cannot hold|needs a FLUX\.1 family map"):
         convert_lora(src, out, to)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("dialect", "extra"),
+    [
+        ("kohya", "lora_unet_not_a_module.lora_down.weight"),
+        ("kohya", "extra_tensor"),
+        ("ai-toolkit", "transformer.not_a_module.lora_A.weight"),
+        ("ai-toolkit-bfl", "diffusion_model.double_blocks.0.img_attn.norm.scale"),
+    ],
+)
+@pytest.mark.parametrize("op", [*OPS, "convert"])
+def test_flux_writers_refuse_to_drop_a_key_the_reader_could_not_place(
+    dialect: str, extra: str, op: str, tmp_path: Path
+) -> None:
+    """A key beside the modules that no FLUX.1 dialect names was listed as unmatched on reading
+    and then silently missing from every written file; the command now refuses, naming it."""
+    from loratools.errors import InputError
+
+    src, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    tensors = flux_lora_dialect(SPEC, dialect) | {extra: torch.ones(2, 4)}
+    save_tensors(src, tensors, METADATA)
+    runs: dict[str, Callable[[], object]] = {
+        "rescale": lambda: rescale(src, out, 0.5, family=SPEC),
+        "resize-fixed": lambda: resize(src, out, rank=1, family=SPEC),
+        "resize-dynamic": lambda: resize(src, out, sv_fro=0.8, family=SPEC),
+        "blend-self": lambda: blend([(src, 1.0), (src, 1.0)], out, family=SPEC),
+        "convert": lambda: convert_lora(src, out, "kohya" if dialect == "ai-toolkit" else "diffusers", family=SPEC),
+    }
+    with pytest.raises(InputError, match=rf"not placed in FLUX\.1 \(e\.g\. {re.escape(extra)}: "):
+        runs[op]()
     assert not out.exists()

@@ -613,7 +613,11 @@ def flux_state_dict(
     from .kohya import kohya_metadata
     from .metadata import carried_metadata, describe_network
     from .peft import diffusers_metadata
+    from .resolve import refuse_unplaced
 
+    # a key the reader could not place (an extra tensor, a module of no FLUX.1 table) has no key
+    # in the written file: refused by name, as the SD writers do, never dropped silently
+    refuse_unplaced(lora.unmatched, lora.family_title, f"it as {fmt}")
     same = bool(lora.source_keys) and fmt == lora.source_format
     if fmt == "diffusers":
         config = not same or PEFT_METADATA_KEY in lora.metadata  # a LoraConfig only where there was one
