@@ -189,17 +189,27 @@ def _not_mapped(table: Table, view: FileView, g: StoredModule, base: set[str] | 
     return None
 
 
-def _qkv_dropped(table: Table, view: FileView, g: StoredModule) -> bool:
+def _paths_by_group(view: FileView) -> dict[tuple[str | None, str], set[str | None]]:
+    """(component, spelling) → the module paths stored under it: built once per check, so the
+    q/k/v rule below looks its neighbours up instead of scanning every module for each one."""
+    groups: dict[tuple[str | None, str], set[str | None]] = {}
+    for m in view.modules:
+        groups.setdefault((m.component, m.spelling), set()).add(m.path)
+    return groups
+
+
+def _qkv_dropped(
+    table: Table, view: FileView, g: StoredModule, groups: dict[tuple[str | None, str], set[str | None]]
+) -> bool:
     if g.spelling != table.qkv_needs_out_spelling or not _QKV.search(g.path or ""):
         return False
     family = view.family.name if view.family else "*"
     if f"{family}:{g.component}" not in table.qkv_needs_out and f"*:{g.component}" not in table.qkv_needs_out:
         return False
-    same = [m for m in view.modules if m.component == g.component and m.spelling == g.spelling]
+    present = groups.get((g.component, g.spelling), set())
     if table.target == "diffusers":  # the whole encoder's keys are renamed or not (state_dict_utils)
-        return not any(_OUT.search(m.path or "") for m in same)
+        return not any(_OUT.search(path or "") for path in present)
     layer = (g.path or "").rsplit(".self_attn.", 1)[0]  # A1111: one MultiheadAttention per layer
-    present = {m.path for m in same}
     return not all(f"{layer}.self_attn.{p}_proj" in present for p in ("q", "k", "v", "out"))
 
 
@@ -287,6 +297,7 @@ def check_view(view: FileView, table: Table, base: set[str] | None = None) -> Ta
     """What ``table``'s loader does with ``view``; ``base``: canonical modules the base model has."""
     shapes = view.shapes
     counted = [g for g in view.modules if _has_factors(g)]
+    groups = _paths_by_group(view)
     report = TargetReport(table.target, table.label, table.source, len(counted))
     out = _Collector(report)
     if view.family is None:
@@ -359,7 +370,7 @@ def check_view(view: FileView, table: Table, base: set[str] | None = None) -> Ta
                 out.ignore(f"{base_kind} modules ignored", f"{table.label} does not read {base_kind} modules", g)
                 unmatched_keys += len(g.keys)
             continue
-        if _qkv_dropped(table, view, g):
+        if _qkv_dropped(table, view, g, groups):
             out.ignore(
                 "q/k/v modules dropped",
                 f"{table.label} drops text-encoder q/k/v LoRAs when the attention's out_proj has none",
