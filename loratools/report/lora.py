@@ -26,7 +26,7 @@ from ..formats.lookalike import check_not_lfs_pointer, flatten_embedding
 from ..formats.names import name_tables
 from ..formats.resolve import claimed_family
 from ..formats.verdict import sd_verdict, unknown_verdict
-from ..io.safetensors import TensorInfo
+from ..io.safetensors import TORCH_NAMES, TensorInfo
 from ..io.source import PICKLE, SAFETENSORS, Source, open_source
 from ..ops.progress import Progress
 from ..ops.provenance import KEY as PROVENANCE_KEY
@@ -455,9 +455,7 @@ def inspect_lora(
 
 
 def _torch_name(dtype: str) -> str:
-    from ..io.safetensors import _TORCH_NAMES
-
-    return _TORCH_NAMES[dtype]
+    return TORCH_NAMES[dtype]
 
 
 def _stored_tensors(source: Source) -> dict[str, TensorInfo]:
