@@ -19,8 +19,15 @@ from loratools.synthetic import TINY, make_lora
 
 NOT_LOADED = ("loratools.batch", "multiprocessing", "rich.progress", "rich.table")
 # What a local header-only inspect never needs: the Hub probe's network stack (io/hub.py imports it
-# in reachable() only), the batch machinery and progress bars.
-INSPECT_NOT_LOADED = ("loratools.batch", "multiprocessing", "rich.progress", "urllib.request", "http.client")
+# in reachable() only), the batch machinery, progress bars and rich tables (no table is printed).
+INSPECT_NOT_LOADED = (
+    "loratools.batch",
+    "multiprocessing",
+    "rich.progress",
+    "rich.table",
+    "urllib.request",
+    "http.client",
+)
 SCRIPT = """
 import json, sys
 from loratools.cli.main import cli
