@@ -162,7 +162,11 @@ class LowRank:
 
     @property
     def form(self) -> str:
-        """lora, locon (a conv kernel other than 1×1) or tucker, DoRA aside (resize's rows)."""
+        """lora, locon (a conv kernel other than 1×1) or tucker, DoRA aside (resize's rows).
+
+        A kernel is a 1×1 one only when both axes are 1, as kohya decides it
+        (kohya-ss/sd-scripts:networks/lora.py (LoRAInfModule.merge_to): ``down.size()[2:4] == (1, 1)``).
+        """
         if self.mid is not None:
             return "tucker"
         return "locon" if self.down.dim() == 4 and tuple(self.down.shape[2:]) != (1, 1) else "lora"
