@@ -17,7 +17,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -49,7 +49,8 @@ ITEMSIZE: dict[str, int] = {
     "U32": 4,
     "U64": 8,
 }
-_TORCH_NAMES = {
+# safetensors dtype string → the torch dtype's name ("F16" → "float16"), as reports print it.
+TORCH_NAMES: dict[str, str] = {
     "F64": "float64",
     "F32": "float32",
     "F16": "float16",
@@ -75,20 +76,20 @@ class _TorchDtypes(Mapping[str, "torch.dtype"]):
     def __getitem__(self, name: str) -> torch.dtype:
         import torch
 
-        dtype = getattr(torch, _TORCH_NAMES[name], None)
+        dtype = getattr(torch, TORCH_NAMES[name], None)
         if not isinstance(dtype, torch.dtype):
             # torch.uint16/32/64 appeared in torch 2.3 (the declared floor is 2.1): one line, not an AttributeError
             raise InputError(f"{name} tensors need torch >= 2.3 (this is torch {torch.__version__})")
         return dtype
 
     def __iter__(self) -> Iterator[str]:
-        return iter(_TORCH_NAMES)
+        return iter(TORCH_NAMES)
 
     def __contains__(self, name: object) -> bool:
-        return name in _TORCH_NAMES
+        return name in TORCH_NAMES
 
     def __len__(self) -> int:
-        return len(_TORCH_NAMES)
+        return len(TORCH_NAMES)
 
 
 DTYPES: Mapping[str, torch.dtype] = _TorchDtypes()
@@ -102,7 +103,7 @@ _ALIGN = 8  # safetensors pads the header with spaces so tensor data starts 8-by
 def dtype_name(dtype: torch.dtype) -> str:
     """The safetensors spelling of a torch dtype (``torch.float16`` → ``"F16"``)."""
     try:
-        return next(name for name, torch_name in _TORCH_NAMES.items() if str(dtype) == f"torch.{torch_name}")
+        return next(name for name, torch_name in TORCH_NAMES.items() if str(dtype) == f"torch.{torch_name}")
     except StopIteration:
         raise InputError(f"dtype {dtype} cannot be stored in safetensors") from None
 
@@ -467,9 +468,14 @@ class StreamingWriter:
         overwrite: bool = False,
         check: Callable[[Path], None] | None = None,
         data_hash_key: str | None = None,
+        late: Callable[[], Sequence[tuple[str, str]]] | None = None,
     ) -> None:
         self.path = Path(path)
         self.check = check  # runs on the complete temporary file before it is renamed into place
+        # late: called once the data is written, gives (placeholder, value) pairs of equal length
+        # that are put in the header in that order, each where its placeholder first occurs (a
+        # value computed while the file streams out: the base's SHA-256 in a merge's provenance)
+        self._late = late
         # data_hash_key: a metadata key that receives "0x" + SHA-256 of the data section (every
         # tensor's bytes in file order), hashed as the tensors stream by and written into a
         # placeholder of the same length in the header before the file is committed
@@ -513,11 +519,30 @@ class StreamingWriter:
             if self._digest is not None:
                 value = f"0x{self._digest.hexdigest()}".encode()
                 os.pwrite(self._fd, value, self._hash_at)
+            try:
+                self._fill_late()
+            except BaseException:
+                self._atomic.abort()
+                raise
             self._atomic.commit(self.check)
             return
         self._atomic.abort()
         if isinstance(exc, OSError):
             raise describe_os_error(exc, self.path) from None
+
+    def _fill_late(self) -> None:
+        if self._late is None:
+            return
+        header = bytearray(self._header)
+        if self._digest is not None:
+            header[self._hash_at : self._hash_at + len(_HASH_PLACEHOLDER)] = f"0x{self._digest.hexdigest()}".encode()
+        for placeholder, value in self._late():
+            old, new = placeholder.encode(), value.encode()
+            at = header.find(old)
+            if len(old) != len(new) or at < 0:
+                raise RuntimeError(f"late header value {placeholder!r}: no placeholder of its length")
+            header[at : at + len(new)] = new
+        os.pwrite(self._fd, bytes(header), 0)
 
     @property
     def pending(self) -> str | None:
