@@ -36,6 +36,8 @@ from .verdict import (
 if TYPE_CHECKING:
     import torch
 
+    from .adapters import LoraFile
+
 # kohya ss_base_model_version / modelspec.architecture prefixes → family (docs/FORMATS.md §1.4, §5.4)
 _CLAIMS = (
     ("sdxl", "sdxl"),
@@ -366,15 +368,111 @@ def _verbatim_verdict(
     )
 
 
+class Unplaced(str):
+    """Why a module was not placed in the family (the string itself), carrying what surgery needs
+    to keep it (issue 13, nothing lost): ``keys``, the module's tensors under the file's own keys,
+    and ``malformed``, why its factors make no adapter (None: a readable adapter, acted on under
+    its own name; else it is copied verbatim)."""
+
+    keys: Mapping[str, torch.Tensor]
+    malformed: str | None
+
+    def __new__(cls, reason: str, keys: Mapping[str, torch.Tensor], malformed: str | None = None) -> Unplaced:
+        made = super().__new__(cls, reason)
+        made.keys, made.malformed = keys, malformed
+        return made
+
+
 def refuse_unplaced(unmatched: Mapping[str, str], title: str, writing: str) -> None:
-    """Refuse, in one line naming one, to write a LoRA without the source modules its reader could
-    not place (a module no table of ``title`` names, or one whose shape fits none of its weights):
-    the output would be missing them silently (issue 14, nothing lost)."""
-    if not unmatched:
+    """Refuse, in one line naming one, to write a LoRA without source modules its reader left out
+    (read for a merge, or by a reader that does not carry them: anything but an :class:`Unplaced`
+    reason): the output would be missing them silently (issue 14, nothing lost)."""
+    left = {name: why for name, why in unmatched.items() if not isinstance(why, Unplaced)}
+    if not left:
         return
-    name, reason = next(iter(unmatched.items()))
+    name, reason = next(iter(left.items()))
     raise InputError(
-        f"{len(unmatched)} modules of the source are not placed in {title} (e.g. {name}: {reason}); "
+        f"{len(left)} modules of the source are not placed in {title} (e.g. {name}: {reason}); "
         f"writing {writing} would leave them out",
         hint="a LoRA for another model or with modules of its own: inspect it, or read it without --family",
     )
+
+
+def carried(lora: LoraFile) -> tuple[dict[str, str], dict[str, Unplaced]]:
+    """(readable, malformed) modules of a family's LoRA that its name tables do not place: the
+    readable are adapters keyed by their own names in the source's dialect (name → reason)."""
+    readable: dict[str, str] = {}
+    malformed: dict[str, Unplaced] = {}
+    for name, why in lora.unmatched.items():
+        if isinstance(why, Unplaced) and why.malformed is not None:
+            malformed[name] = why
+        elif name in lora.adapters:
+            readable[name] = why
+    return readable, malformed
+
+
+def own_dialect(source_format: str) -> str:
+    """The namespace a reader keeps unplaced modules' names in: kohya lora_names or peft paths."""
+    return "kohya" if source_format == "kohya" else "peft"
+
+
+def unplaced_names(lora: LoraFile, tables: NameTables, writing: str, name_of: Callable[[str], str]) -> dict[str, str]:
+    """The name in ``writing`` ("kohya"/"peft") of each unplaced module kept as an adapter.
+
+    In its own dialect a module keeps its own name; across dialects, a name the source dialect's
+    table knows (a module of the family with widths of its own) is mapped through the canonical
+    module (``name_of``); any other cannot be named, and the write is refused naming those modules
+    (one line), never written without them. Malformed modules are copied verbatim only within
+    their own dialect (:func:`verbatim_keys`), and are refused here across dialects.
+    """
+    readable, malformed = carried(lora)
+    same = own_dialect(lora.source_format) == writing
+    source_table = tables.kohya if lora.source_format == "kohya" else tables.peft
+    names: dict[str, str] = {}
+    lost: dict[str, str] = {}
+    for name, why in readable.items():
+        if same:
+            names[name] = name
+        elif name in source_table:
+            names[name] = name_of(source_table[name])
+        else:
+            lost[name] = why
+    if not same:
+        lost.update({name: f"{why}; malformed: {why.malformed}" for name, why in malformed.items()})
+    if lost:
+        name, reason = next(iter(lost.items()))
+        raise InputError(
+            f"{len(lost)} modules of the source are not placed in {lora.family_title} and have no {writing} name "
+            f"(e.g. {name}: {reason}); writing it in {writing} naming would leave them out",
+            hint=f"write it in its own dialect (--to {lora.source_format}), which keeps them under their own names",
+        )
+    return names
+
+
+def verbatim_keys(lora: LoraFile, writing: str, written: Mapping[str, object]) -> dict[str, torch.Tensor]:
+    """The file's own keys and tensors of every malformed unplaced module, for a writer of the
+    source's own dialect (across dialects :func:`unplaced_names` has refused them already).
+
+    ``written``: the keys the writer made for the adapters. A malformed module whose keys one of
+    them takes (a blend of a file holding it malformed with one holding it sound) is refused by
+    name: two tensors under one key cannot both be kept.
+    """
+    if own_dialect(lora.source_format) != writing:
+        return {}
+    out: dict[str, torch.Tensor] = {}
+    for name, why in carried(lora)[1].items():
+        if any(key in written for key in why.keys):
+            raise InputError(
+                f"{name} is not placed in {lora.family_title} ({why}; its factors make no adapter: {why.malformed}) "
+                "and is also written as an adapter: both cannot be kept under one name",
+                hint="repair or leave out that module of the source (inspect lists it)",
+            )
+        out.update(why.keys)
+    return out
+
+
+def carry_note(name: str, why: Unplaced) -> str:
+    """The reader's warning for one unplaced module: what surgery does with it."""
+    if why.malformed is not None:
+        return f"{name}: not matched ({why}); its factors make no adapter ({why.malformed}): copied verbatim"
+    return f"{name}: not matched ({why}); kept by its own name"
