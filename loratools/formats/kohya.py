@@ -18,7 +18,7 @@ from .keys import KOHYA_KEY as KEY
 from .keys import is_kohya  # noqa: F401 (re-exported)
 from .lycoris import adapter_from_params, adapter_params
 from .metadata import carried_metadata, describe_network
-from .names import in_source_order, kohya_text_prefixes, name_tables
+from .names import in_source_order, kohya_name_by_rule, kohya_text_prefixes, name_tables
 from .resolve import Unplaced, carry_note, claimed_family, refuse_unplaced, resolve, unplaced_names, verbatim_keys
 from .verdict import needs_family_map
 
@@ -121,7 +121,7 @@ def kohya_state_dict(lora: LoraFile, *, dtype: torch.dtype | None = None) -> dic
             return tables.kohya_name(module, sgm_unet=sgm, text_prefixes=prefixes)
 
         # modules the family did not place keep (or map) their own names; those with none refuse
-        own = unplaced_names(lora, tables, FORMAT, kohya_name)
+        own = unplaced_names(lora, tables, FORMAT, kohya_name, lambda path: kohya_name_by_rule(path, prefixes))
         names = {m: own[m] if m in own else kohya_name(m) for m in lora.adapters}
     out: dict[str, torch.Tensor] = {}
     for module, adapter in lora.adapters.items():
@@ -131,7 +131,7 @@ def kohya_state_dict(lora: LoraFile, *, dtype: torch.dtype | None = None) -> dic
             out[f"{name}.{param}"] = tensor.to(stored) if dtype is not None and tensor.is_floating_point() else tensor
     if lora.family is not None:
         # malformed modules of the source, copied as the file held them (dtype too: they are no factors)
-        out.update(verbatim_keys(lora, FORMAT, out))
+        out = verbatim_keys(lora, FORMAT, {"": out})  # sorted below with the rest
     if lora.family is None and lora.source_keys:
         return in_source_order(out, lora.source_keys)
     return dict(sorted(out.items()))

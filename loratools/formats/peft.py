@@ -84,14 +84,18 @@ def read_peft(
     warnings = list(found.warnings)
     adapters: dict[str, Adapter] = {}
     no_config: set[str] = set()
+    previous: str | None = None  # the key of the module before, where a verbatim one is written back
     for module, canonical in named.items():
         if module not in unmatched:
             adapters[canonical] = _adapter(module, groups[module], configs, no_config)
+            previous = canonical
             continue
+        previous_here, previous = previous, module
         try:
             adapter = _adapter(module, groups[module], configs, no_config)
         except InputError as exc:  # its factors make no adapter: copied verbatim
-            unmatched[module] = Unplaced(unmatched[module], file_keys[module], exc.message.removeprefix(f"{module}: "))
+            why = exc.message.removeprefix(f"{module}: ")
+            unmatched[module] = Unplaced(unmatched[module], file_keys[module], why, previous_here)
         else:
             if module in adapters:
                 raise InputError(f"{module} is given twice (as a module of its own and a canonical one)")
@@ -302,7 +306,7 @@ def peft_state_dict(lora: LoraFile, *, dtype: torch.dtype | None = None) -> dict
     own = unplaced_names(lora, tables, PEFT_FORMAT, tables.peft_name) if tables is not None else {}
     if tables is None and lora.names != "peft":
         raise needs_family_map(lora.verdict, f"writing a {lora.names}-named {lora.family_title} LoRA in peft naming")
-    out: dict[str, torch.Tensor] = {}
+    chunks: dict[str, dict[str, torch.Tensor]] = {}  # adapter key → its keys
     writes_own = writes_own_keys(lora)
     for module, adapter in lora.adapters.items():
         if not isinstance(adapter, LowRank):
@@ -321,13 +325,11 @@ def peft_state_dict(lora: LoraFile, *, dtype: torch.dtype | None = None) -> dict
         def cast(t: torch.Tensor) -> torch.Tensor:
             return t.to(dtype) if dtype is not None else t
 
-        out[f"{base}.lora_A.weight"] = cast(adapter.down)
-        out[f"{base}.lora_B.weight"] = cast(adapter.up)
+        out = chunks[module] = {f"{base}.lora_A.weight": cast(adapter.down), f"{base}.lora_B.weight": cast(adapter.up)}
         if adapter.dora_scale is not None:
             out[f"{base}.lora_magnitude_vector"] = cast(adapter.dora_scale.reshape(-1))
-    if tables is not None:
-        # malformed modules of the source, copied as the file held them (they are no factors)
-        out.update(verbatim_keys(lora, PEFT_FORMAT, out))
+    # malformed modules of the source, copied as the file held them (they are no factors) in place
+    out = verbatim_keys(lora, PEFT_FORMAT, chunks)
     return in_source_order(out, lora.source_keys) if writes_own else out
 
 
