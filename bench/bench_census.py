@@ -10,7 +10,8 @@ the factors a hole), one in 50 broken (truncated, LFS pointer, ``.pt`` pickle). 
   headers, ``safetensors.safe_open`` (keys + metadata), loratools' validated ``read_header``, the
   ``scan_lora`` header scan the census is built on (warm, and with the per-layout caches cleared
   before every file: the cost of a key layout never seen before);
-- the census of the folder (``run_census``, ``-j 1`` and the default pool);
+- the census of the folder (``run_census``, ``-j 1`` and the default pool), with the layout
+  cache (census/layouts.py: its hit rate in the notes) and, last, without it;
 - the census through a loopback fake Hub (tests/helpers_scale.FakeHub in another process, one
   repository per 10 files, each served as its header and alphas followed by zeros): files/s,
   requests, bytes served ÷ total file bytes; with ``--alphas`` the alpha scalars too.
@@ -18,6 +19,11 @@ the factors a hole), one in 50 broken (truncated, LFS pointer, ``.pt`` pickle). 
     nice -n 10 python bench/bench_census.py --files 1000
     nice -n 10 python bench/bench_census.py --files 10000 --defaults-only
     nice -n 10 python bench/bench_census.py --files 300 --steps hub --alphas --interleaved
+    nice -n 10 python bench/bench_census.py --files 1000 --hub-like   # ranks 16–128: the ≤ 1 % goal
+
+``--hub-like`` gives each file its own variant of its template (tests/helpers_census.hub_variant:
+a rank of 16–128 as hub LoRAs have, alpha = rank, rank/2 or 1, a third U-Net only), so file sizes
+are a hub's and key layouts repeat as a hub's do rather than once per template.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -144,17 +151,56 @@ def floor_rows(paths: list[Path], rounds: int = 1) -> list[str]:
     ]
 
 
-def local_rows(folder: Path, files: int, configs: list[tuple[int | None, int | None]]) -> list[str]:
-    """The census of the folder for each (threads, processes); None: the default."""
+def _cache_note(summary: object, cache: bool) -> str:
+    """The layout cache's hit rate over a census (census/layouts.py), or that it was off."""
+    if not cache:
+        return "layout cache off"
+    hits, misses = getattr(summary, "layout_hits", 0), getattr(summary, "layout_misses", 0)
+    return f"layout cache {hits:,} hits / {hits + misses:,} ({hits / max(1, hits + misses):.0%})"
+
+
+def _cpu() -> float:
+    """CPU seconds of this process and its reaped children (the census's worker processes are
+    reaped when its pool closes): robust to the box's load, unlike the wall seconds."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _census_kwargs(cache: bool) -> dict[str, bool]:
+    # a tree from before the layout cache (--tree) takes no layout_cache argument
     from loratools.census import run_census
 
+    return {"layout_cache": cache} if "layout_cache" in run_census.__code__.co_varnames else {}
+
+
+def warm_up(paths: list[Path]) -> None:
+    """Describe one file first, so that no timed census pays the modules' first import."""
+    from helpers_census import census_row
+
+    good = [p for p in paths if p.suffix == ".safetensors" and "truncated" not in p.name and "pointer" not in p.name]
+    census_row(good[0])
+    try:
+        from loratools.census.layouts import CACHE
+    except ImportError:  # a tree before the layout cache (--tree)
+        return
+    CACHE.clear()
+
+
+def local_rows(folder: Path, files: int, configs: list[tuple[int | None, int | None, bool]]) -> list[str]:
+    """The census of the folder for each (threads, processes, layout cache); None: the default."""
+    from loratools.census import run_census
+
+    warm_up(sorted(folder.iterdir()))
     out = []
-    for jobs, processes in configs:
+    for jobs, processes, cache in configs:
+        cpu = _cpu()
         with tempfile.TemporaryDirectory() as tmp:
-            summary = run_census([str(folder)], str(Path(tmp) / "facts.jsonl"), jobs=jobs, processes=processes)
+            summary = run_census([str(folder)], str(Path(tmp) / "facts.jsonl"), jobs=jobs, processes=processes,
+                                 **_census_kwargs(cache))  # fmt: skip
+        cpu = _cpu() - cpu
         assert summary.files == files, summary
         families = ", ".join(f"{f} {sum(c.values())}" for f, c in summary.families_formats.items())
-        note = f"{summary.broken} broken rows; {families}"
+        note = f"CPU {1000 * cpu / files:.1f} ms/file; {_cache_note(summary, cache)}; {summary.broken} broken rows; {families}"
         out.append(_row(f"census local folder, `{_flags(jobs, processes)}`", files, summary.seconds, note))
     return out
 
@@ -177,7 +223,7 @@ def serve(corpus: list[tuple[str, str, bytes, int]], port_queue: multiprocessing
         hub.thread.join()
 
 
-def hub_rows(paths: list[Path], jobs: int, alphas: bool, processes: list[int | None]) -> list[str]:
+def hub_rows(paths: list[Path], jobs: int, alphas: bool, configs: list[tuple[int | None, bool]]) -> list[str]:
     """The corpus served by a fake Hub: each file's header + scalars (what is on disk), then zeros."""
     from loratools.io.safetensors import read_header
 
@@ -206,21 +252,26 @@ def hub_rows(paths: list[Path], jobs: int, alphas: bool, processes: list[int | N
 
     rows = []
     try:
-        for count in processes:
+        for count, cache in configs:
             before = json.loads(urllib.request.urlopen(f"{url}/_stats").read())
+            cpu = _cpu()
             with tempfile.TemporaryDirectory() as tmp:
                 out = Path(tmp) / "facts.jsonl"
-                summary = run_census(["hf://?filter=lora"], str(out), jobs=jobs, processes=count, alphas=alphas)
+                summary = run_census(["hf://?filter=lora"], str(out), jobs=jobs, processes=count, alphas=alphas,
+                                     **_census_kwargs(cache))  # fmt: skip
                 found = read_rows(out)
+            cpu = _cpu() - cpu
             after = json.loads(urllib.request.urlopen(f"{url}/_stats").read())
             assert summary.files == len(found) == len(paths), summary
             total = sum(r["size"] or 0 for r in found)
             served = after["bytes_served"] - before["bytes_served"]
             note = (
+                f"CPU {1000 * cpu / len(found):.1f} ms/file (the census side); "
                 f"{'headers + alphas' if alphas else 'headers only'}; "
                 f"{after['resolve_requests'] - before['resolve_requests']:,} range requests"
                 f"{f' ({alpha_count:,} alpha tensors)' if alphas else ''}; "
-                f"{served:,} B served of {total:,} ({served / total:.3%}); {summary.broken} broken rows"
+                f"{served:,} B served of {total:,} ({served / total:.3%}); {summary.broken} broken rows; "
+                f"{_cache_note(summary, cache)}"
             )
             rows.append(
                 _row(f"census via loopback fake Hub, `{_flags(jobs, count)}`", len(found), summary.seconds, note)
@@ -242,6 +293,8 @@ def main() -> None:
     parser.add_argument("--defaults-only", action="store_true", help="census with the default -j/-P only")
     parser.add_argument("--rounds", type=int, default=1, help="floor steps: the fastest of this many passes")
     parser.add_argument("--tree", help="measure the loratools of this checkout instead (before/after tables)")
+    parser.add_argument("--hub-like", action="store_true",
+                        help="ranks 16–128, varied alphas and targets per file (hub-sized files; many layouts)")  # fmt: skip
     parser.add_argument("--interleaved", action="store_true",
                         help="store alphas between the factors as kohya does (disk: ~4 KiB per alpha)")  # fmt: skip
     args = parser.parse_args()
@@ -257,7 +310,8 @@ def main() -> None:
     folder = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="loratools-census-bench-"))
     try:
         start = time.perf_counter()
-        paths = write_corpus(folder / "corpus", templates, args.files, alphas_first=not args.interleaved)
+        paths = write_corpus(folder / "corpus", templates, args.files, alphas_first=not args.interleaved,
+                             hub_like=args.hub_like)  # fmt: skip
         made = time.perf_counter() - start
         disk = sum(p.stat().st_blocks * 512 for p in paths)
         size = sum(p.stat().st_size for p in paths)
@@ -265,10 +319,12 @@ def main() -> None:
         if "floor" in steps:
             rows += [bytes_floor_row(paths), *floor_rows(paths[: args.floor_files], args.rounds)]
         if "local" in steps:
-            configs: list[tuple[int | None, int | None]] = [(1, 1), (None, 1), (None, None)]
-            rows += local_rows(folder / "corpus", len(paths), configs[-1:] if args.defaults_only else configs)
+            configs: list[tuple[int | None, int | None, bool]] = [(1, 1, True), (None, 1, True), (None, None, True)]
+            configs = configs[-1:] if args.defaults_only else configs
+            rows += local_rows(folder / "corpus", len(paths), [*configs, (None, None, False)])
         if "hub" in steps:
-            rows += hub_rows(paths, args.jobs, args.alphas, [None] if args.defaults_only else [1, None])
+            hub: list[tuple[int | None, bool]] = [(None, True)] if args.defaults_only else [(1, True), (None, True)]
+            rows += hub_rows(paths, args.jobs, args.alphas, [*hub, (None, False)])
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)

@@ -3,6 +3,14 @@ resize a rank-64 Flux LoRA, each against its floor measured in the same run (iss
 
     python bench/bench_flux.py                      # generates the inputs once (≈ 25 GB, streamed)
     python bench/bench_flux.py --only resize        # the LoRA rows only (≈ 1.5 GB of inputs)
+    python bench/bench_flux.py --only merge --blocks 2 2            # full width, 2 double + 2 single
+    python bench/bench_flux.py --only merge --blocks 2 2 --profile  # + where the merge's time goes
+
+``--blocks D S`` keeps the real widths but only D double and S single blocks (inputs named
+``…-dDsS``): a merge that runs in well under a minute and still spends its time as the full one
+does, tensor for tensor. ``--profile`` adds the merge run in-process under cProfile twice, with
+and without the rounding-loss measurement of bf16/fp8 outputs (ops/delta.COARSE_DTYPES), and
+prints the top functions by own time and the CPU seconds of each.
 
 Inputs (random weights, real names and shapes, written through loratools' streaming writer, in
 $LORATOOLS_BENCH_DIR or bench/data): ``flux1-dev-bf16.safetensors`` — the transformer alone, BFL
@@ -33,31 +41,52 @@ sys.path.insert(0, str(Path(__file__).parent))
 from measure import measure
 
 DATA = Path(os.environ.get("LORATOOLS_BENCH_DIR", Path(__file__).parent / "data"))
-BASE = "flux1-dev-bf16.safetensors"
 
 
-def lora_name(rank: int) -> str:
-    return f"flux1-r{rank}-kohya.safetensors"
+Blocks = tuple[int, int] | None  # (double, single) blocks kept; None: all of FLUX.1's 19 + 38
 
 
-def make_base(path: Path) -> None:
-    import torch
+def _suffix(blocks: Blocks) -> str:
+    return "" if blocks is None else f"-d{blocks[0]}s{blocks[1]}"
+
+
+def base_name(blocks: Blocks = None) -> str:
+    return f"flux1-dev-bf16{_suffix(blocks)}.safetensors"
+
+
+def lora_name(rank: int, blocks: Blocks = None) -> str:
+    return f"flux1-r{rank}-kohya{_suffix(blocks)}.safetensors"
+
+
+def flux_spec(blocks: Blocks):  # type: ignore[no-untyped-def]
+    """FLUX.1 at full width, with only ``blocks`` = (double, single) blocks when given."""
+    from dataclasses import replace
 
     from loratools.families import FAMILIES
+
+    spec = FAMILIES["flux1"]
+    if blocks is None:
+        return spec
+    assert spec.transformer is not None
+    return replace(spec, transformer=replace(spec.transformer, double_blocks=blocks[0], single_blocks=blocks[1]))
+
+
+def make_base(path: Path, blocks: Blocks = None) -> None:
+    import torch
+
     from loratools.synthetic import write_single_file
 
-    write_single_file(FAMILIES["flux1"], path, dtype=torch.bfloat16, components=("transformer",), bare=True)
+    write_single_file(flux_spec(blocks), path, dtype=torch.bfloat16, components=("transformer",), bare=True)
 
 
-def make_lora(path: Path, rank: int) -> None:
+def make_lora(path: Path, rank: int, blocks: Blocks = None) -> None:
     """A kohya Flux LoRA on every block Linear, streamed; names and shapes from the family's key map."""
     import torch
 
-    from loratools.families import FAMILIES
     from loratools.formats.flux import flux_names
     from loratools.io.safetensors import StreamingWriter, TensorInfo
 
-    names = flux_names(FAMILIES["flux1"])
+    names = flux_names(flux_spec(blocks))
     modules = {p: s for p, s in names.bfl_shapes.items() if p.startswith(("double_blocks.", "single_blocks."))}
     plan: dict[str, TensorInfo] = {}
     for module, (out, inp) in modules.items():
@@ -128,9 +157,26 @@ def table(rows: list[tuple[str, float, float]], floor: float, title: str) -> Non
         print(f"| {name} | {wall:.2f} | {wall / floor:.2f}× | {rss:.0f} |")
 
 
-def bench_merge(workdir: Path) -> None:
-    base = ensure(DATA / BASE, make_base)
-    lora = ensure(DATA / lora_name(16), make_lora, 16)
+PROFILE = r"""
+import cProfile, pstats, sys, time
+import loratools.ops.delta as delta
+from loratools.ops.merge import merge
+base, lora, out, measured = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+if not measured:
+    delta.COARSE_DTYPES = frozenset()  # no rounding-loss measurement: the merge's bytes are the same
+profile = cProfile.Profile()
+cpu, wall = time.process_time(), time.perf_counter()
+profile.enable()
+report = merge(base, [lora], out, overwrite=True)
+profile.disable()
+print(f"wall {time.perf_counter() - wall:.2f} s, CPU {time.process_time() - cpu:.2f} s, rounding {report.rounding}")
+pstats.Stats(profile).sort_stats("tottime").print_stats(12)
+"""
+
+
+def bench_merge(workdir: Path, blocks: Blocks = None, profile: bool = False) -> None:
+    base = ensure(DATA / base_name(blocks), make_base, blocks)
+    lora = ensure(DATA / lora_name(16, blocks), make_lora, 16, blocks)
     warm(base, lora)
     out = workdir / "merged.safetensors"
     start = measure([sys.executable, "-c", "pass"])
@@ -147,6 +193,12 @@ def bench_merge(workdir: Path) -> None:
     ]
     size = base.stat().st_size / 1e9
     table(rows, floor, f"merge: {lora.name} into {base.name} ({size:.1f} GB); goal ≤ 1.2× floor, peak ≤ 1536 MiB")
+    if profile:
+        for measured in ("1", "0"):
+            print(f"\n### cProfile, rounding-loss measurement {'on' if measured == '1' else 'off'}", flush=True)
+            done = measure([sys.executable, "-c", PROFILE, str(base), str(lora), str(out), measured])
+            print(done.stdout)
+            out.unlink()
 
 
 def bench_resize(workdir: Path) -> None:
@@ -172,13 +224,16 @@ def bench_resize(workdir: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=("merge", "resize"), nargs="+", default=["merge", "resize"])
+    parser.add_argument("--blocks", type=int, nargs=2, metavar=("DOUBLE", "SINGLE"), help="a full-width cut of FLUX.1")
+    parser.add_argument("--profile", action="store_true", help="cProfile the merge with and without rounding loss")
     args = parser.parse_args()
+    blocks = tuple(args.blocks) if args.blocks else None
     DATA.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=DATA, prefix="_bench_flux_") as tmp:
         if "resize" in args.only:
             bench_resize(Path(tmp))
         if "merge" in args.only:
-            bench_merge(Path(tmp))
+            bench_merge(Path(tmp), blocks, args.profile)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

@@ -246,3 +246,56 @@ def flux_lora_comfyui_native(spec, *, rank: int = 2, seed: int = 0) -> dict[str,
         out[f"{stem}.{'lora_down' if side.startswith('A') else 'lora_up'}.weight"] = tensor
         out[f"{stem}.alpha"] = torch.tensor(float(rank))
     return out
+
+
+def _stem_path(names, stem: str) -> str:  # type: ignore[no-untyped-def]
+    """A file module stem's BFL path (fused Linears) or canonical module name, by name facts."""
+    path = stem.removeprefix("diffusion_model.")
+    if path.startswith("lora_unet_") and path.removeprefix("lora_unet_") in names.bfl_underscore:
+        return names.bfl_underscore[path.removeprefix("lora_unet_")]
+    if ".processor." in path:
+        block, xl = path.split(".processor.")
+        child = {"qkv_lora1": "img_attn.qkv", "proj_lora1": "img_attn.proj"}
+        child |= {"qkv_lora2": "txt_attn.qkv", "proj_lora2": "txt_attn.proj"}
+        return f"{block}.{child[xl]}"
+    if path in names.bfl:
+        return path
+    for prefix in ("lora_transformer_", "lycoris_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_unet_"):
+        if path.startswith(prefix):
+            return names.underscore[path.removeprefix(prefix)]
+    folder, rest = path.split(".", 1)
+    return {"transformer": "transformer", "text_encoder": "te1", "text_encoder_2": "te2"}[folder] + "." + rest
+
+
+def raw_canonical_deltas(  # type: ignore[no-untyped-def]
+    spec, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(ΔW, Δbias) per canonical FLUX.1 module in float64, from a file's raw tensors alone.
+
+    Fused BFL modules are cut into their parts by the key map's row facts (flux_names); a peft
+    file without alpha keys takes its scale from diffusers' flat ``lora_adapter_metadata``
+    (``<folder>.alpha_pattern`` by exact module path, else ``<folder>.lora_alpha``; ÷ rank).
+    """
+    import json
+
+    from loratools.formats.flux import flux_names
+
+    names = flux_names(spec)
+    config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+    weights: dict[str, torch.Tensor] = {}
+    biases: dict[str, torch.Tensor] = {}
+    for stem, group in raw_groups(tensors).items():
+        delta = raw_delta(group)
+        if "alpha" not in group and "diff" not in group and config:
+            folder, path = stem.split(".", 1)
+            assert not config.get(f"{folder}.use_rslora")
+            alpha = config.get(f"{folder}.alpha_pattern", {}).get(path, config[f"{folder}.lora_alpha"])
+            delta = delta * float(alpha) / group["down"].shape[0]
+        where = _stem_path(names, stem)
+        parts = [(p.module, p.rows) for p in names.bfl[where]] if where in names.bfl else [(where, ((0, -1),))]
+        for module, rows in parts:
+            assert module not in weights, module
+            weights[module] = take_rows(delta, rows)
+            if "bias" in group:
+                biases[module] = take_rows(group["bias"].double(), rows)
+    return weights, biases

@@ -9,6 +9,7 @@ module against a float64 torch oracle computed from the raw input and output ten
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -181,25 +182,9 @@ def _part_modules(stem: str) -> list[str]:
     return [p.module for p in names.bfl[names.bfl_underscore[stem.removeprefix("lora_unet_")]]]
 
 
-# Without --family a tiny FLUX.1 LoRA fits no full-size FLUX.1 and is read by its names
-# (formats/kohya.py, formats/peft.py, the verbatim readers): today those lose the dialect.
-NO_FAMILY_FAILS = {
-    "xlabs": "unknown LoRA key layout",
-    "lycoris-full": "unknown LoRA key layout",
-}
-
-
-@pytest.mark.parametrize(
-    "dialect",
-    [
-        pytest.param(
-            d, marks=[pytest.mark.xfail(strict=True, reason=NO_FAMILY_FAILS[d])] if d in NO_FAMILY_FAILS else []
-        )
-        for d in DIALECTS
-    ],
-)
+@pytest.mark.parametrize("dialect", DIALECTS)
 def test_rescale_without_a_family_keeps_the_dialect(dialect: str, tmp_path: Path) -> None:
-    """Issue 13: rescale needs no family. TODO (not formats/flux.py): the verbatim readers/writers."""
+    """Issue 13: rescale needs no family; XLabs and lycoris_ files were "unknown LoRA key layout"."""
     src, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
     save_tensors(src, flux_lora_dialect(SPEC, dialect), METADATA)
     rescale(src, out, 0.5)
@@ -213,7 +198,7 @@ def test_rescale_without_a_family_keeps_the_dialect(dialect: str, tmp_path: Path
 
 
 @pytest.mark.parametrize("op", ["resize-fixed", "resize-dynamic", "blend-self"])
-@pytest.mark.parametrize("dialect", ["kohya", "kohya-te3", "onetrainer", "ai-toolkit", "ai-toolkit-bfl"])
+@pytest.mark.parametrize("dialect", ["kohya", "kohya-te3", "onetrainer", "ai-toolkit", "ai-toolkit-bfl", "xlabs"])
 def test_resize_and_blend_without_a_family_keep_the_dialect(dialect: str, op: str, tmp_path: Path) -> None:
     """Issue 13 without --family: every file module kept under its own key, in file order, ΔW
     truncated optimally per file module (Eckart–Young, a fused qkv is one module here) or summed."""
@@ -290,3 +275,52 @@ def test_blend_of_two_dialects_keeps_the_first_ones_keys_and_sums_exactly(
     for module, adapter in lo.adapters.items():
         want = sum(x.adapters[module].delta().double() for x in (la, lb) if module in x.adapters)
         torch.testing.assert_close(adapter.delta().double(), want, rtol=1e-5, atol=1e-7)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("dialect", ["xlabs", "lycoris-full"])
+@pytest.mark.parametrize("to", ["kohya", "diffusers"])
+def test_convert_of_an_own_spelled_flux_lora_without_a_family_is_refused_by_name(
+    dialect: str, to: str, tmp_path: Path
+) -> None:
+    """Kept by their own XLabs/lycoris_ stems, such modules have no kohya or peft name without a
+    family map: refused in one line (not written under made-up keys), no file left behind."""
+    from loratools.errors import InputError
+
+    src, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    save_tensors(src, flux_lora_dialect(SPEC, dialect), METADATA)
+    assert load_lora(src).verdict.family == "flux1"
+    with pytest.raises(InputError, match=r"cannot hold|needs a FLUX\.1 family map"):
+        convert_lora(src, out, to)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("dialect", "extra"),
+    [
+        ("kohya", "lora_unet_not_a_module.lora_down.weight"),
+        ("kohya", "extra_tensor"),
+        ("ai-toolkit", "transformer.not_a_module.lora_A.weight"),
+        ("ai-toolkit-bfl", "diffusion_model.double_blocks.0.img_attn.norm.scale"),
+    ],
+)
+@pytest.mark.parametrize("op", [*OPS, "convert"])
+def test_flux_writers_refuse_to_drop_a_key_the_reader_could_not_place(
+    dialect: str, extra: str, op: str, tmp_path: Path
+) -> None:
+    """A key beside the modules that no FLUX.1 dialect names was listed as unmatched on reading
+    and then silently missing from every written file; the command now refuses, naming it."""
+    from loratools.errors import InputError
+
+    src, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    tensors = flux_lora_dialect(SPEC, dialect) | {extra: torch.ones(2, 4)}
+    save_tensors(src, tensors, METADATA)
+    runs: dict[str, Callable[[], object]] = {
+        "rescale": lambda: rescale(src, out, 0.5, family=SPEC),
+        "resize-fixed": lambda: resize(src, out, rank=1, family=SPEC),
+        "resize-dynamic": lambda: resize(src, out, sv_fro=0.8, family=SPEC),
+        "blend-self": lambda: blend([(src, 1.0), (src, 1.0)], out, family=SPEC),
+        "convert": lambda: convert_lora(src, out, "kohya" if dialect == "ai-toolkit" else "diffusers", family=SPEC),
+    }
+    with pytest.raises(InputError, match=rf"not placed in FLUX\.1 \(e\.g\. {re.escape(extra)}: "):
+        runs[op]()
+    assert not out.exists()

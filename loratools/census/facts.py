@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LoratoolsError
+from ..io.source import Source
 from .sources import Entry
 
 ROW_SCHEMA = "loratools.census.row/1"
@@ -101,6 +102,42 @@ def _loads_in(path: Path) -> Any:
     return {"clean": data.get("clean"), "targets": compact}
 
 
+# the row fields that are facts of the layout (the key of .layouts), cached per layout
+LAYOUT_FIELDS = ("kind", "format", "family", "metadata_claims", "family_mismatch", "modules", "components", "kinds",
+                 "ranks", "alphas", "read", "dtypes", "dtype", "parameters", "warnings", "problems")  # fmt: skip
+
+
+def _layout_facts(source: Source) -> dict[str, Any]:
+    """The :data:`LAYOUT_FIELDS` of a file, through classify and ``inspect``'s own report."""
+    from ..classify import classify
+    from ..report import inspect_lora
+
+    if classify(source) != "lora":
+        return {"kind": "checkpoint", "problems": ["not-a-lora: a model checkpoint"]}
+    # inspect's own report (header-only where the dialect allows), without the check tables
+    # and the layout tree, which a row does not use
+    report: dict[str, Any] = inspect_lora(source, loads_in=False, tree=False).to_dict()
+    dtypes: dict[str, int] = report["dtypes"]
+    return {
+        "kind": "embedding" if report["format"] == "textual-inversion" else "lora",  # inspect's name for it
+        "format": report["format"],
+        "family": report["family"],
+        "metadata_claims": report["metadata_claims"],
+        "family_mismatch": report["family_mismatch"],
+        "modules": report["modules"],
+        "components": report["components"],
+        "kinds": report["kinds"],
+        "ranks": report["ranks"],
+        "alphas": report["alphas"],
+        "read": report.get("read"),
+        "dtypes": dtypes,
+        "dtype": Counter(dtypes).most_common(1)[0][0] if dtypes else None,
+        "parameters": report["parameters"],
+        "warnings": list(report["warnings"])[:20],
+        "problems": [],
+    }
+
+
 def describe(
     entry: Entry,
     local: Path,
@@ -109,12 +146,14 @@ def describe(
     alphas_read: bool = True,
     stand_in: bool = False,
     check: bool = False,
+    layout_cache: bool = True,
 ) -> dict[str, Any]:
     """Fill ``row`` with the facts of ``local`` (the file itself, or with ``stand_in`` its sparse
     header stand-in, whose data section is a hole). ``check``: also fill ``loads_in`` from
-    loratools.check (about 1 s per SDXL file today, so opt-in)."""
-    from ..classify import classify
-    from ..report import inspect_lora
+    loratools.check (about 1 s per SDXL file today, so opt-in). ``layout_cache``: serve the
+    layout's facts from :data:`.layouts.CACHE` when a file of the same layout was described."""
+    from ..io.source import open_source
+    from .layouts import CACHE, layout_key
 
     start = time.perf_counter()
     sniffed = sniff(local)
@@ -130,53 +169,43 @@ def describe(
             row["problems"].append("not-safetensors: neither a safetensors header nor a pickle")
         return row
     try:
-        if classify(local) != "lora":
-            row["kind"] = "checkpoint"
-            row["problems"].append("not-a-lora: a model checkpoint")
-            return row
-        # inspect's own report (header-only where the dialect allows), without the check tables
-        # and the layout tree, which a row does not use
-        report: dict[str, Any] = inspect_lora(local, loads_in=False, tree=False).to_dict()
-        if stand_in and report.get("read") != "header":
-            # cloneofsimo/safeloras and pickles are described from their tensor values, which a
-            # stand-in does not hold: say so rather than report facts of zeros
-            row.update(kind="lora", read="tensors")
-            row["problems"].append("needs-tensors: this LoRA dialect is not described from its header alone")
-            return row
+        source = open_source(local)
+        header = source.header()
+        key = layout_key(header, local) if layout_cache else None
+        facts = CACHE.get(key) if key is not None else None
+        if facts is None:
+            facts = _layout_facts(source)
+            if key is not None:
+                CACHE.put(key, facts)
     except LoratoolsError as exc:
         text = exc.one_line().replace(str(local), entry.path).replace(local.name, Path(entry.path).name)
         kind = "truncated" if "truncated" in text or "too short" in text else "unreadable"
         row["problems"].append(f"{kind}: {text}")
         return row
-    metadata: dict[str, str] = report.get("metadata") or {}
-    training = report["metadata_summary"]["training"] if "metadata_summary" in report else training_of(metadata)
-    dtypes: dict[str, int] = report["dtypes"]
+    row["problems"] += facts.pop("problems")  # after any the remote read found
+    if facts["kind"] == "checkpoint":
+        row.update(facts)
+        return row
+    if stand_in and facts["read"] != "header":
+        # cloneofsimo/safeloras and pickles are described from their tensor values, which a
+        # stand-in does not hold: say so rather than report facts of zeros
+        row.update(kind="lora", read="tensors")
+        row["problems"].append("needs-tensors: this LoRA dialect is not described from its header alone")
+        return row
+    metadata = header.metadata
     row.update(
-        kind="embedding" if report["format"] == "textual-inversion" else "lora",  # inspect's name for it
-        format=report["format"],
-        family=report["family"],
-        metadata_claims=report["metadata_claims"],
-        family_mismatch=report["family_mismatch"],
-        modules=report["modules"],
-        components=report["components"],
-        kinds=report["kinds"],
-        ranks=report["ranks"],
-        alphas=report["alphas"] if alphas_read else None,
+        facts,
+        alphas=facts["alphas"] if alphas_read else None,
         alphas_read=alphas_read,
-        read=report.get("read"),
-        dtypes=dtypes,
-        dtype=Counter(dtypes).most_common(1)[0][0] if dtypes else None,
-        parameters=report["parameters"],
         base_model=next((metadata[k] for k in BASE_MODEL_KEYS if metadata.get(k)), None),
         ss_sd_model_name=metadata.get("ss_sd_model_name"),
         trigger_words=_triggers(metadata),
-        training=training or {},
+        training=training_of(metadata) or {},
         stored_hashes={k: metadata[k] for k in HASH_KEYS if k in metadata},
-        warnings=list(report["warnings"])[:20],
         loads_in=_loads_in(local) if check else None,
     )
     if row["size"] is None:
-        row["size"] = report["file_bytes"] if "file_bytes" in report else local.stat().st_size
+        row["size"] = local.stat().st_size
     row["seconds"] += time.perf_counter() - start
     return row
 

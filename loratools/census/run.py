@@ -48,12 +48,16 @@ class CensusSummary:
     families_formats: dict[str, dict[str, int]] = field(default_factory=dict)
     broken: int = 0
     problems: list[tuple[str, int]] = field(default_factory=list)
+    layout_hits: int = 0  # this run's rows served from the layout cache (census/layouts.py)
+    layout_misses: int = 0  # this run's rows whose layout was described through the readers
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": SUMMARY_SCHEMA, **self.__dict__, "problems": [list(p) for p in self.problems]}
 
 
-def one_file(entry: Entry, scratch: str, *, alphas: bool, check: bool = False) -> dict[str, Any]:
+def one_file(
+    entry: Entry, scratch: str, *, alphas: bool, check: bool = False, layout_cache: bool = True
+) -> dict[str, Any]:
     """The row of one entry; never raises for the file's own failures."""
     from .remote import RangeReader, fetch_header
 
@@ -64,7 +68,7 @@ def one_file(entry: Entry, scratch: str, *, alphas: bool, check: bool = False) -
         return row
     try:
         if entry.is_local:
-            describe(entry, Path(entry.path), row, alphas_read=True, check=check)
+            describe(entry, Path(entry.path), row, alphas_read=True, check=check, layout_cache=layout_cache)
         elif entry.path.lower().endswith(PICKLE_SUFFIXES):
             row["kind"] = "pickle"
             row["problems"].append("pickle: not opened (a pickle can run code; convert it to safetensors)")
@@ -76,7 +80,8 @@ def one_file(entry: Entry, scratch: str, *, alphas: bool, check: bool = False) -
                 row["problems"].append(fetched.problem)
             if fetched.path is not None:
                 try:
-                    describe(entry, fetched.path, row, alphas_read=fetched.alphas_read, stand_in=True, check=check)
+                    describe(entry, fetched.path, row, alphas_read=fetched.alphas_read, stand_in=True, check=check,
+                             layout_cache=layout_cache)  # fmt: skip
                 finally:
                     fetched.path.unlink(missing_ok=True)
     except Exception as exc:  # HTTP errors, a vanished file, a bug: this row only
@@ -100,12 +105,24 @@ def _bounded(pool: Executor, items: Iterable[Any], work: Callable[[Any], Any], l
         yield future.result()
 
 
-def one_batch(entries: list[Entry], scratch: str, threads: int, alphas: bool, check: bool) -> list[dict[str, Any]]:
-    """The rows of a batch, in a worker process: its entries over ``threads`` threads."""
+def one_batch(
+    entries: list[Entry], scratch: str, threads: int, alphas: bool, check: bool, layout_cache: bool = True
+) -> tuple[list[dict[str, Any]], int, int]:
+    """The rows of a batch, in a worker process: its entries over ``threads`` threads; and the
+    layout cache's hits and misses over the batch (the process runs one batch at a time)."""
+    from .layouts import CACHE
+
+    hits, misses = CACHE.hits, CACHE.misses
+
+    def work(entry: Entry) -> dict[str, Any]:
+        return one_file(entry, scratch, alphas=alphas, check=check, layout_cache=layout_cache)
+
     if threads <= 1:
-        return [one_file(e, scratch, alphas=alphas, check=check) for e in entries]
-    with ThreadPoolExecutor(threads, thread_name_prefix="census") as pool:
-        return list(pool.map(lambda e: one_file(e, scratch, alphas=alphas, check=check), entries))
+        rows = [work(e) for e in entries]
+    else:
+        with ThreadPoolExecutor(threads, thread_name_prefix="census") as pool:
+            rows = list(pool.map(work, entries))
+    return rows, CACHE.hits - hits, CACHE.misses - misses
 
 
 def _batches(entries: Iterable[Entry], size: int) -> Iterator[list[Entry]]:
@@ -115,26 +132,45 @@ def _batches(entries: Iterable[Entry], size: int) -> Iterator[list[Entry]]:
 
 
 def _rows(
-    todo: Iterator[Entry], scratch: str, *, workers: int, processes: int | None, alphas: bool, check: bool
+    todo: Iterator[Entry],
+    scratch: str,
+    *,
+    workers: int,
+    processes: int | None,
+    alphas: bool,
+    check: bool,
+    layout_cache: bool,
+    summary: CensusSummary,
 ) -> Iterator[dict[str, Any]]:
     """Every row of ``todo``. Header scans are Python work under one GIL, so threads overlap
     only the waiting (disk, HTTP); with more than :data:`PROCESS_MIN` entries the work is spread
     over ``processes`` worker processes (default: a core free now each, ``threads.file_workers``)
-    of ``workers // processes`` threads, in batches of :data:`BATCH` entries."""
+    of ``workers // processes`` threads, in batches of :data:`BATCH` entries. The layout
+    cache's hits and misses are added to ``summary``."""
     from ..threads import file_workers
+    from .layouts import CACHE
 
     head = list(islice(todo, PROCESS_MIN))
     count = file_workers(PROCESS_MIN) if processes is None else processes
     if len(head) < PROCESS_MIN or count <= 1:
+        hits, misses = CACHE.hits, CACHE.misses
+
+        def work(entry: Entry) -> dict[str, Any]:
+            return one_file(entry, scratch, alphas=alphas, check=check, layout_cache=layout_cache)
+
         with ThreadPoolExecutor(workers, thread_name_prefix="census") as pool:
-            yield from _bounded(pool, chain(head, todo), lambda e: one_file(e, scratch, alphas=alphas, check=check),
-                                workers * 4)  # fmt: skip
+            for row in _bounded(pool, chain(head, todo), work, workers * 4):
+                summary.layout_hits, summary.layout_misses = CACHE.hits - hits, CACHE.misses - misses
+                yield row
         return
     threads = max(1, workers // count)
-    with ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn")) as procs:
         batches = _batches(chain(head, todo), BATCH)
-        for rows in _bounded(pool, batches, partial(one_batch, scratch=scratch, threads=threads, alphas=alphas,
-                                                    check=check), count * 2):  # fmt: skip
+        batch = partial(one_batch, scratch=scratch, threads=threads, alphas=alphas, check=check,
+                        layout_cache=layout_cache)  # fmt: skip
+        for rows, hits, misses in _bounded(procs, batches, batch, count * 2):
+            summary.layout_hits += hits
+            summary.layout_misses += misses
             yield from rows
 
 
@@ -148,6 +184,7 @@ def run_census(
     limit: int | None = None,
     restart: bool = False,
     check: bool = False,
+    layout_cache: bool = True,
     progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> CensusSummary:
     """Describe every LoRA-like file of ``sources`` into ``output`` (``.jsonl``/``.parquet``).
@@ -157,7 +194,9 @@ def run_census(
     ``processes``: worker processes for a census of many files (default one per free core; 1:
     all in this process). ``alphas``: also fetch remote alpha scalars (coalesced range requests;
     local files always have theirs read). ``check``: fill ``loads_in`` with loratools.check's
-    verdicts. ``limit``: at most this many repositories per Hub search/author.
+    verdicts. ``limit``: at most this many repositories per Hub search/author. ``layout_cache``:
+    describe each key layout once and serve its other files' layout facts from the cache
+    (:mod:`.layouts`; the rows are the same either way, the summary counts the hits).
     """
     from ..threads import io_workers
 
@@ -170,7 +209,9 @@ def run_census(
     start = time.perf_counter()
     try:
         todo = (e for e in expand(sources, limit=limit) if e.key not in done)
-        for row in _rows(todo, scratch, workers=workers, processes=processes, alphas=alphas, check=check):
+        rows = _rows(todo, scratch, workers=workers, processes=processes, alphas=alphas, check=check,
+                     layout_cache=layout_cache, summary=summary)  # fmt: skip
+        for row in rows:
             store.append(row)
             summary.new += 1
             summary.bytes_read += row["bytes_read"] or 0

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import InputError
 from ..families.spec import FamilySpec
 from ..formats.adapters import Adapter, LoraFile, LowRank
-from .tables import Table, tables_for
+from .tables import Table, for_family, tables_for
 
 DIALECT = {"comfyui": "kohya", "forge": "kohya", "a1111": "kohya", "invokeai": "kohya", "kohya": "kohya"}
 _QKV = re.compile(r"^(?P<layer>.*\.self_attn)\.[qkv]_proj$")
@@ -80,6 +80,39 @@ def _refusals(lora: LoraFile, table: Table, dialect: str, to_lora: bool) -> None
             )
 
 
+# The spelling flux_view.py gives what the FLUX.1 writers write for each convert --for dialect.
+_FLUX_SPELLING = {"kohya": "kohya", "diffusers": "peft"}
+
+
+def _flux_refusals(lora: LoraFile, table: Table, dialect: str) -> None:
+    """An InputError when ``table``'s FLUX.1 loader loads no file of ``lora`` completely: a target
+    that loads no FLUX.1 model (A1111), or a component it never patches (T5 in diffusers)."""
+    if table.unsupported:
+        raise InputError(f"{table.label} {table.unsupported}")
+    spelling = _FLUX_SPELLING[dialect]
+    for module in lora.adapters:
+        component = module.split(".", 1)[0]
+        if table.regex(spelling, component) is None:
+            reason = table.unmapped_reasons.get(component, f"it reads no {component} modules")
+            raise InputError(
+                f"{table.label} does not load {module} ({reason})",
+                hint="merge the LoRA into the checkpoint instead, or target a loader that reads them",
+            )
+
+
+def _flux_t5_prefix(tables: list[Table]) -> str | None:
+    """The T5 kohya prefix every target reads: lora_te2 (the writer's own) where all read it,
+    else the first one they all share (sd-scripts: lora_te3 only)."""
+    accepted = [set(t.te_prefixes["te2"]) for t in tables if t.te_prefixes and "te2" in t.te_prefixes]
+    if not accepted:
+        return None
+    common = set.intersection(*accepted)
+    for prefix in ("lora_te2", "lora_te3"):
+        if prefix in common:
+            return prefix
+    return None
+
+
 def _complete_attention(lora: LoraFile, table: Table) -> tuple[LoraFile, list[str]]:
     """Add zero out_proj LoRAs where ``table`` applies q/k/v only beside an out_proj."""
     family = lora.family
@@ -132,18 +165,29 @@ def convert_for(
     from . import check_lora
 
     tables = tables_for(target)
-    dialect = dialect_for(tables)
     if same_path(output, source):
         raise InputError(f"{output}: output is the input; write elsewhere")
     lora = load_lora(source, family)
+    flux = lora.family is not None and lora.family.transformer is not None
+    if flux:  # FLUX.1 rules of each target (docs/FORMATS.md §14)
+        tables = [for_family(t, lora.family_name) for t in tables]
+    dialect = dialect_for(tables)
     for table in tables:
         _refusals(lora, table, dialect, to_lora)
+        if flux:
+            _flux_refusals(lora, table, dialect)
     added: list[str] = []
     for table in tables:
         lora, more = _complete_attention(lora, table)
         added += more
     prepared = prepare(lora, dialect, to_lora=to_lora, rank=rank, error=error)
-    save_lora(prepared, output, dialect, dtype=parse_dtype(dtype), overwrite=overwrite)
+    t5_prefix = None
+    if flux:
+        # the dialect's own spelling, never the source's (an OneTrainer file stays OneTrainer-named
+        # written back in its own format: what kohya/InvokeAI read is lora_unet_ + BFL names)
+        prepared = replace(prepared, source_keys=())
+        t5_prefix = _flux_t5_prefix(tables)
+    save_lora(prepared, output, dialect, dtype=parse_dtype(dtype), overwrite=overwrite, t5_prefix=t5_prefix)
     report = FixReport(str(source), str(output), [t.target for t in tables], dialect, len(prepared.adapters), added)
     if active() is not None:  # a dry run (io/measure.py) wrote no file whose loading could be checked
         return report

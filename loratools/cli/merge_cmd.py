@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -111,10 +114,27 @@ def _output_total(base: Source, dtype: str | None) -> int:
         return sum(i.numel * size if i.dtype in FLOAT_DTYPES else i.nbytes for i in map(ckpt.info, ckpt))
 
 
+def _import_engine() -> None:
+    """Imports the merge engine (and with it torch); a failure is left for the main thread to raise."""
+    with contextlib.suppress(Exception):  # the main thread's own import reports it
+        importlib.import_module("..ops.merge", __package__)
+
+
 def _run(operation: str, base: str, loras: tuple[str, ...], options: dict[str, Any], original: str | None) -> None:
     as_json = options.pop("as_json")
     console = Console(stderr=as_json)
     with user_errors():
+        # torch's import (1–3 s) runs in a thread while the base's header is read and classified
+        # (issue 18 item 5); the main thread imports nothing of the engine until it joins it.
+        engine = None
+        if not options["dry_run"]:
+            engine = threading.Thread(target=_import_engine, name="loratools-import", daemon=True)
+            engine.start()
+        opened = open_source(base)  # classified and (a pickle) unpickled once, for every step below
+        if not is_hub(base) and classify(opened) == "lora" and has_lora_keys(base):  # arguments swapped: say so
+            raise lora_not_checkpoint(Path(base).name)
+        if engine is not None:
+            engine.join()
         from ..ops.merge import merge, parse_lora_arg, unmerge  # torch is imported only where tensors are touched
 
         blocks_from = options.pop("blocks_from")
@@ -123,9 +143,6 @@ def _run(operation: str, base: str, loras: tuple[str, ...], options: dict[str, A
         options["budget"] = options.pop("batch_mb") * 2**20
         options["verify"] = options["verify"] or 0
         output = options.pop("output")
-        opened = open_source(base)  # classified and (a pickle) unpickled once, for every step below
-        if not is_hub(base) and classify(opened) == "lora" and has_lora_keys(base):  # arguments swapped: say so
-            raise lora_not_checkpoint(Path(base).name)
         total = _output_total(opened, options["dtype"])
         label = "merging" if operation == "merge" else "unmerging"
         with byte_progress(console, label, enabled=not as_json and not options["dry_run"], total=total) as advance:

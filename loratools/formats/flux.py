@@ -40,8 +40,9 @@ from ..errors import InputError
 from ..families import FLUX1, keymap
 from ..families.spec import DIFFUSERS_FOLDERS, FamilySpec
 from .adapters import Adapter, Full, LoHa, LoKr, LoraFile, LowRank, factor_dtype
-from .keys import PEFT_METADATA_KEY, configs_from_metadata, pattern_value
+from .keys import FLUX_XLABS_KEY, PEFT_METADATA_KEY, configs_from_metadata, flux_own_spelling, pattern_value
 from .lycoris import adapter_from_params, adapter_params
+from .verdict import model_by_names
 
 if TYPE_CHECKING:  # torch is imported where tensors are touched: the header-only paths
     import torch  # (inspect, check) read name facts from here without loading it
@@ -441,9 +442,16 @@ def _put_rows(target: torch.Tensor, rows: tuple[tuple[int, int], ...], values: t
         start += b - a
 
 
-def flux_kohya_state_dict(lora: LoraFile, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """sd-scripts' FLUX.1 keys: BFL module names under ``lora_unet_``, fused parts re-joined."""
-    return _bfl_state_dict(lora, dtype, lambda path: f"lora_unet_{path.replace('.', '_')}", "kohya")
+def flux_kohya_state_dict(
+    lora: LoraFile, *, dtype: torch.dtype | None = None, t5_prefix: str | None = None
+) -> dict[str, torch.Tensor]:
+    """sd-scripts' FLUX.1 keys: BFL module names under ``lora_unet_``, fused parts re-joined.
+
+    ``t5_prefix``: the T5 modules' kohya prefix, ``lora_te2`` (OneTrainer, ComfyUI, InvokeAI) by
+    default; sd-scripts' own merge reads ``lora_te3`` only (docs/FORMATS.md §14).
+    """
+    bfl = lambda path: f"lora_unet_{path.replace('.', '_')}"  # noqa: E731
+    return _bfl_state_dict(lora, dtype, bfl, "kohya", t5_prefix)
 
 
 def flux_comfyui_state_dict(lora: LoraFile, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -461,10 +469,15 @@ def flux_comfyui_state_dict(lora: LoraFile, *, dtype: torch.dtype | None = None)
 
 
 def _bfl_state_dict(
-    lora: LoraFile, dtype: torch.dtype | None, bfl_name: Callable[[str], str], writer: str
+    lora: LoraFile,
+    dtype: torch.dtype | None,
+    bfl_name: Callable[[str], str],
+    writer: str,
+    t5_prefix: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Keys of a BFL-named writer: fused parts re-joined under ``bfl_name(path)``, text encoders as kohya."""
     names = flux_names(lora.family)
+    prefixes = KOHYA_TE | ({"te2": t5_prefix} if t5_prefix else {})
     out: dict[str, torch.Tensor] = {}
     done: set[str] = set()
 
@@ -478,7 +491,7 @@ def _bfl_state_dict(
             continue
         home = names.bfl_of(module)
         if home is None:
-            emit(f"{KOHYA_TE[module.split('.', 1)[0]]}_{module.split('.', 1)[1].replace('.', '_')}", adapter)
+            emit(f"{prefixes[module.split('.', 1)[0]]}_{module.split('.', 1)[1].replace('.', '_')}", adapter)
             continue
         path, _ = home
         parts = names.bfl[path]
@@ -589,7 +602,7 @@ def flux_source_state_dict(
 
 
 def flux_state_dict(
-    lora: LoraFile, fmt: str, *, dtype: torch.dtype | None = None
+    lora: LoraFile, fmt: str, *, dtype: torch.dtype | None = None, t5_prefix: str | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a FLUX.1 LoRA written as ``fmt`` (kohya, diffusers or comfyui).
 
@@ -600,7 +613,11 @@ def flux_state_dict(
     from .kohya import kohya_metadata
     from .metadata import carried_metadata, describe_network
     from .peft import diffusers_metadata
+    from .resolve import refuse_unplaced
 
+    # a key the reader could not place (an extra tensor, a module of no FLUX.1 table) has no key
+    # in the written file: refused by name, as the SD writers do, never dropped silently
+    refuse_unplaced(lora.unmatched, lora.family_title, f"it as {fmt}")
     same = bool(lora.source_keys) and fmt == lora.source_format
     if fmt == "diffusers":
         config = not same or PEFT_METADATA_KEY in lora.metadata  # a LoraConfig only where there was one
@@ -620,4 +637,93 @@ def flux_state_dict(
         return flux_source_state_dict(lora, fmt, dtype=dtype), meta
     if fmt == "comfyui":
         return flux_comfyui_state_dict(lora, dtype=dtype), meta
-    return flux_kohya_state_dict(lora, dtype=dtype), meta
+    return flux_kohya_state_dict(lora, dtype=dtype, t5_prefix=t5_prefix), meta
+
+
+# --- kept by their own names: FLUX.1 spellings of a LoRA no FLUX.1 spec fits ------------------------
+
+
+def _verbatim_split(key: str) -> tuple[str, str] | None:
+    """(module stem as the file spells it, kohya parameter name) of a key, or None if unknown."""
+    if (x := FLUX_XLABS_KEY.match(key)) is not None:
+        return x.group(1), f"lora_{x.group(2)}.weight"
+    stem, suffix = _split_key(key)
+    return (stem, _PARAMS.get(suffix, suffix)) if suffix else None
+
+
+def needs_verbatim(keys: list[str]) -> bool:
+    """FLUX.1 keys only :func:`read_flux_verbatim` reads when no FLUX.1 spec fits them (XLabs,
+    ``lycoris_``): the SD verbatim readers (formats/kohya.py, formats/peft.py) do not parse them."""
+    return any(flux_own_spelling(k) for k in keys)
+
+
+def read_flux_verbatim(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> LoraFile:
+    """A FLUX.1 LoRA whose widths fit no FLUX.1 spec, each file module an adapter under its own
+    stem (``double_blocks.0.processor.qkv_lora1``, ``lycoris_transformer_blocks_0_attn_to_q``),
+    the file's keys kept: written back in its own format (:func:`flux_verbatim_state_dict`), a
+    LoRA comes back with the same keys, order and metadata (issue 13: surgery needs no family).
+    A key of no known spelling is refused by name (the readers of SD files do the same)."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        split = _verbatim_split(key)
+        if split is None:
+            raise InputError(f"unknown keys beside FLUX.1 LoRA modules: {key}")
+        groups.setdefault(split[0], {})[split[1]] = tensor
+    warnings: list[str] = []
+    adapters = {stem: adapter_from_params(stem, params, None, warnings) for stem, params in groups.items()}
+    kohya = all(_UNDERSCORE.match(f"{stem}.x") for stem in groups)
+    widths = (int(d) for a in adapters.values() for d in a.delta_shape()[:2])
+    return LoraFile(
+        adapters,
+        None,
+        FORMAT_KOHYA if kohya else FORMAT_PEFT,
+        dict(metadata),
+        warnings=warnings,
+        model=model_by_names(groups, widths),
+        source_keys=tuple(tensors),
+    )
+
+
+def writes_verbatim(lora: LoraFile) -> bool:
+    """Whether ``lora`` is keyed by FLUX.1 stems only :func:`flux_verbatim_state_dict` spells."""
+    return lora.family is None and any(flux_own_spelling(m) for m in lora.adapters)
+
+
+def flux_verbatim_state_dict(lora: LoraFile, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """A LoRA read by :func:`read_flux_verbatim` in the very keys it was read from (file order).
+
+    The rule of :func:`flux_source_state_dict` without a family: a module without an alpha in the
+    file gets its scale folded into its up factor; parameters it lacks are spelled as its own
+    (XLabs ``down``/``up``); modules the file never had (a blend) follow, spelled the same way.
+    """
+    keys_of: dict[str, list[tuple[str, str]]] = {}
+    for key in lora.source_keys:
+        if (split := _verbatim_split(key)) is not None:
+            keys_of.setdefault(split[0], []).append((key, split[1]))
+    filled: dict[str, torch.Tensor] = {}
+    extras: dict[str, torch.Tensor] = {}
+    for stem, adapter in lora.adapters.items():
+        keys = keys_of.get(stem, [])
+        held = {param for _, param in keys}
+        if "alpha" not in held:
+            adapter = _unit_scale(adapter)
+        stored = dtype or factor_dtype(adapter)
+        params = {
+            p: t.to(stored) if dtype is not None and t.is_floating_point() else t
+            for p, t in adapter_params(adapter, stored).items()
+        }
+        if "alpha" not in held and (keys or not _UNDERSCORE.match(f"{stem}.x")):
+            params.pop("alpha", None)
+        for key, param in keys:
+            if param in params:
+                filled[key] = params[param]
+        suffixes = {k.rsplit(".", 2)[-2] + "." + k.rsplit(".", 1)[-1] for k, _ in keys} if keys else set()
+        xlabs = any(FLUX_XLABS_KEY.match(k) for k, _ in keys) or FLUX_XLABS_KEY.match(f"{stem}.down.weight")
+        spell = _xlabs_spelling(stem) if xlabs else _spelling(stem, suffixes)
+        extras |= {spell(p): t for p, t in params.items() if p not in held}
+    return {key: filled[key] for key in lora.source_keys if key in filled} | extras
+
+
+def _xlabs_spelling(stem: str) -> Callable[[str], str]:
+    names = {"lora_down.weight": "down.weight", "lora_up.weight": "up.weight"}
+    return lambda param: f"{stem}.{names.get(param, param)}"

@@ -25,8 +25,8 @@ from . import cloneofsimo, flux, kohya, peft
 from .adapters import LoraFile, is_finite
 from .keys import EMBEDDING_KEYS, bundle_key, is_embedding_key, normalize_peft_key, token_key  # noqa: F401 (EMBEDDING_KEYS re-exported)
 from .lookalike import check_not_lfs_pointer, flatten_embedding, not_a_lora
-from .metadata import with_hashes
-from .verdict import is_flux_lora
+from .metadata import carried_metadata, describe_network, with_hashes
+from .verdict import is_flux_lora, needs_family_map
 
 FORMATS = ("kohya", "diffusers", "peft", "cloneofsimo", "comfyui")  # comfyui: FLUX.1 only
 
@@ -136,6 +136,9 @@ def _read_dict(
     flux_lora = flux.read_flux_lora(lora_tensors, metadata, family) if is_flux_lora(keys) else None
     if flux_lora is not None:
         lora = flux_lora
+    elif is_flux_lora(keys) and flux.needs_verbatim(keys):
+        # XLabs / lycoris_ spellings of a FLUX.1 LoRA no spec fits: kept by their own names
+        lora = flux.read_flux_verbatim(lora_tensors, metadata)
     elif kohya_keys:
         lora = kohya.read_kohya(lora_tensors, metadata, family, require_fit=require_fit)
     elif cloneofsimo.is_safeloras(keys):
@@ -152,9 +155,18 @@ def _read_dict(
 
 
 def save_lora(
-    lora: LoraFile, path: str | os.PathLike[str], fmt: str, *, dtype: torch.dtype | None = None, overwrite: bool = False
+    lora: LoraFile,
+    path: str | os.PathLike[str],
+    fmt: str,
+    *,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    t5_prefix: str | None = None,
 ) -> Path:
     """Write a LoRA in ``fmt`` (kohya, diffusers, peft, cloneofsimo, comfyui for FLUX.1); atomic, never half-written.
+
+    ``t5_prefix``: a FLUX.1 LoRA's T5 modules in kohya naming (``lora_te2`` unless given:
+    ``convert --for kohya`` asks for sd-scripts' ``lora_te3``).
 
     Raises :class:`InputError` when the format cannot hold the LoRA exactly (LoHa/LoKr/DoRA into
     plain-LoRA formats, per-module alphas into cloneofsimo): use ``bake`` or ``to_lowrank`` first.
@@ -164,8 +176,16 @@ def save_lora(
     flux_family = lora.family is not None and lora.family.transformer is not None
     if fmt == "comfyui" and not flux_family:
         raise InputError("--to comfyui writes FLUX.1 LoRAs; ComfyUI reads SD LoRAs as kohya (use --to kohya)")
-    if flux_family and fmt in ("kohya", "diffusers", "comfyui"):
-        tensors, meta = flux.flux_state_dict(lora, fmt, dtype=dtype)
+    if flux.writes_verbatim(lora):
+        if fmt != lora.source_format or not lora.source_keys:
+            raise needs_family_map(lora.verdict, f"writing an XLabs/lycoris_-spelled {lora.family_title} LoRA as {fmt}")
+        tensors = flux.flux_verbatim_state_dict(lora, dtype=dtype)
+        meta = kohya.kohya_metadata(lora) if fmt == "kohya" else carried_metadata(lora)
+        if fmt != "kohya" and any(k.startswith("ss_") for k in meta):
+            describe_network(meta, lora)
+        save_tensors(path, tensors, meta, overwrite=overwrite)
+    elif flux_family and fmt in ("kohya", "diffusers", "comfyui"):
+        tensors, meta = flux.flux_state_dict(lora, fmt, dtype=dtype, t5_prefix=t5_prefix)
         save_tensors(path, tensors, meta, overwrite=overwrite)
     elif fmt == "kohya":
         tensors = kohya.kohya_state_dict(lora, dtype=dtype)

@@ -196,6 +196,28 @@ def configs_from_metadata(metadata: Mapping[str, str]) -> dict[str, dict[str, An
     return configs
 
 
+# --- FLUX.1 spellings no SD reader parses (docs/FORMATS.md §14) ----------------------------------
+
+# XLabs ``double_blocks.0.processor.qkv_lora1.down.weight`` and SimpleTuner/LyCORIS
+# ``lycoris_transformer_blocks_0_attn_to_q.diff``: neither kohya's ``lora_*_`` grammar nor any
+# diffusers/peft one, so a FLUX.1 LoRA spelled so that fits no FLUX.1 spec (a tiny model, read
+# without --family) is kept by its own names through formats/flux.py's verbatim reader.
+FLUX_XLABS_KEY = re.compile(
+    r"^((?:diffusion_model\.)?(?:double|single)_blocks\.\d+\.processor\.\w+)\.(down|up)\.weight$"
+)
+LYCORIS_KEY = re.compile(r"^(lycoris_[^.]+)\.(.+)$")
+
+
+def flux_own_spelling(key_or_stem: str) -> bool:
+    """Whether a key (or a module stem read from one) is spelled in XLabs' or ``lycoris_``'s
+    FLUX.1 dialect, which no SD verbatim reader or writer spells."""
+    return bool(
+        FLUX_XLABS_KEY.match(key_or_stem)
+        or FLUX_XLABS_KEY.match(f"{key_or_stem}.down.weight")
+        or key_or_stem.startswith("lycoris_")
+    )
+
+
 # --- cloneofsimo safeloras (docs/FORMATS.md §3) ----------------------------------------------------------
 
 SAFELORAS_KEY = re.compile(r"^([^:]+):(\d+):(up|down)$")

@@ -17,7 +17,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -467,9 +467,14 @@ class StreamingWriter:
         overwrite: bool = False,
         check: Callable[[Path], None] | None = None,
         data_hash_key: str | None = None,
+        late: Callable[[], Sequence[tuple[str, str]]] | None = None,
     ) -> None:
         self.path = Path(path)
         self.check = check  # runs on the complete temporary file before it is renamed into place
+        # late: called once the data is written, gives (placeholder, value) pairs of equal length
+        # that are put in the header in that order, each where its placeholder first occurs (a
+        # value computed while the file streams out: the base's SHA-256 in a merge's provenance)
+        self._late = late
         # data_hash_key: a metadata key that receives "0x" + SHA-256 of the data section (every
         # tensor's bytes in file order), hashed as the tensors stream by and written into a
         # placeholder of the same length in the header before the file is committed
@@ -513,11 +518,30 @@ class StreamingWriter:
             if self._digest is not None:
                 value = f"0x{self._digest.hexdigest()}".encode()
                 os.pwrite(self._fd, value, self._hash_at)
+            try:
+                self._fill_late()
+            except BaseException:
+                self._atomic.abort()
+                raise
             self._atomic.commit(self.check)
             return
         self._atomic.abort()
         if isinstance(exc, OSError):
             raise describe_os_error(exc, self.path) from None
+
+    def _fill_late(self) -> None:
+        if self._late is None:
+            return
+        header = bytearray(self._header)
+        if self._digest is not None:
+            header[self._hash_at : self._hash_at + len(_HASH_PLACEHOLDER)] = f"0x{self._digest.hexdigest()}".encode()
+        for placeholder, value in self._late():
+            old, new = placeholder.encode(), value.encode()
+            at = header.find(old)
+            if len(old) != len(new) or at < 0:
+                raise RuntimeError(f"late header value {placeholder!r}: no placeholder of its length")
+            header[at : at + len(new)] = new
+        os.pwrite(self._fd, bytes(header), 0)
 
     @property
     def pending(self) -> str | None:

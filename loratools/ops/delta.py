@@ -69,6 +69,37 @@ def _sq_distance(exact: torch.Tensor, other: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(diff, dtype=torch.float64).square())
 
 
+# elements per slice of the measured rounding: 1 MiB of float32 scratch, cache-resident, so the
+# upcasts, differences and norms of a slice cost no trip to memory.
+ROUND_CHUNK = 1 << 18
+
+
+def round_measured(exact: torch.Tensor, base: torch.Tensor, dest: torch.Tensor) -> tuple[float, float]:
+    """Rounds ``exact`` (float32) into ``dest`` and returns ``(‖dest − exact‖², ‖exact − base‖²)``.
+
+    One pass over the tensors, slice by slice: each slice of ``base`` is read (upcast into a small
+    scratch) before the same slice of ``dest`` is written, so ``dest`` may be ``base``'s own memory.
+    The rounding is ``copy_``'s, bit for bit ``exact.to(dest.dtype)``; each slice's squared norm is
+    taken in float64 (``vector_norm(dtype=float64)``, as the whole-tensor form did) and summed in
+    Python floats. All three tensors hold the same number of elements; ``dest`` is contiguous.
+    """
+    flat = exact.reshape(-1)
+    old = base.reshape(-1)
+    out = dest.view(-1)
+    scratch = torch.empty(min(ROUND_CHUNK, flat.numel()), dtype=torch.float32, device=flat.device)
+    lost = torch.zeros((), dtype=torch.float64, device=flat.device)
+    delta = torch.zeros((), dtype=torch.float64, device=flat.device)
+    for start in range(0, flat.numel(), ROUND_CHUNK):
+        stop = min(start + ROUND_CHUNK, flat.numel())
+        piece, work = flat[start:stop], scratch[: stop - start]
+        work.copy_(old[start:stop]).sub_(piece)  # −ΔW, read before dest (maybe base) is written
+        delta += torch.linalg.vector_norm(work, dtype=torch.float64).square()
+        out[start:stop].copy_(piece)
+        work.copy_(out[start:stop]).sub_(piece)
+        lost += torch.linalg.vector_norm(work, dtype=torch.float64).square()
+    return float(lost), float(delta)
+
+
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """``"auto"`` → CUDA when present, else CPU; ``"cuda"`` without a GPU is a one-line error."""
     if device is None or str(device) == "auto":
@@ -276,8 +307,18 @@ class DeltaEngine:
                     result = apply_dora(result, term.adapter, term.strength)
             dtype = job.out_dtype or job.weight.dtype
             measured = add_base and dtype in COARSE_DTYPES
+            reuse = job.reuse and not self.cuda and dtype == job.weight.dtype and job.weight.is_contiguous()
+            if measured and not self.cuda:
+                # Rounding and measuring in one pass over cache-sized slices (issue 18 item 5: the
+                # whole-tensor form, two more float32 passes and float64 norms, cost more than the rest
+                # of a bf16 merge together); into the weight's own pages when they are ours to give.
+                dest = job.weight if reuse else torch.empty(job.weight.shape, dtype=dtype)
+                lost_sq, delta_sq = round_measured(result, job.weight, dest)
+                self.rounding[name] = (lost_sq, delta_sq, dtype)
+                out[name] = dest
+                continue
             delta_sq = _sq_distance(result, job.weight) if measured else 0.0  # before W's memory is reused
-            if job.reuse and not self.cuda and dtype == job.weight.dtype and job.weight.is_contiguous():
+            if reuse:
                 # Rounding into the weight's own (already faulted-in) pages instead of fresh ones.
                 out[name] = job.weight.view(result.shape).copy_(result).view(job.weight.shape)
             else:
