@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +34,20 @@ HEADER_ONLY_GOAL_S = 0.2
 NORMS_GOAL_S = 2.0
 FLOOR_RATIO_GOAL = 1.3  # header-only inspect ÷ the safe_open floor (issue 18 item 4)
 SAFE_OPEN_FLOOR = "floor: safetensors safe_open keys + metadata (numpy)"
+IMPORT_LINE = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)")
+
+
+def import_summary(argv: list[str], env: dict[str, str], top: int = 10) -> list[str]:
+    """``python -X importtime`` of one run of ``argv``: the ``top`` modules by cumulative import
+    time (what the header-only path still imports, issue 18 item 4) as table rows."""
+    done = subprocess.run([argv[0], "-X", "importtime", *argv[1:]], capture_output=True, text=True, env=env)
+    found = [(int(m[2]), int(m[1]), len(m[3]) // 2, m[4]) for m in IMPORT_LINE.finditer(done.stderr)]
+    total = sum(own for _, own, _, _ in found) / 1e6
+    rows = [
+        f"| {name} | {cumulative / 1e6:.4f} | {own / 1e6:.4f} | {depth} |"
+        for cumulative, own, depth, name in sorted(found, reverse=True)[:top]
+    ]
+    return [f"all {len(found)} imports: {total:.3f} s self time in total", *rows]
 
 
 def main() -> None:
@@ -103,6 +119,12 @@ def main() -> None:
             goal = f"≤ {NORMS_GOAL_S} s: {'met' if median <= NORMS_GOAL_S else 'MISSED'}"
         print(f"| {name} | {median:.3f} | {min(walls):.3f}–{max(walls):.3f} | {median / floor:.2f}× | {goal} |")
         table.append({"command": name, "argv": rows[name], "wall_median_s": median, "walls": walls})
+    header_only = next(name for name in rows if "header only" in name)
+    summary = import_summary(rows[header_only], env)
+    print(f"\n`python -X importtime` of `{header_only}`, one run, top 10 by cumulative time; {summary[0]}")
+    print("| module | cumulative s | self s | depth |")
+    print("|---|---:|---:|---:|")
+    print("\n".join(summary[1:]))
     OUT.mkdir(exist_ok=True)
     (OUT / f"bench_inspect-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(table, indent=2))
 

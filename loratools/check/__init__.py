@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..families.spec import FamilySpec
 from .engine import Ignored, Misapplied, TargetReport, check_view
 from .tables import FAMILY_TABLES, GROUPS, TABLES, TARGET_NAMES, VERSIONS, Table, for_family, tables_for
 from .view import FileView, build_view
+
+if TYPE_CHECKING:
+    from ..formats.scan import LoraScan
 
 SCHEMA_ID = "loratools.check/1"
 
@@ -119,14 +122,16 @@ def check_lora(
     )
 
 
-def loads_in(path: str | os.PathLike[str], family: str | FamilySpec | None = None) -> list[str]:
+def loads_in(
+    path: str | os.PathLike[str], family: str | FamilySpec | None = None, *, scan: LoraScan | None = None
+) -> list[str]:
     """One short entry per target for ``inspect``'s "loads in" line, from the tables only
     ("ComfyUI ✓", "diffusers 0.42: 175 wrong strength", "Forge: refuses"); ``[]`` when the file
-    cannot be viewed."""
+    cannot be viewed. ``scan``: the caller's header scan of ``path``, reused (see :func:`build_view`)."""
     from ..errors import LoratoolsError
 
     try:
-        view = build_view(path, family)
+        view = build_view(path, family, scan=scan)
     except LoratoolsError:
         return []
     out = []

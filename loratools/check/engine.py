@@ -13,11 +13,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from .tables import Table
+from .tables import Table, compiled
 from .view import FileView, StoredModule
 
 _QKV = re.compile(r"\.self_attn\.(q|k|v)_proj$")
 _OUT = re.compile(r"\.self_attn\.out_proj$")
+_TE_PREFIX = re.compile(r"^(lora_te\d*)_")
 
 
 @dataclass
@@ -111,8 +112,11 @@ def _close(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-9)
 
 
+_NOT_FACTORS = frozenset({"alpha", "dora_scale", "lora_B.bias"})
+
+
 def _has_factors(g: StoredModule) -> bool:
-    return bool(set(g.keys) - {"alpha", "dora_scale", "lora_B.bias"})
+    return not g.keys.keys() <= _NOT_FACTORS  # some parameter beyond an alpha, a magnitude, a bias
 
 
 def _kind(g: StoredModule) -> str:
@@ -143,8 +147,11 @@ class _Collector:
             self.report.refused = reason
 
 
-def _not_mapped(table: Table, view: FileView, g: StoredModule, base: set[str] | None) -> tuple[str, str] | None:
-    """(short, reason) when the target's key map does not reach this group."""
+def _not_mapped(
+    table: Table, view: FileView, g: StoredModule, base: set[str] | None, component: str | None, path: str | None
+) -> tuple[str, str] | None:
+    """(short, reason) when the target's key map does not reach this group (``component`` and
+    ``path``: ``g.component`` and ``g.path``, split once by the caller)."""
     label = table.label
     if g.module is None:
         return "unknown modules ignored", f"names no module of the {view.family.name if view.family else '?'} model"
@@ -157,19 +164,19 @@ def _not_mapped(table: Table, view: FileView, g: StoredModule, base: set[str] | 
             "un-prefixed modules ignored",
             f"no 'unet.'/'text_encoder.' prefix: {label} keeps only keys starting with the component name",
         )
-    regex = table.regex(g.spelling, g.component or "")
-    if regex is None or not regex.match(g.path or ""):
-        if (g.component or "") in table.unmapped_reasons:
-            return f"{g.component} modules ignored", table.unmapped_reasons[g.component or ""]
-        if g.spelling == "peft" and g.component == "unet":
+    regex = table.regex(g.spelling, component or "")
+    if regex is None or not regex.match(path or ""):
+        if (component or "") in table.unmapped_reasons:
+            return f"{component} modules ignored", table.unmapped_reasons[component or ""]
+        if g.spelling == "peft" and component == "unet":
             return (
                 "attention modules ignored",
                 f"{label} maps U-Net attention only in the old '….processor.to_q' spelling; "
                 "'….attn1.to_q.lora_A.weight' is never loaded",
             )
-        return f"{g.component} modules ignored", f"{label}'s key map has no {g.component} module {g.path}"
+        return f"{component} modules ignored", f"{label}'s key map has no {component} module {g.path}"
     family = view.family.name if view.family else "*"
-    if g.spelling == "kohya" and g.component == "unet":
+    if g.spelling == "kohya" and component == "unet":
         naming = "diffusers" if g.stem == f"lora_unet_{(g.path or '').replace('.', '_')}" else "sgm"
         allowed = table.unet_names.get(family, table.unet_names.get("*", ("diffusers", "sgm")))
         if naming not in allowed:
@@ -178,28 +185,51 @@ def _not_mapped(table: Table, view: FileView, g: StoredModule, base: set[str] | 
                 f"{label} names the {family} U-Net the {allowed[0]} way; {naming}-style names match nothing",
             )
         pattern = table.diffusers_name_unmapped.get(family)
-        if naming == "diffusers" and pattern and re.match(pattern, g.path or ""):
+        if naming == "diffusers" and pattern and compiled(pattern).match(path or ""):
             return "U-Net modules ignored", f"{label}'s diffusers→LDM name rules map this {family} module nowhere"
-    if g.spelling == "kohya" and g.component not in ("unet", "transformer") and table.te_prefixes is not None:
-        found = re.match(r"^(lora_te\d*)_", g.stem)
+    if g.spelling == "kohya" and component not in ("unet", "transformer") and table.te_prefixes is not None:
+        found = _TE_PREFIX.match(g.stem)
         prefix = found.group(1) if found else g.stem
-        allowed_prefixes = table.te_prefixes.get(g.component or "", ())
+        allowed_prefixes = table.te_prefixes.get(component or "", ())
         if prefix not in allowed_prefixes:
-            return f"{prefix}_ modules ignored", f"{label} reads {g.component} only as {'/'.join(allowed_prefixes)}_…"
+            return f"{prefix}_ modules ignored", f"{label} reads {component} only as {'/'.join(allowed_prefixes)}_…"
     return None
 
 
-def _qkv_dropped(table: Table, view: FileView, g: StoredModule) -> bool:
-    if g.spelling != table.qkv_needs_out_spelling or not _QKV.search(g.path or ""):
+def _paths_by_group(view: FileView) -> dict[tuple[str | None, str], set[str | None]]:
+    """(component, spelling) → the module paths stored under it: built once per check, so the
+    q/k/v rule below looks its neighbours up instead of scanning every module for each one."""
+    groups: dict[tuple[str | None, str], set[str | None]] = {}
+    for m in view.modules:
+        groups.setdefault((m.component, m.spelling), set()).add(m.path)
+    return groups
+
+
+class _PathsByGroup:
+    """:func:`_paths_by_group` of a view, built on first use: most checks never need it."""
+
+    def __init__(self, view: FileView) -> None:
+        self.view = view
+        self.groups: dict[tuple[str | None, str], set[str | None]] | None = None
+
+    def get(self, key: tuple[str | None, str]) -> set[str | None]:
+        if self.groups is None:
+            self.groups = _paths_by_group(self.view)
+        return self.groups.get(key, set())
+
+
+def _qkv_dropped(
+    table: Table, view: FileView, g: StoredModule, groups: _PathsByGroup, component: str | None, path: str | None
+) -> bool:
+    if g.spelling != table.qkv_needs_out_spelling or not _QKV.search(path or ""):
         return False
     family = view.family.name if view.family else "*"
-    if f"{family}:{g.component}" not in table.qkv_needs_out and f"*:{g.component}" not in table.qkv_needs_out:
+    if f"{family}:{component}" not in table.qkv_needs_out and f"*:{component}" not in table.qkv_needs_out:
         return False
-    same = [m for m in view.modules if m.component == g.component and m.spelling == g.spelling]
+    present = groups.get((component, g.spelling))
     if table.target == "diffusers":  # the whole encoder's keys are renamed or not (state_dict_utils)
-        return not any(_OUT.search(m.path or "") for m in same)
-    layer = (g.path or "").rsplit(".self_attn.", 1)[0]  # A1111: one MultiheadAttention per layer
-    present = {m.path for m in same}
+        return not any(_OUT.search(path or "") for path in present)
+    layer = (path or "").rsplit(".self_attn.", 1)[0]  # A1111: one MultiheadAttention per layer
     return not all(f"{layer}.self_attn.{p}_proj" in present for p in ("q", "k", "v", "out"))
 
 
@@ -224,10 +254,16 @@ def _diffusers_defaults(view: FileView) -> dict[str, float]:
 
 
 def _applied_scale(
-    table: Table, view: FileView, g: StoredModule, defaults: dict[str, float], shapes: dict[str, tuple[int, ...]]
+    table: Table,
+    view: FileView,
+    g: StoredModule,
+    defaults: dict[str, float],
+    shapes: dict[str, tuple[int, ...]],
+    kind: str,
+    path: str | None,
 ) -> tuple[float | None, str]:
-    """(scale the target applies, why it differs if it does)."""
-    kind = _kind(g).split("+")[0]
+    """(scale the target applies, why it differs if it does); ``kind``: ``_kind(g)``, ``path``: ``g.path``."""
+    kind = kind.split("+")[0]
     if kind == "full":
         return 1.0, ""
     if table.alpha_source == "tensor" or g.spelling == "kohya":
@@ -237,7 +273,7 @@ def _applied_scale(
             if default is None or g.rank is None:
                 return (1.0 if g.alpha_tensor is None else g.alpha_tensor / g.rank) if g.rank else None, ""
             own = g.alpha_tensor
-            miss = re.match(table.default_alpha_misses.get(component, r"(?!)"), g.path or "")
+            miss = compiled(table.default_alpha_misses.get(component, r"(?!)")).match(path or "")
             if own is None:
                 return default / g.rank, f"no alpha: {table.label} applies the most common alpha ({default:g})"
             if own != default and miss:
@@ -287,6 +323,7 @@ def check_view(view: FileView, table: Table, base: set[str] | None = None) -> Ta
     """What ``table``'s loader does with ``view``; ``base``: canonical modules the base model has."""
     shapes = view.shapes
     counted = [g for g in view.modules if _has_factors(g)]
+    groups = _PathsByGroup(view)
     report = TargetReport(table.target, table.label, table.source, len(counted))
     out = _Collector(report)
     if view.family is None:
@@ -314,7 +351,9 @@ def check_view(view: FileView, table: Table, base: set[str] | None = None) -> Ta
             if note not in report.notes:
                 report.notes.append(note)
             continue
-        missing = _not_mapped(table, view, g, base)
+        # g.component and g.path, split once: each is read several times below
+        component, path = g.module.split(".", 1) if g.module else (None, None)
+        missing = _not_mapped(table, view, g, base, component, path)
         if missing is not None:
             if g.spelling in table.refuse_spellings:
                 out.refuse(f"{g.spelling} keys: {table.refuse_spellings[g.spelling]}")
@@ -359,7 +398,7 @@ def check_view(view: FileView, table: Table, base: set[str] | None = None) -> Ta
                 out.ignore(f"{base_kind} modules ignored", f"{table.label} does not read {base_kind} modules", g)
                 unmatched_keys += len(g.keys)
             continue
-        if _qkv_dropped(table, view, g):
+        if _qkv_dropped(table, view, g, groups, component, path):
             out.ignore(
                 "q/k/v modules dropped",
                 f"{table.label} drops text-encoder q/k/v LoRAs when the attention's out_proj has none",
@@ -369,7 +408,7 @@ def check_view(view: FileView, table: Table, base: set[str] | None = None) -> Ta
             continue
         report.applied.append(g.module or g.stem)
         for rule in table.dropped:
-            if rule.param in params and g.spelling in rule.spellings and re.match(rule.path, g.path or ""):
+            if rule.param in params and g.spelling in rule.spellings and compiled(rule.path).match(path or ""):
                 out.ignore(rule.short, rule.reason, g)
         if dora and table.dora != "applied" and table.target:
             report.misapplied.append(
@@ -377,7 +416,7 @@ def check_view(view: FileView, table: Table, base: set[str] | None = None) -> Ta
             )
         if g.scale is None:
             continue
-        applied, why = _applied_scale(table, view, g, defaults, shapes)
+        applied, why = _applied_scale(table, view, g, defaults, shapes, kind, path)
         if applied is not None and not _close(applied, g.scale):
             report.misapplied.append(Misapplied(g.module or g.stem, why or "scale differs", g.scale, applied))
     _file_rules(table, view, out)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
+from functools import cache
 
 ALL = r".*"
 NONE = r"(?!)"
@@ -25,6 +26,13 @@ UNET_ATTENTION = r".*\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$"
 # The six Linear layers of each CLIP encoder layer (ComfyUI comfy/lora.py LORA_CLIP_MAP).
 CLIP_LAYER = r"^text_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$"
 ANY_KIND = frozenset({"lora", "locon", "tucker", "dora", "loha", "lokr", "full"})
+
+
+@cache
+def compiled(pattern: str) -> re.Pattern[str]:
+    """``re.compile(pattern)``, kept: the engine asks for the same few table patterns once per
+    module and target (6,000 times for an SDXL LoRA), and ``re``'s own cache lookup is not free."""
+    return re.compile(pattern)
 
 
 @dataclass(frozen=True)
@@ -83,7 +91,7 @@ class Table:
         if by_component is None:
             return None
         pattern = by_component.get(component, by_component.get("unet" if component == "unet" else "te"))
-        return None if pattern is None else re.compile(pattern)
+        return None if pattern is None else compiled(pattern)
 
 
 @dataclass(frozen=True)

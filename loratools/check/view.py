@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import InputError
 from ..families import FAMILIES
@@ -24,6 +25,9 @@ from ..families.spec import FamilySpec
 from ..formats.keys import KOHYA_KEY, PEFT_METADATA_KEY, is_embedding_key, is_safeloras, normalize_peft_key
 from ..formats.names import NameTables, name_tables
 from ..io.source import Source, open_source
+
+if TYPE_CHECKING:
+    from ..formats.scan import LoraScan
 
 # Raw spellings of peft/diffusers-family keys (docs/CHECK.md §1; docs/FORMATS.md §2.1, §2.3).
 _SPELLINGS = (
@@ -164,11 +168,15 @@ def _guess_family(groups: list[StoredModule]) -> FamilySpec | None:
     return best[1]
 
 
-def build_view(path: str | os.PathLike[str], family: str | FamilySpec | None = None) -> FileView:
+def build_view(
+    path: str | os.PathLike[str], family: str | FamilySpec | None = None, *, scan: LoraScan | None = None
+) -> FileView:
     """The :class:`FileView` of a LoRA file or peft folder; header-only for safetensors files.
 
     A file loratools refuses to read (an ``lora_up`` without its ``lora_down``…) still gets a view:
     loaders meet such files too, and what each does with them is the point of ``check``.
+    ``scan``: the header scan of ``path`` for ``family`` already made (inspect's), used instead
+    of scanning again.
     """
     from ..formats.scan import scan_lora
     from ..io.headers import header_of
@@ -188,11 +196,11 @@ def build_view(path: str | os.PathLike[str], family: str | FamilySpec | None = N
     groups, other = _group(keys, metadata)
     view = FileView(str(source), spec, "unknown", groups, metadata, other)
     view.shapes = {k: tuple(i.shape) for k, i in header.tensors.items()}
-    try:
-        scan = scan_lora(source, spec)
-    except InputError as exc:
-        view.loratools_error = str(exc)
-        scan = None
+    if scan is None:
+        try:
+            scan = scan_lora(source, spec)
+        except InputError as exc:
+            view.loratools_error = str(exc)
     flux = _flux_view(view, source, header, spec, scan)
     if flux is not None:
         return flux

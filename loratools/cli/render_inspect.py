@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
 from ..report.lora import LoraReport
 from ..report.tree import Node
 from .render import FORMAT_TITLES, human_bytes, human_count
+
+if TYPE_CHECKING:  # rich.table (with fractions and decimal) is imported by the tables only:
+    from rich.table import Table  # a header-only inspect prints none
 
 BAR_WIDTH = 40
 _EIGHTHS = " ▏▎▍▌▋▊▉"
@@ -120,6 +122,8 @@ def checkpoint_tree(nodes: Sequence[Node], *, depth: int = 1) -> Tree:
 
 def norm_bars(report: LoraReport, *, top_modules: int = 12) -> Table:
     """‖ΔW‖_F per block (each component's groups) and the largest modules, as bars."""
+    from rich.table import Table
+
     table = Table(show_edge=False, header_style="bold", title="‖ΔW‖_F (factor space)", title_justify="left")
     table.add_column("block")
     table.add_column("‖ΔW‖", justify="right")
@@ -261,6 +265,8 @@ def render_provenance(console: Console, record: Mapping[str, Any]) -> None:
 
 
 def render_hashes(console: Console, entries: Sequence[dict[str, Any]]) -> None:
+    from rich.table import Table
+
     table = Table(show_edge=False, header_style="bold", title="hashes", title_justify="left")
     for column in ("file", "AutoV2 (sha256)", "legacy (AutoV1)", "addnet (sshs_model_hash)"):
         table.add_column(column)
@@ -281,6 +287,8 @@ def render_hashes(console: Console, entries: Sequence[dict[str, Any]]) -> None:
 
 
 def render_keys(console: Console, keys: Iterable[dict[str, Any]]) -> None:
+    from rich.table import Table
+
     table = Table(show_edge=False, header_style="bold", title="keys", title_justify="left")
     table.add_column("key", overflow="fold")  # raw keys are for copying: never cut with "…"
     table.add_column("shape")

@@ -26,7 +26,7 @@ from typing import Any
 
 from ..errors import InputError
 from ..families.spec import FamilySpec
-from ..io.safetensors import _TORCH_NAMES, FLOAT_DTYPES, Header, TensorInfo
+from ..io.safetensors import FLOAT_DTYPES, TORCH_NAMES, Header, TensorInfo
 from ..io.source import SAFETENSORS, open_source
 from . import kohya, peft
 from .adapters import Adapter, LoraFile
@@ -150,7 +150,7 @@ def _module_scan(module: str, name: str, adapter: Adapter, params: dict[str, Par
         None if no_scale else adapter.alpha,
         adapter.scale,
         tuple(map(int, adapter.delta_shape())),
-        _TORCH_NAMES[refs[0].info.dtype],
+        TORCH_NAMES[refs[0].info.dtype],
         sum([math.prod(ref.info.shape) for ref in refs]),
         params,
     )

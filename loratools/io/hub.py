@@ -21,15 +21,15 @@ and a reference not in it is one line saying the Hub cannot be reached.
 from __future__ import annotations
 
 import os
-import socket
-import threading
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from ..errors import InputError
+
+# urllib.request (with http.client and email), socket and threading are imported in reachable()
+# only: every command imports this module for local paths too, and those imports were a large part
+# of a header-only inspect's start-up (issue 18 item 4).
 
 SCHEME = "hf://"
 FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".json", ".sft")
@@ -150,6 +150,11 @@ def reachable(url: str, seconds: float = PROBE_SECONDS) -> bool:
     Name resolution is bounded too: the attempt runs on a daemon thread that is abandoned after
     ``seconds`` (a resolver with no network can hang far longer than any socket timeout).
     """
+    import socket
+    import threading
+    import urllib.request
+    from urllib.parse import urlsplit
+
     parts = urlsplit(url)
     host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
     if not host:

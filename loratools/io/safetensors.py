@@ -49,7 +49,8 @@ ITEMSIZE: dict[str, int] = {
     "U32": 4,
     "U64": 8,
 }
-_TORCH_NAMES = {
+# safetensors dtype string → the torch dtype's name ("F16" → "float16"), as reports print it.
+TORCH_NAMES: dict[str, str] = {
     "F64": "float64",
     "F32": "float32",
     "F16": "float16",
@@ -75,20 +76,20 @@ class _TorchDtypes(Mapping[str, "torch.dtype"]):
     def __getitem__(self, name: str) -> torch.dtype:
         import torch
 
-        dtype = getattr(torch, _TORCH_NAMES[name], None)
+        dtype = getattr(torch, TORCH_NAMES[name], None)
         if not isinstance(dtype, torch.dtype):
             # torch.uint16/32/64 appeared in torch 2.3 (the declared floor is 2.1): one line, not an AttributeError
             raise InputError(f"{name} tensors need torch >= 2.3 (this is torch {torch.__version__})")
         return dtype
 
     def __iter__(self) -> Iterator[str]:
-        return iter(_TORCH_NAMES)
+        return iter(TORCH_NAMES)
 
     def __contains__(self, name: object) -> bool:
-        return name in _TORCH_NAMES
+        return name in TORCH_NAMES
 
     def __len__(self) -> int:
-        return len(_TORCH_NAMES)
+        return len(TORCH_NAMES)
 
 
 DTYPES: Mapping[str, torch.dtype] = _TorchDtypes()
@@ -102,7 +103,7 @@ _ALIGN = 8  # safetensors pads the header with spaces so tensor data starts 8-by
 def dtype_name(dtype: torch.dtype) -> str:
     """The safetensors spelling of a torch dtype (``torch.float16`` → ``"F16"``)."""
     try:
-        return next(name for name, torch_name in _TORCH_NAMES.items() if str(dtype) == f"torch.{torch_name}")
+        return next(name for name, torch_name in TORCH_NAMES.items() if str(dtype) == f"torch.{torch_name}")
     except StopIteration:
         raise InputError(f"dtype {dtype} cannot be stored in safetensors") from None
 

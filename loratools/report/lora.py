@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..families import FAMILIES
 from ..formats.keys import EMBED_FLAG, is_embedding_key
@@ -26,11 +26,14 @@ from ..formats.lookalike import check_not_lfs_pointer, flatten_embedding
 from ..formats.names import name_tables
 from ..formats.resolve import claimed_family
 from ..formats.verdict import sd_verdict, unknown_verdict
-from ..io.safetensors import TensorInfo
+from ..io.safetensors import TORCH_NAMES, TensorInfo
 from ..io.source import PICKLE, SAFETENSORS, Source, open_source
 from ..ops.progress import Progress
 from ..ops.provenance import KEY as PROVENANCE_KEY
 from ..ops.provenance import read_provenance
+
+if TYPE_CHECKING:
+    from ..formats.scan import LoraScan
 from .facts import LIST_LIMIT, hash_facts, key_facts
 from .tree import Leaf, Node, build_tree
 
@@ -446,15 +449,13 @@ def inspect_lora(
         hashes=hash_facts(local, progress) if hashes and local.is_file() else None,
         keys=all_keys if keys else None,
         model=verdict.to_dict(),
-        loads_in=_loads_in(source, family) if loads_in else [],
+        loads_in=_loads_in(source, family, scan) if loads_in else [],
         provenance=read_provenance(metadata, local if local.is_dir() else None),
     )
 
 
 def _torch_name(dtype: str) -> str:
-    from ..io.safetensors import _TORCH_NAMES
-
-    return _TORCH_NAMES[dtype]
+    return TORCH_NAMES[dtype]
 
 
 def _stored_tensors(source: Source) -> dict[str, TensorInfo]:
@@ -548,9 +549,9 @@ def _embedding_report(
     )
 
 
-def _loads_in(source: Source, family: str | None) -> list[str]:
+def _loads_in(source: Source, family: str | None, scan: LoraScan | None) -> list[str]:
     """The per-target "loads in" summary (loratools.check tables, header-only; a pickle or peft
-    folder is viewed through the same opened source)."""
+    folder is viewed through the same opened source, and the header scan made above is reused)."""
     from ..check import loads_in
 
-    return loads_in(source, family)
+    return loads_in(source, family, scan=scan)
