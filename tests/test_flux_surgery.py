@@ -238,33 +238,6 @@ def test_t5_modules_of_a_tiny_flux_lora_are_read_not_dropped(dialect: str, tmp_p
     assert lora.verdict.family == "flux1"
 
 
-@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
-@pytest.mark.parametrize("op", OPS)
-def test_surgery_refuses_to_drop_a_module_it_cannot_place(fmt: str, op: str, tmp_path: Path) -> None:
-    """A module no table of the family names (read with the family given, shapes fitting) was
-    warned about and written out missing; the command now refuses in one line naming it."""
-    from loratools.errors import InputError
-    from loratools.formats.io import save_lora
-    from loratools.synthetic import TINY, make_lora
-
-    src, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
-    save_lora(make_lora(TINY["sd1"], rank=2), tmp_path / "made.safetensors", fmt)
-    tensors, meta = _read(tmp_path / "made.safetensors")
-    stray = "lora_unet_not_a_module" if fmt == "kohya" else "unet.not_a_module"
-    down, up = ("lora_down", "lora_up") if fmt == "kohya" else ("lora_A", "lora_B")
-    tensors |= {f"{stray}.{down}.weight": torch.ones(2, 8), f"{stray}.{up}.weight": torch.ones(8, 2)}
-    save_tensors(src, tensors, meta)
-    runs: dict[str, Callable[[], object]] = {
-        "rescale": lambda: rescale(src, out, 0.5, family=TINY["sd1"]),
-        "resize-fixed": lambda: resize(src, out, rank=1, family=TINY["sd1"]),
-        "resize-dynamic": lambda: resize(src, out, sv_fro=0.8, family=TINY["sd1"]),
-        "blend-self": lambda: blend([(src, 1.0), (src, 1.0)], out, family=TINY["sd1"]),
-    }
-    with pytest.raises(InputError, match=f"not placed in SD 1.x \\(e.g. {stray}: no such module"):
-        runs[op]()
-    assert not out.exists()
-
-
 def test_rescale_of_a_peft_file_with_a_lora_config_keeps_keys_and_reads_back_scaled(tmp_path: Path) -> None:
     """Alphas given by diffusers' ``lora_adapter_metadata`` (no alpha keys): the LoraConfig is
     rewritten to the new alphas, the keys stay, and the file reads back at half strength."""

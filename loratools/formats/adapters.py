@@ -10,8 +10,9 @@ becomes ``alpha = r`` — so every operation sees one rule. Factor tensors keep 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, ClassVar, Protocol, TypeGuard, Union
 
 from ..families.spec import FamilySpec
 from .verdict import VERBATIM, ModelVerdict, sd_verdict, unknown_verdict
@@ -35,6 +36,59 @@ def _shaped(delta: torch.Tensor, shape: tuple[int, ...] | None, what: str) -> to
     return delta.reshape(shape)
 
 
+# ``(U·S, Vh)`` of ``up @ down``: the factor-space SVD lives in ops/lowrank (svd_of_product), above
+# this layer, so kinds that need one take it as an argument; the default is the dense SVD.
+PairSVD = Callable[["torch.Tensor", "torch.Tensor"], tuple["torch.Tensor", "torch.Tensor"]]
+Factors = tuple["torch.Tensor", Union["torch.Tensor", None], tuple[int, ...]]
+
+
+def dense_pair_svd(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U·S, Vh)`` of ``up @ down`` by a dense float64 SVD (the default :data:`PairSVD`)."""
+    import torch
+
+    u, s, vh = torch.linalg.svd(up.to(torch.float64) @ down.to(torch.float64), full_matrices=False)
+    return u * s, vh
+
+
+def _compute_dtype(adapter: object) -> torch.dtype:
+    """float64 factors stay float64; everything else is computed in float32."""
+    import torch
+
+    return torch.float64 if factor_dtype(adapter) == torch.float64 else torch.float32
+
+
+def _dense_factors(delta: torch.Tensor) -> Factors:
+    """A dense ΔW as ``(ΔW as a matrix, None, ΔW's shape)``: kinds with no exact product form."""
+    return delta.reshape(delta.shape[0], -1), None, tuple(delta.shape)
+
+
+def _khatri_rao_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise Kronecker product: row i of the result is kron(a[i], b[i])."""
+    return (a[:, :, None] * b[:, None, :]).reshape(a.shape[0], -1)
+
+
+def _signed(t: torch.Tensor, negative: bool) -> torch.Tensor:
+    import torch
+
+    return torch.neg(t) if negative else t  # a sign flip is exact in every float dtype
+
+
+def _times(t: torch.Tensor, by: float) -> torch.Tensor:
+    import torch
+
+    return (t.to(torch.float32) * by).to(t.dtype)
+
+
+def _present(adapter: object, params: tuple[tuple[str, str], ...]) -> dict[str, torch.Tensor]:
+    """The adapter's stored tensors under their LyCORIS/kohya names, in ``params`` order."""
+    out = {}
+    for attr, name in params:
+        value = getattr(adapter, attr)
+        if value is not None:
+            out[name] = value
+    return out
+
+
 @dataclass
 class LowRank:
     """``ΔW = alpha/r · up @ down`` (Linear or conv; Tucker ``mid`` for k×k convs; optional DoRA).
@@ -54,10 +108,38 @@ class LowRank:
     dora_scale: torch.Tensor | None = None
     dora_axis: str | None = None
     kind = "lora"
+    # (attribute, LyCORIS/kohya parameter name) in the order the writers emit them
+    PARAMS: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("down", "lora_down.weight"),
+        ("up", "lora_up.weight"),
+        ("mid", "lora_mid.weight"),
+        ("dora_scale", "dora_scale"),
+    )
+    stores_alpha: ClassVar[bool] = True
+    holds_dora: ClassVar[bool] = True
+
+    @classmethod
+    def from_tensors(cls, params: Mapping[str, torch.Tensor], alpha: float) -> LowRank:
+        """From a parameter group in LyCORIS/kohya names (the readers have checked the shapes)."""
+        return cls(params["lora_up.weight"], params["lora_down.weight"], alpha, params.get("lora_mid.weight"))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The stored tensors under their LyCORIS/kohya names (no alpha), in written order."""
+        return _present(self, self.PARAMS)
 
     @property
     def rank(self) -> int:
         return int(self.down.shape[0])
+
+    @property
+    def is_pair(self) -> bool:
+        """``ΔW = scale·up @ down`` with no Tucker core (DoRA or not)."""
+        return self.mid is None
+
+    @property
+    def is_plain(self) -> bool:
+        """A plain two-factor LoRA/LoCon: no Tucker core, no DoRA magnitude."""
+        return self.mid is None and self.dora_scale is None
 
     @property
     def scale(self) -> float:
@@ -67,6 +149,10 @@ class LowRank:
     def out_features(self) -> int:
         return int(self.up.shape[0])
 
+    def natural_shape(self) -> tuple[int, ...]:
+        """The shape the factors give (a pair's is the weight's own)."""
+        return self.delta_shape()
+
     def delta_shape(self) -> tuple[int, ...]:
         if self.mid is not None:
             return (self.out_features, int(self.down.shape[1]), *self.mid.shape[2:])
@@ -75,13 +161,25 @@ class LowRank:
         return (self.out_features, int(self.down.shape[1]))
 
     @property
-    def label(self) -> str:
-        """The kind as inspect and diff show it: lora, locon (k×k conv), tucker, dora."""
-        if self.dora_scale is not None:
-            return "dora"
+    def form(self) -> str:
+        """lora, locon (a conv kernel other than 1×1) or tucker, DoRA aside (resize's rows).
+
+        A kernel is a 1×1 one only when both axes are 1, as kohya decides it
+        (kohya-ss/sd-scripts:networks/lora.py (LoRAInfModule.merge_to): ``down.size()[2:4] == (1, 1)``).
+        """
         if self.mid is not None:
             return "tucker"
-        return "locon" if self.down.dim() == 4 and self.down.shape[-1] > 1 else "lora"
+        return "locon" if self.down.dim() == 4 and tuple(self.down.shape[2:]) != (1, 1) else "lora"
+
+    @property
+    def label(self) -> str:
+        """The kind as inspect and diff show it: lora, locon (k×k conv), tucker, dora."""
+        return "dora" if self.dora_scale is not None else self.form
+
+    @property
+    def tally(self) -> str:
+        """The name :attr:`LoraFile.kinds` counts this module under: lora or dora."""
+        return "dora" if self.dora_scale is not None else self.kind
 
     def delta(self) -> torch.Tensor:
         """ΔW in float32, shaped like the weight (without DoRA, which needs the base weight)."""
@@ -98,7 +196,34 @@ class LowRank:
         return delta * self.scale
 
     def parameters(self) -> int:
-        return sum(t.numel() for t in (self.up, self.down, self.mid, self.dora_scale) if t is not None)
+        return sum(t.numel() for t in self.tensors().values())
+
+    def rescaled(self, by: float) -> tuple[LowRank, str]:
+        """``by·ΔW``: ``|by|`` into alpha, a negative sign into ``up`` (factors kept bit for bit)."""
+        return replace(self, up=_signed(self.up, by < 0), alpha=self.alpha * abs(by)), _sign_route(by)
+
+    def product_factors(self, include_scale: bool = True, svd: PairSVD = dense_pair_svd) -> Factors:
+        """``(up, down, shape)`` with ``ΔW = up @ down`` exactly (``down`` None: dense ΔW, Tucker).
+
+        ``include_scale=False`` returns the pair as stored (its own dtype, ``alpha/r`` left out);
+        otherwise float32 (float64 factors stay float64). DoRA is not applied (it needs the base
+        weight). ``svd`` is unused: a pair is its own factorization.
+        """
+        if self.mid is not None:
+            return _dense_factors(self.delta())
+        shape = self.delta_shape()
+        up, down = self.up.reshape(shape[0], self.rank), self.down.reshape(self.rank, -1)
+        if not include_scale:  # the raw factors as stored: callers convert once, to what they need
+            return up, down, shape
+        dtype = _compute_dtype(self)
+        return up.to(dtype) * self.scale, down.to(dtype), shape
+
+    def kron_halves(self) -> None:
+        """Not a Kronecker product (see :meth:`LoKr.kron_halves`)."""
+        return None
+
+    def with_dora(self, scale: torch.Tensor, axis: str) -> LowRank:
+        return replace(self, dora_scale=scale, dora_axis=axis)
 
     def baked(self) -> LowRank:
         """The scale folded into the factors: ``alpha := r``, ``up := up·alpha/r`` (ΔW unchanged).
@@ -112,6 +237,24 @@ class LowRank:
             return self
         up = (self.up.to(torch.float32) * self.scale).to(self.up.dtype)
         return replace(self, up=up, alpha=float(self.rank))
+
+
+def _sign_route(by: float) -> str:
+    """How a rescale carried ``by``: alpha, plus a sign flip in one factor when negative."""
+    return "alpha+sign" if by < 0 else "alpha"
+
+
+def _half_svd(
+    full: torch.Tensor | None, a: torch.Tensor | None, b: torch.Tensor | None, svd: PairSVD
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U·S, Vh)`` of one Kronecker half, keeping only its true rank when it is stored low-rank."""
+    import torch
+
+    if full is not None:
+        u, s, vh = torch.linalg.svd(full.to(torch.float64).reshape(full.shape[0], -1), full_matrices=False)
+        return u * s, vh
+    a, b = _given(a, "lokr_w_a"), _given(b, "lokr_w_b")
+    return svd(a.to(torch.float64), b.to(torch.float64).reshape(b.shape[0], -1))
 
 
 def _given(tensor: torch.Tensor | None, what: str) -> torch.Tensor:
@@ -149,6 +292,31 @@ class LoHa:
     dora_scale: torch.Tensor | None = None
     dora_axis: str | None = None
     kind = "loha"
+    PARAMS: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("w1a", "hada_w1_a"),
+        ("w1b", "hada_w1_b"),
+        ("w2a", "hada_w2_a"),
+        ("w2b", "hada_w2_b"),
+        ("t1", "hada_t1"),
+        ("t2", "hada_t2"),
+        ("dora_scale", "dora_scale"),
+    )
+    stores_alpha: ClassVar[bool] = True
+    holds_dora: ClassVar[bool] = True
+    is_pair: ClassVar[bool] = False
+    is_plain: ClassVar[bool] = False
+
+    @classmethod
+    def from_tensors(
+        cls, params: Mapping[str, torch.Tensor], alpha: float, shape: tuple[int, ...] | None = None
+    ) -> LoHa:
+        """From a parameter group in LyCORIS names (the readers have checked the shapes)."""
+        w1a, w1b, w2a, w2b = (params[k] for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
+        return cls(w1a, w1b, w2a, w2b, alpha, params.get("hada_t1"), params.get("hada_t2"), shape)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The stored tensors under their LyCORIS names (no alpha), in written order."""
+        return _present(self, self.PARAMS)
 
     @property
     def rank(self) -> int:
@@ -168,9 +336,17 @@ class LoHa:
         return tuple(self.shape) if self.shape is not None else self.natural_shape()
 
     @property
+    def form(self) -> str:
+        return self.kind
+
+    @property
     def label(self) -> str:
         """The kind as inspect and diff show it (``+dora`` with a magnitude)."""
         return self.kind + ("+dora" if self.dora_scale is not None else "")
+
+    @property
+    def tally(self) -> str:
+        return self.label
 
     def delta(self) -> torch.Tensor:
         if self.t1 is not None and self.t2 is not None:
@@ -182,8 +358,27 @@ class LoHa:
         return _shaped(delta * self.scale, self.shape, "LoHa")
 
     def parameters(self) -> int:
-        tensors = (self.w1a, self.w1b, self.w2a, self.w2b, self.t1, self.t2, self.dora_scale)
-        return sum(t.numel() for t in tensors if t is not None)
+        return sum(t.numel() for t in self.tensors().values())
+
+    def rescaled(self, by: float) -> tuple[LoHa, str]:
+        """``by·ΔW``: ``|by|`` into alpha, a negative sign into ``w1a``."""
+        return replace(self, w1a=_signed(self.w1a, by < 0), alpha=self.alpha * abs(by)), _sign_route(by)
+
+    def product_factors(self, include_scale: bool = True, svd: PairSVD = dense_pair_svd) -> Factors:
+        """``(A1 B1) ⊙ (A2 B2) = (A1 ⊛ A2)(B1ᵀ ⊛ B2ᵀ)ᵀ`` with ⊛ the row-wise Kronecker product
+        (rank ≤ r²), scale included; Tucker falls back to the dense ΔW (``down`` None)."""
+        if self.t1 is not None:
+            return _dense_factors(self.delta())
+        dtype = _compute_dtype(self)
+        up = _khatri_rao_rows(self.w1a.to(dtype), self.w2a.to(dtype)) * self.scale
+        down = _khatri_rao_rows(self.w1b.to(dtype).t(), self.w2b.to(dtype).t()).t()
+        return up, down, self.shape or (up.shape[0], down.shape[1])
+
+    def kron_halves(self) -> None:
+        return None
+
+    def with_dora(self, scale: torch.Tensor, axis: str) -> LoHa:
+        return replace(self, dora_scale=scale, dora_axis=axis)
 
 
 @dataclass
@@ -213,6 +408,32 @@ class LoKr:
     dora_scale: torch.Tensor | None = None
     dora_axis: str | None = None
     kind = "lokr"
+    PARAMS: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("w1", "lokr_w1"),
+        ("w1a", "lokr_w1_a"),
+        ("w1b", "lokr_w1_b"),
+        ("w2", "lokr_w2"),
+        ("w2a", "lokr_w2_a"),
+        ("w2b", "lokr_w2_b"),
+        ("t2", "lokr_t2"),
+        ("dora_scale", "dora_scale"),
+    )
+    stores_alpha: ClassVar[bool] = True  # LyCORIS writes one even when both halves are full
+    holds_dora: ClassVar[bool] = True
+    is_pair: ClassVar[bool] = False
+    is_plain: ClassVar[bool] = False
+
+    @classmethod
+    def from_tensors(
+        cls, params: Mapping[str, torch.Tensor], alpha: float, shape: tuple[int, ...] | None = None
+    ) -> LoKr:
+        """From a parameter group in LyCORIS names (the readers check the shapes)."""
+        w1, w1a, w1b, w2, w2a, w2b, t2 = (params.get(name) for attr, name in cls.PARAMS if attr != "dora_scale")
+        return cls(alpha, w1, w1a, w1b, w2, w2a, w2b, t2, shape)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The stored tensors under their LyCORIS names (no alpha), in written order."""
+        return _present(self, self.PARAMS)
 
     @property
     def rank(self) -> int | None:
@@ -250,9 +471,17 @@ class LoKr:
         return tuple(self.shape) if self.shape is not None else self.natural_shape()
 
     @property
+    def form(self) -> str:
+        return self.kind
+
+    @property
     def label(self) -> str:
         """The kind as inspect and diff show it (``+dora`` with a magnitude)."""
         return self.kind + ("+dora" if self.dora_scale is not None else "")
+
+    @property
+    def tally(self) -> str:
+        return self.label
 
     def _w1(self) -> torch.Tensor:
         if self.w1 is not None:
@@ -276,8 +505,41 @@ class LoKr:
         return _shaped(torch.kron(w1.contiguous(), w2) * self.scale, self.shape, "LoKr")
 
     def parameters(self) -> int:
-        tensors = (self.w1, self.w1a, self.w1b, self.w2, self.w2a, self.w2b, self.t2, self.dora_scale)
-        return sum(t.numel() for t in tensors if t is not None)
+        return sum(t.numel() for t in self.tensors().values())
+
+    def rescaled(self, by: float) -> tuple[LoKr, str]:
+        """``by·ΔW``: ``|by|`` into alpha and a negative sign into ``w1``/``w1a``; with both halves
+        full the scale is fixed at 1, so ``by`` multiplies ``w1`` ("factor")."""
+        negative = by < 0
+        if self.rank is None:
+            return replace(self, w1=_times(_given(self.w1, "lokr_w1"), by)), "factor"
+        if self.w1 is not None:
+            return replace(self, w1=_signed(self.w1, negative), alpha=self.alpha * abs(by)), _sign_route(by)
+        w1a = _signed(self.w1a, negative) if self.w1a is not None else None
+        return replace(self, w1a=w1a, alpha=self.alpha * abs(by)), _sign_route(by)
+
+    def product_factors(self, include_scale: bool = True, svd: PairSVD = dense_pair_svd) -> Factors:
+        """``kron(U1 S1 V1ᵀ, U2 S2 V2ᵀ) = kron(U1 S1, U2 S2) · kron(V1, V2)ᵀ`` from each half's own SVD
+        (rank = rank(w1)·rank(w2)), scale included. A full half gets a dense SVD, a factored one
+        ``svd`` of its pair (ops/lowrank passes its factor-space one). Tucker: dense ΔW."""
+        import torch
+
+        if self.t2 is not None:
+            return _dense_factors(self.delta())
+        u1s1, v1 = _half_svd(self.w1, self.w1a, self.w1b, svd)
+        u2s2, v2 = _half_svd(self.w2, self.w2a, self.w2b, svd)
+        up = torch.kron(u1s1.contiguous(), u2s2.contiguous()) * self.scale
+        down = torch.kron(v1.contiguous(), v2.contiguous())
+        w2_shape = tuple(self.w2.shape) if self.w2 is not None else (u2s2.shape[0], v2.shape[1])
+        natural = (u1s1.shape[0] * w2_shape[0], v1.shape[1] * w2_shape[1], *w2_shape[2:])
+        return up, down, self.shape or natural
+
+    def kron_halves(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(w1, w2)`` in float32 with ``ΔW = scale·kron(w1, w2)`` (before any reshape to the weight)."""
+        return self._w1(), self._w2()
+
+    def with_dora(self, scale: torch.Tensor, axis: str) -> LoKr:
+        return replace(self, dora_scale=scale, dora_axis=axis)
 
 
 @dataclass
@@ -291,6 +553,22 @@ class Full:
     diff_b: torch.Tensor | None = None
     alpha: float = 1.0
     kind = "full"
+    PARAMS: ClassVar[tuple[tuple[str, str], ...]] = (("diff", "diff"), ("diff_b", "diff_b"))
+    stores_alpha: ClassVar[bool] = False  # no scale: a full diff is written without alpha
+    holds_dora: ClassVar[bool] = False
+    is_pair: ClassVar[bool] = False
+    is_plain: ClassVar[bool] = False
+    dora_scale: ClassVar[None] = None
+    dora_axis: ClassVar[None] = None
+
+    @classmethod
+    def from_tensors(cls, params: Mapping[str, torch.Tensor]) -> Full:
+        """From ``diff`` (and ``diff_b``)."""
+        return cls(params["diff"], params.get("diff_b"))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """``diff`` (and ``diff_b``), the LyCORIS names."""
+        return _present(self, self.PARAMS)
 
     @property
     def rank(self) -> None:
@@ -303,8 +581,19 @@ class Full:
     def delta_shape(self) -> tuple[int, ...]:
         return tuple(self.diff.shape)
 
+    def natural_shape(self) -> tuple[int, ...]:
+        return self.delta_shape()
+
+    @property
+    def form(self) -> str:
+        return self.kind
+
     @property
     def label(self) -> str:
+        return self.kind
+
+    @property
+    def tally(self) -> str:
         return self.kind
 
     def delta(self) -> torch.Tensor:
@@ -314,7 +603,22 @@ class Full:
         return None if self.diff_b is None else _f32(self.diff_b)
 
     def parameters(self) -> int:
-        return self.diff.numel() + (self.diff_b.numel() if self.diff_b is not None else 0)
+        return sum(t.numel() for t in self.tensors().values())
+
+    def rescaled(self, by: float) -> tuple[Full, str]:
+        """``by·diff`` (and ``by·diff_b``): no alpha to carry it ("factor")."""
+        diff_b = None if self.diff_b is None else _times(self.diff_b, by)
+        return replace(self, diff=_times(self.diff, by), diff_b=diff_b), "factor"
+
+    def product_factors(self, include_scale: bool = True, svd: PairSVD = dense_pair_svd) -> Factors:
+        """The dense ΔW (``down`` None): a stored difference has no product form."""
+        return _dense_factors(self.delta())
+
+    def kron_halves(self) -> None:
+        return None
+
+    def with_dora(self, scale: torch.Tensor, axis: str) -> Full:
+        raise ValueError("a full-diff module holds no DoRA magnitude")
 
 
 def factor_dtype(adapter: object) -> torch.dtype:
@@ -328,6 +632,66 @@ def factor_dtype(adapter: object) -> torch.dtype:
 
 
 Adapter = Union[LowRank, LoHa, LoKr, Full]  # noqa: UP007 (a runtime alias)
+
+
+class AdapterKind(Protocol):
+    """What every adapter kind offers, so operations call it instead of branching on the class.
+
+    :data:`Adapter` (the union) is what signatures take; this protocol lists the shared API and
+    mypy checks each kind against it (:data:`KINDS`).
+    """
+
+    kind: str  # lora / loha / lokr / full
+    alpha: float
+    PARAMS: ClassVar[tuple[tuple[str, str], ...]]  # (attribute, LyCORIS/kohya name), written order
+
+    @property
+    def rank(self) -> int | None: ...
+    @property
+    def scale(self) -> float: ...
+    @property
+    def form(self) -> str: ...
+    @property
+    def label(self) -> str: ...
+    @property
+    def tally(self) -> str: ...
+    @property
+    def is_pair(self) -> bool: ...
+    @property
+    def is_plain(self) -> bool: ...
+    @property
+    def stores_alpha(self) -> bool: ...
+    @property
+    def holds_dora(self) -> bool: ...
+    @property
+    def dora_scale(self) -> torch.Tensor | None: ...
+    def delta_shape(self) -> tuple[int, ...]: ...
+    def natural_shape(self) -> tuple[int, ...]: ...
+    def delta(self) -> torch.Tensor: ...
+    def parameters(self) -> int: ...
+    def tensors(self) -> dict[str, torch.Tensor]: ...
+    def rescaled(self, by: float) -> tuple[Adapter, str]: ...
+    def product_factors(self, include_scale: bool = True, svd: PairSVD = dense_pair_svd) -> Factors: ...
+    def kron_halves(self) -> tuple[torch.Tensor, torch.Tensor] | None: ...
+    def with_dora(self, scale: torch.Tensor, axis: str) -> Adapter: ...
+
+
+KINDS: tuple[type[AdapterKind], ...] = (LowRank, LoHa, LoKr, Full)  # mypy checks each against the protocol
+
+
+def plain_lora(adapter: Adapter) -> TypeGuard[LowRank]:
+    """:attr:`~LowRank.is_plain`, narrowing for mypy (only a LowRank is plain)."""
+    return adapter.is_plain
+
+
+def lora_pair(adapter: Adapter) -> TypeGuard[LowRank]:
+    """:attr:`~LowRank.is_pair` (up @ down, DoRA or not), narrowing for mypy."""
+    return adapter.is_pair
+
+
+def low_rank(adapter: Adapter) -> TypeGuard[LowRank]:
+    """A LowRank of any form (pair, Tucker, DoRA): what has an ``up`` a scale can be folded into."""
+    return adapter.kind == LowRank.kind
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
@@ -469,9 +833,7 @@ class LoraFile:
     def kinds(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for adapter in self.adapters.values():
-            name = adapter.kind
-            if getattr(adapter, "dora_scale", None) is not None:
-                name = "dora" if isinstance(adapter, LowRank) else f"{adapter.kind}+dora"
+            name = adapter.tally
             counts[name] = counts.get(name, 0) + 1
         return counts
 
@@ -483,7 +845,8 @@ class LoraFile:
         return counts
 
     def only_plain_lora(self) -> bool:
-        return all(isinstance(a, LowRank) and a.dora_scale is None for a in self.adapters.values())
+        """Every module a LowRank without DoRA (Tucker allowed): kohya's networks.lora metadata."""
+        return all(a.tally == LowRank.kind for a in self.adapters.values())
 
     def with_adapters(self, adapters: dict[str, Adapter]) -> LoraFile:
         return replace(self, adapters=adapters)

@@ -34,7 +34,7 @@ import torch
 from ..errors import InputError
 from ..families import FAMILIES, get_family
 from ..families.spec import COMPONENT_TITLES, FamilySpec
-from .adapters import Adapter, LoraFile, LowRank
+from .adapters import Adapter, LoraFile, LowRank, low_rank, plain_lora
 from .keys import EMBED_FLAG, is_safeloras  # noqa: F401 (re-exported)
 from .keys import SAFELORAS_KEY as KEY
 from .names import name_tables
@@ -525,7 +525,7 @@ def bake_scale(lora: LoraFile) -> LoraFile:
     cloneofsimo files have no alpha: this is what makes a LoRA with ``alpha ≠ r`` writable.
     Other adapter kinds are left as they are (the writers refuse them).
     """
-    return lora.with_adapters({name: a.baked() if isinstance(a, LowRank) else a for name, a in lora.adapters.items()})
+    return lora.with_adapters({name: a.baked() if low_rank(a) else a for name, a in lora.adapters.items()})
 
 
 def _scale_is_one(adapter: LowRank) -> bool:
@@ -534,22 +534,16 @@ def _scale_is_one(adapter: LowRank) -> bool:
 
 def _unwritable_kind(adapter: Adapter) -> str | None:
     """What keeps an adapter out of a cloneofsimo file (None: a plain Linear LoRA pair)."""
-    if not isinstance(adapter, LowRank):
+    if adapter.is_plain:
+        return None
+    if adapter.kind != LowRank.kind:
         return adapter.kind
-    if adapter.dora_scale is not None:
-        return "DoRA"
-    if adapter.mid is not None:
-        return "Tucker conv"
-    return None
+    return "DoRA" if adapter.dora_scale is not None else "Tucker conv"
 
 
 def _check_writable(lora: LoraFile) -> None:
     if lora.family is None and all(UNPLACED.match(m) for m in lora.adapters):
-        odd = [
-            m
-            for m, a in lora.adapters.items()
-            if not isinstance(a, LowRank) or _unwritable_kind(a) or not _scale_is_one(a)
-        ]
+        odd = [m for m, a in lora.adapters.items() if not plain_lora(a) or not _scale_is_one(a)]
         if odd:
             raise InputError(
                 f"cloneofsimo files hold plain LoRA pairs at scale 1; {len(odd)} pairs are not (e.g. {odd[0]})",
@@ -582,7 +576,7 @@ def _check_writable(lora: LoraFile) -> None:
             f"(e.g. {', '.join(untargeted[:3])})",
             hint="write kohya, diffusers or peft instead, or drop those modules first",
         )
-    scaled = [(m, a) for m, a in lora.adapters.items() if isinstance(a, LowRank) and not _scale_is_one(a)]
+    scaled = [(m, a) for m, a in lora.adapters.items() if plain_lora(a) and not _scale_is_one(a)]
     if scaled:
         module, adapter = scaled[0]
         raise InputError(
@@ -606,7 +600,7 @@ def _ordered_pairs(
         order = "text"
     elif order is None or (has_geglu and order == "attention"):  # the source's order when it can hold them
         order = "geglu-0.15" if has_geglu else "attention"
-    adapters = [a for a in mine.values() if isinstance(a, LowRank)]
+    adapters = [a for a in mine.values() if plain_lora(a)]  # all of them: _check_writable ran
     pad_rank = Counter(a.rank for a in adapters).most_common(1)[0][0] if adapters else 1
     pad_dtype = dtype or (adapters[0].up.dtype if adapters else torch.float32)
     names = module_order(lora.family, component, order)
@@ -619,7 +613,7 @@ def _ordered_pairs(
             rank = min(pad_rank, *shape)
             out.append((torch.zeros(shape[0], rank, dtype=pad_dtype), torch.zeros(rank, shape[1], dtype=pad_dtype)))
             continue
-        assert isinstance(adapter, LowRank)
+        assert plain_lora(adapter)  # _check_writable refused every other kind
         up = adapter.up.reshape(shape[0], adapter.rank)  # 1×1-conv-shaped factors of a Linear: same numbers
         down = adapter.down.reshape(adapter.rank, shape[1])
         if dtype is not None:
@@ -640,7 +634,7 @@ def _module_shapes(lora: LoraFile, names: Sequence[str]) -> dict[str, tuple[int,
     own: dict[str, tuple[int, int]] = {}
     for name in names:
         adapter = lora.adapters.get(name)
-        if isinstance(adapter, LowRank):
+        if adapter is not None and plain_lora(adapter):
             own[name] = (int(adapter.up.shape[0]), int(adapter.down.reshape(adapter.rank, -1).shape[1]))
     if all(own[n] == table[n].shape for n in own):
         return {n: own.get(n) or (table[n].shape[0], table[n].shape[1]) for n in names}
@@ -688,7 +682,7 @@ def safeloras_state_dict(
     metadata: dict[str, str] = {k: v for k, v in carried_metadata(lora).items() if k not in SAFELORAS_NAMES}
     if lora.family is None:  # unplaced pairs (_unplaced): written back in their stored order
         for module, adapter in sorted(lora.adapters.items(), key=lambda kv: _unplaced_key(kv[0])):
-            assert isinstance(adapter, LowRank)
+            assert plain_lora(adapter)  # _check_writable refused every other kind
             up, down = adapter.up, adapter.down
             if dtype is not None:
                 up, down = up.to(dtype), down.to(dtype)

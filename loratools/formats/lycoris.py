@@ -67,25 +67,27 @@ def dora_axis(scale: torch.Tensor, out_features: int, in_features: int | None = 
     )
 
 
-def _attach_dora(name: str, adapter: Adapter, params: dict[str, torch.Tensor], shape: tuple[int, ...] | None) -> None:
+def _attach_dora(
+    name: str, adapter: Adapter, params: dict[str, torch.Tensor], shape: tuple[int, ...] | None
+) -> Adapter:
     scale = params.get("dora_scale")
     if scale is None:
-        return
-    if isinstance(adapter, Full):
+        return adapter
+    if not adapter.holds_dora:
         raise InputError(f"{name}: dora_scale on a full-diff module is not a LyCORIS layout")
     shape = shape or adapter.delta_shape()
     try:
         axis = dora_axis(scale, int(shape[0]), int(shape[1]))
     except InputError as exc:
         raise InputError(f"{name}: {exc}") from None
-    adapter.dora_scale, adapter.dora_axis = scale, axis
+    return adapter.with_dora(scale, axis)
 
 
 def _check_shape(name: str, adapter: Adapter, weight_shape: tuple[int, ...] | None) -> None:
     """The ΔW the factors describe must fill the target weight exactly (same element count, same out-dim)."""
     if weight_shape is None:
         return
-    natural = adapter.natural_shape() if isinstance(adapter, (LoHa, LoKr)) else adapter.delta_shape()
+    natural = adapter.natural_shape()
     if natural[0] != weight_shape[0] or math.prod(natural) != math.prod(weight_shape):
         raise InputError(
             f"{name}: the factors give a ΔW of shape {tuple(natural)}, the weight is {tuple(weight_shape)}"
@@ -114,7 +116,7 @@ def _read_lora(name: str, params: dict[str, torch.Tensor], warnings: list[str]) 
         raise _rank_error(name, "LoRA", shown)
     if mid is not None and any(int(k) != 1 for k in down.shape[2:]):
         raise InputError(f"{name}: a Tucker lora_down must be (r, in, 1, 1), got {tuple(down.shape)}")
-    return LowRank(up, down, read_alpha(params, rank, name, warnings), mid)
+    return LowRank.from_tensors(params, read_alpha(params, rank, name, warnings))
 
 
 def _read_loha(name: str, params: dict[str, torch.Tensor], shape: tuple[int, ...] | None, warnings: list[str]) -> LoHa:
@@ -153,7 +155,7 @@ def _read_loha(name: str, params: dict[str, torch.Tensor], shape: tuple[int, ...
         raise _rank_error(name, "LoHa", factors)
     if int(w2b.shape[0]) != rank:
         warnings.append(f"{name}: LoHa halves have ranks {rank} and {int(w2b.shape[0])}; scale uses {rank} (hada_w1_b)")
-    return LoHa(w1a, w1b, w2a, w2b, read_alpha(params, rank, name, warnings), t1, t2, shape)
+    return LoHa.from_tensors(params, read_alpha(params, rank, name, warnings), shape)
 
 
 def _read_lokr(name: str, params: dict[str, torch.Tensor], shape: tuple[int, ...] | None, warnings: list[str]) -> LoKr:
@@ -166,17 +168,7 @@ def _read_lokr(name: str, params: dict[str, torch.Tensor], shape: tuple[int, ...
         "lokr_w2" in keys and keys & {"lokr_w2_a", "lokr_w2_b", "lokr_t2"}
     ):
         raise InputError(f"{name}: LoKr half given both full and factored ({sorted(keys)})")
-    adapter = LoKr(
-        0.0,
-        params.get("lokr_w1"),
-        params.get("lokr_w1_a"),
-        params.get("lokr_w1_b"),
-        params.get("lokr_w2"),
-        params.get("lokr_w2_a"),
-        params.get("lokr_w2_b"),
-        params.get("lokr_t2"),
-        shape,
-    )
+    adapter = LoKr.from_tensors(params, 0.0, shape)
     ranks = []
     if adapter.w1a is not None and adapter.w1b is not None:
         if adapter.w1a.dim() != 2 or adapter.w1b.dim() != 2 or adapter.w1a.shape[1] != adapter.w1b.shape[0]:
@@ -227,53 +219,21 @@ def adapter_from_params(
             raise InputError(f"{name}: full-diff module has diff_b but no diff")
         if "alpha" in params:
             warnings.append(f"{name}: a full-diff module has no scale; its alpha is ignored")
-        adapter = Full(params["diff"], params.get("diff_b"))
+        adapter = Full.from_tensors(params)
         if weight_shape is not None and tuple(adapter.diff.shape) != tuple(weight_shape):
             raise InputError(
                 f"{name}: diff {tuple(adapter.diff.shape)} is not the weight's shape {tuple(weight_shape)}"
             )
     _check_shape(name, adapter, weight_shape)
-    _attach_dora(name, adapter, params, weight_shape)
-    return adapter
+    return _attach_dora(name, adapter, params, weight_shape)
 
 
 def adapter_params(adapter: Adapter, alpha_dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """The kohya/LyCORIS parameter group of an adapter (inverse of :func:`adapter_from_params`);
+    """The kohya/LyCORIS parameter group of an adapter (inverse of :func:`adapter_from_params`):
+    its :meth:`~.adapters.AdapterKind.tensors`, then ``alpha`` for kinds that store one;
     ``alpha_dtype`` None leaves ``alpha`` out (its factors only, torch-free)."""
-    out: dict[str, torch.Tensor] = {}
-    if isinstance(adapter, LowRank):
-        out["lora_down.weight"] = adapter.down
-        out["lora_up.weight"] = adapter.up
-        if adapter.mid is not None:
-            out["lora_mid.weight"] = adapter.mid
-        if adapter.dora_scale is not None:
-            out["dora_scale"] = adapter.dora_scale
-    elif isinstance(adapter, LoHa):
-        out.update(hada_w1_a=adapter.w1a, hada_w1_b=adapter.w1b, hada_w2_a=adapter.w2a, hada_w2_b=adapter.w2b)
-        if adapter.t1 is not None and adapter.t2 is not None:
-            out.update(hada_t1=adapter.t1, hada_t2=adapter.t2)
-        if adapter.dora_scale is not None:
-            out["dora_scale"] = adapter.dora_scale
-    elif isinstance(adapter, LoKr):
-        for key, value in (
-            ("lokr_w1", adapter.w1),
-            ("lokr_w1_a", adapter.w1a),
-            ("lokr_w1_b", adapter.w1b),
-            ("lokr_w2", adapter.w2),
-            ("lokr_w2_a", adapter.w2a),
-            ("lokr_w2_b", adapter.w2b),
-            ("lokr_t2", adapter.t2),
-        ):
-            if value is not None:
-                out[key] = value
-        if adapter.dora_scale is not None:
-            out["dora_scale"] = adapter.dora_scale
-    else:
-        out["diff"] = adapter.diff
-        if adapter.diff_b is not None:
-            out["diff_b"] = adapter.diff_b
-        return out
-    if alpha_dtype is not None:
+    out = adapter.tensors()
+    if adapter.stores_alpha and alpha_dtype is not None:
         import torch
 
         out["alpha"] = torch.tensor(adapter.alpha, dtype=alpha_dtype)

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from ..io.safetensors import TensorInfo, dtype_name, tensor_bytes
-from .adapters import LoraFile, LowRank
+from .adapters import LoraFile, low_rank
 from .keys import EMBED_FLAG, PEFT_METADATA_KEY
 
 if TYPE_CHECKING:
@@ -53,9 +53,9 @@ def _fmt(value: float) -> str:
 def describe_network(meta: dict[str, str], lora: LoraFile) -> dict[str, str]:
     """Set the kohya network keys in ``meta`` to what ``lora`` holds (module, dim, alpha, args)."""
     plain = lora.only_plain_lora()
-    linear = [a for a in lora.adapters.values() if isinstance(a, LowRank) and a.down.dim() == 2]
-    conv = [a for a in lora.adapters.values() if isinstance(a, LowRank) and a.down.dim() == 4 and a.down.shape[-1] > 1]
-    low = [a for a in lora.adapters.values() if isinstance(a, LowRank)]
+    low = [a for a in lora.adapters.values() if low_rank(a)]
+    linear = [a for a in low if a.down.dim() == 2]
+    conv = [a for a in low if a.form == "locon"]  # a kernel other than 1×1: kohya's conv_dim
     ranks = Counter(a.rank for a in (linear or low))
     alphas = Counter(a.alpha for a in (linear or low))
     if ranks:

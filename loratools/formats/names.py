@@ -18,6 +18,7 @@ from ..families.spec import DIFFUSERS_FOLDERS, FamilySpec
 from ..families.unet import SINGLE_PREFIX as UNET_SINGLE_PREFIX
 
 KOHYA_UNET = "lora_unet"
+FOLDER_COMPONENTS = {folder: component for component, folder in DIFFUSERS_FOLDERS.items()}  # "text_encoder" → "te1"
 
 T = TypeVar("T")
 
@@ -104,6 +105,19 @@ def name_tables(spec: FamilySpec) -> NameTables:
         if m.path.startswith("text_model."):
             peft.setdefault(f"{folder}.{m.path[len('text_model.') :]}", m.name)
     return NameTables(modules, kohya, peft)
+
+
+def kohya_name_by_rule(path: str, text_prefixes: Mapping[str, str]) -> str | None:
+    """The kohya lora_name of a peft module path by string rule alone (``unet.a.b`` →
+    ``lora_unet_a_b``, ``text_encoder.x`` → ``lora_te_x``): sd-scripts' own rule, which needs no
+    family table in this direction (kohya-ss/sd-scripts:networks/lora.py (LoRANetwork.create_modules): the
+    module's dotted name with "." → "_"). None when the path's first part names no SD component."""
+    folder, _, rest = path.partition(".")
+    component = FOLDER_COMPONENTS.get(folder)
+    if component is None or not rest:
+        return None
+    prefix = KOHYA_UNET if component == "unet" else text_prefixes.get(component)
+    return None if prefix is None else f"{prefix}_{rest.replace('.', '_')}"
 
 
 def in_source_order(written: Mapping[str, T], source_keys: Iterable[str]) -> dict[str, T]:

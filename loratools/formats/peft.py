@@ -27,7 +27,7 @@ from .keys import check_config_rank, config_number, config_of, configs_from_meta
 from .keys import normalize_peft_key as normalize_key
 from .keys import pattern_value as _pattern_value
 from .names import in_source_order
-from .resolve import refuse_unplaced, resolve
+from .resolve import Unplaced, carry_note, refuse_unplaced, resolve, unplaced_names, verbatim_keys
 from .verdict import ModelVerdict, config_verdict, needs_family_map
 
 if TYPE_CHECKING:
@@ -53,6 +53,7 @@ def read_peft(
 ) -> LoraFile:
     """Adapters of a peft/diffusers state dict (any spelling), with their scales from configs."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
+    file_keys: dict[str, dict[str, torch.Tensor]] = {}  # module → its tensors under the file's keys
     spellings: Counter[str] = Counter()
     for key, tensor in tensors.items():
         module, param, spelling = _normalized(key, default_component)
@@ -60,56 +61,55 @@ def read_peft(
         if param in groups.setdefault(module, {}):
             raise InputError(f"{module}.{param} is given twice (in two spellings)")
         groups[module][param] = tensor
+        file_keys.setdefault(module, {})[key] = tensor
     kohya_style = {m: _as_kohya_params(m, p) for m, p in groups.items()}
     found = resolve(kohya_style, lambda t: t.peft, metadata, family, require_fit=require_fit)
     configs = configs if configs is not None else configs_from_metadata(metadata)
     for folder, config in configs.items():
         if not isinstance(config, Mapping):
             raise InputError(f"the LoraConfig of {folder} is a {type(config).__name__}, not an object")
+    unmatched: dict[str, str] = dict(found.unmatched)
     if found.family is None:  # no family map: every module keeps its own path
         named = {m: m for m in groups}
         if verdict is not None and found.verdict is not None and found.verdict.kind == "unknown":
             found.verdict = verdict
     else:
-        named = found.matched
+        named = {}
+        for module in groups:  # in file order, placed or not
+            if module in found.matched:
+                named[module] = found.matched[module]
+            elif not require_fit:
+                # a module the family does not place: surgery keeps it by its own path (issue 13)
+                named[module] = module
     warnings = list(found.warnings)
     adapters: dict[str, Adapter] = {}
-    no_config = set()
+    no_config: set[str] = set()
+    previous: str | None = None  # the key of the module before, where a verbatim one is written back
     for module, canonical in named.items():
-        params = groups[module]
-        if "lora_A.weight" not in params or "lora_B.weight" not in params:
-            raise InputError(f"{module}: lora_A/lora_B pair incomplete ({sorted(params)})")
-        down, up = params["lora_A.weight"], params["lora_B.weight"]
-        rank = int(down.shape[0])
-        if int(up.shape[1]) != rank:
-            raise InputError(f"{module}: rank mismatch: lora_A {tuple(down.shape)}, lora_B {tuple(up.shape)}")
-        if "lora_B.bias" in params:
-            raise InputError(f"{module}: lora_B.bias (peft lora_bias=True) cannot be represented; not supported")
-        folder, path, config = config_of(module, configs)
-        alpha = float(rank)
-        if config is None:
-            no_config.add(folder or "the adapter")
+        if module not in unmatched:
+            adapters[canonical] = _adapter(module, groups[module], configs, no_config)
+            previous = canonical
+            continue
+        previous_here, previous = previous, module
+        try:
+            adapter = _adapter(module, groups[module], configs, no_config)
+        except InputError as exc:  # its factors make no adapter: copied verbatim
+            why = exc.message.removeprefix(f"{module}: ")
+            unmatched[module] = Unplaced(unmatched[module], file_keys[module], why, previous_here)
         else:
-            check_config_rank(config, folder or "the adapter", path, rank)
-            lora_alpha = _pattern_value(config.get("alpha_pattern") or {}, path)
-            lora_alpha = config.get("lora_alpha", rank) if lora_alpha is None else lora_alpha
-            lora_alpha = config_number(lora_alpha, f"{folder or 'the adapter'} lora_alpha for {path}")
-            scale = lora_alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
-            alpha = scale * rank
-        adapter = LowRank(up, down, alpha)
-        magnitude = params.get("lora_magnitude_vector")
-        if magnitude is not None:
-            # peft stores (out,); LyCORIS' output-axis dora_scale is (out, 1[, 1, 1]) — keep that one form
-            ndim = down.dim()
-            adapter.dora_scale, adapter.dora_axis = magnitude.reshape(-1, *[1] * (ndim - 1)), "out"
-        adapters[canonical] = adapter
+            if module in adapters:
+                raise InputError(f"{module} is given twice (as a module of its own and a canonical one)")
+            adapters[module] = adapter
+            unmatched[module] = Unplaced(unmatched[module], file_keys[module])
     if no_config:
         warnings.append(
             f"no lora_alpha stored for {', '.join(sorted(no_config))}: assumed scale 1 (alpha = rank), "
             "as diffusers does"
         )
-    for name, reason in list(found.unmatched.items())[:20]:
-        warnings.append(f"{name}: not matched ({reason})")
+    for name, reason in list(unmatched.items())[:20]:
+        warnings.append(carry_note(name, reason) if isinstance(reason, Unplaced) else f"{name}: not matched ({reason})")
+    if len(unmatched) > 20:
+        warnings.append(f"… and {len(unmatched) - 20} more modules not matched")
     fmt = source_format if spellings.most_common(1)[0][0] == "peft" else spellings.most_common(1)[0][0]
     return LoraFile(
         adapters,
@@ -117,12 +117,44 @@ def read_peft(
         fmt,
         dict(metadata),
         warnings=warnings,
-        unmatched=dict(found.unmatched),
+        unmatched=unmatched,
         model=found.verdict,
-        source_names={canonical: module for module, canonical in named.items()},
+        source_names={canonical: module for module, canonical in named.items() if canonical in adapters},
         # kept by their own names: surgery writes the file's own keys back in its order (issue 13)
         source_keys=tuple(tensors) if found.family is None else (),
     )
+
+
+def _adapter(
+    module: str, params: Mapping[str, torch.Tensor], configs: Mapping[str, Mapping[str, Any]], no_config: set[str]
+) -> Adapter:
+    """One module's LowRank (DoRA magnitude attached), its scale from the LoraConfig of its folder."""
+    if "lora_A.weight" not in params or "lora_B.weight" not in params:
+        raise InputError(f"{module}: lora_A/lora_B pair incomplete ({sorted(params)})")
+    down, up = params["lora_A.weight"], params["lora_B.weight"]
+    rank = int(down.shape[0])
+    if int(up.shape[1]) != rank:
+        raise InputError(f"{module}: rank mismatch: lora_A {tuple(down.shape)}, lora_B {tuple(up.shape)}")
+    if "lora_B.bias" in params:
+        raise InputError(f"{module}: lora_B.bias (peft lora_bias=True) cannot be represented; not supported")
+    folder, path, config = config_of(module, configs)
+    alpha = float(rank)
+    if config is None:
+        no_config.add(folder or "the adapter")
+    else:
+        check_config_rank(config, folder or "the adapter", path, rank)
+        lora_alpha = _pattern_value(config.get("alpha_pattern") or {}, path)
+        lora_alpha = config.get("lora_alpha", rank) if lora_alpha is None else lora_alpha
+        lora_alpha = config_number(lora_alpha, f"{folder or 'the adapter'} lora_alpha for {path}")
+        scale = lora_alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+        alpha = scale * rank
+    adapter = LowRank(up, down, alpha)
+    magnitude = params.get("lora_magnitude_vector")
+    if magnitude is not None:
+        # peft stores (out,); LyCORIS' output-axis dora_scale is (out, 1[, 1, 1]) — keep that one form
+        ndim = down.dim()
+        adapter.dora_scale, adapter.dora_axis = magnitude.reshape(-1, *[1] * (ndim - 1)), "out"
+    return adapter
 
 
 # normalize_key is a pure function of the key's text (three regexes each); key names repeat across
@@ -226,7 +258,10 @@ def peft_folder_of(lora: LoraFile, module: str) -> tuple[str, str]:
         return split_folder(module)
     from .names import name_tables
 
-    m = name_tables(lora.family).modules[module]
+    tables = name_tables(lora.family)
+    if module in lora.unmatched:  # not placed in the family: its own (or mapped) path
+        return split_folder(unplaced_names(lora, tables, PEFT_FORMAT, tables.peft_name)[module])
+    m = tables.modules[module]
     return DIFFUSERS_FOLDERS[m.component], _text_free(m.path)
 
 
@@ -259,20 +294,24 @@ def peft_configs(lora: LoraFile) -> dict[str, dict[str, Any]]:
 
 
 def peft_state_dict(lora: LoraFile, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """``<folder>.<module path>.lora_A.weight`` … tensors (diffusers' current layout); a source
-    module the reader could not place is refused by name, never left out."""
+    """``<folder>.<module path>.lora_A.weight`` … tensors (diffusers' current layout). A source
+    module the family does not place keeps its own path (or, read from kohya, the path its
+    lora_name maps to), a malformed one is copied verbatim; one with no peft name is refused by
+    name, never left out (:func:`~.resolve.unplaced_names`)."""
     from .names import name_tables
 
     refuse_unplaced(lora.unmatched, lora.family_title, "it in peft naming")
     tables = name_tables(lora.family) if lora.family is not None else None
+    # modules the family did not place keep (or map) their own paths; those with none refuse
+    own = unplaced_names(lora, tables, PEFT_FORMAT, tables.peft_name) if tables is not None else {}
     if tables is None and lora.names != "peft":
         raise needs_family_map(lora.verdict, f"writing a {lora.names}-named {lora.family_title} LoRA in peft naming")
-    out: dict[str, torch.Tensor] = {}
-    own = writes_own_keys(lora)
+    chunks: dict[str, dict[str, torch.Tensor]] = {}  # adapter key → its keys
+    writes_own = writes_own_keys(lora)
     for module, adapter in lora.adapters.items():
         if not isinstance(adapter, LowRank):
             raise InputError(f"{module}: a {adapter.kind} module has no peft form")
-        if own and not has_config(lora):
+        if writes_own and not has_config(lora):
             # no LoraConfig to carry the scale (ComfyUI, A1111 read none): it goes into lora_B
             folded = unit_scale(adapter)
             assert isinstance(folded, LowRank)  # a plain LoRA stays one
@@ -281,16 +320,17 @@ def peft_state_dict(lora: LoraFile, *, dtype: torch.dtype | None = None) -> dict
             raise InputError(f"{module}: a Tucker (lora_mid) module has no peft form")
         if adapter.dora_scale is not None and adapter.dora_axis != "out":
             raise InputError(f"{module}: input-axis DoRA (old LyCORIS) has no peft equivalent")
-        base = tables.peft_name(module) if tables is not None else module
+        base = own[module] if module in own else tables.peft_name(module) if tables is not None else module
 
         def cast(t: torch.Tensor) -> torch.Tensor:
             return t.to(dtype) if dtype is not None else t
 
-        out[f"{base}.lora_A.weight"] = cast(adapter.down)
-        out[f"{base}.lora_B.weight"] = cast(adapter.up)
+        out = chunks[module] = {f"{base}.lora_A.weight": cast(adapter.down), f"{base}.lora_B.weight": cast(adapter.up)}
         if adapter.dora_scale is not None:
             out[f"{base}.lora_magnitude_vector"] = cast(adapter.dora_scale.reshape(-1))
-    return in_source_order(out, lora.source_keys) if own else out
+    # malformed modules of the source, copied as the file held them (they are no factors) in place
+    out = verbatim_keys(lora, PEFT_FORMAT, chunks)
+    return in_source_order(out, lora.source_keys) if writes_own else out
 
 
 def writes_own_keys(lora: LoraFile) -> bool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from ..errors import InputError
 from ..families import FAMILIES, FamilySpec, get_family
@@ -35,6 +35,10 @@ from .verdict import (
 
 if TYPE_CHECKING:
     import torch
+
+    from .adapters import LoraFile
+
+T = TypeVar("T")
 
 # kohya ss_base_model_version / modelspec.architecture prefixes → family (docs/FORMATS.md §1.4, §5.4)
 _CLAIMS = (
@@ -366,15 +370,139 @@ def _verbatim_verdict(
     )
 
 
+class Unplaced(str):
+    """Why a module was not placed in the family (the string itself), carrying what surgery needs
+    to keep it (issue 13, nothing lost): ``keys``, the module's tensors under the file's own keys,
+    and ``malformed``, why its factors make no adapter (None: a readable adapter, acted on under
+    its own name; else it is copied verbatim)."""
+
+    keys: Mapping[str, torch.Tensor]
+    malformed: str | None
+    after: str | None  # the module before it in the file (an adapter key or another such name)
+
+    def __new__(
+        cls, reason: str, keys: Mapping[str, torch.Tensor], malformed: str | None = None, after: str | None = None
+    ) -> Unplaced:
+        made = super().__new__(cls, reason)
+        made.keys, made.malformed, made.after = keys, malformed, after
+        return made
+
+
 def refuse_unplaced(unmatched: Mapping[str, str], title: str, writing: str) -> None:
-    """Refuse, in one line naming one, to write a LoRA without the source modules its reader could
-    not place (a module no table of ``title`` names, or one whose shape fits none of its weights):
-    the output would be missing them silently (issue 14, nothing lost)."""
-    if not unmatched:
+    """Refuse, in one line naming one, to write a LoRA without source modules its reader left out
+    (read for a merge, or by a reader that does not carry them: anything but an :class:`Unplaced`
+    reason): the output would be missing them silently (issue 14, nothing lost)."""
+    left = {name: why for name, why in unmatched.items() if not isinstance(why, Unplaced)}
+    if not left:
         return
-    name, reason = next(iter(unmatched.items()))
+    name, reason = next(iter(left.items()))
     raise InputError(
-        f"{len(unmatched)} modules of the source are not placed in {title} (e.g. {name}: {reason}); "
+        f"{len(left)} modules of the source are not placed in {title} (e.g. {name}: {reason}); "
         f"writing {writing} would leave them out",
         hint="a LoRA for another model or with modules of its own: inspect it, or read it without --family",
     )
+
+
+def carried(lora: LoraFile) -> tuple[dict[str, str], dict[str, Unplaced]]:
+    """(readable, malformed) modules of a family's LoRA that its name tables do not place: the
+    readable are adapters keyed by their own names in the source's dialect (name → reason)."""
+    readable: dict[str, str] = {}
+    malformed: dict[str, Unplaced] = {}
+    for name, why in lora.unmatched.items():
+        if isinstance(why, Unplaced) and why.malformed is not None:
+            malformed[name] = why
+        elif name in lora.adapters:
+            readable[name] = why
+    return readable, malformed
+
+
+def own_dialect(source_format: str) -> str:
+    """The namespace a reader keeps unplaced modules' names in: kohya lora_names or peft paths."""
+    return "kohya" if source_format == "kohya" else "peft"
+
+
+def unplaced_names(
+    lora: LoraFile,
+    tables: NameTables,
+    writing: str,
+    name_of: Callable[[str], str],
+    by_rule: Callable[[str], str | None] | None = None,
+) -> dict[str, str]:
+    """The name in ``writing`` ("kohya"/"peft") of each unplaced module kept as an adapter.
+
+    In its own dialect a module keeps its own name; across dialects, a name the source dialect's
+    table knows (a module of the family with widths of its own) is mapped through the canonical
+    module (``name_of``); any other cannot be named, and the write is refused naming those modules
+    (one line), never written without them. Malformed modules are copied verbatim only within
+    their own dialect (:func:`verbatim_keys`), and are refused here across dialects. ``by_rule``:
+    the writer's string rule for a name no table knows (peft ``unet.a.b`` → kohya ``lora_unet_a_b``;
+    None where it has none).
+    """
+    readable, malformed = carried(lora)
+    same = own_dialect(lora.source_format) == writing
+    source_table = tables.kohya if lora.source_format == "kohya" else tables.peft
+    names: dict[str, str] = {}
+    lost: dict[str, str] = {}
+    for name, why in readable.items():
+        if same:
+            names[name] = name
+        elif name in source_table:
+            names[name] = name_of(source_table[name])
+        elif by_rule is not None and (ruled := by_rule(name)) is not None:
+            names[name] = ruled
+        else:
+            lost[name] = why
+    if not same:
+        lost.update({name: f"{why}; malformed: {why.malformed}" for name, why in malformed.items()})
+    if lost:
+        name, reason = next(iter(lost.items()))
+        raise InputError(
+            f"{len(lost)} modules of the source are not placed in {lora.family_title} and have no {writing} form "
+            f"(e.g. {name}: {reason}); writing it in {writing} naming would leave them out",
+            hint=f"write it in its own dialect (--to {lora.source_format}), which keeps them under their own names",
+        )
+    return names
+
+
+def verbatim_keys(lora: LoraFile, writing: str, written: Mapping[str, Mapping[str, T]]) -> dict[str, T]:
+    """The writer's keys (``written``: adapter key → its keys and tensors) with the file's own
+    keys of every malformed unplaced module spliced in where the file held it, for a writer of
+    the source's own dialect (across dialects :func:`unplaced_names` has refused them already).
+
+    A malformed module whose keys an adapter's take (a blend of a file holding it malformed with
+    one holding it sound) is refused by name: two tensors under one key cannot both be kept.
+    """
+    verbatim = carried(lora)[1] if own_dialect(lora.source_format) == writing else {}
+    taken = {key for keys in written.values() for key in keys}
+    following: dict[str | None, list[str]] = {}
+    for name, why in verbatim.items():
+        if any(key in taken for key in why.keys):
+            raise InputError(
+                f"{name} is not placed in {lora.family_title} ({why}; its factors make no adapter: {why.malformed}) "
+                "and is also written as an adapter: both cannot be kept under one name",
+                hint="repair or leave out that module of the source (inspect lists it)",
+            )
+        after = why.after if why.after in written or why.after in verbatim else None
+        following.setdefault(after, []).append(name)
+    out: dict[str, T] = {}
+
+    def emit_after(module: str | None) -> None:
+        for name in following.pop(module, []):
+            out.update(verbatim[name].keys)  # type: ignore[arg-type]  # tensors: T is the writer's tensor type
+            emit_after(name)
+
+    emit_after(None)
+    for module, keys in written.items():
+        out.update(keys)
+        emit_after(module)
+    for names in list(following.values()):  # after a module no longer written (left out of a blend)
+        for name in names:
+            out.update(verbatim[name].keys)  # type: ignore[arg-type]
+    return out
+
+
+def carry_note(name: str, why: Unplaced) -> str:
+    """The reader's warning for one unplaced module: what surgery does with it."""
+    if why.malformed is not None:
+        return f"{name}: not matched ({why}); its factors make no adapter ({why.malformed}): copied verbatim"
+    return f"{name}: not matched ({why}); kept by its own name"

@@ -105,12 +105,12 @@ def parse_weighted(spec: str) -> tuple[str, float]:
 
 def _part(adapter: Adapter, weight: float) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...], float]:
     """``(up, down, shape, c)`` with ``wᵢ·ΔWᵢ = c·up@down`` exactly (float32/float64)."""
-    if getattr(adapter, "dora_scale", None) is not None:
+    if adapter.dora_scale is not None:
         raise InputError(
             "a DoRA module's ΔW depends on the base weight, so it cannot be added to another",
             hint="merge the LoRAs into a checkpoint instead",
         )
-    if isinstance(adapter, LowRank) and adapter.mid is None:
+    if adapter.is_pair:  # DoRA was refused above: the stored pair, its scale in c
         up, down, shape = factorize(adapter, include_scale=False)
         assert down is not None  # a plain LowRank always factors into up and down
         return up, down, shape, weight * adapter.scale

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import InputError
 from ..families.spec import FamilySpec
-from ..formats.adapters import LoraFile, LowRank, factor_dtype
+from ..formats.adapters import LoraFile, factor_dtype, low_rank
 from ..formats.io import FORMATS, load_lora, save_lora
 from ..io.atomic import check_destination
 from ..io.files import same_path
@@ -94,7 +94,7 @@ def prepare(
         worst = 0.0
         # plain LoRAs are kept (resizing those is `loratools resize`); the rest are SVD'd on every
         # core, one thread each (loratools/threads.py)
-        todo = [(m, a) for m, a in adapters.items() if not (isinstance(a, LowRank) and a.mid is None)]
+        todo = [(m, a) for m, a in adapters.items() if not a.is_pair]
         done = map_modules(
             lambda item: to_lowrank(item[1], rank=rank, error=error, dtype=factor_dtype(item[1]), max_rank=cap), todo
         )
@@ -110,8 +110,8 @@ def prepare(
     if _needs_plain(fmt):
         odd = {}
         for module, adapter in adapters.items():
-            if not isinstance(adapter, LowRank) or adapter.mid is not None:
-                odd[module] = "tucker" if isinstance(adapter, LowRank) else adapter.kind
+            if not adapter.is_pair:
+                odd[module] = adapter.form  # tucker, loha, lokr, full
             elif adapter.dora_scale is not None and (fmt == "cloneofsimo" or adapter.dora_axis != "out"):
                 odd[module] = "dora" + ("" if adapter.dora_axis == "out" else " (input axis)")
         if odd:
@@ -121,14 +121,16 @@ def prepare(
                 hint="--to-lora --rank N (or --error E) re-factorizes them by SVD; --to kohya keeps them exactly",
             )
     if bake_scale or fmt == "cloneofsimo":
-        unscaled = [m for m, a in adapters.items() if isinstance(a, LowRank) and a.alpha != a.rank]
+        unscaled = [m for m, a in adapters.items() if low_rank(a) and a.alpha != a.rank]
         if unscaled and not bake_scale:
             raise InputError(
                 f"cloneofsimo files have no alpha, and {len(unscaled)} modules have scale ≠ 1 (e.g. {unscaled[0]})",
                 hint="--bake folds each scale into its up factor",
             )
         for module in unscaled:
-            adapters[module] = adapters[module].baked()  # type: ignore[union-attr]
+            baked = adapters[module]
+            assert low_rank(baked)  # chosen above
+            adapters[module] = baked.baked()
         if report is not None:
             report.baked = len(unscaled)
     return lora.with_adapters(adapters)

@@ -26,7 +26,7 @@ from typing import Union
 import torch
 
 from ..errors import InputError
-from ..formats.adapters import Adapter, Full, LoHa, LoKr, LowRank, factor_dtype
+from ..formats.adapters import Adapter, LowRank
 from .rank_rule import TIE, RankChoice, RankRule, choose_rank, kept_fraction, lost_fraction  # noqa: F401 (re-exported)
 from .svd_sign import pair_factors
 
@@ -171,19 +171,9 @@ def randomized_svd(
     return Factored((q.to(F64) @ ub) * s, vh, s)
 
 
-def _khatri_rao_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise Kronecker product: row i of the result is kron(a[i], b[i])."""
-    return (a[:, :, None] * b[:, None, :]).reshape(a.shape[0], -1)
-
-
-def _factor_svd(
-    full: torch.Tensor | None, a: torch.Tensor | None, b: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(U·S, Vh)`` of one Kronecker factor, keeping only its true rank when it is stored low-rank."""
-    if full is not None:
-        u, s, vh = torch.linalg.svd(full.to(F64).reshape(full.shape[0], -1), full_matrices=False)
-        return u * s, vh
-    factored = svd_of_product(a.to(F64), b.to(F64).reshape(b.shape[0], -1))  # type: ignore[union-attr]
+def _pair_svd(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U·S, Vh)`` of ``up @ down`` by :func:`svd_of_product` (a LoKr half stored low-rank)."""
+    factored = svd_of_product(up, down)
     return factored.up, factored.down
 
 
@@ -194,39 +184,14 @@ def factorize(
 
     ``include_scale=False`` leaves a plain LoRA's ``alpha/r`` out and returns its factors as stored
     (their own dtype; ``up @ down`` is then the raw product); other kinds always include their scale.
-    LoHa: ``(A1 B1) ⊙ (A2 B2) = (A1 ⊛ A2)(B1ᵀ ⊛ B2ᵀ)ᵀ`` with ⊛ the row-wise Kronecker product
-    (rank ≤ r²). LoKr: ``kron(w1, w2)`` from the SVDs of w1 and w2 (rank = rank(w1)·rank(w2)).
-    Tucker and full diffs fall back to the dense ΔW of that one module (``down`` is None then).
+    Each kind's :meth:`~loratools.formats.adapters.AdapterKind.product_factors` does the work
+    (LoHa: Khatri–Rao, rank ≤ r²; LoKr: Kronecker of each half's SVD, the low-rank halves through
+    :func:`svd_of_product`); Tucker and full diffs give the dense ΔW (``down`` None then).
     A DoRA module raises InputError: its ΔW depends on the base weight.
     """
-    f32 = F64 if factor_dtype(adapter) == F64 else torch.float32  # float64 factors stay float64
-    if getattr(adapter, "dora_scale", None) is not None:
+    if adapter.dora_scale is not None:
         raise InputError("a DoRA module's ΔW depends on the base weight; merge it into a checkpoint instead")
-    if isinstance(adapter, LowRank) and adapter.mid is None:
-        shape = adapter.delta_shape()
-        up, down = adapter.up.reshape(shape[0], adapter.rank), adapter.down.reshape(adapter.rank, -1)
-        if not include_scale:  # the raw factors as stored: callers convert once, to what they need
-            return up, down, shape
-        return up.to(f32) * adapter.scale, down.to(f32), shape
-    if isinstance(adapter, LoHa) and adapter.t1 is None:
-        up = _khatri_rao_rows(adapter.w1a.to(f32), adapter.w2a.to(f32)) * adapter.scale
-        down = _khatri_rao_rows(adapter.w1b.to(f32).t(), adapter.w2b.to(f32).t()).t()
-        shape = adapter.shape or (up.shape[0], down.shape[1])
-        return up, down, shape
-    if isinstance(adapter, LoKr) and adapter.t2 is None:
-        # kron(U1 S1 V1ᵀ, U2 S2 V2ᵀ) = kron(U1 S1, U2 S2) · kron(V1, V2)ᵀ, from each factor's own SVD
-        u1s1, v1 = _factor_svd(adapter.w1, adapter.w1a, adapter.w1b)
-        u2s2, v2 = _factor_svd(adapter.w2, adapter.w2a, adapter.w2b)
-        up = torch.kron(u1s1.contiguous(), u2s2.contiguous()) * adapter.scale
-        down = torch.kron(v1.contiguous(), v2.contiguous())
-        w2_shape = tuple(adapter.w2.shape) if adapter.w2 is not None else (u2s2.shape[0], v2.shape[1])
-        natural = (u1s1.shape[0] * w2_shape[0], v1.shape[1] * w2_shape[1], *w2_shape[2:])
-        shape = adapter.shape or natural
-        return up, down, shape
-    if isinstance(adapter, LowRank | LoHa | LoKr | Full):
-        delta = adapter.delta()
-        return delta.reshape(delta.shape[0], -1), None, tuple(delta.shape)
-    raise InputError(f"cannot factorize a {type(adapter).__name__}")
+    return adapter.product_factors(include_scale, svd=_pair_svd)
 
 
 SVD = Union[ProductSVD, Factored]  # noqa: UP007 (a runtime alias)

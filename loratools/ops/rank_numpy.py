@@ -177,7 +177,7 @@ def open_kohya(
     except InputError:
         return None
     if lora.unmatched:
-        return None  # modules the reader could not place: the torch path's writer refuses them by name
+        return None  # modules the family does not place: the torch path carries them (formats/resolve.py Unplaced)
     for adapter in lora.adapters.values():
         if not accept(adapter) or any(r.info.dtype not in NUMPY_DTYPES for r in _refs(adapter)):
             return None

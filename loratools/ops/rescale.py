@@ -22,13 +22,13 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import InputError
 from ..families.spec import FamilySpec
-from ..formats.adapters import Adapter, Full, LoHa, LoKr, LoraFile, LowRank, factor_dtype
+from ..formats.adapters import Adapter, LoraFile, factor_dtype
 from ..formats.io import load_lora
 from ..io.source import open_source
 from .checkpoint import parse_dtype
@@ -57,39 +57,15 @@ class RescaleReport:
         return {"schema": SCHEMA, **self.__dict__}
 
 
-def _neg(t: torch.Tensor) -> torch.Tensor:
-    return torch.neg(t)  # exact in every float dtype
-
-
 def rescale_adapter(adapter: Adapter, by: float) -> tuple[Adapter, str]:
-    """``S·ΔW`` for one module, and how it is carried: "alpha", "alpha+sign" or "factor"."""
-    if getattr(adapter, "dora_scale", None) is not None:
+    """``S·ΔW`` for one module, and how it is carried: "alpha", "alpha+sign" or "factor"
+    (each kind's :meth:`~loratools.formats.adapters.AdapterKind.rescaled`)."""
+    if adapter.dora_scale is not None:
         raise InputError(
             "a DoRA module's strength is not a scale of ΔW (its magnitude renormalises W + ΔW)",
             hint="merge it into its checkpoint at strength 1 instead",
         )
-    negative = by < 0
-    how = "alpha+sign" if negative else "alpha"
-    if isinstance(adapter, LowRank):
-        up = _neg(adapter.up) if negative else adapter.up
-        return replace(adapter, up=up, alpha=adapter.alpha * abs(by)), how
-    if isinstance(adapter, LoHa):
-        w1a = _neg(adapter.w1a) if negative else adapter.w1a
-        return replace(adapter, w1a=w1a, alpha=adapter.alpha * abs(by)), how
-    if isinstance(adapter, LoKr) and adapter.rank is not None:
-        if adapter.w1 is not None:
-            return replace(adapter, w1=_neg(adapter.w1) if negative else adapter.w1, alpha=adapter.alpha * abs(by)), how
-        w1a_k = _neg(adapter.w1a) if negative and adapter.w1a is not None else adapter.w1a
-        return replace(adapter, w1a=w1a_k, alpha=adapter.alpha * abs(by)), how
-    if isinstance(adapter, LoKr):  # both halves full: the scale is fixed at 1, S goes into w1
-        w1 = adapter.w1
-        return replace(adapter, w1=(w1.to(torch.float32) * by).to(w1.dtype)), "factor"  # type: ignore[union-attr]
-    if isinstance(adapter, Full):
-        diff_b = None if adapter.diff_b is None else (adapter.diff_b.to(torch.float32) * by).to(adapter.diff_b.dtype)
-        return replace(adapter, diff=(adapter.diff.to(torch.float32) * by).to(adapter.diff.dtype), diff_b=diff_b), (
-            "factor"
-        )
-    raise InputError(f"cannot rescale a {type(adapter).__name__}")
+    return adapter.rescaled(by)
 
 
 def rescale_lora(lora: LoraFile, by: float) -> tuple[LoraFile, RescaleReport]:
@@ -116,7 +92,7 @@ def _alpha_rounding(lora: LoraFile, dtype: torch.dtype | None) -> float:
     """The largest relative change an alpha undergoes when stored in its file dtype (kohya files)."""
     worst = 0.0
     for adapter in lora.adapters.values():
-        if isinstance(adapter, LowRank | LoHa | LoKr) and adapter.alpha:
+        if adapter.stores_alpha and adapter.alpha:
             stored = float(torch.tensor(adapter.alpha, dtype=dtype or factor_dtype(adapter)))
             if stored == 0.0 or not math.isfinite(stored):
                 raise InputError(

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import InputError
 from ..families.spec import FamilySpec
-from ..formats.adapters import Adapter, LoraFile, LowRank
+from ..formats.adapters import Adapter, LoraFile, LowRank, lora_pair
 from ..io.source import open_source
 from .provenance import PendingRecord
 from .rank_common import check_output, output_format, rank_rule, with_provenance, write_lora
@@ -106,11 +106,7 @@ class ResizeReport:
 
 def kind_of(adapter: Adapter) -> str:
     """lora / locon (k×k conv) / tucker / loha / lokr / full, as the report names modules."""
-    if isinstance(adapter, LowRank):
-        if adapter.mid is not None:
-            return "tucker"
-        return "locon" if adapter.down.dim() == 4 and tuple(adapter.down.shape[2:]) != (1, 1) else "lora"
-    return adapter.kind
+    return adapter.form
 
 
 def is_conv_kxk(shape: tuple[int, ...]) -> bool:
@@ -161,14 +157,14 @@ def resize_module(
     from ..formats.adapters import factor_dtype
     from .lowrank import adapter_svd, lowrank_from
 
-    if getattr(adapter, "dora_scale", None) is not None:
+    if adapter.dora_scale is not None:
         raise InputError(
             f"{module}: a DoRA module cannot be resized without its base weight "
             "(the magnitude renormalises W + ΔW, so ΔW alone does not define it)",
             hint="merge the LoRA into its checkpoint, or extract a plain LoRA from the merged model",
         )
     out_dtype = dtype or factor_dtype(adapter)
-    if isinstance(adapter, LowRank) and adapter.mid is None:
+    if lora_pair(adapter):  # DoRA was refused above: a plain pair
         shape = adapter.delta_shape()
         rank = adapter.rank
         up = adapter.up.detach().cpu().to(torch.float64).reshape(shape[0], rank).numpy()
@@ -241,7 +237,7 @@ def _resized(
 
 def is_plain(adapter: Adapter) -> bool:
     """A plain LoRA/LoCon module (no Tucker mid, no DoRA): what the numpy path resizes and blends."""
-    return isinstance(adapter, LowRank) and adapter.mid is None and adapter.dora_scale is None
+    return adapter.is_plain
 
 
 def resize_module_numpy(

@@ -114,11 +114,10 @@ def _lokr_difference(a: Any, b: Any) -> tuple[float, float, float] | None:
 
     ‖kron(X, Y)‖ = ‖X‖·‖Y‖ and ⟨kron(A1, A2), kron(B1, B2)⟩ = ⟨A1, B1⟩·⟨A2, B2⟩.
     """
-    from ..formats.adapters import LoKr
-
-    if not (isinstance(a, LoKr) and isinstance(b, LoKr)) or a.dora_scale is not None or b.dora_scale is not None:
+    halves_a, halves_b = a.kron_halves(), b.kron_halves()
+    if halves_a is None or halves_b is None or a.dora_scale is not None or b.dora_scale is not None:
         return None
-    a1, a2, b1, b2 = (w.to(torch.float64) for w in (a._w1(), a._w2(), b._w1(), b._w2()))
+    a1, a2, b1, b2 = (w.to(torch.float64) for w in (*halves_a, *halves_b))
     if a1.shape != b1.shape or a2.shape != b2.shape or a.delta_shape() != b.delta_shape():
         return None
     sa, sb = a.scale, b.scale

@@ -753,10 +753,11 @@ _lora_case("alpha-a-vector", _set(".alpha", lambda t: torch.ones(2)), match="alp
 _lora_case("missing-alpha", _drop(".alpha", every=True), {"*": "warned", "diff": "accepted"})
 _lora_case("rank-mismatch", _set("lora_up.weight", lambda t: torch.cat([t, t[:, :1]], 1)), match="rank mismatch")
 # a module whose factors fit no weight of the family: merge leaves it out and lists it (--strict
-# refuses); the LoRA writers refuse rather than write the LoRA without it (formats/resolve.py
-# refuse_unplaced) — carrying it through verbatim would be better (issue 13); inspect/check list it
-_UNPLACED = {"*": "warned", "diff": "accepted", "convert": "refused", "rescale": "refused", "resize": "refused",
-             "blend": "refused"}  # fmt: skip
+# refuses); rescale/resize/blend copy it verbatim with a warning (its factors make no adapter:
+# formats/resolve.py Unplaced), as does a convert within kohya; the template's convert to
+# diffusers refuses it by name (a malformed module has no other dialect's form), and so does the
+# blend with a companion holding that module sound (two tensors for one key); inspect lists it
+_UNPLACED = {"*": "warned", "diff": "accepted", "convert": "refused", "blend": "refused"}
 _lora_case("up-down-swapped", _set("lora_up.weight", lambda t: t.T.contiguous()), _UNPLACED, match="not placed in")
 
 
