@@ -16,7 +16,10 @@ import hashlib
 import json
 import math
 import os
+import re
 import struct
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,21 +158,104 @@ def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
 
 
 _new_info = object.__new__
+_METADATA_KEY = '"__metadata__"'
+_WHITESPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace (RFC 8259 §2)
+_METADATA_DECODER = json.JSONDecoder(object_pairs_hook=_reject_duplicates)
+# Validated tensor tables by the header text around the __metadata__ value (a census reads
+# thousands of headers of a few layouts, each with its own metadata: issue 16). Bounded by the
+# tensors held (~500 B each: ≤ ~75 MB, ~60 SDXL layouts), least recently used dropped first.
+_TABLES: OrderedDict[tuple[int, bytes, int], dict[str, TensorInfo]] = OrderedDict()
+_TABLES_MAX_TENSORS = 150_000
+_tables_held = 0
+_tables_lock = threading.Lock()
+
+
+def _split_metadata(text: str) -> tuple[str, str, object] | None:
+    """``text`` before the value of its one ``"__metadata__"`` key, the text after that value
+    (trailing whitespace, the header's padding, dropped) and the value, decoded as the full
+    parse decodes it; None where that is not a plain split (no such key, two of them, bad JSON).
+
+    A literal ``"__metadata__"`` cannot occur inside a JSON string (a quote in a string is
+    escaped), so the one occurrence is a key token or the tail of one (``"a\\"__metadata__"``);
+    :func:`parse_header` caches only splits whose occurrence was the top-level key: its value
+    equal to the parsed metadata, and no other object in the header (every tensor entry its three
+    fields) that could hold it."""
+    at = text.find(_METADATA_KEY)
+    if at < 0 or text.find(_METADATA_KEY, at + 1) >= 0:
+        return None
+    colon = _WHITESPACE.match(text, at + len(_METADATA_KEY)).end()  # type: ignore[union-attr]
+    if text[colon : colon + 1] != ":":
+        return None
+    start = _WHITESPACE.match(text, colon + 1).end()  # type: ignore[union-attr]
+    try:
+        value, end = _METADATA_DECODER.raw_decode(text, start)
+    except (ValueError, RecursionError):
+        return None
+    return text[:start], text[end:].rstrip(" \t\n\r"), value
+
+
+def _is_string_map(value: object) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
 
 
 def parse_header(path: str | Path, raw: bytes, file_size: int) -> Header:
-    """Validate a header's JSON against the file size; every number is checked before use."""
-    name = Path(path).name
+    """Validate a header's JSON against the file size; every number is checked before use.
+
+    A header whose text outside its ``__metadata__`` value, and whose data section size, equal
+    those of a header validated before is served that header's tensor table: the validation
+    below depends on nothing else (the metadata value is decoded and checked on its own, by
+    the same rules). Anything unusual takes the full parse, so errors are the same words."""
+    split = None
+    data_size = file_size - 8 - len(raw)
     try:
-        table = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None  # the full parse names the error
+    if text is not None:
+        split = _split_metadata(text)
+    if split is not None:
+        prefix, suffix, metadata = split
+        digest = hashlib.blake2b(prefix.encode(), digest_size=16)
+        digest.update(suffix.encode())
+        key = (len(prefix), digest.digest(), data_size)  # the length: where the split was
+        with _tables_lock:
+            cached = _TABLES.get(key)
+            if cached is not None:
+                _TABLES.move_to_end(key)
+        if cached is not None and _is_string_map(metadata):
+            assert isinstance(metadata, dict)
+            return Header(dict(cached), metadata, 8 + len(raw), file_size)
+    header, plain = _parse_full(Path(path).name, raw, text, file_size)
+    if split is not None and plain and isinstance(split[2], dict) and split[2] == header.metadata:
+        _remember(key, header.tensors)
+    return header
+
+
+def _remember(key: tuple[int, bytes, int], tensors: dict[str, TensorInfo]) -> None:
+    global _tables_held
+    with _tables_lock:
+        if key in _TABLES:
+            return
+        _TABLES[key] = dict(tensors)
+        _tables_held += len(tensors)
+        while _tables_held > _TABLES_MAX_TENSORS and len(_TABLES) > 1:
+            _tables_held -= len(_TABLES.popitem(last=False)[1])
+
+
+def _parse_full(name: str, raw: bytes, text: str | None, file_size: int) -> tuple[Header, bool]:
+    """The header of :func:`parse_header`, every check made; and whether it is plain: a
+    ``__metadata__`` key, and tensor entries of exactly their three fields."""
+    try:
+        if text is None:
+            text = raw.decode("utf-8")
+        table = json.loads(text, object_pairs_hook=_reject_duplicates)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CorruptFileError(f"{name}: safetensors header is not valid JSON ({exc})") from None
     if not isinstance(table, dict):
         raise CorruptFileError(f"{name}: safetensors header is not a JSON object")
+    plain = "__metadata__" in table
     metadata_raw = table.pop("__metadata__", None) or {}
-    if not isinstance(metadata_raw, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata_raw.items()
-    ):
+    if not _is_string_map(metadata_raw):
         raise CorruptFileError(f"{name}: safetensors __metadata__ must map strings to strings")
     data_start = 8 + len(raw)
     data_size = file_size - data_start
@@ -237,7 +323,8 @@ def parse_header(path: str | Path, raw: bytes, file_size: int) -> Header:
             " (damaged or not a safetensors file)"
         )
     ordered = {key: tensors[key] for _, _, _, key in spans}
-    return Header(ordered, dict(metadata_raw), data_start, file_size)
+    plain = plain and sum(map(len, table.values())) == 3 * len(table)  # every entry is a dict here
+    return Header(ordered, dict(metadata_raw), data_start, file_size), plain
 
 
 def read_header(path: str | Path) -> Header:
