@@ -69,41 +69,52 @@ def kohya_text_prefixes(spec: FamilySpec) -> dict[str, str]:
     return {"te1": "lora_te1", "te2": "lora_te2"}
 
 
+TABLE_COMPONENTS = ("unet", "transformer", "te1", "te2")
+# "transformer": a DiT (FLUX.1) under OneTrainer's prefix; formats/flux.py reads its other dialects
+TEXT_ALIASES = {"te1": ("lora_te", "lora_te1"), "te2": ("lora_te2",), "transformer": ("lora_transformer",)}
+_new_module = object.__new__
+
+
 @cache
 def name_tables(spec: FamilySpec) -> NameTables:
     """Every Linear/Conv weight of the U-Net and text encoders, with its dialect names."""
-    km = keymap(spec)
+    # Built on every header-only inspect (~1,000 modules for SDXL): each name is split once here
+    # rather than through the Weight/Module properties, which split it again on every access.
     modules: dict[str, Module] = {}
-    for w in km.weights:
-        if (
-            w.component not in ("unet", "transformer", "te1", "te2")
-            or not w.canonical.endswith(".weight")
-            or len(w.shape) not in (2, 4)
-        ):
+    for w in keymap(spec).weights:
+        canonical = w.canonical
+        component = canonical.partition(".")[0]
+        if component not in TABLE_COMPONENTS or not canonical.endswith(".weight") or len(w.shape) not in (2, 4):
             continue
-        if "embeddings" in w.canonical:  # token/position tables are not Linear layers
+        if "embeddings" in canonical:  # token/position tables are not Linear layers
             continue
         ldm = None
-        if w.component == "unet" and w.single:
+        if component == "unet" and w.single:
             ldm = w.single[len(UNET_SINGLE_PREFIX) : -len(".weight")]
-        modules[w.module] = Module(w.module, w.shape, ldm)
+        name = canonical[: -len(".weight")]
+        # Module's frozen __init__ is three object.__setattr__ calls; its fields set straight
+        # into a new instance's __dict__ make the same, equal object
+        module = _new_module(Module)
+        module.__dict__.update(name=name, shape=w.shape, ldm_path=ldm)
+        modules[name] = module
 
     kohya: dict[str, str] = {}
     peft: dict[str, str] = {}
-    # "transformer": a DiT (FLUX.1) under OneTrainer's prefix; formats/flux.py reads its other dialects
-    text_aliases = {"te1": ["lora_te", "lora_te1"], "te2": ["lora_te2"], "transformer": ["lora_transformer"]}
     for m in modules.values():
-        if m.component == "unet":
-            kohya[f"{KOHYA_UNET}_{m.path.replace('.', '_')}"] = m.name
+        name = m.name
+        component, _, path = name.partition(".")
+        underscored = path.replace(".", "_")
+        if component == "unet":
+            kohya[f"{KOHYA_UNET}_{underscored}"] = name
             if m.ldm_path:
-                kohya.setdefault(f"{KOHYA_UNET}_{m.ldm_path.replace('.', '_')}", m.name)
+                kohya.setdefault(f"{KOHYA_UNET}_{m.ldm_path.replace('.', '_')}", name)
         else:
-            for prefix in text_aliases[m.component]:
-                kohya[f"{prefix}_{m.path.replace('.', '_')}"] = m.name
-        folder = DIFFUSERS_FOLDERS[m.component]
-        peft[f"{folder}.{m.path}"] = m.name
-        if m.path.startswith("text_model."):
-            peft.setdefault(f"{folder}.{m.path[len('text_model.') :]}", m.name)
+            for prefix in TEXT_ALIASES[component]:
+                kohya[f"{prefix}_{underscored}"] = name
+        folder = DIFFUSERS_FOLDERS[component]
+        peft[f"{folder}.{path}"] = name
+        if path.startswith("text_model."):
+            peft.setdefault(f"{folder}.{path[len('text_model.') :]}", name)
     return NameTables(modules, kohya, peft)
 
 
