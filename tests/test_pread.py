@@ -18,9 +18,9 @@ import pytest
 from loratools.errors import CorruptFileError
 from loratools.formats.io import save_lora
 from loratools.formats.scan import scan_lora
-from loratools.io.pread import SpanRead, read_exact, read_span
+from loratools.io.pread import read_exact, read_span
 from loratools.io.safetensors import SafetensorsFile
-from loratools.io.source import Source, open_source
+from loratools.io.source import open_source
 from loratools.ops import rank_numpy
 from loratools.ops.norms import scan_norms
 from loratools.ops.resize import resize
@@ -42,15 +42,6 @@ def _shrink(path: Path, keep: float = 1.0) -> None:
 
 def _expect_truncated(exc: pytest.ExceptionInfo[CorruptFileError], path: Path) -> None:
     assert MESSAGE in exc.value.message and path.name in exc.value.message
-
-
-def test_span_read_in_the_background(tmp_path: Path) -> None:
-    path = tmp_path / "bytes.bin"
-    path.write_bytes(bytes(range(256)) * 4)
-    assert bytes(SpanRead(path, 3, 900).result()) == path.read_bytes()[3:903]
-    with pytest.raises(CorruptFileError) as exc:
-        SpanRead(path, 1000, 30).result()
-    _expect_truncated(exc, path)
 
 
 def test_read_exact_fills_and_refuses_a_short_file(tmp_path: Path) -> None:
@@ -94,13 +85,12 @@ def test_scan_norms(lora: Path) -> None:
 
 
 def test_numpy_resize_path(lora: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def header_then_shrink(path: str | os.PathLike[str]) -> Source:
-        opened = open_source(path)
-        opened.header()  # what open_kohya checks the scan and the read against
-        _shrink(opened.path)
-        return opened
+    def scan_then_shrink(path: str | os.PathLike[str], family: object = None) -> object:
+        scan = scan_lora(path, family)  # type: ignore[arg-type]
+        _shrink(Path(path))
+        return scan
 
-    monkeypatch.setattr(rank_numpy, "open_source", header_then_shrink)
+    monkeypatch.setattr(rank_numpy, "scan_lora", scan_then_shrink)
     with pytest.raises(CorruptFileError) as exc:
         resize(lora, tmp_path / "out.safetensors", rank=4)
     _expect_truncated(exc, lora)

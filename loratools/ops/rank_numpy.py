@@ -28,14 +28,12 @@ from ..errors import InputError
 from ..families.spec import FamilySpec
 from ..formats import kohya
 from ..formats.adapters import LoraFile
-from ..formats.keys import KOHYA_KEY
 from ..formats.lycoris import adapter_params
 from ..formats.metadata import with_byte_hashes
 from ..formats.names import in_source_order, kohya_text_prefixes, name_tables
 from ..formats.scan import ParamRef, scan_lora
-from ..io.pread import SpanRead, read_span
+from ..io.pread import read_span
 from ..io.safetensors import ITEMSIZE, StreamingWriter, TensorInfo
-from ..io.source import SAFETENSORS, open_source
 from ..threads import module_workers, numpy_blas_threads
 
 if TYPE_CHECKING:
@@ -164,17 +162,7 @@ def open_kohya(
     ``check_finite=False`` leaves the NaN/inf test to a caller whose arithmetic finds them anyway
     (product_svd's Gram diagonals) and that then retries on the torch path."""
     try:
-        opened = open_source(source)
-        first = opened.header() if opened.kind == SAFETENSORS and opened.path.exists() else None
-    except (InputError, OSError):
-        return None  # the full reader gives its own error
-    reading = None
-    if first is not None and first.tensors and all(KOHYA_KEY.match(k) for k in first.tensors):
-        # a kohya LoRA by its names (never a checkpoint given by mistake): its data section is read
-        # while the scan below runs the readers over the header (io/pread.py SpanRead)
-        reading = SpanRead(opened.path, first.data_start, first.file_size - first.data_start)
-    try:
-        scan = scan_lora(opened, family)
+        scan = scan_lora(source, family)
     except (InputError, OSError):
         return None
     if scan is None or scan.header is None or scan.format != kohya.FORMAT or scan.embeddings:
@@ -197,10 +185,7 @@ def open_kohya(
     lora.path = str(scan.path)
     # one read of the data section, as SafetensorsFile.read_all does; a file that shrank since its
     # header was checked raises the reader's own CorruptFileError (io/pread.py)
-    if reading is not None and header is first:
-        view = reading.result()
-    else:
-        view = read_span(scan.path, header.data_start, header.file_size - header.data_start)
+    view = read_span(scan.path, header.data_start, header.file_size - header.data_start)
     source_data = KohyaSource(scan.path, lora, view, header.data_start)
     if check_finite and not all(source_data.finite(r) for a in lora.adapters.values() for r in _refs(a)):
         return None  # load_lora refuses NaN/inf factors: its error is the one to give
