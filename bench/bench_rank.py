@@ -13,6 +13,8 @@ resize 128→32 wall on the numpy path (CLI, and the API with no thread variable
 torch path (``load_lora`` + ``resize_lora`` + ``save_lora``), each ÷ the floor. Every row runs
 quiet and with ``--spinners`` processes (``python -c 'while 1: pass'``) that the bench starts and
 stops itself; the last column is busy ÷ quiet. floor = python + numpy + max(read, arithmetic ÷ cores).
+The "part" row (the interpreter and every module the CLI resize imports, no work done) shows how
+much of the CLI row start-up alone takes.
 
 Rows (SD1.5 full size, 2.13 GB fp16 checkpoints, 151 MB rank-128 kohya LoRA):
 
@@ -401,12 +403,18 @@ def print_table(results: dict, load_start: float, load_end: float, args: argpars
 # --- floors: resize 128→32 against interpreter + read + bare arithmetic (issue 18 item 3) ----------
 
 SPIN = "while 1: pass"
+# what `loratools resize` imports on the numpy path before any work (cli/rank_cmds.py, ops/resize.py)
+RESIZE_IMPORTS = (
+    "import loratools.cli.main, loratools.cli.rank_cmds, loratools.ops.resize, loratools.ops.rank_numpy,"
+    " loratools.ops.lowrank_np, loratools.ops.svd_sign, concurrent.futures"
+)
 FLOOR_ROWS = {
     "python + import numpy": "floor",
     "read of the input (in-process)": "floor",
     "bare arithmetic, 1 thread (in-process)": "floor",
     "bare arithmetic ÷ cores": "floor",
     "floor = python+numpy + max(read, arith÷cores)": "floor",
+    "part: python + the CLI resize's imports (numpy path, no work)": "part",
     "loratools CLI resize (numpy path)": "run",
     "loratools API resize, no thread env vars (numpy path)": "run",
     "loratools torch path (load_lora + resize_lora + save_lora)": "run",
@@ -474,6 +482,9 @@ def _floor_round(src: Path, tmp: Path, runs: int) -> dict[str, float]:
     for run in range(runs):
         out = tmp / f"out-{run}.safetensors"
         samples["python + import numpy"].append(measure([sys.executable, "-c", "import numpy"]).wall_s)
+        samples["part: python + the CLI resize's imports (numpy path, no work)"].append(
+            measure([sys.executable, "-c", RESIZE_IMPORTS], env=no_env).wall_s
+        )
         read = measure([*me, "read", str(src), "-"], env=one_thread)
         samples["read of the input (in-process)"].append(json.loads(read.stdout.strip().splitlines()[-1])["seconds"])
         arith = measure([*me, "arith", str(src), "-"], env=one_thread)

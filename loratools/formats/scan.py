@@ -26,6 +26,7 @@ from typing import Any
 
 from ..errors import InputError
 from ..families.spec import FamilySpec
+from ..io.pread import read_exact
 from ..io.safetensors import FLOAT_DTYPES, TORCH_NAMES, Header, TensorInfo
 from ..io.source import SAFETENSORS, open_source
 from . import kohya, peft
@@ -125,7 +126,9 @@ class LoraScan:
 
 def read_scalar(fd: int, ref: ParamRef) -> float:
     """The value of a one-element tensor, from its bytes (bf16 widened to float32 by hand)."""
-    raw = os.pread(fd, ref.info.nbytes, ref.offset)
+    raw = bytearray(ref.info.nbytes)
+    # a short read (the file shrank since its header was checked) is the one truncation error
+    read_exact(fd, memoryview(raw), ref.offset, ref.path if ref.path is not None else ref.key)
     if ref.info.dtype == "BF16":
         return float(struct.unpack("<f", b"\x00\x00" + raw[:2])[0])
     code = _SCALAR.get(ref.info.dtype)

@@ -455,13 +455,9 @@ class SafetensorsFile:
 
 
 def _pread_into(fd: int, buffer: torch.Tensor, offset: int, path: Path) -> None:
-    view = buffer.numpy().data.cast("B")
-    done = 0
-    while done < len(view):
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if got <= 0:
-            raise CorruptFileError(f"{path.name}: file ended while reading tensor data (truncated)")
-        done += got
+    from .pread import read_exact  # the one read loop (io/pread.py); imported here, where it is used
+
+    read_exact(fd, buffer.numpy().data.cast("B"), offset, path)
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:

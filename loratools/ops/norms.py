@@ -13,10 +13,10 @@ the base weight.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from ..io.pread import read_span
 from ..threads import module_workers, numpy_blas_threads, torch_threads
 from .progress import Progress, announce_total
 
@@ -66,21 +66,9 @@ def scan_norms(scan: LoraScan, progress: Progress | None = None) -> dict[str, fl
     header = scan.header
     if header is None:
         raise ValueError("scan_norms needs a scanned safetensors file")
-    import numpy as np
 
-    size = header.file_size - header.data_start
-    buffer = np.empty(size, dtype=np.uint8)  # not zero-filled: 228 MB of memset saved
-    view = buffer.data.cast("B")
-    fd = os.open(scan.path, os.O_RDONLY)
-    try:
-        done = 0
-        while done < size:  # one read of the data section, as SafetensorsFile.read_all does
-            got = os.preadv(fd, [view[done:]], header.data_start + done)
-            if got <= 0:
-                raise OSError(f"{scan.path.name}: file ended while reading tensor data")
-            done += got
-    finally:
-        os.close(fd)
+    # one read of the data section, as SafetensorsFile.read_all does
+    view = read_span(scan.path, header.data_start, header.file_size - header.data_start)
     norms: dict[str, float] = {}
     others = [m for m in scan.modules.values() if not _numpy_ok(m)]
     plain = [m for m in scan.modules.values() if _numpy_ok(m)]

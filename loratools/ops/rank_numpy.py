@@ -32,6 +32,7 @@ from ..formats.lycoris import adapter_params
 from ..formats.metadata import with_byte_hashes
 from ..formats.names import in_source_order, kohya_text_prefixes, name_tables
 from ..formats.scan import ParamRef, scan_lora
+from ..io.pread import read_span
 from ..io.safetensors import ITEMSIZE, StreamingWriter, TensorInfo
 from ..threads import module_workers, numpy_blas_threads
 
@@ -182,19 +183,9 @@ def open_kohya(
         if not accept(adapter) or any(r.info.dtype not in NUMPY_DTYPES for r in _refs(adapter)):
             return None
     lora.path = str(scan.path)
-    size = header.file_size - header.data_start
-    buffer = np.empty(size, dtype=np.uint8)  # not zero-filled: the read overwrites every byte
-    view = buffer.data.cast("B")
-    fd = os.open(scan.path, os.O_RDONLY)
-    try:
-        done = 0
-        while done < size:  # one read of the data section, as SafetensorsFile.read_all does
-            got = os.preadv(fd, [view[done:]], header.data_start + done)
-            if got <= 0:
-                return None  # truncated: the full reader says so
-            done += got
-    finally:
-        os.close(fd)
+    # one read of the data section, as SafetensorsFile.read_all does; a file that shrank since its
+    # header was checked raises the reader's own CorruptFileError (io/pread.py)
+    view = read_span(scan.path, header.data_start, header.file_size - header.data_start)
     source_data = KohyaSource(scan.path, lora, view, header.data_start)
     if check_finite and not all(source_data.finite(r) for a in lora.adapters.values() for r in _refs(a)):
         return None  # load_lora refuses NaN/inf factors: its error is the one to give
