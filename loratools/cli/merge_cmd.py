@@ -102,15 +102,13 @@ def _common(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def _output_total(base: Source, dtype: str | None) -> int:
     """Bytes the output will hold (for the progress bar), from the base's header."""
-    from ..ops.checkpoint import parse_dtype
+    from ..ops.checkpoint import parse_dtype_name
 
-    target = parse_dtype(dtype)
+    target = parse_dtype_name(dtype)
     with open_checkpoint(base) as ckpt:
         if target is None:
             return ckpt.nbytes
-        from ..io.safetensors import dtype_name
-
-        size = ITEMSIZE[dtype_name(target)]
+        size = ITEMSIZE[target]
         return sum(i.numel * size if i.dtype in FLOAT_DTYPES else i.nbytes for i in map(ckpt.info, ckpt))
 
 
@@ -133,23 +131,31 @@ def _run(operation: str, base: str, loras: tuple[str, ...], options: dict[str, A
         opened = open_source(base)  # classified and (a pickle) unpickled once, for every step below
         if not is_hub(base) and classify(opened) == "lora" and has_lora_keys(base):  # arguments swapped: say so
             raise lora_not_checkpoint(Path(base).name)
-        if engine is not None:
-            engine.join()
-        from ..ops.merge import merge, parse_lora_arg, unmerge  # torch is imported only where tensors are touched
+        from ..ops.merge_plan import parse_lora_arg  # torch-free: a dry run plans from headers alone
 
         blocks_from = options.pop("blocks_from")
         inputs = [parse_lora_arg(text, blocks_from) for text in loras]
-
-        options["budget"] = options.pop("batch_mb") * 2**20
-        options["verify"] = options["verify"] or 0
         output = options.pop("output")
-        total = _output_total(opened, options["dtype"])
-        label = "merging" if operation == "merge" else "unmerging"
-        with byte_progress(console, label, enabled=not as_json and not options["dry_run"], total=total) as advance:
-            if operation == "merge":
-                report = merge(opened, inputs, output, progress=advance, **options)
-            else:
-                report = unmerge(opened, inputs, output, base=original, progress=advance, **options)
+        if options["dry_run"]:
+            from ..ops.merge_plan import dry_run
+
+            for unused in ("batch_mb", "verify", "dry_run", "threads"):
+                options.pop(unused, None)
+            report = dry_run(operation, opened, inputs, output, original=original, **options)
+        else:
+            if engine is not None:
+                engine.join()
+            from ..ops.merge import merge, unmerge  # torch is imported only where tensors are touched
+
+            options["budget"] = options.pop("batch_mb") * 2**20
+            options["verify"] = options["verify"] or 0
+            total = _output_total(opened, options["dtype"])
+            label = "merging" if operation == "merge" else "unmerging"
+            with byte_progress(console, label, enabled=not as_json, total=total) as advance:
+                if operation == "merge":
+                    report = merge(opened, inputs, output, progress=advance, **options)
+                else:
+                    report = unmerge(opened, inputs, output, base=original, progress=advance, **options)
         if as_json:
             print_json(Console(), report.to_dict())
             return
