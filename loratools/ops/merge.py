@@ -13,10 +13,7 @@ to the rounding of the merged file.
 from __future__ import annotations
 
 import math
-import secrets
 import shutil
-import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -38,16 +35,17 @@ from ..io.source import Source
 from .blocks import parse_block_weights
 from .checkpoint import CanonicalSource, write_folder
 from .delta import DEFAULT_BUDGET, DeltaEngine, Job, Term
-from .hashes import sha256_file
 from .merge_plan import (
     SCHEMA,
     Entry,
+    Executor,
     LoraInput,
     LoraMatch,
     MergeReport,
     Outputs,
     Planned,
     PlannedTerm,
+    Request,
     check_text_weights,
     component_of,
     index_text,
@@ -55,10 +53,8 @@ from .merge_plan import (
     module_strength,
     parse_lora_arg,
     per_module_options,
-    plan,
-    request,
+    run,
 )
-from .merge_plan import dry_run as plan_dry_run
 from .rescale import rescale_adapter
 
 __all__ = [
@@ -518,77 +514,92 @@ def _run(
     original: str | Path | None = None,
     tokenizers_from: str | Path | None = None,
 ) -> MergeReport:
-    started = time.perf_counter()
-    req = request(operation, base_path, lora_items, output, dry_run=dry_run, dtype=dtype, original=original)
-    if req.dry_run:  # one dry run, from headers (ops/merge_plan.py): the same report, no ΔW engine
-        return plan_dry_run(
-            operation,
-            req.opened,
-            lora_items,
-            output,
-            layout=layout,
-            dtype=dtype,
-            family=family,
-            device=device,
-            strict=strict,
-            skip_nonfinite=skip_nonfinite,
-            overwrite=overwrite,
-            tokenizers_from=tokenizers_from,
-            original=original,
-        )
+    def make() -> Executor:
+        return executor(device, budget, family=family, verify=verify, overwrite=overwrite, progress=progress)
+
+    return run(
+        operation,
+        base_path,
+        lora_items,
+        output,
+        layout=layout,
+        dtype=dtype,
+        family=family,
+        device=device,
+        strict=strict,
+        dry_run=dry_run,
+        skip_nonfinite=skip_nonfinite,
+        overwrite=overwrite,
+        tokenizers_from=tokenizers_from,
+        original=original,
+        executor=make,
+    )
+
+
+def executor(
+    device: str = "auto",
+    budget: int = DEFAULT_BUDGET,
+    *,
+    family: str | None = None,
+    verify: int = 0,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> Executor:
+    """What writes a plan (ops/merge_plan.py ``run``): :func:`execute` with a ΔW engine on
+    ``device`` (its errors, e.g. no CUDA, raised here) and these options."""
     engine = DeltaEngine(device, budget)
-    late: list[Callable[[], list[tuple[str, str]]]] = []
 
-    def base_digest(path: Path) -> str:
-        digest, fill = _hash_while_writing(path)
-        late.append(fill)
-        return digest
+    def write(req: Request, planned: Planned) -> MergeReport:
+        return execute(req, planned, engine, family=family, verify=verify, overwrite=overwrite, progress=progress)
 
-    with open_checkpoint(req.opened) as ckpt:  # a pickle the caller classified is not unpickled again
-        planned = plan(
-            req,
-            ckpt,
-            layout=layout,
-            family=family,
-            device=str(engine.device),
-            strict=strict,
-            skip_nonfinite=skip_nonfinite,
-            tokenizers_from=tokenizers_from,
-            base_digest=base_digest,
-        )
-        report = planned.report
-        terms = _terms(planned, req.inputs)
-        found, km, source, out_layout = planned.found, planned.km, planned.source, planned.out_layout
-        base_source = None
-        base_ckpt = None
-        if req.original is not None:
-            base_ckpt = open_checkpoint(req.original)
-            base_found = detect(base_ckpt.shapes(), base_ckpt.metadata, family=family)
-            if base_found.family.name != found.family.name:
-                raise InputError(
-                    f"{req.original}: a {base_found.family.title} checkpoint; the merged one is {found.family.title}"
-                )
-            base_source = (CanonicalSource(base_ckpt, keymap(base_found.family), base_found.layout), base_found.layout)
-        try:
-            merger = _Merger(ckpt, km, found.layout, out_layout, terms, engine, report, progress, base_source)
-            if late:
-                merger.late = _filling(late[0], report.provenance)
-            check = _verifier(km, out_layout, source, terms, verify, report) if verify else None
-            assert req.out_path is not None
-            _write(merger, req.out_path, planned.outputs, ckpt, found, source, overwrite, check)
-        finally:
-            if base_ckpt is not None:
-                base_ckpt.close()
-        if merger.carried:
-            report.warnings.append(
-                f"{len(merger.carried)} patched tensors already hold NaN or inf in the base (e.g. "
-                f"{merger.carried[0]}); the output carries them"
+    return write
+
+
+def execute(
+    req: Request,
+    planned: Planned,
+    engine: DeltaEngine,
+    *,
+    family: str | None = None,
+    verify: int = 0,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> MergeReport:
+    """Write what ``planned`` says (ops/merge_plan.py ``plan``, from headers): the LoRAs' factors
+    loaded, ΔW computed by ``engine``, the output streamed and put in place; ``planned.ckpt``
+    must still be open. ``family``/``verify``/``overwrite``/``progress`` as for :func:`merge`."""
+    ckpt = planned.ckpt
+    report = planned.report
+    terms = _terms(planned, req.inputs)
+    found, km, source, out_layout = planned.found, planned.km, planned.source, planned.out_layout
+    base_source = None
+    base_ckpt = None
+    if req.original is not None:
+        base_ckpt = open_checkpoint(req.original)
+        base_found = detect(base_ckpt.shapes(), base_ckpt.metadata, family=family)
+        if base_found.family.name != found.family.name:
+            raise InputError(
+                f"{req.original}: a {base_found.family.title} checkpoint; the merged one is {found.family.title}"
             )
-        for component, stats in merger.residual.items():
-            rel = math.sqrt(stats.sq_diff / stats.sq_base) if stats.sq_base else 0.0
-            report.residual[component] = {"max_abs": stats.max_abs, "relative": rel}
-        _report_rounding(report, engine.rounding)
-    report.seconds = time.perf_counter() - started
+        base_source = (CanonicalSource(base_ckpt, keymap(base_found.family), base_found.layout), base_found.layout)
+    try:
+        merger = _Merger(ckpt, km, found.layout, out_layout, terms, engine, report, progress, base_source)
+        merger.late = planned.late
+        check = _verifier(km, out_layout, source, terms, verify, report) if verify else None
+        assert req.out_path is not None
+        _write(merger, req.out_path, planned.outputs, ckpt, found, source, overwrite, check)
+    finally:
+        if base_ckpt is not None:
+            base_ckpt.close()
+    if merger.carried:
+        report.warnings.append(
+            f"{len(merger.carried)} patched tensors already hold NaN or inf in the base (e.g. "
+            f"{merger.carried[0]}); the output carries them"
+        )
+    for component, stats in merger.residual.items():
+        rel = math.sqrt(stats.sq_diff / stats.sq_base) if stats.sq_base else 0.0
+        report.residual[component] = {"max_abs": stats.max_abs, "relative": rel}
+    _report_rounding(report, engine.rounding)
     return report
 
 
@@ -614,50 +625,6 @@ def _terms(planned: Planned, inputs: Sequence[LoraInput]) -> dict[str, list[Term
         return Term(adapter, t.strength, bias=t.bias)
 
     return {target: [term(t) for t in terms] for target, terms in planned.terms.items()}
-
-
-def _hash_while_writing(path: Path) -> tuple[str, Callable[[], list[tuple[str, str]]]]:
-    """Starts the SHA-256 of the base file in a thread; returns a placeholder of its length and the
-    ``late`` callable of :class:`StreamingWriter` that waits for it.
-
-    Hashing the whole base before the first byte is written put a full read of it on the critical
-    path (≈ 1.5 s for 2 GB, and for a 23.8 GB FLUX.1 file that does not fit in the page cache, a
-    second pass over the disk); hashlib releases the GIL, so it runs beside the merge. The
-    placeholder is random hex, so its first 10 digits (the AutoV2 entry) occur nowhere else.
-    """
-    placeholder = secrets.token_hex(32)
-    done: Future[str] = Future()
-
-    def run() -> None:
-        try:
-            done.set_result(sha256_file(path))
-        except BaseException as exc:  # handed to the writer, which raises it
-            done.set_exception(exc)
-
-    # a daemon thread: a merge that fails early must not wait for the hash of a 24 GB file to exit
-    threading.Thread(target=run, name="loratools-hash", daemon=True).start()
-
-    def late() -> list[tuple[str, str]]:
-        digest = done.result()
-        return [(placeholder, digest), (placeholder[:10], digest[:10])]  # sha256 first, then autov2
-
-    return placeholder, late
-
-
-def _filling(
-    late: Callable[[], list[tuple[str, str]]], record: Mapping[str, object] | None
-) -> Callable[[], list[tuple[str, str]]]:
-    """``late``, also putting the real values in the report's own copy of the provenance record."""
-
-    def fill() -> list[tuple[str, str]]:
-        pairs = late()
-        base = record.get("base") if record is not None else None
-        if isinstance(base, dict):
-            values = dict(pairs)
-            base.update(sha256=values[str(base["sha256"])], autov2=values[str(base["autov2"])])
-        return pairs
-
-    return fill
 
 
 def _write(

@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -56,6 +59,7 @@ from .checkpoint import (
     planned_info,
     target_layout,
 )
+from .hashes import sha256_file
 from .provenance import FOLDER_FILE as PROVENANCE_FILE
 from .provenance import KEY as PROVENANCE_KEY
 from .provenance import MODELSPEC_HASH, dumps, input_record, provenance
@@ -751,6 +755,50 @@ def planned_device(device: str) -> str:
     return str(resolve_device(device))
 
 
+def hash_while_writing(path: Path) -> tuple[str, Callable[[], list[tuple[str, str]]]]:
+    """Starts the SHA-256 of the base file in a thread; returns a placeholder of its length and the
+    ``late`` callable of :class:`StreamingWriter` that waits for it.
+
+    Hashing the whole base before the first byte is written put a full read of it on the critical
+    path (≈ 1.5 s for 2 GB, and for a 23.8 GB FLUX.1 file that does not fit in the page cache, a
+    second pass over the disk); hashlib releases the GIL, so it runs beside the merge. The
+    placeholder is random hex, so its first 10 digits (the AutoV2 entry) occur nowhere else.
+    """
+    placeholder = secrets.token_hex(32)
+    done: Future[str] = Future()
+
+    def run() -> None:
+        try:
+            done.set_result(sha256_file(path))
+        except BaseException as exc:  # handed to the writer, which raises it
+            done.set_exception(exc)
+
+    # a daemon thread: a merge that fails early must not wait for the hash of a 24 GB file to exit
+    threading.Thread(target=run, name="loratools-hash", daemon=True).start()
+
+    def late() -> list[tuple[str, str]]:
+        digest = done.result()
+        return [(placeholder, digest), (placeholder[:10], digest[:10])]  # sha256 first, then autov2
+
+    return placeholder, late
+
+
+def filling(
+    late: Callable[[], list[tuple[str, str]]], record: Mapping[str, object] | None
+) -> Callable[[], list[tuple[str, str]]]:
+    """``late``, also putting the real values in the report's own copy of the provenance record."""
+
+    def fill() -> list[tuple[str, str]]:
+        pairs = late()
+        base = record.get("base") if record is not None else None
+        if isinstance(base, dict):
+            values = dict(pairs)
+            base.update(sha256=values[str(base["sha256"])], autov2=values[str(base["autov2"])])
+        return pairs
+
+    return fill
+
+
 # -- the plan --------------------------------------------------------------------------------------------
 @dataclass
 class PlannedTerm:
@@ -791,6 +839,7 @@ class Planned:
     outputs: Outputs
     report: MergeReport
     sizes: dict[str, int]
+    late: Callable[[], list[tuple[str, str]]] | None = None  # the base's hash, for the writer to fill in
 
 
 def request(
@@ -837,13 +886,13 @@ def plan(
     strict: bool,
     skip_nonfinite: bool,
     tokenizers_from: str | Path | None,
-    base_digest: Callable[[Path], str | None] | None = None,
+    hash_base: bool = False,
 ) -> Planned:
     """The plan of ``req`` over the open base ``ckpt``: matches, refusals, output files and sizes.
 
-    ``device``: the name ΔW runs on (:func:`planned_device`). ``base_digest``: given the base
-    file, the value the provenance record gives its SHA-256 (a placeholder the engine fills
-    while writing), or None to hash it now."""
+    ``device``: the name ΔW runs on (:func:`planned_device`). ``hash_base``: a real run's
+    single-file output records a placeholder for the base's SHA-256, hashed in a thread while the
+    output is written (``Planned.late`` fills it in); otherwise it is hashed now."""
     operation = req.operation
     base_path = req.opened.path
     found = detect(ckpt.shapes(), ckpt.metadata, family=family)
@@ -888,11 +937,14 @@ def plan(
         report.notes = list(outputs.pipeline.notes)
     elif tokenizers_from is not None:
         raise InputError("--tokenizers-from applies only when a single file is written as a diffusers folder")
+    late: Callable[[], list[tuple[str, str]]] | None = None
     if operation != "convert":
         digest = None
-        if outputs.kind == "file" and not req.dry_run and ckpt.path.is_file() and base_digest is not None:
-            digest = base_digest(ckpt.path)
+        if outputs.kind == "file" and not req.dry_run and ckpt.path.is_file() and hash_base:
+            digest, late = hash_while_writing(ckpt.path)
         record = _provenance(operation, ckpt, req.inputs, matched.matches, digest)
+        if late is not None:
+            late = filling(late, record)
         report.provenance = record
         if outputs.kind == "file":
             outputs.files[0].metadata = {**(outputs.files[0].metadata or {}), PROVENANCE_KEY: dumps(record)}
@@ -907,7 +959,7 @@ def plan(
             before = ckpt.info(e.source).dtype if e.source in ckpt else e.info.dtype
             key = f"{before}→{e.info.dtype}"
             report.dtype_plan[key] = report.dtype_plan.get(key, 0) + 1
-    return Planned(ckpt, found, km, source, out_layout, matched.terms, matched.loras, outputs, report, sizes)
+    return Planned(ckpt, found, km, source, out_layout, matched.terms, matched.loras, outputs, report, sizes, late)
 
 
 def finish_dry_run(req: Request, planned: Planned, *, overwrite: bool) -> MergeReport:
@@ -930,7 +982,10 @@ def finish_dry_run(req: Request, planned: Planned, *, overwrite: bool) -> MergeR
     return report
 
 
-def dry_run(
+Executor = Callable[[Request, Planned], MergeReport]  # writes a plan (ops/merge.py ``executor``)
+
+
+def run(
     operation: str,
     base_path: str | Path | Source,
     lora_items: Sequence[LoraInput | str | Path | LoraFile],
@@ -941,15 +996,19 @@ def dry_run(
     family: str | None = None,
     device: str = "auto",
     strict: bool = False,
+    dry_run: bool = False,
     skip_nonfinite: bool = False,
     overwrite: bool = False,
     tokenizers_from: str | Path | None = None,
     original: str | Path | None = None,
+    executor: Callable[[], Executor] | None = None,
 ) -> MergeReport:
-    """The report ``merge``/``unmerge``/``rewrite`` would give with ``dry_run=True``, from headers
-    (``operation``: "merge", "unmerge" or "convert"); nothing is written."""
+    """A merge, unmerge or rewrite (``operation``: "merge", "unmerge", "convert"): planned from
+    headers, then — unless a dry run — written by the executor ``executor()`` returns, asked for
+    only once the plan stands (so torch's import can run beside the planning: cli/merge_cmd.py).
+    Options as for ops/merge.py ``merge``."""
     started = time.perf_counter()
-    req = request(operation, base_path, lora_items, output, dry_run=True, dtype=dtype, original=original)
+    req = request(operation, base_path, lora_items, output, dry_run=dry_run, dtype=dtype, original=original)
     name = planned_device(device)
     with open_checkpoint(req.opened) as ckpt:  # a pickle the caller classified is not unpickled again
         planned = plan(
@@ -961,7 +1020,13 @@ def dry_run(
             strict=strict,
             skip_nonfinite=skip_nonfinite,
             tokenizers_from=tokenizers_from,
+            hash_base=not req.dry_run,
         )
-        report = finish_dry_run(req, planned, overwrite=overwrite)
+        if req.dry_run:
+            report = finish_dry_run(req, planned, overwrite=overwrite)
+        else:
+            if executor is None:
+                raise TypeError("a real run needs an executor (ops/merge.py executor)")
+            report = executor()(req, planned)
     report.seconds = time.perf_counter() - started
     return report
