@@ -10,7 +10,10 @@ Rows (each in its own child process, page cache warm, outputs on the same disk):
   safetensors load + save     the whole file through memory, no math
   naive merge                 load everything, W += scale·up@down per module in fp32, save
   fp32 arithmetic only        loratools' batched engine on preloaded tensors: no I/O at all
-  loratools merge             streamed, batched, arithmetic overlapped with the copy
+  loratools merge             streamed, batched, arithmetic overlapped with the copy (API, torch preloaded)
+  loratools CLI               `python -m loratools merge` in a fresh process: torch's import included,
+                              overlapped with the plan (cli/merge_cmd.py); --cli-tree DIR adds the same
+                              row for another checkout (PYTHONPATH=DIR), interleaved, for before/after
 The naive and loratools outputs are compared tensor by tensor (fp16 values may differ by one
 rounding step where fp32 summation order differs; the count is printed).
 """
@@ -24,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -32,6 +36,7 @@ from measure import measure
 DATA = Path(os.environ.get("LORATOOLS_BENCH_DIR", Path(__file__).parent / "data"))
 OUT = Path(__file__).parent / "out"
 TASKS = str(Path(__file__).parent / "merge_tasks.py")
+ROOT = str(Path(__file__).resolve().parents[1])
 CASES = {
     "sd15": ("sd15-fp16.safetensors", "sd15-r128-kohya.safetensors"),
     "sdxl": ("sdxl-fp16.safetensors", "sdxl-r32-kohya.safetensors"),
@@ -61,7 +66,12 @@ def compare(a: str, b: str) -> tuple[int, int, float]:
     return tensors, elements, worst
 
 
-def run_case(name: str, runs: int) -> list[dict[str, object]]:
+def _cli(base: Path, lora: Path, dst: str) -> list[str]:
+    """The CLI merge in a fresh interpreter; which checkout is the measure env's PYTHONPATH."""
+    return [sys.executable, "-m", "loratools", "merge", str(base), str(lora), "-o", dst, "--json"]
+
+
+def run_case(name: str, runs: int, trees: Sequence[str] = (), skip: Sequence[str] = ()) -> list[dict[str, object]]:
     base_name, lora_name = CASES[name]
     base, lora = DATA / base_name, DATA / lora_name
     for path in (base, lora):
@@ -73,7 +83,15 @@ def run_case(name: str, runs: int) -> list[dict[str, object]]:
         "safetensors load + save": lambda dst: [sys.executable, TASKS, "roundtrip", str(base), dst],
         "naive merge (load all, per module)": lambda dst: [sys.executable, TASKS, "naive", str(base), str(lora), dst],
         "loratools merge": lambda dst: [sys.executable, TASKS, "ours", str(base), str(lora), dst],
+        "loratools CLI": lambda dst: _cli(base, lora, dst),
     }
+    envs = {"loratools CLI": {**os.environ, "PYTHONPATH": ROOT}}
+    for tree in trees:
+        rows[f"loratools CLI ({tree})"] = lambda dst: _cli(base, lora, dst)
+        envs[f"loratools CLI ({tree})"] = {**os.environ, "PYTHONPATH": tree}
+    # the floors, the naive merge and the compared outputs stay: the table is read against them
+    keep = ("cp", "naive", "loratools merge")
+    rows = {k: v for k, v in rows.items() if k.startswith(keep) or not any(k.startswith(x) for x in skip)}
     results: dict[str, list[tuple[float, float]]] = {row: [] for row in rows}
     details: dict[str, dict[str, object]] = {}
     with tempfile.TemporaryDirectory(dir=DATA, prefix="_bench_merge_") as tmp:
@@ -87,7 +105,7 @@ def run_case(name: str, runs: int) -> list[dict[str, object]]:
             order = list(rows)[run % len(rows) :] + list(rows)[: run % len(rows)]
             for row in order:
                 dst = str(Path(tmp) / f"{abs(hash(row))}.safetensors")
-                m = measure(rows[row](dst))
+                m = measure(rows[row](dst), env=envs.get(row))
                 results[row].append((m.wall_s, m.maxrss_mib))
                 if row in ("naive merge (load all, per module)", "loratools merge") and run == runs - 1:
                     keep = Path(tmp) / ("naive.safetensors" if row.startswith("naive") else "ours.safetensors")
@@ -135,9 +153,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--only", choices=sorted(CASES), nargs="+", default=list(CASES))
+    parser.add_argument("--cli-tree", action="append", default=[], help="another checkout's CLI row (before/after)")
+    parser.add_argument("--skip", action="append", default=[], help="leave out rows whose name starts so")
     args = parser.parse_args()
-    print(f"command: python bench/bench_merge.py --runs {args.runs} --only {' '.join(args.only)}")
-    tables = [row for case in args.only for row in run_case(case, args.runs)]
+    trees = " ".join(f"--cli-tree {t}" for t in args.cli_tree)
+    print(f"command: python bench/bench_merge.py --runs {args.runs} --only {' '.join(args.only)} {trees}")
+    tables = [row for case in args.only for row in run_case(case, args.runs, args.cli_tree, args.skip)]
     OUT.mkdir(exist_ok=True)
     (OUT / f"bench_merge-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(tables, indent=2))
 

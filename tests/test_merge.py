@@ -345,7 +345,7 @@ def test_engine_batches_equal_one_at_a_time() -> None:
 
 def test_windows_hold_at_most_the_budget() -> None:
     from loratools.io.safetensors import TensorInfo
-    from loratools.ops.merge import _Entry
+    from loratools.ops.merge_plan import Entry as _Entry
 
     entries = [
         _Entry(f"k{i}", f"k{i}", [f"c{i}"], f"k{i}", TensorInfo("F16", (100, 100)), patched=i % 3 != 0)

@@ -102,15 +102,13 @@ def _common(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def _output_total(base: Source, dtype: str | None) -> int:
     """Bytes the output will hold (for the progress bar), from the base's header."""
-    from ..ops.checkpoint import parse_dtype
+    from ..ops.checkpoint import parse_dtype_name
 
-    target = parse_dtype(dtype)
+    target = parse_dtype_name(dtype)
     with open_checkpoint(base) as ckpt:
         if target is None:
             return ckpt.nbytes
-        from ..io.safetensors import dtype_name
-
-        size = ITEMSIZE[dtype_name(target)]
+        size = ITEMSIZE[target]
         return sum(i.numel * size if i.dtype in FLOAT_DTYPES else i.nbytes for i in map(ckpt.info, ckpt))
 
 
@@ -125,7 +123,8 @@ def _run(operation: str, base: str, loras: tuple[str, ...], options: dict[str, A
     console = Console(stderr=as_json)
     with user_errors():
         # torch's import (1–3 s) runs in a thread while the base's header is read and classified
-        # (issue 18 item 5); the main thread imports nothing of the engine until it joins it.
+        # and the whole merge is planned from headers (ops/merge_plan.py, issue 18 item 5); the
+        # main thread imports nothing of the engine until the plan stands and it joins the thread.
         engine = None
         if not options["dry_run"]:
             engine = threading.Thread(target=_import_engine, name="loratools-import", daemon=True)
@@ -133,23 +132,32 @@ def _run(operation: str, base: str, loras: tuple[str, ...], options: dict[str, A
         opened = open_source(base)  # classified and (a pickle) unpickled once, for every step below
         if not is_hub(base) and classify(opened) == "lora" and has_lora_keys(base):  # arguments swapped: say so
             raise lora_not_checkpoint(Path(base).name)
-        if engine is not None:
-            engine.join()
-        from ..ops.merge import merge, parse_lora_arg, unmerge  # torch is imported only where tensors are touched
+        from ..ops.merge_plan import Executor, parse_lora_arg, run  # torch-free
 
         blocks_from = options.pop("blocks_from")
         inputs = [parse_lora_arg(text, blocks_from) for text in loras]
-
-        options["budget"] = options.pop("batch_mb") * 2**20
-        options["verify"] = options["verify"] or 0
+        budget = options.pop("batch_mb") * 2**20
+        verify = options.pop("verify") or 0
         output = options.pop("output")
-        total = _output_total(opened, options["dtype"])
+        total = 0 if options["dry_run"] else _output_total(opened, options["dtype"])
         label = "merging" if operation == "merge" else "unmerging"
         with byte_progress(console, label, enabled=not as_json and not options["dry_run"], total=total) as advance:
-            if operation == "merge":
-                report = merge(opened, inputs, output, progress=advance, **options)
-            else:
-                report = unmerge(opened, inputs, output, base=original, progress=advance, **options)
+
+            def executor() -> Executor:
+                if engine is not None:
+                    engine.join()
+                from ..ops.merge import executor  # torch is imported only where tensors are touched
+
+                return executor(
+                    options["device"],
+                    budget,
+                    family=options["family"],
+                    verify=verify,
+                    overwrite=options["overwrite"],
+                    progress=advance,
+                )
+
+            report = run(operation, opened, inputs, output, original=original, executor=executor, **options)
         if as_json:
             print_json(Console(), report.to_dict())
             return

@@ -253,6 +253,48 @@ def scan_lora(path: str | os.PathLike[str], family: str | FamilySpec | None = No
     readers themselves (:func:`.kohya.read_kohya`, :func:`.peft.read_peft` over :class:`ParamRef`
     views); ``None`` for anything whose reading needs the tensor values (see the module doc).
     Errors are those of ``load_lora``: they are the same code."""
+    read = _read_header(path, family, require_fit=False)
+    if read is None:
+        return None
+    lora, lora_refs, header, embeddings = read
+    path = Path(lora.path or "")
+    warnings = list(lora.warnings)
+    if embeddings:
+        warnings.append(f"also holds {len(embeddings)} textual-inversion embeddings: {', '.join(list(embeddings)[:5])}")
+    return LoraScan(
+        path,
+        lora.source_format,
+        lora.family,
+        dict(header.metadata),
+        _scan_modules(lora, lora_refs),
+        embeddings,
+        warnings,
+        dict(lora.unmatched),
+        header,
+        lora.model,
+    )
+
+
+def header_lora(
+    path: str | os.PathLike[str], family: str | FamilySpec | None = None, *, require_fit: bool = False
+) -> LoraFile | None:
+    """The :class:`LoraFile` ``load_lora`` would read, its factors :class:`ParamRef` views of the
+    header (no value read; embeddings are not carried, only said in ``warnings``), or ``None``
+    where :func:`scan_lora` would be. ``require_fit`` as for ``load_lora`` (merge planning)."""
+    read = _read_header(path, family, require_fit=require_fit)
+    if read is None:
+        return None
+    lora, _, _, embeddings = read
+    if embeddings:  # load_lora's own words
+        lora.warnings.append(
+            f"also holds {len(embeddings)} textual-inversion embeddings: {', '.join(list(embeddings)[:5])}"
+        )
+    return lora
+
+
+def _read_header(
+    path: str | os.PathLike[str], family: str | FamilySpec | None, *, require_fit: bool
+) -> tuple[LoraFile, dict[str, ParamRef], Header, dict[str, TensorInfo]] | None:
     source = open_source(path)
     path = source.path
     if source.kind != SAFETENSORS or not path.exists():
@@ -281,25 +323,12 @@ def scan_lora(path: str | os.PathLike[str], family: str | FamilySpec | None = No
         raise InputError(f"{path.name}: unknown keys beside kohya ones: {', '.join(others[:5])}")
     views: Mapping[str, Any] = lora_refs
     if kohya_keys:
-        lora = kohya.read_kohya(views, metadata, family)
+        lora = kohya.read_kohya(views, metadata, family, require_fit=require_fit)
     elif layout.peft_like:
-        lora = peft.read_peft(views, metadata, family)
+        lora = peft.read_peft(views, metadata, family, require_fit=require_fit)
     else:
         raise not_a_lora(path.name, keys) or InputError(
             f"{path.name}: unknown LoRA key layout; first keys: {', '.join(keys[:5])}"
         )
-    warnings = list(lora.warnings)
-    if embeddings:
-        warnings.append(f"also holds {len(embeddings)} textual-inversion embeddings: {', '.join(list(embeddings)[:5])}")
-    return LoraScan(
-        path,
-        lora.source_format,
-        lora.family,
-        dict(metadata),
-        _scan_modules(lora, lora_refs),
-        embeddings,
-        warnings,
-        dict(lora.unmatched),
-        header,
-        lora.model,
-    )
+    lora.path = str(path)
+    return lora, lora_refs, header, embeddings

@@ -51,10 +51,11 @@ class ConvertReport:
     notes: list[str] = field(default_factory=list)  # what a new pipeline folder lacks or took from elsewhere
 
 
-def output_dtype_name(info: TensorInfo, dtype: torch.dtype | None) -> str:
+def output_dtype_name(info: TensorInfo, dtype: str | torch.dtype | None) -> str:
+    """The dtype a tensor is written in: ``dtype`` (a torch dtype or safetensors name) for floats."""
     if dtype is None or info.dtype not in FLOAT_DTYPES:
         return info.dtype
-    return dtype_name(dtype)
+    return dtype if isinstance(dtype, str) else dtype_name(dtype)
 
 
 class CanonicalSource:
@@ -89,7 +90,7 @@ def plan_layout(source: CanonicalSource, layout: str, keys: list[str]) -> tuple[
 
 
 def planned_info(
-    source: CanonicalSource, parts: list[str], layout: str, key: str, dtype: torch.dtype | None
+    source: CanonicalSource, parts: list[str], layout: str, key: str, dtype: str | torch.dtype | None
 ) -> TensorInfo:
     import torch
 
@@ -314,7 +315,19 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     """``"fp16"``/``"bf16"``/``"fp32"`` (or a torch dtype) → torch dtype; None stays None."""
     if dtype is None or not isinstance(dtype, str):
         return dtype
+    name = parse_dtype_name(dtype)
+    assert name is not None  # a string always names one (or is refused)
+    return DTYPES[name]
+
+
+def parse_dtype_name(dtype: str | torch.dtype | None) -> str | None:
+    """What :func:`parse_dtype` gives, as its safetensors name (``"F16"``), without importing torch
+    for a string; None stays None."""
+    if dtype is None:
+        return None
+    if not isinstance(dtype, str):
+        return dtype_name(dtype)
     name = DTYPE_ALIASES.get(dtype.lower(), dtype.upper())
     if name not in ("F16", "BF16", "F32"):
         raise InputError(f"unsupported dtype {dtype!r} (use fp16, bf16 or fp32)")
-    return DTYPES[name]
+    return name

@@ -19,7 +19,7 @@ from .. import __version__
 from .hashes import sha256_file
 
 KEY = "loratools.provenance"
-MODELSPEC_HASH = "modelspec.hash_sha256"  # of the new weights; see ops/merge.py (_modelspec_hash_key)
+MODELSPEC_HASH = "modelspec.hash_sha256"  # of the new weights; see ops/merge_plan.py (modelspec_hash_key)
 FOLDER_FILE = "loratools_provenance.json"
 SCHEMA = "loratools.provenance/1"
 
