@@ -53,7 +53,14 @@ def _ops(src: Path, out: Path, family: object, to: str = "kohya") -> dict[str, C
 @pytest.mark.parametrize("op", ["rescale", "resize", "blend", "convert"])
 @pytest.mark.parametrize(
     ("dialect", "family"),
-    [("kohya", None), ("kohya", SPEC), ("ai-toolkit", None), ("ai-toolkit", SPEC), ("xlabs", None), ("lycoris-full", None)],
+    [
+        ("kohya", None),
+        ("kohya", SPEC),
+        ("ai-toolkit", None),
+        ("ai-toolkit", SPEC),
+        ("xlabs", None),
+        ("lycoris-full", None),
+    ],
 )
 def test_flux_embeddings_survive_every_writer_bit_exact(op: str, dialect: str, family: object, tmp_path: Path) -> None:
     """FLUX.1 loaders refuse (diffusers, InvokeAI) or skip keys beside the modules, so the
