@@ -95,3 +95,17 @@ def test_rescale_of_files_with_alphas_still_says_alpha(dialect: str, tmp_path: P
         assert report.representation == {"alpha": len(held)}
     else:  # full diffs have no alpha to carry a scale: "factor" by kind (formats/adapters.py)
         assert set(report.representation) == {"factor"}
+
+
+def test_rescale_of_an_ai_toolkit_file_without_a_lora_config_says_factor(tmp_path: Path) -> None:
+    """No alpha keys and no ``lora_adapter_metadata``: written back in its own keys the scale
+    goes into ``up`` (formats/flux.py), and the report said "via alpha"."""
+    src, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    tensors = flux_lora_dialect(SPEC, "ai-toolkit")
+    save_tensors(src, tensors, {})
+    report = rescale(src, out, 0.5, family=SPEC)
+    assert set(report.representation) == {"factor"}
+    after = raw_groups(_read(out))
+    assert list(_read(out)) == list(tensors)
+    for stem, group in raw_groups(tensors).items():
+        torch.testing.assert_close(raw_delta(after[stem]), 0.5 * raw_delta(group), rtol=1e-6, atol=1e-7)

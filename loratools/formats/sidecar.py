@@ -8,8 +8,8 @@ dialect, whose loaders refuse or skip a file with keys beside its modules — th
 ``<stem>.embeddings.safetensors``, and the writer says so. Nothing is dropped.
 
 The LoRA and its sidecar are one output: the sidecar's destination is checked before anything is
-written, and the LoRA just written is removed again if its sidecar cannot be (unless it replaced
-a file: then the error says what happened and nothing half-made is left).
+written, and the LoRA just written is removed again if its sidecar cannot be (one that replaced an
+existing file with ``overwrite`` stays: the old file is gone by then, and the error is raised).
 """
 
 from __future__ import annotations
