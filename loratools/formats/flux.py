@@ -543,6 +543,52 @@ def _unit_scale(adapter: Adapter) -> Adapter:
     return LowRank(up, adapter.down, float(adapter.rank), adapter.mid, adapter.dora_scale, adapter.dora_axis)
 
 
+def _source_groups(lora: LoraFile, names: FluxNames) -> dict[tuple[str, str], list[tuple[str, str]]]:
+    """The source keys by the module they name: (space, module) → [(key, kohya param)]."""
+    groups: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    for key in lora.source_keys:
+        if (parsed := _parse(key, names)) is not None:
+            groups.setdefault(parsed[:2], []).append((key, parsed[2]))
+    return groups
+
+
+def _folds(held: set[str], space: str, config: bool) -> bool:
+    """Whether a file module written back in its own keys gets its scale folded into ``up``: it
+    has no alpha key, and no written LoraConfig carries one (canonical modules of a peft file)."""
+    return "alpha" not in held and not (config and space == "canonical")
+
+
+def _verbatim_keys(lora: LoraFile) -> dict[str, list[tuple[str, str]]]:
+    """A verbatim LoRA's source keys by file module stem: stem → [(key, kohya param)]."""
+    keys_of: dict[str, list[tuple[str, str]]] = {}
+    for key in lora.source_keys:
+        if (split := _verbatim_split(key)) is not None:
+            keys_of.setdefault(split[0], []).append((key, split[1]))
+    return keys_of
+
+
+def scale_in_factors(lora: LoraFile, fmt: str) -> set[str]:
+    """Modules of ``lora`` whose scale the FLUX.1 writers fold into ``up`` written as ``fmt``:
+    written back in their own keys, the file module has no alpha (XLabs files never do, nor
+    ai-toolkit files without a LoraConfig). Reports say so instead of "via alpha"."""
+    if writes_verbatim(lora):
+        if fmt != lora.source_format or not lora.source_keys:
+            return set()
+        keys_of = _verbatim_keys(lora)
+        return {m for m in lora.adapters if "alpha" not in {p for _, p in keys_of.get(m, [])}}
+    same = bool(lora.source_keys) and fmt == lora.source_format
+    if lora.family is None or lora.family.transformer is None or not same:
+        return set()
+    names = flux_names(lora.family)
+    config = fmt == FORMAT_PEFT and PEFT_METADATA_KEY in lora.metadata  # as flux_state_dict decides
+    folded: set[str] = set()
+    for (space, module), keys in _source_groups(lora, names).items():
+        if _folds({p for _, p in keys}, space, config):
+            modules = [module] if space == "canonical" else [p.module for p in names.bfl[module]]
+            folded.update(m for m in modules if m in lora.adapters)
+    return folded
+
+
 def flux_source_state_dict(
     lora: LoraFile, fmt: str, *, dtype: torch.dtype | None = None, config: bool = False
 ) -> dict[str, torch.Tensor]:
@@ -556,10 +602,7 @@ def flux_source_state_dict(
     ``fmt``'s own writer.
     """
     names = flux_names(lora.family)
-    groups: dict[tuple[str, str], list[tuple[str, str]]] = {}  # (space, module) → [(key, param)]
-    for key in lora.source_keys:
-        if (parsed := _parse(key, names)) is not None:
-            groups.setdefault(parsed[:2], []).append((key, parsed[2]))
+    groups = _source_groups(lora, names)
     done: set[str] = set()
     filled: dict[str, torch.Tensor] = {}
     extras: dict[str, torch.Tensor] = {}
@@ -577,7 +620,7 @@ def flux_source_state_dict(
             used = list(present)
         done.update(used)
         held = {param for _, param in keys}
-        if "alpha" not in held and not (config and space == "canonical"):
+        if _folds(held, space, config):
             adapter = _unit_scale(adapter)
         stored = dtype or factor_dtype(adapter)
         params = {
@@ -696,10 +739,7 @@ def flux_verbatim_state_dict(lora: LoraFile, *, dtype: torch.dtype | None = None
     file gets its scale folded into its up factor; parameters it lacks are spelled as its own
     (XLabs ``down``/``up``); modules the file never had (a blend) follow, spelled the same way.
     """
-    keys_of: dict[str, list[tuple[str, str]]] = {}
-    for key in lora.source_keys:
-        if (split := _verbatim_split(key)) is not None:
-            keys_of.setdefault(split[0], []).append((key, split[1]))
+    keys_of = _verbatim_keys(lora)
     filled: dict[str, torch.Tensor] = {}
     extras: dict[str, torch.Tensor] = {}
     for stem, adapter in lora.adapters.items():
@@ -727,3 +767,37 @@ def flux_verbatim_state_dict(lora: LoraFile, *, dtype: torch.dtype | None = None
 def _xlabs_spelling(stem: str) -> Callable[[str], str]:
     names = {"lora_down.weight": "down.weight", "lora_up.weight": "up.weight"}
     return lambda param: f"{stem}.{names.get(param, param)}"
+
+
+def verbatim_kohya_name(stem: str) -> str | None:
+    """The kohya name of a verbatim FLUX.1 file module, where a pure rename gives one (exact:
+    same module, same factors): XLabs ``double_blocks.0.processor.qkv_lora1`` → sd-scripts'
+    ``lora_unet_double_blocks_0_img_attn_qkv`` (the BFL Linear it patches, ``_XLABS``);
+    ``lycoris_transformer_blocks_0_attn_to_q`` → OneTrainer's
+    ``lora_transformer_transformer_blocks_0_attn_to_q`` (both underscore the diffusers path inside
+    the transformer, docs/FORMATS.md §14). None for a stem of neither form."""
+    if stem.startswith("lycoris_"):
+        return f"lora_transformer_{stem.removeprefix('lycoris_')}"
+    xlabs = re.match(r"^(?:diffusion_model\.)?((?:double|single)_blocks\.\d+)\.processor\.(\w+)$", stem)
+    if xlabs is None or xlabs.group(2) not in _XLABS:
+        return None
+    return f"lora_unet_{xlabs.group(1).replace('.', '_')}_{_XLABS[xlabs.group(2)].replace('.', '_')}"
+
+
+def verbatim_as_kohya(lora: LoraFile) -> LoraFile:
+    """A verbatim FLUX.1 LoRA (XLabs / ``lycoris_``) keyed by kohya names (:func:`verbatim_kohya_name`),
+    to be written by the kohya writer in its own spelling. A stem with no kohya name is refused
+    naming it and why."""
+    adapters: dict[str, Adapter] = {}
+    for stem, adapter in lora.adapters.items():
+        name = verbatim_kohya_name(stem)
+        if name is None:
+            raise InputError(
+                f"{stem}: a FLUX.1 file module with no kohya name by rule (not an XLabs processor "
+                "LoRA nor a lycoris_ module)",
+                hint="--family with the FLUX.1 model's widths maps it through the FLUX.1 name tables",
+            )
+        if name in adapters:
+            raise InputError(f"{stem}: its kohya name {name} is given twice")
+        adapters[name] = adapter
+    return replace(lora, adapters=adapters, source_format=FORMAT_KOHYA, source_keys=())

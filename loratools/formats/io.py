@@ -26,6 +26,7 @@ from .adapters import LoraFile, is_finite
 from .keys import EMBEDDING_KEYS, bundle_key, is_embedding_key, normalize_peft_key, token_key  # noqa: F401 (EMBEDDING_KEYS re-exported)
 from .lookalike import check_not_lfs_pointer, flatten_embedding, not_a_lora
 from .metadata import carried_metadata, describe_network, with_hashes
+from .sidecar import IN_FILE, placement, write_with_sidecar
 from .verdict import is_flux_lora, needs_family_map
 
 FORMATS = ("kohya", "diffusers", "peft", "cloneofsimo", "comfyui")  # comfyui: FLUX.1 only
@@ -162,23 +163,51 @@ def save_lora(
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
     t5_prefix: str | None = None,
+    notes: list[str] | None = None,
 ) -> Path:
     """Write a LoRA in ``fmt`` (kohya, diffusers, peft, cloneofsimo, comfyui for FLUX.1); atomic, never half-written.
 
     ``t5_prefix``: a FLUX.1 LoRA's T5 modules in kohya naming (``lora_te2`` unless given:
     ``convert --for kohya`` asks for sd-scripts' ``lora_te3``).
+    Textual-inversion embeddings go where :mod:`.sidecar` says (in the file, or beside it in
+    ``<stem>.embeddings.safetensors``); ``notes`` hears where when they went beside.
 
     Raises :class:`InputError` when the format cannot hold the LoRA exactly (LoHa/LoKr/DoRA into
     plain-LoRA formats, per-module alphas into cloneofsimo): use ``bake`` or ``to_lowrank`` first.
     """
     path = Path(path)
+    write_with_sidecar(
+        lora,
+        path,
+        fmt,
+        lambda: _write(lora, path, fmt, dtype, overwrite, t5_prefix),
+        overwrite=overwrite,
+        notes=notes,
+    )
+    return path
+
+
+def _write(
+    lora: LoraFile, path: Path, fmt: str, dtype: torch.dtype | None, overwrite: bool, t5_prefix: str | None
+) -> None:
+    """The LoRA file itself in ``fmt`` (embeddings in it only where :func:`~.sidecar.placement` says)."""
     # FLUX.1 LoRAs have spellings of their own (formats/flux.py)
     flux_family = lora.family is not None and lora.family.transformer is not None
     if fmt == "comfyui" and not flux_family:
         raise InputError("--to comfyui writes FLUX.1 LoRAs; ComfyUI reads SD LoRAs as kohya (use --to kohya)")
-    if flux.writes_verbatim(lora):
+    if flux.writes_verbatim(lora) and fmt == "kohya" and not (fmt == lora.source_format and lora.source_keys):
+        # XLabs / lycoris_ stems have kohya names by a pure rename (formats/flux.py): exact, no family map
+        renamed = flux.verbatim_as_kohya(lora)
+        tensors = kohya.kohya_state_dict(renamed, dtype=dtype)
+        save_tensors(path, tensors, with_hashes(kohya.kohya_metadata(renamed), tensors), overwrite=overwrite)
+    elif flux.writes_verbatim(lora):
         if fmt != lora.source_format or not lora.source_keys:
-            raise needs_family_map(lora.verdict, f"writing an XLabs/lycoris_-spelled {lora.family_title} LoRA as {fmt}")
+            raise needs_family_map(
+                lora.verdict,
+                f"writing an XLabs/lycoris_-spelled {lora.family_title} LoRA as {fmt} (its file modules, "
+                f"e.g. {next(iter(lora.adapters))}, have {fmt} names only through the FLUX.1 name tables; "
+                "--to kohya renames them exactly)",
+            )
         tensors = flux.flux_verbatim_state_dict(lora, dtype=dtype)
         meta = kohya.kohya_metadata(lora) if fmt == "kohya" else carried_metadata(lora)
         if fmt != "kohya" and any(k.startswith("ss_") for k in meta):
@@ -189,8 +218,8 @@ def save_lora(
         save_tensors(path, tensors, meta, overwrite=overwrite)
     elif fmt == "kohya":
         tensors = kohya.kohya_state_dict(lora, dtype=dtype)
-        # embeddings beside kohya keys go in A1111's bundle form, the one loader that reads them there
-        tensors.update({bundle_key(k): v for k, v in lora.embeddings.items()})
+        if placement(lora, fmt) == IN_FILE:  # A1111's bundle form, the one loader reading them there
+            tensors.update({bundle_key(k): v for k, v in lora.embeddings.items()})
         save_tensors(path, tensors, with_hashes(kohya.kohya_metadata(lora), tensors), overwrite=overwrite)
     elif fmt == "diffusers":
         tensors = peft.peft_state_dict(lora, dtype=dtype)
@@ -202,7 +231,6 @@ def save_lora(
         save_tensors(path, tensors, with_hashes(metadata, tensors), overwrite=overwrite)
     else:
         raise InputError(f"unknown LoRA format {fmt!r} (choose from {', '.join(FORMATS)})")
-    return path
 
 
 def _save_peft_folder(lora: LoraFile, path: Path, dtype: torch.dtype | None, overwrite: bool) -> None:

@@ -4,7 +4,6 @@ or re-factorize it by SVD in factor space when asked."""
 from __future__ import annotations
 
 import math
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -15,7 +14,6 @@ from ..errors import InputError
 from ..families.spec import FamilySpec
 from ..formats.adapters import LoraFile, factor_dtype, low_rank
 from ..formats.io import FORMATS, load_lora, save_lora
-from ..io.atomic import check_destination
 from ..io.files import same_path
 from ..io.source import Source
 from .checkpoint import parse_dtype
@@ -203,32 +201,8 @@ def convert_lora(
         notify(f"output: ~{report.estimated_bytes / 2**20:.1f} MiB of tensors ({len(prepared.adapters)} modules)")
         if report.input_bytes and report.estimated_bytes > SIZE_WARNING * report.input_bytes:
             notify(f"warning: {report.warnings[-1]}")
-    out = Path(output)
-    # diffusers/peft LoRA files have no place for tokens: they are kept beside, never dropped
-    sidecar = out.with_name(f"{out.name.split('.')[0]}.embeddings.safetensors")
-    with_sidecar = bool(lora.embeddings) and to in ("diffusers", "peft")
-    if with_sidecar:
-        check_destination(sidecar, overwrite=overwrite)  # refuse before writing anything, not half-way
-    existed = out.exists()
-    save_lora(prepared, output, to, dtype=parse_dtype(dtype), overwrite=overwrite)
-    if with_sidecar:
-        from ..io.safetensors import save_tensors
-
-        try:
-            save_tensors(sidecar, lora.embeddings, {"format": "pt"}, overwrite=overwrite)
-        except BaseException:
-            if existed:
-                raise
-            # the pair is one output: without its embeddings, the LoRA just written goes too
-            if out.is_dir():
-                shutil.rmtree(out, ignore_errors=True)
-            else:
-                out.unlink(missing_ok=True)
-            raise
-        report.warnings.append(
-            f"{len(lora.embeddings)} textual-inversion embeddings "
-            f"({', '.join(lora.embeddings)}) written to {sidecar.name}: {to} LoRA files cannot hold them"
-        )
+    # embeddings ride in the file or beside it (formats/sidecar.py), never dropped
+    save_lora(prepared, output, to, dtype=parse_dtype(dtype), overwrite=overwrite, notes=report.warnings)
     report.exact = not (report.baked or report.refactorized or dtype is not None)
     if not math.isfinite(report.max_relative_error):
         report.warnings.append("re-factorization error is not finite: the LoRA holds NaN/inf")

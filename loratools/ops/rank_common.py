@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import InputError
@@ -86,7 +85,7 @@ def write_lora(
     """Write through :func:`save_lora` (atomic) in ``fmt``; returns warnings about what went beside it.
 
     cloneofsimo files have no alpha, so every module's scale is folded into ``up`` there (exactly
-    what the format means). Embeddings that a diffusers/peft file cannot hold go to a sidecar file.
+    what the format means). Embeddings go where formats/sidecar.py says (in the file or beside it).
     ``provenance``: what the file was made from, recorded under ``loratools.provenance``.
     """
     from ..formats.io import save_lora
@@ -94,16 +93,6 @@ def write_lora(
 
     lora = with_provenance(lora, provenance)
     prepared = prepare(lora, fmt, bake_scale=fmt == "cloneofsimo")
-    save_lora(prepared, output, fmt, dtype=dtype, overwrite=overwrite)
     warnings: list[str] = []
-    if lora.embeddings and fmt in ("diffusers", "peft"):
-        from ..io.safetensors import save_tensors
-
-        out = Path(output)
-        sidecar = out.with_name(f"{out.name.split('.')[0]}.embeddings.safetensors")
-        save_tensors(sidecar, lora.embeddings, {"format": "pt"}, overwrite=overwrite)
-        warnings.append(
-            f"{len(lora.embeddings)} textual-inversion embeddings written to {sidecar.name}: "
-            f"{fmt} LoRA files cannot hold them"
-        )
+    save_lora(prepared, output, fmt, dtype=dtype, overwrite=overwrite, notes=warnings)
     return warnings

@@ -12,7 +12,9 @@ Exactness: in memory, and in diffusers/peft files (alphas are JSON numbers), ``�
 last bit of float64. kohya files store ``alpha`` in the factors' dtype (as sd-scripts does), so in
 an fp16/bf16 file the new alpha is rounded once, to ``2⁻¹¹``/``2⁻⁸`` relative; the report gives
 that rounding (``alpha_rounding``), and ``--dtype fp32`` or a power-of-two ``S`` avoids it.
-cloneofsimo files have no alpha: the scale is folded into ``up`` there.
+cloneofsimo files have no alpha: the scale is folded into ``up`` there; so is it for FLUX.1 file
+modules written back in their own keys that have no alpha (XLabs, ai-toolkit without a LoraConfig),
+and the report says "factor" for them.
 DoRA modules are refused: their output is renormalised against the base weight, so a strength is
 not a scale of ΔW (docs/FORMATS.md §4.7).
 """
@@ -29,6 +31,7 @@ import torch
 from ..errors import InputError
 from ..families.spec import FamilySpec
 from ..formats.adapters import Adapter, LoraFile, factor_dtype
+from ..formats.flux import scale_in_factors
 from ..formats.io import load_lora
 from ..io.source import open_source
 from .checkpoint import parse_dtype
@@ -68,8 +71,12 @@ def rescale_adapter(adapter: Adapter, by: float) -> tuple[Adapter, str]:
     return adapter.rescaled(by)
 
 
-def rescale_lora(lora: LoraFile, by: float) -> tuple[LoraFile, RescaleReport]:
-    """Every module of ``lora`` at strength ``by`` (``ΔW' = by·ΔW``); embeddings are left as they are."""
+def rescale_lora(lora: LoraFile, by: float, *, folded: set[str] | None = None) -> tuple[LoraFile, RescaleReport]:
+    """Every module of ``lora`` at strength ``by`` (``ΔW' = by·ΔW``); embeddings are left as they are.
+
+    ``folded``: modules whose writer has no alpha to carry the scale and folds it into the up
+    factor (formats/flux.py scale_in_factors): reported as "factor", what the file really holds.
+    """
     if not math.isfinite(by):
         raise InputError(f"--by must be a finite number, got {by}")
     if by == 0:
@@ -83,7 +90,7 @@ def rescale_lora(lora: LoraFile, by: float) -> tuple[LoraFile, RescaleReport]:
             adapters[module], how = rescale_adapter(adapter, by)
         except InputError as exc:
             raise InputError(f"{module}: {exc.message}", hint=exc.hint) from None
-        counts[how] += 1
+        counts["factor" if folded and module in folded else how] += 1
     report.representation = dict(counts)
     return lora.with_adapters(adapters), report
 
@@ -123,7 +130,7 @@ def rescale(
     made_from = PendingRecord("rescale", [("input", opened.path)], {"by": by}, lora.metadata)
     fmt = output_format(to, lora.source_format)
     torch_dtype = parse_dtype(dtype)
-    scaled, report = rescale_lora(lora, by)
+    scaled, report = rescale_lora(lora, by, folded=scale_in_factors(lora, fmt))
     report.source, report.output, report.output_format = str(source), str(output), fmt
     if fmt == "kohya":
         report.alpha_rounding = _alpha_rounding(scaled, torch_dtype)
