@@ -201,3 +201,15 @@ def test_cli_says_what_happened_to_full_modules(tmp_path: Path) -> None:
     assert blended.exit_code == 0, blended.output
     text = " ".join(blended.output.split())
     assert "full×" in text and "summed exactly as full diffs" in text
+
+
+@pytest.mark.xfail(strict=True, reason="convert --to-lora drops diff_b silently (ops/convert.py, not this issue)")
+def test_convert_to_lora_says_what_happened_to_diff_b(tmp_path: Path) -> None:
+    """``convert --to-lora`` makes full modules LoRA factors; their bias difference has no place
+    there, so it must be kept beside them or named in a warning, never dropped unsaid."""
+    from loratools.ops.convert import convert_lora
+
+    src, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    _mixed(src, seed=8, lora=False)
+    report = convert_lora(src, out, "kohya", family=SPEC, to_lora=True, rank=2)
+    assert any(k.endswith(".diff_b") for k in _read(out)) or any("diff_b" in w for w in report.warnings)
