@@ -12,7 +12,7 @@ import torch
 from rank_oracles import dense, rel_err, rule_rank, singular_values, truncation
 
 from loratools.errors import InputError
-from loratools.formats.adapters import Full, LoHa, LoKr, LoraFile, LowRank
+from loratools.formats.adapters import LoHa, LoKr, LoraFile, LowRank
 from loratools.formats.io import load_lora, save_lora
 from loratools.ops.lowrank import RankRule
 from loratools.ops.resize import resize, resize_lora, resize_module
@@ -94,7 +94,7 @@ def _other_kinds() -> dict[str, object]:
         "lokr": LoKr(4.0, w1=r(4, 2), w2a=r(6, 2), w2b=r(2, 10)),
         "lokr-full": LoKr(1.0, w1=r(2, 4), w2=r(12, 5)),
         "tucker": LowRank(r(16, 4, 1, 1), r(4, 8, 1, 1), 2.0, mid=r(4, 4, 3, 3)),
-        "full": Full(r(20, 30)),
+        # a full diff is kept as it is, not made a LoRA: tests/test_full_modules.py
         "locon": LowRank(r(16, 5, 1, 1), r(5, 8, 3, 3), 2.5),
     }
 

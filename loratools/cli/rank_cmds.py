@@ -146,7 +146,8 @@ def render_retention(console: Console, rows: Sequence[Any]) -> None:
     table.add_column("note")
     for row in rows:
         old = "—" if row.old_rank is None else str(row.old_rank)
-        table.add_row(row.module, row.kind, f"{old} → {row.new_rank}", f"{row.fro_kept:.2%}",
+        new = "—" if row.new_rank is None else str(row.new_rank)  # a full diff, kept
+        table.add_row(row.module, row.kind, f"{old} → {new}", f"{row.fro_kept:.2%}",
                       _limit_note(row.limited_by, row.unchanged))  # fmt: skip
     print_table(console, table)
 
@@ -164,7 +165,8 @@ def resize(lora: str, output: str, to: str | None, dtype: str | None, family: st
     \b
     Computed in factor space (Gram/Cholesky of up and downᵀ, eigen-decomposition of the r×r core):
     exactly the truncated SVD of the dense ΔW, at O((out+in)·r²) per module and never an out×in
-    matrix. LoHa/LoKr/Tucker/full modules come out as plain LoRA. A plain module keeps its scale
+    matrix. LoHa/LoKr/Tucker modules come out as plain LoRA; full diffs (LyCORIS diff/diff_b) are
+    kept as they are, with a warning: they have no rank to cut. A plain module keeps its scale
     (alpha = alpha/r · k, singular values in up, as kohya's resize_lora.py writes it); a module
     whose chosen rank equals its rank is kept bit for bit. Prints ranks and the share of ‖ΔW‖_F
     kept per module. --dry-run still computes every truncation (a dynamic rule's ranks are the
@@ -232,7 +234,8 @@ def blend(loras: tuple[str, ...], mode: str, metadata_policy: str, output: str, 
     PATH:w=…,unet=…,te=…,te1=…,te2=…,lbw=…[@TOOL] (folded into each module). Ranks, alphas and
     kinds may differ. concat stacks the factors (alpha = Σ ranks; each part's scale split as
     sign·√|c| on up and √|c| on down) — exact. svd truncates the stacked factors in factor space to
-    the optimal rank-k approximation of the sum.
+    the optimal rank-k approximation of the sum. A module with a full-diff part (LyCORIS diff/diff_b)
+    is summed exactly as a full diff in both modes, diff_b with the same weights.
 
     \b
     Examples:
@@ -260,12 +263,16 @@ def blend(loras: tuple[str, ...], mode: str, metadata_policy: str, output: str, 
                                     ("‖ΔW‖_F kept", "right"), ("note", "left")):  # fmt: skip
                 table.add_column(column, justify, fold=True)  # type: ignore[arg-type]
             for m in report.modules:
-                table.add_row(m.module, "+".join(map(str, m.ranks_in)), str(m.new_rank), f"{m.fro_kept:.2%}",
+                rank = "full" if m.new_rank is None else str(m.new_rank)
+                table.add_row(m.module, "+".join(map(str, m.ranks_in)), rank, f"{m.fro_kept:.2%}",
                               _limit_note(m.limited_by))  # fmt: skip
             print_table(console, table)
         inputs = ", ".join(f"{i['source']}×{i['weight']:g}" for i in report.inputs)
         ranks_after = cast("dict[str, int]", report.to_dict()["ranks_after"])
-        ranks = ", ".join(f"{r}×{n}" for r, n in sorted(ranks_after.items(), key=lambda x: int(x[0])))
+        ranks = ", ".join(  # full diffs (rank "None") last
+            f"{'full' if r == 'None' else r}×{n}"
+            for r, n in sorted(ranks_after.items(), key=lambda x: (x[0] == "None", int(x[0]) if x[0] != "None" else 0))
+        )
         console.print(
             f"{say_written(console, dest)}: {len(report.modules)} modules ({mode}; ranks {ranks}) from {inputs}"
         )

@@ -13,7 +13,13 @@ the result is the optimal rank-k approximation of the dense ``Σ wᵢ·ΔWᵢ`` 
 does not: clamping moves the result away from the optimum) — at O((out+in)·(Σrᵢ)²).
 
 Ranks, alphas and kinds may differ between inputs; negative weights subtract. LoHa/LoKr modules
-enter through their exact low-rank factorizations, Tucker/full through their dense ΔW.
+enter through their exact low-rank factorizations, Tucker through its dense ΔW.
+
+A module with a full-diff part (LyCORIS ``diff``/``diff_b``) stays a full diff in both modes:
+``diff = Σ wᵢ·ΔWᵢ`` (every part dense, summed in float64) and ``diff_b = Σ wᵢ·diff_bᵢ``. The sum of
+full deltas is a full delta; as LoRA factors it would need rank up to min(out, in) — bigger than
+the diff — and would lose ``diff_b`` (docs/FORMATS.md §4.4). A rank rule does not apply to it, and
+the report says so.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import torch
 
 from ..errors import InputError
 from ..families.spec import FamilySpec
-from ..formats.adapters import Adapter, LoraFile, LowRank, factor_dtype
+from ..formats.adapters import Adapter, Full, LoraFile, LowRank, factor_dtype
 from ..formats.io import load_lora
 from .blocks import DEFAULT_TOOL
 from .checkpoint import parse_dtype
@@ -44,6 +50,10 @@ from .resize import is_conv_kxk
 SCHEMA = "loratools.blend/1"
 MODES = ("concat", "svd")
 METADATA_POLICIES = ("keep-first", "merge", "fresh")
+FULL_SUMMED = (
+    "modules with a full-diff part summed exactly as full diffs: the rank rule applies to low-rank modules "
+    "(docs/FORMATS.md §4.4)"
+)
 
 
 @dataclass
@@ -52,10 +62,11 @@ class BlendedModule:
 
     module: str
     inputs: list[int]  # indices of the inputs that have this module (weight ≠ 0)
-    ranks_in: list[int]
-    new_rank: int
+    ranks_in: list[int]  # 0 for a part without a rank (a full diff)
+    new_rank: int | None  # None for a full diff (FULL_SUMMED)
     fro_kept: float = 1.0  # svd mode: ‖ΔW_k‖_F / ‖ΣwᵢΔWᵢ‖_F
     limited_by: str | None = None
+    kind: str = "lora"  # "full": the module came out as a full diff
 
 
 @dataclass
@@ -122,10 +133,40 @@ def _part(adapter: Adapter, weight: float) -> tuple[torch.Tensor, torch.Tensor, 
     return up, down, shape, weight
 
 
+def blend_full(module: str, parts: Sequence[tuple[Adapter, float]], dtype: torch.dtype) -> Full:
+    """``Σ wᵢ·ΔWᵢ`` of a module with a full-diff part, as a full diff in ``dtype``: every part dense
+    in float64, in the shape of the first full part's ``diff``; ``diff_b = Σ wᵢ·diff_bᵢ`` over the
+    parts that have one (None when none has)."""
+    first = next(a for a, _ in parts if isinstance(a, Full))
+    shape = tuple(first.diff.shape)
+    diff = torch.zeros(shape, dtype=F64)
+    bias: torch.Tensor | None = None
+    for adapter, weight in parts:
+        if isinstance(adapter, Full):
+            dense = adapter.diff.to(F64) * weight
+            if adapter.diff_b is not None:
+                term = adapter.diff_b.to(F64) * weight
+                bias = term if bias is None else bias + term
+        else:
+            try:
+                up, down, _, c = _part(adapter, weight)
+            except InputError as exc:
+                raise InputError(f"{module}: {exc.message}", hint=exc.hint) from None
+            dense = c * (up.to(F64) @ down.to(F64))
+        if dense.numel() != diff.numel() or dense.shape[0] != shape[0]:
+            raise InputError(f"{module}: ΔW shapes differ between inputs ({shape} and {tuple(dense.shape)})")
+        diff += dense.reshape(shape)
+    return Full(diff.to(dtype), None if bias is None else bias.to(dtype))
+
+
 def blend_module(
     module: str, parts: Sequence[tuple[Adapter, float]], mode: str, rule: RankRule | None, dtype: torch.dtype
-) -> tuple[LowRank, int, float, str | None]:
-    """``Σ wᵢ·ΔWᵢ`` of one module as a LoRA module; returns it with its rank, Frobenius kept, limit."""
+) -> tuple[Adapter, int | None, float, str | None]:
+    """``Σ wᵢ·ΔWᵢ`` of one module; returns it with its rank, Frobenius kept, limit.
+
+    A LoRA module, or a full diff (rank None) when any part is one (:func:`blend_full`)."""
+    if any(isinstance(adapter, Full) for adapter, _ in parts):
+        return blend_full(module, parts, dtype), None, 1.0, None
     ups, downs = [], []
     shape: tuple[int, ...] | None = None
     for adapter, weight in parts:
@@ -273,18 +314,23 @@ def blend_loras(
         else:
             report.dropped.append(module)
 
-    def blend_one(item: tuple[str, list[tuple[Adapter, float]], list[int]]) -> tuple[LowRank, int, float, str | None]:
+    def blend_one(
+        item: tuple[str, list[tuple[Adapter, float]], list[int]],
+    ) -> tuple[Adapter, int | None, float, str | None]:
         module, parts, _ = item
         return blend_module(module, parts, mode, rule, dtype or factor_dtype(parts[0][0]))
 
-    for (module, parts, sources), (lowrank, k, kept, limited) in zip(
+    for (module, parts, sources), (blended, k, kept, limited) in zip(
         work, map_modules(blend_one, work, progress=progress), strict=True
     ):
-        adapters[module] = lowrank
+        adapters[module] = blended
         ranks_in = [a.rank if a.rank is not None else 0 for a, _ in parts]
-        report.modules.append(BlendedModule(module, sources, ranks_in, k, kept, limited))
+        report.modules.append(BlendedModule(module, sources, ranks_in, k, kept, limited, blended.kind))
     if not adapters:
         raise InputError("every module has weight 0: the blend would be empty")
+    full = sum(m.kind == "full" for m in report.modules)
+    if full and rule is not None:  # concat keeps every module exact anyway: nothing to say there
+        report.warnings.append(f"{full} {FULL_SUMMED}")
     if report.dropped:
         report.warnings.append(f"{len(report.dropped)} modules have weight 0 in every input and were left out")
     embeddings: dict[str, torch.Tensor] = {}

@@ -6,9 +6,14 @@ O((out+in)·r²), no dense ``out × in`` matrix, and the truncation is exactly t
 the dense ΔW gives (Eckart–Young). As in kohya-ss/sd-scripts networks/resize_lora.py, the singular
 values go into ``up``, ``down`` holds the right singular vectors and ``alpha = s·k`` keeps the
 module's scale, so ``ss_network_alpha``/rank stays meaningful. LoHa and LoKr are resized from
-their exact low-rank factorizations (Khatri–Rao, Kronecker), Tucker and full-diff modules from the
-dense ΔW of that one module; they come out as plain LoRA with ``alpha = k``. A module whose chosen
-rank equals its rank is kept bit for bit.
+their exact low-rank factorizations (Khatri–Rao, Kronecker), Tucker modules from the dense ΔW of
+that one module; they come out as plain LoRA with ``alpha = k``. A module whose chosen rank equals
+its rank is kept bit for bit.
+
+A full-diff module (LyCORIS ``diff``/``diff_b``) is kept bit for bit, under its own keys, and the
+report says so (:data:`FULL_KEPT`): it has no rank to cut, and the rank-k LoRA it could become has
+no place for its bias difference that every loader applies (docs/FORMATS.md §4.4) — kohya's
+resize_lora.py likewise copies every key that is not a ``lora_down``/``lora_up`` pair.
 
 Rank rules (:class:`~loratools.ops.lowrank.RankRule`): ``rank`` (``conv_rank`` for k×k convs) or
 kohya's dynamic ``sv_ratio``, ``sv_fro``, ``sv_cumulative`` with ``min_rank``/``max_rank``.
@@ -30,7 +35,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import InputError
 from ..families.spec import FamilySpec
-from ..formats.adapters import Adapter, LoraFile, LowRank, lora_pair
+from ..formats.adapters import Adapter, Full, LoraFile, LowRank, lora_pair
 from ..io.source import open_source
 from .provenance import PendingRecord
 from .rank_common import check_output, output_format, rank_rule, with_provenance, write_lora
@@ -43,6 +48,7 @@ if TYPE_CHECKING:
     from .rank_numpy import Blobs, KohyaSource
 
 SCHEMA = "loratools.resize/1"
+FULL_KEPT = "full modules kept as they are: the rank rule applies to low-rank modules (docs/FORMATS.md §4.4)"
 
 
 @dataclass
@@ -52,7 +58,7 @@ class ModuleRetention:
     module: str
     kind: str  # lora, locon, tucker, loha, lokr, full
     old_rank: int | None  # None for a full diff (and LoKr with two full halves)
-    new_rank: int
+    new_rank: int | None  # None for a full diff: kept as it is (FULL_KEPT)
     fro_kept: float  # ‖ΔW_k‖_F / ‖ΔW‖_F (1.0 when nothing was lost)
     limited_by: str | None = None  # max-rank, min-rank, available (fewer singular values than asked), zero
     unchanged: bool = False  # the factors were kept bit for bit (chosen rank = rank)
@@ -163,6 +169,8 @@ def resize_module(
             "(the magnitude renormalises W + ΔW, so ΔW alone does not define it)",
             hint="merge the LoRA into its checkpoint, or extract a plain LoRA from the merged model",
         )
+    if isinstance(adapter, Full):  # no rank to cut, and a LoRA would have no place for diff_b
+        return adapter, ModuleRetention(module, kind_of(adapter), None, None, 1.0, unchanged=True)
     out_dtype = dtype or factor_dtype(adapter)
     if lora_pair(adapter):  # DoRA was refused above: a plain pair
         shape = adapter.delta_shape()
@@ -172,6 +180,7 @@ def resize_module(
         factors, row = resize_plain(module, kind_of(adapter), up, down, shape, rule)
         if factors is None:
             return adapter, row
+        assert row.new_rank is not None  # resize_plain always chooses a rank
         up_shape, down_shape = resized_shapes(shape, row.new_rank)
         new_up = torch.from_numpy(factors[0]).reshape(up_shape).to(out_dtype)
         new_down = torch.from_numpy(factors[1]).reshape(down_shape).to(out_dtype)
@@ -222,6 +231,9 @@ def _resized(
         report.modules.append(row)
         report.parameters_before += adapter.parameters()
         report.parameters_after += resized.parameters()
+    kept_full = sum(row.kind == "full" for row in report.modules)
+    if kept_full:
+        report.warnings.append(f"{kept_full} {FULL_KEPT}")
     metadata = dict(lora.metadata)
     comment = metadata.get("ss_training_comment", "")
     metadata["ss_training_comment"] = f"resized by loratools ({rule.describe()})" + (f"; {comment}" if comment else "")
@@ -256,6 +268,7 @@ def resize_module_numpy(
     if factors is None:
         return adapter, row
     out_dtype = dtype or factor_dtype(adapter)
+    assert row.new_rank is not None  # resize_plain always chooses a rank
     up_shape, down_shape = resized_shapes(shape, row.new_rank)
     return LowRank(
         array_ref(blobs, "lora_up.weight", factors[0], up_shape, out_dtype),  # type: ignore[arg-type]
@@ -339,7 +352,7 @@ def resize(
                     report.source, report.output, report.output_format = str(source), str(output), "kohya"
                     resized_np = with_provenance(resized_np, made_from)
                     write_kohya(resized_np, plain, blobs, output, dtype=np_dtype, overwrite=overwrite)
-                    report.warnings = list(plain.lora.warnings)
+                    report.warnings = list(plain.lora.warnings) + report.warnings
                     return report
             except InputError as exc:
                 if "NaN or inf" not in exc.message:
@@ -355,7 +368,7 @@ def resize(
     resized, report = resize_lora(lora, chosen, dtype=torch_dtype, progress=progress)
     report.source, report.output, report.output_format = str(source), str(output), fmt
     written = write_lora(resized, output, fmt, dtype=torch_dtype, overwrite=overwrite, provenance=made_from)
-    report.warnings = list(lora.warnings) + written
+    report.warnings = list(lora.warnings) + report.warnings + written
     return report
 
 
