@@ -272,7 +272,7 @@ def test_blend_of_two_dialects_keeps_the_first_ones_keys_and_sums_exactly(
 
 
 @pytest.mark.parametrize("dialect", ["xlabs", "lycoris-full"])
-@pytest.mark.parametrize("to", ["kohya", "diffusers"])
+@pytest.mark.parametrize("to", ["diffusers"])  # --to kohya is a pure rename: tests/test_flux_loose.py
 def test_convert_of_an_own_spelled_flux_lora_without_a_family_is_refused_by_name(
     dialect: str, to: str, tmp_path: Path
 ) -> None:
