@@ -13,7 +13,10 @@ Dialects read (docs/FLUX.md §2 cites where each spelling was checked):
 - XLabs ``double_blocks.0.processor.qkv_lora1.down.weight`` (img) / ``…lora2…`` (txt);
 - OneTrainer ``lora_transformer_transformer_blocks_0_attn_to_q`` and SimpleTuner/LyCORIS
   ``lycoris_transformer_blocks_0_attn_to_q`` (diffusers module names, underscores; LoRA, LoHa,
-  LoKr, full ``diff``/``diff_b``).
+  LoKr, full ``diff``/``diff_b``);
+- fal Kontext ``base_model.model.double_blocks.0.img_attn.qkv.lora_A.weight``, DiffSynth-Studio
+  ``blocks.0.attn.a_to_qkv.lora_A.default.weight`` and OMI
+  ``transformer.double_blocks.0.img_attn.qkv.0.lora_down.weight`` (one module per fused part).
 
 A LoRA on a fused BFL Linear becomes one adapter per canonical part (the up rows of that part and
 the shared down: exact); a LoRA on a diffusers-split module patches its rows of a fused base
@@ -55,6 +58,8 @@ _UNDERSCORE = re.compile(r"^(lora_unet|lora_transformer|lycoris|lora_te\d?)_([^.
 _PARAMS = {  # dotted-dialect parameter suffix → kohya parameter name
     "lora_A.weight": "lora_down.weight",
     "lora_B.weight": "lora_up.weight",
+    "lora_A.default.weight": "lora_down.weight",  # peft's adapter name left in (DiffSynth-Studio)
+    "lora_B.default.weight": "lora_up.weight",
     "lora_down.weight": "lora_down.weight",
     "lora_up.weight": "lora_up.weight",
     "down.weight": "lora_down.weight",
@@ -66,6 +71,22 @@ _PARAMS = {  # dotted-dialect parameter suffix → kohya parameter name
 }
 _XLABS = {"qkv_lora1": "img_attn.qkv", "proj_lora1": "img_attn.proj", "qkv_lora2": "txt_attn.qkv"}
 _XLABS |= {"proj_lora2": "txt_attn.proj", "qkv_lora": "linear1", "proj_lora": "linear2"}
+# DiffSynth-Studio's FluxDiT names of the BFL Linears (diffsynth/models/lora.py, FluxLoRAConverter:
+# a plain rename, rows in BFL order); its double blocks are "blocks.N", its single ones "single_blocks.N"
+_DIFFSYNTH_DOUBLE = {"norm1_a.linear": "img_mod.lin", "norm1_b.linear": "txt_mod.lin", "attn.a_to_qkv": "img_attn.qkv"}
+_DIFFSYNTH_DOUBLE |= {
+    "attn.b_to_qkv": "txt_attn.qkv",
+    "attn.a_to_out": "img_attn.proj",
+    "attn.b_to_out": "txt_attn.proj",
+}
+_DIFFSYNTH_DOUBLE |= {"ff_a.0": "img_mlp.0", "ff_a.2": "img_mlp.2", "ff_b.0": "txt_mlp.0", "ff_b.2": "txt_mlp.2"}
+_DIFFSYNTH_SINGLE = {"norm.linear": "modulation.lin", "to_qkv_mlp": "linear1", "proj_out": "linear2"}
+_DIFFSYNTH = re.compile(r"^(blocks|single_blocks)\.(\d+)\.(.+)$")
+# OMI (OneTrainer's "omi" output; InvokeAI omi/vendor/convert/lora/convert_flux_lora.py): BFL names
+# under "transformer.", a fused Linear's parts as modules of their own ("img_attn.qkv.0" = to_q),
+# "img_in.proj" for img_in, text encoders under "clip_l." and "t5."
+_OMI_PART = re.compile(r"^(.+)\.(\d)$")
+_OMI_TEXT = {"clip_l.": "te1", "t5.": "te2"}
 _BFL_ROOTS: tuple[str, ...] = ("double_blocks.", "single_blocks.", "img_in", "txt_in", "time_in.", "vector_in.")
 _BFL_ROOTS += ("guidance_in.", "final_layer.")
 
@@ -149,14 +170,45 @@ def _parse(key: str, names: FluxNames) -> tuple[str, str, str] | None:
     xlabs = re.match(r"^((?:double|single)_blocks\.\d+)\.processor\.(\w+)$", stem)
     if xlabs is not None and xlabs.group(2) in _XLABS:
         stem = f"{xlabs.group(1)}.{_XLABS[xlabs.group(2)]}"
+    if (diffsynth := _diffsynth_path(stem)) in names.bfl:
+        stem = diffsynth
     if stem.startswith(_BFL_ROOTS) and stem in names.bfl:
         return "bfl", stem, _PARAMS[param]
+    if (omi := _omi_module(stem, names)) is not None:
+        return omi[0], omi[1], _PARAMS[param]
     for folder, component in (("transformer", "transformer"), ("text_encoder", "te1"), ("text_encoder_2", "te2")):
         if stem.startswith(folder + "."):
             module = f"{component}.{stem[len(folder) + 1 :]}"
             return ("canonical", module, _PARAMS[param]) if module in names.shapes else None
     module = f"transformer.{stem}"
     return ("canonical", module, _PARAMS[param]) if module in names.shapes else None
+
+
+def _diffsynth_path(stem: str) -> str | None:
+    """The BFL path of a DiffSynth-Studio FluxDiT module name, None if it is not one."""
+    if (m := _DIFFSYNTH.match(stem)) is None:
+        return None
+    kind, index, child = m.groups()
+    table, bfl_kind = (_DIFFSYNTH_DOUBLE, "double_blocks") if kind == "blocks" else (_DIFFSYNTH_SINGLE, kind)
+    return f"{bfl_kind}.{index}.{table[child]}" if child in table else None
+
+
+def _omi_module(stem: str, names: FluxNames) -> tuple[str, str] | None:
+    """(space, module) of an OMI module name: a BFL path, one part of a fused one, or a text encoder's."""
+    for prefix, component in _OMI_TEXT.items():
+        if stem.startswith(prefix):
+            module = f"{component}.{stem.removeprefix(prefix)}"
+            return ("canonical", module) if module in names.shapes else None
+    if not stem.startswith("transformer."):
+        return None
+    path = stem.removeprefix("transformer.").replace("img_in.proj", "img_in")
+    if path in names.bfl:
+        return "bfl", path
+    if (m := _OMI_PART.match(path)) is not None and m.group(1) in names.bfl:
+        parts = names.bfl[m.group(1)]
+        index = int(m.group(2))
+        return ("canonical", parts[index].module) if len(parts) > 1 and index < len(parts) else None
+    return None
 
 
 def _split_key(key: str) -> tuple[str, str]:
@@ -332,7 +384,7 @@ def read_flux_lora(
     configs = configs_from_metadata(metadata)  # diffusers' lora_adapter_metadata (peft LoraConfig)
     for (space, module), params in groups.items():
         shape = names.bfl_shapes[module] if space == "bfl" else names.shapes[module]
-        component, path = module.split(".", 1)
+        component, _, path = module.partition(".")  # a BFL path may have no dot: "img_in", "txt_in"
         config = configs.get(DIFFUSERS_FOLDERS.get(component, ""), {}) if space == "canonical" else {}
         if "alpha" not in params and "lora_alpha" in config:
             alpha = pattern_value(config.get("alpha_pattern") or {}, path)
@@ -696,8 +748,24 @@ def _verbatim_split(key: str) -> tuple[str, str] | None:
 
 def needs_verbatim(keys: list[str]) -> bool:
     """FLUX.1 keys only :func:`read_flux_verbatim` reads when no FLUX.1 spec fits them (XLabs,
-    ``lycoris_``): the SD verbatim readers (formats/kohya.py, formats/peft.py) do not parse them."""
-    return any(flux_own_spelling(k) for k in keys)
+    ``lycoris_``, and dotted module names with kohya's factor names — ComfyUI's own
+    ``diffusion_model.…lora_down.weight``, OMI's ``transformer.…qkv.0.lora_down.weight``): the SD
+    verbatim readers (formats/kohya.py, formats/peft.py) do not parse them."""
+    return any(flux_own_spelling(k) or _verbatim_only(k) for k in keys)
+
+
+def _verbatim_only(key: str) -> bool:
+    """A key the peft reader would re-spell: a dotted module name with kohya's ``lora_down``/
+    ``lora_up`` factor names, peft's ``base_model.model.`` root (fal's Kontext trainer), or peft's
+    adapter name left in (DiffSynth-Studio's ``lora_A.default.weight``)."""
+    if _UNDERSCORE.match(key):
+        return False
+    dotted_kohya = key.endswith((".lora_down.weight", ".lora_up.weight")) and "." in key.rsplit(".lora_", 1)[0]
+    return (
+        dotted_kohya
+        or key.startswith("base_model.model.")
+        or key.endswith((".lora_A.default.weight", ".lora_B.default.weight"))
+    )
 
 
 def read_flux_verbatim(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> LoraFile:
@@ -729,7 +797,9 @@ def read_flux_verbatim(tensors: Mapping[str, torch.Tensor], metadata: Mapping[st
 
 def writes_verbatim(lora: LoraFile) -> bool:
     """Whether ``lora`` is keyed by FLUX.1 stems only :func:`flux_verbatim_state_dict` spells."""
-    return lora.family is None and any(flux_own_spelling(m) for m in lora.adapters)
+    if lora.family is not None:
+        return False
+    return any(flux_own_spelling(m) for m in lora.adapters) or any(_verbatim_only(k) for k in lora.source_keys)
 
 
 def flux_verbatim_state_dict(lora: LoraFile, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
