@@ -31,8 +31,10 @@ def classify(path: str | Path | Source) -> str:
     check_not_lfs_pointer(path)
     if path.suffix == ".safetensors" or _is_safetensors(path):
         keys = list(header_of(path).tensors)
-        checkpoint_keys = sum(k.startswith(SINGLE_PREFIXES) for k in keys)
         lora_markers = sum(map(_lora_marked, keys))
+        # a key named like a LoRA factor is no checkpoint key even under a checkpoint's root: BFL-named
+        # LoRAs (BFL's control LoRAs, ai-toolkit without a prefix) start with "double_blocks." too
+        checkpoint_keys = sum(k.startswith(SINGLE_PREFIXES) and not _lora_marked(k) for k in keys)
         return "checkpoint" if checkpoint_keys > lora_markers else "lora"
     # pickles: a checkpoint is a dict with model keys; everything else is treated as a LoRA
     obj = source.unpickled()[0]

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.text import Text
 from rich.tree import Tree
 
+from ..families.spec import COMPONENT_ORDER
 from ..report.lora import LoraReport
 from ..report.tree import Node
 from .render import FORMAT_TITLES, human_bytes, human_count
@@ -20,7 +21,7 @@ if TYPE_CHECKING:  # rich.table (with fractions and decimal) is imported by the 
 
 BAR_WIDTH = 40
 _EIGHTHS = " ▏▎▍▌▋▊▉"
-COMPONENT_ORDER = {"unet": 0, "te1": 1, "te2": 2}
+_PLACE = {component: i for i, component in enumerate(COMPONENT_ORDER)}  # n.key → its row
 
 
 def echo_json(data: Any) -> None:
@@ -89,7 +90,7 @@ def layout_tree(report: LoraReport) -> Tree:
     """The module layout as a rich Tree: components always open, uniform groups collapsed."""
     root = Tree(Text(f"{report.modules} modules", style="bold"), guide_style="dim")
     top = max((n.norm or 0.0 for n in report.tree), default=0.0) or None
-    for node in sorted(report.tree, key=lambda n: COMPONENT_ORDER.get(n.key, 9)):
+    for node in sorted(report.tree, key=lambda n: _PLACE.get(n.key, len(_PLACE))):
         _add(root, node, 0, top)
     return root
 
@@ -115,7 +116,7 @@ def checkpoint_tree(nodes: Sequence[Node], *, depth: int = 1) -> Tree:
             for sub in node.children:
                 add(child, sub, level + 1)
 
-    for node in sorted(nodes, key=lambda n: {**COMPONENT_ORDER, "vae": 3}.get(n.key, 9)):
+    for node in sorted(nodes, key=lambda n: _PLACE.get(n.key, len(_PLACE))):
         add(root, node, 0)
     return root
 
@@ -129,7 +130,7 @@ def norm_bars(report: LoraReport, *, top_modules: int = 12) -> Table:
     table.add_column("‖ΔW‖", justify="right")
     table.add_column("")
     rows: list[tuple[str, float]] = []
-    for component in sorted(report.tree, key=lambda n: COMPONENT_ORDER.get(n.key, 9)):
+    for component in sorted(report.tree, key=lambda n: _PLACE.get(n.key, len(_PLACE))):
         for node in component.children:
             rows.append((f"{component.label} · {node.label}", node.norm or 0.0))
     top = max((v for _, v in rows), default=0.0)

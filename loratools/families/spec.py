@@ -26,6 +26,8 @@ DIFFUSERS_FOLDERS = {
 # Canonical text component → the diffusers subfolder of its tokenizer (not weights: never made, only copied).
 TOKENIZER_FOLDERS = {"te1": "tokenizer", "te2": "tokenizer_2"}
 DENOISERS = ("unet", "transformer")  # the component a LoRA's "unet" strength and block weights address
+# The order components are listed in (tables, trees): the denoiser first, then text, VAE, the rest.
+COMPONENT_ORDER = ("unet", "transformer", "te1", "te2", "vae", "scheduler", "ema", "other")
 COMPONENT_TITLES = {
     "unet": "U-Net",
     "transformer": "transformer",

@@ -6,6 +6,7 @@ only ever added within a version.
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from ..families.detect import component_of_key, detect
 from ..families.keymap import KeyMap
-from ..families.spec import COMPONENT_TITLES
+from ..families.spec import COMPONENT_ORDER, COMPONENT_TITLES
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.source import Source, open_source
 from ..ops.progress import Progress, announce_total
@@ -22,7 +23,6 @@ from .facts import LIST_LIMIT, hash_facts, key_facts
 from .tree import Leaf, Node, build_tree
 
 CHECKPOINT_SCHEMA = "loratools.inspect.checkpoint/1"
-COMPONENT_ORDER = ("unet", "te1", "te2", "vae", "scheduler", "ema", "other")
 _TITLES = {**COMPONENT_TITLES, "scheduler": "schedule buffers", "ema": "EMA"}
 
 
@@ -177,7 +177,9 @@ def checkpoint_tree(ckpt: Checkpoint, km: KeyMap, layout: str) -> list[Node]:
         info = ckpt.info(key)
         weights = km.lookup(layout, key)
         for weight in weights:
-            numel = info.numel // len(weights)  # a fused q/k/v tensor holds three equal parts
+            # a fused tensor (SD's in_proj q/k/v, FLUX.1's qkv and linear1 = q/k/v/mlp) holds each
+            # part's rows: the part's own shape counts its parameters (the mlp part is 4× a q's)
+            numel = math.prod(weight.shape) if len(weights) > 1 else info.numel
             leaf = modules.get(weight.module)
             if leaf is None:
                 modules[weight.module] = Leaf(weight.module, info.dtype, None, None, None, numel)

@@ -24,6 +24,7 @@ CONTAINERS = {
     "attentions": "attention",
     "resnets": "resnet",
     "transformer_blocks": "transformer block",
+    "single_transformer_blocks": "single transformer block",
     "layers": "layer",
     "downsamplers": "downsampler",
     "upsamplers": "upsampler",
