@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 
 from ..errors import CorruptFileError, InputError
 from .files import inside, regular_file
-from .pickle import PICKLE_SUFFIXES, load_pickle_raw, split_tensors, unwrap_state_dict
 from .safetensors import SafetensorsFile, TensorInfo, dtype_name
 from .source import PICKLE, Source, open_source
+from .suffixes import PICKLE_SUFFIXES
 
 if TYPE_CHECKING:
     import torch
@@ -129,6 +129,8 @@ def _add_safetensors(ckpt: Checkpoint, path: Path, prefix: str) -> None:
 
 def _add_pickle(ckpt: Checkpoint, path: Path, prefix: str, source: Source | None = None) -> None:
     # an opened Source has unpickled the file already (to classify it): its object is reused
+    from .pickle import load_pickle_raw, split_tensors, unwrap_state_dict  # only when a pickle is opened
+
     obj, wrapper = source.unpickled() if source is not None else unwrap_state_dict(load_pickle_raw(path))
     ckpt.dropped.extend(prefix + w for w in wrapper)
     if not isinstance(obj, dict):

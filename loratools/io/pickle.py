@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CorruptFileError, InputError, UnsafePickleError
 from .files import regular_file
+from .suffixes import PICKLE_SUFFIXES  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     import torch
 
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 # Keys under which training scripts nest the weights (Lightning, A1111 training, EMA dumps).
 NESTED_STATE_KEYS = ("state_dict", "model_state_dict", "module")
 _MAX_INFLATION = 200  # uncompressed / compressed; stored (uncompressed) members are 1

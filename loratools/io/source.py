@@ -17,8 +17,8 @@ from typing import Any
 from .files import regular_file
 from .headers import header_of
 from .hub import resolve as resolve_hub
-from .pickle import PICKLE_SUFFIXES
 from .safetensors import Header
+from .suffixes import PICKLE_SUFFIXES
 
 FOLDER, SAFETENSORS, PICKLE = "folder", "safetensors", "pickle"
 
