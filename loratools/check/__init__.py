@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..families.spec import FamilySpec
-from .engine import Ignored, Misapplied, TargetReport, check_view
+from .engine import Ignored, Misapplied, TargetReport, ViewFacts, check_view
 from .tables import FAMILY_TABLES, GROUPS, TABLES, TARGET_NAMES, VERSIONS, Table, for_family, tables_for
 from .view import FileView, build_view
 
@@ -109,7 +109,8 @@ def check_lora(
         family = family or base_family
     view = build_view(path, family)
     name = view.family.name if view.family else None
-    reports = [check_view(view, for_family(table, name), present) for table in tables]
+    facts = ViewFacts(view)
+    reports = [check_view(view, for_family(table, name), present, facts) for table in tables]
     counted = reports[0].modules if reports else len(view.modules)
     return CheckResult(
         str(path),
@@ -135,9 +136,10 @@ def loads_in(
     except LoratoolsError:
         return []
     out = []
+    facts = ViewFacts(view)
     for table in tables_for("all"):
         table = for_family(table, view.family.name if view.family else None)
-        report = check_view(view, table)
+        report = check_view(view, table, facts=facts)
         if report.clean:
             out.append(f"{table.label} ✓")
         elif report.refused or report.unsupported:

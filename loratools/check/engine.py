@@ -129,6 +129,32 @@ def _kind(g: StoredModule) -> str:
     return "dora" if "dora_scale" in g.keys else "lora"
 
 
+@dataclass(frozen=True)
+class _Facts:
+    """What :func:`check_view` reads of one stored module whatever the target's table says."""
+
+    g: StoredModule
+    component: str | None  # g.component and g.path, split once
+    path: str | None
+    params: frozenset[str]
+    factors: bool  # _has_factors(g)
+    kind: str  # _kind(g)
+
+
+class ViewFacts:
+    """A view's per-module facts, read once and shared by every target checked against it
+    (issue 18 item 4: ``inspect``'s "loads in" line checks one view against every table)."""
+
+    def __init__(self, view: FileView) -> None:
+        self.view = view
+        self.modules: list[_Facts] = []
+        for g in view.modules:
+            component, path = g.module.split(".", 1) if g.module else (None, None)
+            self.modules.append(_Facts(g, component, path, frozenset(g.keys), _has_factors(g), _kind(g)))
+        self.counted = sum(f.factors for f in self.modules)
+        self.groups = _PathsByGroup(view)
+
+
 class _Collector:
     def __init__(self, report: TargetReport) -> None:
         self.report = report
@@ -319,12 +345,16 @@ def _file_rules(table: Table, view: FileView, out: _Collector) -> None:
                 return
 
 
-def check_view(view: FileView, table: Table, base: set[str] | None = None) -> TargetReport:
-    """What ``table``'s loader does with ``view``; ``base``: canonical modules the base model has."""
+def check_view(
+    view: FileView, table: Table, base: set[str] | None = None, facts: ViewFacts | None = None
+) -> TargetReport:
+    """What ``table``'s loader does with ``view``; ``base``: canonical modules the base model has.
+    ``facts``: ``ViewFacts(view)``, made once by a caller that checks the view against several tables."""
+    if facts is None or facts.view is not view:
+        facts = ViewFacts(view)
     shapes = view.shapes
-    counted = [g for g in view.modules if _has_factors(g)]
-    groups = _PathsByGroup(view)
-    report = TargetReport(table.target, table.label, table.source, len(counted))
+    groups = facts.groups
+    report = TargetReport(table.target, table.label, table.source, facts.counted)
     out = _Collector(report)
     if view.family is None:
         report.unsupported = (
@@ -344,15 +374,15 @@ def check_view(view: FileView, table: Table, base: set[str] | None = None) -> Ta
         return report
     defaults = _diffusers_defaults(view) if table.default_alpha_misses is not None else {}
     unmatched_keys = len(view.other_keys)
-    for g in view.modules:
+    for fact in facts.modules:
+        g = fact.g
         if g.spelling in table.unknown_spellings:
             report.unknown.append(g.module or g.stem)
             note = f"unknown for {g.spelling}-spelled modules: {table.unknown_spellings[g.spelling]}"
             if note not in report.notes:
                 report.notes.append(note)
             continue
-        # g.component and g.path, split once: each is read several times below
-        component, path = g.module.split(".", 1) if g.module else (None, None)
+        component, path = fact.component, fact.path
         missing = _not_mapped(table, view, g, base, component, path)
         if missing is not None:
             if g.spelling in table.refuse_spellings:
@@ -360,8 +390,8 @@ def check_view(view: FileView, table: Table, base: set[str] | None = None) -> Ta
             out.ignore(*missing, g)
             unmatched_keys += len(g.keys)
             continue
-        params = set(g.keys)
-        if not _has_factors(g):
+        params = fact.params
+        if not fact.factors:
             if table.orphan_alpha == "loaded":
                 out.ignore(
                     "orphan alphas counted as loaded",
@@ -389,7 +419,7 @@ def check_view(view: FileView, table: Table, base: set[str] | None = None) -> Ta
                 out.ignore("lone lora_down modules ignored", "lora_down without lora_up", g)
                 unmatched_keys += len(g.keys)
             continue
-        kind = _kind(g)
+        kind = fact.kind
         base_kind, dora = kind.split("+")[0], "dora" in kind or "dora_scale" in params
         if base_kind not in table.kinds and not (base_kind == "dora" and "lora" in table.kinds):
             if table.other_kind == "refuse":

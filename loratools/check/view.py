@@ -207,7 +207,9 @@ def build_view(
     if scan is not None:
         view.family, view.format = scan.family, scan.format
         by_name = {(ms.module): ms for ms in scan.modules.values()}
-        _fill_alphas(view, source, header)
+        # the alphas the header scan read already: only those of modules it matched nothing to are read here
+        known = {ref.key: ref.value for ms in scan.modules.values() if (ref := ms.params.get("alpha")) is not None}
+        _fill_alphas(view, source, header, known)
         if scan.family is None:  # no family map applies (issue 13): the engine says so per target
             return view
         tables = name_tables(scan.family)
@@ -268,14 +270,29 @@ def _flux_view(view: FileView, source: Path, header: object, spec: FamilySpec | 
     return flux
 
 
-def _fill_alphas(view: FileView, source: Path, header: object) -> None:
+def _fill_alphas(view: FileView, source: Path, header: object, known: Mapping[str, float | None] | None = None) -> None:
+    """Each module's stored one-element ``.alpha`` value; ``known``: raw key → the value a header
+    scan read (None: it could not), reused instead of reading the key again."""
     from ..formats.scan import ParamRef, read_scalar
 
+    known = known or {}
+    todo: list[tuple[StoredModule, str]] = []
+    for g in view.modules:
+        key = g.keys.get("alpha")
+        if key is None:
+            continue
+        if key in known:
+            value = known[key]
+            if value is not None:
+                g.alpha_tensor = value if math.isfinite(value) else None
+        else:
+            todo.append((g, key))
+    if not todo:
+        return
     fd = os.open(source, os.O_RDONLY)
     try:
-        for g in view.modules:
-            key = g.keys.get("alpha")
-            info = header.tensors.get(key) if key else None  # type: ignore[attr-defined]
+        for g, key in todo:
+            info = header.tensors.get(key)  # type: ignore[attr-defined]
             if info is not None and info.numel == 1:
                 ref = ParamRef(key, info, header.data_start + info.start)  # type: ignore[arg-type, attr-defined]
                 try:
