@@ -294,7 +294,7 @@ def _fill_alphas(view: FileView, source: Path, header: object, known: Mapping[st
         for g, key in todo:
             info = header.tensors.get(key)  # type: ignore[attr-defined]
             if info is not None and info.numel == 1:
-                ref = ParamRef(key, info, header.data_start + info.start)  # type: ignore[arg-type, attr-defined]
+                ref = ParamRef(key, info, header.data_start + info.start)  # type: ignore[attr-defined]
                 try:
                     value = read_scalar(fd, ref)
                 except InputError:
