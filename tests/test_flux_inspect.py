@@ -94,3 +94,27 @@ def test_bfl_named_lora_with_norm_scales_is_a_lora_and_lists_what_it_cannot_plac
     assert "double_blocks.0.img_attn.qkv.lora_B.bias" in lora.unmatched
     assert sum(k.endswith("_norm.scale") for k in lora.unmatched) == 76
     assert len(lora.adapters) == 418
+
+
+def test_control_lora_is_named_and_refused_for_merge(tmp_path: Path) -> None:
+    """BFL's control LoRAs widen img_in (64 → 128 inputs) and replace norm scales: a merge of the LoRA
+    modules alone would write a model that is neither, so it is refused by name (exit 2, no file)."""
+    from loratools.synthetic import write_single_file
+
+    names = flux_names(SPEC)
+    tensors = {k.removeprefix("diffusion_model."): v for k, v in flux_lora_dialect(SPEC, "ai-toolkit-bfl").items()}
+    o, i = names.bfl_shapes["img_in"]
+    tensors |= {"img_in.lora_A.weight": torch.randn(2, 2 * i), "img_in.lora_B.weight": torch.randn(o, 2)}
+    for b in range(38):
+        tensors[f"single_blocks.{b}.norm.key_norm.scale"] = torch.ones(8)
+        tensors[f"single_blocks.{b}.norm.query_norm.scale"] = torch.ones(8)
+    path = tmp_path / "canny.safetensors"
+    save_tensors(path, tensors, {})
+    lora = load_lora(path, family=SPEC)
+    assert any("control LoRA" in w for w in lora.warnings)
+    base = write_single_file(
+        SPEC, tmp_path / "base.safetensors", dtype=torch.float32, components=("transformer",), bare=True
+    )
+    out = tmp_path / "merged.safetensors"
+    result = CliRunner().invoke(cli, ["merge", str(base), str(path), "-o", str(out)])
+    assert result.exit_code == 2 and "control LoRA" in result.output and not out.exists(), result.output

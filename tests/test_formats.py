@@ -357,7 +357,7 @@ def test_embeddings_are_never_dropped(tmp_path: Path) -> None:
     assert not any(k.startswith("<") for k in load_file(tmp_path / "d.safetensors"))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 def test_is_finite_confirms_a_sum_that_overflows(dtype: torch.dtype) -> None:
     """is_finite sums in float32; values near bf16/float32's maximum overflow that sum although
     each is finite, so an infinite sum is confirmed elementwise (and real inf/NaN still found)."""

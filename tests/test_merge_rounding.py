@@ -24,5 +24,6 @@ def test_round_measured_is_the_rounding_and_its_norms(
     dest = base if alias else torch.empty(numel, dtype=dtype)
     lost, moved = delta.round_measured(exact.view(-1, 1), base, dest)
     assert torch.equal(dest.view(torch.uint8), exact.to(dtype).view(torch.uint8))  # bit for bit
-    assert lost == pytest.approx(float((dest.double() - exact.double()).square().sum()), rel=1e-9)
-    assert moved == pytest.approx(float((exact.double() - keep.double()).square().sum()), rel=1e-9)
+    # float32 dots per slice, float64 across slices (ops/delta.round_measured): ~1e-6 relative
+    assert lost == pytest.approx(float((dest.double() - exact.double()).square().sum()), rel=1e-5)
+    assert moved == pytest.approx(float((exact.double() - keep.double()).square().sum()), rel=1e-5)

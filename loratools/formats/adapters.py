@@ -695,13 +695,20 @@ def low_rank(adapter: Adapter) -> TypeGuard[LowRank]:
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN or inf in ``tensor``: one float32 sum first (NaN and ±inf survive a sum; 3× faster
-    than a float64 sum and 7× faster than an elementwise isfinite on CPU); a sum that is not
-    finite — real NaN/inf, or bf16/float32/float64 values near their maximum overflowing it — is
-    confirmed elementwise."""
+    """No NaN or inf in ``tensor``: one sum first (NaN and ±inf survive a sum; 3× faster than a
+    float64 sum and 7× faster than an elementwise isfinite on CPU); a sum that is not finite —
+    real NaN/inf, or values near their dtype's maximum overflowing it — is confirmed elementwise.
+
+    bfloat16 is summed in its own dtype: torch accumulates it in float32 anyway, and
+    ``sum(dtype=float32)`` converts every element first (0.20 s against 0.013 s for 66M elements,
+    one thread) — a merge checks every patched FLUX.1 weight, 12B of them. Its result overflows
+    only where a float32 sum would. float16 is not: its own sum's result overflows at 65,504.
+    """
     import torch
 
-    return math.isfinite(float(tensor.detach().sum(dtype=torch.float32))) or bool(torch.isfinite(tensor).all())
+    tensor = tensor.detach()
+    total = tensor.sum() if tensor.dtype == torch.bfloat16 else tensor.sum(dtype=torch.float32)
+    return math.isfinite(float(total)) or bool(torch.isfinite(tensor).all())
 
 
 def is_finite(adapter: Adapter) -> bool:

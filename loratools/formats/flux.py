@@ -184,6 +184,15 @@ def _parse(key: str, names: FluxNames) -> tuple[str, str, str] | None:
     return ("canonical", module, _PARAMS[param]) if module in names.shapes else None
 
 
+def is_control_lora(lora: LoraFile) -> bool:
+    """BFL's FLUX.1 control LoRAs (Canny/Depth-dev): besides LoRA factors they replace the attention
+    norms' scales and widen ``img_in``'s input, which no LoRA module carries. ComfyUI tells them by
+    ``img_in.lora_A.weight`` beside ``single_blocks.0.norm.key_norm.scale`` (comfy/lora_convert.py,
+    ``convert_lora``); the reader lists both among the unmatched (a norm scale is no LoRA key, and
+    the widened ``img_in`` fits no FLUX.1 weight)."""
+    return any(k.endswith("norm.key_norm.scale") for k in lora.unmatched) and "img_in" in lora.unmatched
+
+
 def _diffsynth_path(stem: str) -> str | None:
     """The BFL path of a DiffSynth-Studio FluxDiT module name, None if it is not one."""
     if (m := _DIFFSYNTH.match(stem)) is None:
@@ -408,7 +417,7 @@ def read_flux_lora(
         warnings.append(f"{len(unmatched)} keys/modules not matched, e.g. {next(iter(unmatched))}")
     fmt = FORMAT_KOHYA if dialects == {"kohya"} else FORMAT_PEFT
     # the file's own keys and module names: surgery writes them back in this dialect (issue 13)
-    return LoraFile(
+    lora = LoraFile(
         adapters,
         spec,
         fmt,
@@ -418,6 +427,12 @@ def read_flux_lora(
         source_names=source_names,
         source_keys=tuple(source_keys),
     )
+    if is_control_lora(lora):
+        warnings.append(
+            "a FLUX.1 control LoRA (BFL Canny/Depth): its LoRA modules are read; its norm scales, bias "
+            "deltas and widened img_in are listed as not matched (they are not LoRA modules)"
+        )
+    return lora
 
 
 def _join(parts: list[Part], present: dict[str, LowRank], total: int) -> LowRank:

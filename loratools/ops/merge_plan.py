@@ -36,6 +36,7 @@ from ..families.detect import Detection, detect
 from ..families.keymap import KeyMap
 from ..families.spec import DENOISERS, DIFFUSERS_FOLDERS, FamilySpec
 from ..formats.adapters import Full, LoraFile
+from ..formats.flux import is_control_lora
 from ..formats.lookalike import check_not_lfs_pointer
 from ..formats.resolve import claimed_family
 from ..formats.scan import ParamRef, header_lora
@@ -242,6 +243,12 @@ def _load_for(lora_input: LoraInput, found: Detection) -> LoraFile:
                 hint="merge LoRAs into a checkpoint of the family they were trained for",
             ) from None
         raise first from None
+    if is_control_lora(lora):
+        raise InputError(
+            f"{Path(lora_input.name).name}: a FLUX.1 control LoRA (BFL Canny/Depth: it widens img_in and "
+            "replaces norm scales, which no LoRA merge can do); merging it is not supported yet",
+            hint="load it as a LoRA in ComfyUI or diffusers' FluxControlPipeline",
+        )
     misses = list(lora.unmatched)  # names the family lacks, or shapes that do not fit it
     if len(misses) > len(lora.adapters):
         other = _own_family(lora_input.source)
