@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from helpers_flux import flux_lora_dialect
 
+from loratools.cli.main import cli
 from loratools.errors import InputError
 from loratools.families import SD1
 from loratools.formats.flux import flux_names
@@ -79,5 +81,24 @@ def test_diffusers_to_comfyui_to_diffusers_round_trip_is_exact(tmp_path: Path) -
 
 def test_comfyui_target_is_refused_for_sd_loras(tmp_path: Path) -> None:
     lora = make_lora(SD1, rank=2, text=False)
-    with pytest.raises(InputError, match=r"FLUX\.1"):
+    with pytest.raises(InputError, match=r"--to comfyui writes FLUX\.1 LoRAs; ComfyUI reads SD LoRAs as kohya"):
         save_lora(lora, tmp_path / "x.safetensors", "comfyui")
+
+
+# every dialect the helpers write, read without a family map (tiny widths match no real FLUX.1 one)
+UNPLACED = (*SOURCES, "onetrainer", "lycoris-full", "kohya-te", "kohya-te3")
+
+
+@pytest.mark.parametrize("dialect", UNPLACED)
+def test_comfyui_target_without_a_family_map_is_refused_in_one_line_naming_why(dialect: str, tmp_path: Path) -> None:
+    """A FLUX.1 LoRA known only by its module names has no ComfyUI spelling (that comes from the
+    family map): the refusal says so, not that the file is an SD LoRA, and writes nothing."""
+    src, out = tmp_path / "src.safetensors", tmp_path / "out.safetensors"
+    save_tensors(src, flux_lora_dialect(SPEC, dialect), {})
+    assert load_lora(src).family is None
+    result = CliRunner().invoke(cli, ["convert", str(src), str(out), "--to", "comfyui"])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())  # one message, however the terminal wraps it
+    assert text.startswith("error: writing a ") and text.count("error:") == 1 and "Traceback" not in text
+    assert "FLUX.1 LoRA in ComfyUI naming (--to comfyui) needs a FLUX.1 family map" in text
+    assert "SD LoRAs" not in text and not out.exists()

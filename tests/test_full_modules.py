@@ -203,7 +203,6 @@ def test_cli_says_what_happened_to_full_modules(tmp_path: Path) -> None:
     assert "full×" in text and "summed exactly as full diffs" in text
 
 
-@pytest.mark.xfail(strict=True, reason="convert --to-lora drops diff_b silently (ops/convert.py, not this issue)")
 def test_convert_to_lora_says_what_happened_to_diff_b(tmp_path: Path) -> None:
     """``convert --to-lora`` makes full modules LoRA factors; their bias difference has no place
     there, so it must be kept beside them or named in a warning, never dropped unsaid."""
@@ -213,3 +212,37 @@ def test_convert_to_lora_says_what_happened_to_diff_b(tmp_path: Path) -> None:
     _mixed(src, seed=8, lora=False)
     report = convert_lora(src, out, "kohya", family=SPEC, to_lora=True, rank=2)
     assert any(k.endswith(".diff_b") for k in _read(out)) or any("diff_b" in w for w in report.warnings)
+
+
+def test_convert_to_lora_names_the_modules_whose_diff_b_it_drops(tmp_path: Path) -> None:
+    """One warning: how many, the first five module names, "and N more"; and the CLI prints it."""
+    from loratools.ops.convert import convert_lora
+
+    src, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    raw = _mixed(src, seed=9, lora=False)
+    biased = [k for k in raw if k.endswith(".diff_b")]
+    report = convert_lora(src, out, "kohya", family=SPEC, to_lora=True, rank=2)
+    assert not any(k.endswith(".diff_b") for k in _read(out))
+    dropped = [w for w in report.warnings if "diff_b" in w]
+    assert len(dropped) == 1 and dropped[0].startswith(f"{len(biased)} full modules")
+    assert f"and {len(biased) - 5} more" in dropped[0] and dropped[0].count("unet.") == 5
+    result = CliRunner().invoke(
+        cli, ["convert", str(src), str(tmp_path / "cli.safetensors"), "--to-lora", "--rank", "2"]
+    )
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert f"warning: {len(biased)} full modules' diff_b (bias difference) dropped by --to-lora" in text
+
+
+@pytest.mark.parametrize("command", ["resize", "convert"])
+def test_refusal_of_full_modules_names_the_convert_to_lora_command(command: str, tmp_path: Path) -> None:
+    """diffusers has no full modules: the refusal's way out is a command that exists from where
+    the user stands (resize has no --to-lora; `loratools convert … --to-lora` does)."""
+    src, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    _mixed(src, seed=10)
+    args = {"resize": ["resize", str(src), "--rank", "1", "-o", str(out)], "convert": ["convert", str(src), str(out)]}
+    result = CliRunner().invoke(cli, [*args[command], "--to", "diffusers"])
+    assert result.exit_code != 0 and not out.exists()
+    text = " ".join(result.output.split())
+    assert "diffusers cannot hold" in text and "full modules exactly" in text
+    assert "`loratools convert … --to diffusers --to-lora --rank N`" in text and "--to kohya keeps them" in text

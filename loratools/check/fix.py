@@ -43,6 +43,8 @@ class FixReport:
     added: list[str] = field(default_factory=list)  # zero modules added so the target applies others
     remaining: list[str] = field(default_factory=list)  # verdicts of targets that are still not clean
     verdicts: list[str] = field(default_factory=list)
+    # what reading, re-factorizing and writing said (embeddings beside the file, a dropped diff_b…)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
@@ -180,15 +182,18 @@ def convert_for(
     for table in tables:
         lora, more = _complete_attention(lora, table)
         added += more
-    prepared = prepare(lora, dialect, to_lora=to_lora, rank=rank, error=error)
+    warnings = list(lora.warnings)
+    prepared = prepare(lora, dialect, to_lora=to_lora, rank=rank, error=error, notes=warnings)
     t5_prefix = None
     if flux:
         # the dialect's own spelling, never the source's (an OneTrainer file stays OneTrainer-named
         # written back in its own format: what kohya/InvokeAI read is lora_unet_ + BFL names)
         prepared = replace(prepared, source_keys=())
         t5_prefix = _flux_t5_prefix(tables)
-    save_lora(prepared, output, dialect, dtype=parse_dtype(dtype), overwrite=overwrite, t5_prefix=t5_prefix)
-    report = FixReport(str(source), str(output), [t.target for t in tables], dialect, len(prepared.adapters), added)
+    save_lora(prepared, output, dialect, dtype=parse_dtype(dtype), overwrite=overwrite, t5_prefix=t5_prefix,
+              notes=warnings)  # fmt: skip
+    report = FixReport(str(source), str(output), [t.target for t in tables], dialect, len(prepared.adapters), added,
+                       warnings=warnings)  # fmt: skip
     if active() is not None:  # a dry run (io/measure.py) wrote no file whose loading could be checked
         return report
     result = check_lora(output, target, family=lora.family)

@@ -128,3 +128,7 @@ def render_for_target(report: FixReport, dest: Destination, as_json: bool) -> No
         console.print("  [dim]loader verdicts are checked on the written file: run without --dry-run[/dim]")
     for verdict in report.verdicts:
         console.print(f"  [{'green' if verdict not in report.remaining else 'yellow'}]{escape(verdict)}[/]")
+    for warning in report.warnings[:SHOWN]:
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+    if len(report.warnings) > SHOWN:
+        console.print(f"[dim]… and {len(report.warnings) - SHOWN} more warnings (--json lists them)[/dim]")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from ..classify import classify
 from ..errors import InputError
@@ -162,7 +163,7 @@ def convert(
             )
             told = {w for w in report.warnings if "× the input" in w} if to_lora else set()  # said before writing
             for warning in [w for w in report.warnings if w not in told][:10]:
-                console.print(f"[yellow]warning:[/yellow] {warning}")
+                console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
             print_dry_run(console, dest)
             return
         if target not in (None, *CHECKPOINT_TARGETS):

@@ -26,7 +26,7 @@ from .adapters import LoraFile, is_finite
 from .keys import EMBEDDING_KEYS, bundle_key, is_embedding_key, normalize_peft_key, token_key  # noqa: F401 (EMBEDDING_KEYS re-exported)
 from .lookalike import check_not_lfs_pointer, flatten_embedding, not_a_lora
 from .metadata import carried_metadata, describe_network, with_hashes
-from .sidecar import IN_FILE, placement, write_with_sidecar
+from .sidecar import IN_FILE, is_flux, placement, write_with_sidecar
 from .verdict import is_flux_lora, needs_family_map
 
 FORMATS = ("kohya", "diffusers", "peft", "cloneofsimo", "comfyui")  # comfyui: FLUX.1 only
@@ -194,6 +194,10 @@ def _write(
     # FLUX.1 LoRAs have spellings of their own (formats/flux.py)
     flux_family = lora.family is not None and lora.family.transformer is not None
     if fmt == "comfyui" and not flux_family:
+        if is_flux(lora):  # FLUX.1 by its module names alone: ComfyUI's names come from the family map
+            raise needs_family_map(
+                lora.verdict, f"writing a {lora.names}-named {lora.family_title} LoRA in ComfyUI naming (--to comfyui)"
+            )
         raise InputError("--to comfyui writes FLUX.1 LoRAs; ComfyUI reads SD LoRAs as kohya (use --to kohya)")
     if flux.writes_verbatim(lora) and fmt == "kohya" and not (fmt == lora.source_format and lora.source_keys):
         # XLabs / lycoris_ stems have kohya names by a pure rename (formats/flux.py): exact, no family map

@@ -12,7 +12,7 @@ import torch
 
 from ..errors import InputError
 from ..families.spec import FamilySpec
-from ..formats.adapters import LoraFile, factor_dtype, low_rank
+from ..formats.adapters import Full, LoraFile, factor_dtype, low_rank
 from ..formats.io import FORMATS, load_lora, save_lora
 from ..io.files import same_path
 from ..io.source import Source
@@ -60,6 +60,28 @@ def _needs_plain(fmt: str) -> bool:
     return fmt in ("diffusers", "peft", "cloneofsimo")
 
 
+SHOWN_MODULES = 5  # module names a warning lists before "and N more"
+# what every refusal of a module a plain-LoRA format cannot hold points to; the same words from
+# convert and from resize/blend/extract --to (which have no --to-lora of their own)
+REFACTOR_HINT = (
+    "`loratools convert … --to {fmt} --to-lora --rank N` (or --error E) re-factorizes them by SVD; "
+    "--to kohya keeps them exactly"
+)
+
+
+def dropped_bias_warning(modules: list[str]) -> str | None:
+    """The warning naming the full modules whose ``diff_b`` a re-factorization into LoRA drops
+    (a LoRA pair has no bias term); None when there are none."""
+    if not modules:
+        return None
+    shown = ", ".join(modules[:SHOWN_MODULES])
+    more = f" and {len(modules) - SHOWN_MODULES} more" if len(modules) > SHOWN_MODULES else ""
+    return (
+        f"{len(modules)} full modules' diff_b (bias difference) dropped by --to-lora: a LoRA has no place "
+        f"for it ({shown}{more}); --to kohya without --to-lora keeps them exactly"
+    )
+
+
 def prepare(
     lora: LoraFile,
     fmt: str,
@@ -70,12 +92,14 @@ def prepare(
     error: float | None = None,
     max_rank: int | None = None,
     report: LoraConvertReport | None = None,
+    notes: list[str] | None = None,
 ) -> LoraFile:
     """The LoRA as ``fmt`` can hold it, or an InputError naming the way out.
 
     ``to_lora`` re-factorizes non-plain modules with one rule, ``rank`` or ``error``, never both,
     capped by ``max_rank`` (default: none with ``rank``, :data:`DEFAULT_MAX_RANK` with ``error``;
-    a rank per module chosen from its spectrum is `loratools resize`).
+    a rank per module chosen from its spectrum is `loratools resize`). ``notes`` hears what that
+    loses beyond the stated error: the ``diff_b`` of full modules (:func:`dropped_bias_warning`).
     """
     if fmt not in FORMATS:
         raise InputError(f"unknown LoRA format {fmt!r} (choose from {', '.join(FORMATS)})")
@@ -105,6 +129,9 @@ def prepare(
                 report.refactorized += 1
         if report is not None:
             report.max_relative_error = worst
+        dropped = dropped_bias_warning([m for m, a in todo if isinstance(a, Full) and a.diff_b is not None])
+        if dropped is not None and notes is not None:
+            notes.append(dropped)
     if _needs_plain(fmt):
         odd = {}
         for module, adapter in adapters.items():
@@ -114,9 +141,11 @@ def prepare(
                 odd[module] = "dora" + ("" if adapter.dora_axis == "out" else " (input axis)")
         if odd:
             kinds = sorted(set(odd.values()))
+            # --to-lora re-factorizes what is not a pair; a DoRA pair needs its base weight
+            way_out = REFACTOR_HINT.format(fmt=fmt) if any(not k.startswith("dora") for k in kinds) else None
             raise InputError(
                 f"{fmt} cannot hold {len(odd)} {'/'.join(kinds)} modules exactly (e.g. {next(iter(odd))})",
-                hint="--to-lora --rank N (or --error E) re-factorizes them by SVD; --to kohya keeps them exactly",
+                hint=way_out or "--to kohya keeps them exactly",
             )
     if bake_scale or fmt == "cloneofsimo":
         unscaled = [m for m, a in adapters.items() if low_rank(a) and a.alpha != a.rank]
@@ -179,9 +208,8 @@ def convert_lora(
         embeddings=len(lora.embeddings),
         warnings=list(lora.warnings),
     )
-    prepared = prepare(
-        lora, to, bake_scale=bake_scale, to_lora=to_lora, rank=rank, error=error, max_rank=max_rank, report=report
-    )
+    prepared = prepare(lora, to, bake_scale=bake_scale, to_lora=to_lora, rank=rank, error=error,
+                       max_rank=max_rank, report=report, notes=report.warnings)  # fmt: skip
     prepared = replace(prepared, source_keys=())  # a named format's own spelling, never the source's keys
     report.estimated_bytes = tensor_bytes(prepared, parse_dtype(dtype))
     report.input_bytes = _input_bytes(source)
