@@ -9,6 +9,7 @@ expected ΔW is a float64 oracle over those raw tensors, never loratools' reader
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -126,7 +127,7 @@ def test_resize_of_an_all_full_file_writes_it_back_unchanged(tmp_path: Path) -> 
     report = resize(src, out, rank=2, family=SPEC)
     after = _read(out)
     assert list(after) == list(before) and all(torch.equal(after[k], t) for k, t in before.items())
-    assert report.to_dict()["ranks_after"] == {"None": len(_groups(before))}
+    assert report.to_dict()["ranks_after"] == {"full": len(_groups(before))}
 
 
 @pytest.mark.parametrize(("mode", "rule"), [("concat", {}), ("svd", {"rank": 2})])
@@ -246,3 +247,24 @@ def test_refusal_of_full_modules_names_the_convert_to_lora_command(command: str,
     text = " ".join(result.output.split())
     assert "diffusers cannot hold" in text and "full modules exactly" in text
     assert "`loratools convert … --to diffusers --to-lora --rank N`" in text and "--to kohya keeps them" in text
+
+
+@pytest.mark.parametrize("command", ["resize", "blend"])
+def test_json_tallies_full_modules_as_full_after_the_ranks(command: str, tmp_path: Path) -> None:
+    """``ranks_after`` counts a full module under "full" (it was "None", read as a missing value),
+    numeric ranks ascending before it, and the counts add up to the modules of the file."""
+    src = tmp_path / "in.safetensors"
+    _mixed(src, seed=11)
+    groups = _groups(_read(src))
+    out = str(tmp_path / "out.safetensors")
+    args = {
+        "resize": ["resize", str(src), "--sv-fro", "0.5", "-o", out, "--json"],
+        "blend": ["blend", str(src), f"{src}:0.5", "--mode", "svd", "--rank", "2", "-o", out, "--json"],
+    }[command]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    tally = data["ranks_after"]
+    assert list(tally)[-1] == "full" and tally["full"] == sum("diff" in g for g in groups.values())
+    numeric = [int(r) for r in list(tally)[:-1]]
+    assert numeric == sorted(numeric) and sum(tally.values()) == len(groups)

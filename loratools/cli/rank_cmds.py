@@ -269,10 +269,7 @@ def blend(loras: tuple[str, ...], mode: str, metadata_policy: str, output: str, 
             print_table(console, table)
         inputs = ", ".join(f"{i['source']}×{i['weight']:g}" for i in report.inputs)
         ranks_after = cast("dict[str, int]", report.to_dict()["ranks_after"])
-        ranks = ", ".join(  # full diffs (rank "None") last
-            f"{'full' if r == 'None' else r}×{n}"
-            for r, n in sorted(ranks_after.items(), key=lambda x: (x[0] == "None", int(x[0]) if x[0] != "None" else 0))
-        )
+        ranks = ", ".join(f"{r}×{n}" for r, n in ranks_after.items())  # ascending, full last
         console.print(
             f"{say_written(console, dest)}: {len(report.modules)} modules ({mode}; ranks {ranks}) from {inputs}"
         )
@@ -383,7 +380,7 @@ def demo_resize(workdir: Path, console: Console) -> Any:
     )
     dynamic = run(source, workdir / "sample-lora-fro90.safetensors", sv_fro=0.9, family=spec, overwrite=True)
     ranks_after = cast("dict[str, int]", dynamic.to_dict()["ranks_after"])
-    ranks = ", ".join(f"rank {r}×{n}" for r, n in sorted(ranks_after.items(), key=lambda x: int(x[0])))
+    ranks = ", ".join(f"rank {r}×{n}" for r, n in ranks_after.items())
     console.print(f"sv-fro 0.9: every module keeps ≥ 90% of ‖ΔW‖_F with the fewest ranks ({ranks})")
     before, after = load_lora(source, spec), load_lora(workdir / "sample-lora-r4.safetensors", spec)
     worst = 0.0

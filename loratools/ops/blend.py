@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,6 +44,7 @@ from .lowrank import F64, RankRule, factorize, kept_fraction, lowrank_from, matr
 from .merge import parse_lora_arg, weighted_lora
 from .parallel import map_modules
 from .rank_common import check_output, output_format, rank_rule, write_lora
+from .rank_rule import rank_tally
 from .resize import is_conv_kxk
 
 SCHEMA = "loratools.blend/1"
@@ -95,7 +95,7 @@ class BlendReport:
             "rule": self.rule,
             "metadata_policy": self.metadata_policy,
             "module_count": len(self.modules),
-            "ranks_after": dict(Counter(str(m.new_rank) for m in self.modules)),
+            "ranks_after": rank_tally(m.new_rank for m in self.modules),
             "fro_kept_min": min((m.fro_kept for m in self.modules), default=1.0),
             "modules": [asdict(m) for m in self.modules],
             "dropped": self.dropped,

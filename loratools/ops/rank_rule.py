@@ -8,6 +8,8 @@ copy), in float64, so the numpy path of resize/blend (:mod:`.lowrank_np`) and th
 from __future__ import annotations
 
 import math
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -226,3 +228,16 @@ def lost_fraction(singular_values: ArrayLike, k: int, total_energy: float | None
         return 0.0
     rest = float(energy[k:].sum()) + (total - float(energy.sum()) if total_energy is not None else 0.0)
     return min(1.0, math.sqrt(max(0.0, rest) / total))
+
+
+def rank_tally(ranks: Iterable[int | None]) -> dict[str, int]:
+    """How many modules have each rank, ranks ascending, full modules (rank None) last as "full".
+
+    The one spelling of a report's ``ranks_after`` (resize and blend, human and --json): a full
+    diff has no rank, and "None" as a JSON key read like a missing value.
+    """
+    counts = Counter(ranks)
+    tally = {str(rank): counts[rank] for rank in sorted(r for r in counts if r is not None)}
+    if None in counts:
+        tally["full"] = counts[None]
+    return tally

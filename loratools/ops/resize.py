@@ -39,7 +39,7 @@ from ..formats.adapters import Adapter, Full, LoraFile, LowRank, lora_pair
 from ..io.source import open_source
 from .provenance import PendingRecord
 from .rank_common import check_output, output_format, rank_rule, with_provenance, write_lora
-from .rank_rule import RankRule, kept_fraction
+from .rank_rule import RankRule, kept_fraction, rank_tally
 
 if TYPE_CHECKING:
     import numpy as np
@@ -97,8 +97,8 @@ class ResizeReport:
             "family": self.family,
             "rule": self.rule,
             "module_count": len(self.modules),
-            "ranks_before": dict(Counter(str(m.old_rank) for m in self.modules)),
-            "ranks_after": dict(Counter(str(m.new_rank) for m in self.modules)),
+            "ranks_before": rank_tally(m.old_rank for m in self.modules),
+            "ranks_after": rank_tally(m.new_rank for m in self.modules),
             "unchanged": sum(m.unchanged for m in self.modules),
             "limited": dict(Counter(m.limited_by for m in self.modules if m.limited_by)),
             "fro_kept_min": self.min_fro_kept,
