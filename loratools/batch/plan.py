@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..io.suffixes import WEIGHT_FILE_SUFFIXES
 
-WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
+WEIGHT_SUFFIXES = WEIGHT_FILE_SUFFIXES
 DEFAULT_NAME = "{stem}{suffix}"
 _GLOB_CHARS = "*?["
 

@@ -17,10 +17,10 @@ from typing import Any
 
 from ..errors import LoratoolsError
 from ..io.source import Source
+from ..io.suffixes import PICKLE_SUFFIXES
 from .sources import Entry
 
 ROW_SCHEMA = "loratools.census.row/1"
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 MAP_FIELDS = ("components", "kinds", "ranks", "alphas", "dtypes", "stored_hashes", "training")
 LIST_FIELDS = ("problems", "warnings", "trigger_words")
 # declared base model: the first of these metadata keys that is set (FORMATS: kohya ss_*, modelspec)

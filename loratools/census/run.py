@@ -24,7 +24,8 @@ from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 
-from .facts import PICKLE_SUFFIXES, describe, empty_row
+from ..io.suffixes import PICKLE_SUFFIXES
+from .facts import describe, empty_row
 from .sources import Entry, expand
 from .store import Store
 

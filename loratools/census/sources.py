@@ -17,9 +17,10 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from ..errors import InputError
+from ..io.suffixes import WEIGHT_FILE_SUFFIXES
 
 # files a LoRA may be stored in; pickles among them are listed and flagged, never opened
-LORA_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
+LORA_SUFFIXES = WEIGHT_FILE_SUFFIXES
 LIST_SUFFIXES = (".txt", ".lst", ".list")
 
 

@@ -17,6 +17,7 @@ from ..errors import InputError, LoratoolsError
 from ..io.checkpoint import is_diffusers_folder
 from ..io.hub import is_hub
 from ..io.source import Source, open_source
+from ..io.suffixes import WEIGHT_FILE_SUFFIXES
 from ..ops.progress import Progress
 from ..report import LoraReport, inspect_checkpoint, inspect_lora
 from .batch import batchable
@@ -26,7 +27,7 @@ from .progress import phase_progress
 from .render import render_checkpoint
 from .render_inspect import echo_json
 
-WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft", ".pti")
+WEIGHT_SUFFIXES = (*WEIGHT_FILE_SUFFIXES, ".pti")  # .pti: pivotal-tuning embeddings
 # peft adapter subfolders that together are one LoRA (what diffusers and loratools write)
 COMPONENT_FOLDERS = ("unet", "text_encoder", "text_encoder_2", "transformer")
 
